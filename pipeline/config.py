@@ -1,0 +1,397 @@
+"""The configuration: one pydantic tree mirroring ``pipeline.yaml``.
+
+Every model forbids unknown keys, every field is constrained and described.
+:func:`load_config` reports *every* problem at once, each with its YAML path
+and line (``source.fps (line 4): Input should be greater than 0``), and raises
+:class:`~pipeline.errors.ConfigError`; nothing starts on an invalid file.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+
+class SourceKind(str, Enum):
+    AUTO = "auto"
+    CAMERA = "camera"
+    FILE = "file"
+    URL = "url"
+    IMAGES = "images"
+    DEMO = "demo"
+
+
+class SourceConfig(_Model):
+    """Where frames come from (the capture stage)."""
+
+    kind: SourceKind = Field(
+        SourceKind.AUTO,
+        description="auto (a camera if one exists, else demo), camera, file, url, images or demo.",
+    )
+    device: int | str = Field(0, description="Camera index or /dev/videoN path (kind=camera).")
+    path: Path | None = Field(
+        None, description="Video file (kind=file), or a directory or glob of images (kind=images)."
+    )
+    url: str | None = Field(None, description="rtsp://, http:// or https:// stream (kind=url).")
+    loop: bool = Field(False, description="Replay a file or image folder forever.")
+    fps: float | None = Field(
+        None, gt=0, le=240, description="Pacing fps; default: the source's own fps (30 for demo)."
+    )
+    width: int | None = Field(None, ge=16, le=7680, description="Requested camera width (px).")
+    height: int | None = Field(None, ge=16, le=4320, description="Requested camera height (px).")
+    resize: (
+        tuple[Annotated[int, Field(ge=16, le=7680)], Annotated[int, Field(ge=16, le=4320)]] | None
+    ) = Field(None, description="Resize every frame to [width, height] before detection.")
+    as_fast_as_possible: bool = Field(
+        False, description="Do not pace files and image folders to real time (benchmarks)."
+    )
+    stall_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="No frame for this long: the source is reopened."
+    )
+    reopen_backoff_max_s: float = Field(
+        10.0, gt=0, le=600, description="Cap of the exponential backoff between reopen attempts."
+    )
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceConfig:
+        if self.kind in (SourceKind.FILE, SourceKind.IMAGES) and self.path is None:
+            raise ValueError(f"source.path is required when kind is {self.kind.value}")
+        if self.kind == SourceKind.URL and not self.url:
+            raise ValueError("source.url is required when kind is url")
+        return self
+
+
+class DetectBackend(str, Enum):
+    MEDIAPIPE = "mediapipe"
+    TASKS = "tasks"
+    TRACE = "trace"
+
+
+class DetectConfig(_Model):
+    """The detector (the detect stage)."""
+
+    backend: DetectBackend = Field(
+        DetectBackend.MEDIAPIPE,
+        description="mediapipe (mp.solutions.pose), tasks (PoseLandmarker, needs task_model) "
+        "or trace (replays a pose trace .npz).",
+    )
+    model_complexity: Literal[0, 1, 2] = Field(
+        1, description="MediaPipe Pose model: 0 lite, 1 full (bundled), 2 heavy."
+    )
+    min_detection_confidence: float = Field(0.5, ge=0, le=1, description="Person detection.")
+    min_tracking_confidence: float = Field(0.5, ge=0, le=1, description="Landmark tracking.")
+    smooth_landmarks: bool = Field(True, description="Temporal smoothing (video sources).")
+    task_model: Path | None = Field(None, description="PoseLandmarker .task file (backend=tasks).")
+    num_poses: int = Field(1, ge=1, le=8, description="People per frame (backend=tasks).")
+    trace: Path | None = Field(None, description="Pose trace .npz to replay (backend=trace).")
+    trace_loop: bool = Field(True, description="Replay the trace forever.")
+    world_landmarks: bool = Field(True, description="Also output world landmarks (metres).")
+
+    @model_validator(mode="after")
+    def _needs(self) -> DetectConfig:
+        if self.backend == DetectBackend.TASKS and self.task_model is None:
+            raise ValueError("detect.task_model is required when backend is tasks")
+        if self.backend == DetectBackend.TRACE and self.trace is None:
+            raise ValueError("detect.trace is required when backend is trace")
+        return self
+
+
+class EncodeConfig(_Model):
+    """The pose codec (the encode stage)."""
+
+    precision_px: float = Field(
+        0.5, gt=0, le=16, description="Maximum x/y error in pixels at reference_width_px."
+    )
+    reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
+    keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
+    world_landmarks: bool = Field(False, description="Send world landmarks too.")
+    stream_id: int | None = Field(
+        None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
+    )
+
+
+class TransportKind(str, Enum):
+    FILE = "file"
+    WEBSOCKET = "websocket"
+    WEBRTC = "webrtc"
+
+
+class TransmitConfig(_Model):
+    """Where packets go (the transmit stage) and the transport policy."""
+
+    primary: TransportKind = Field(TransportKind.FILE, description="First-choice transport.")
+    fallback: TransportKind | None = Field(None, description="Transport used when primary fails.")
+    file: Path = Field(
+        Path("posewire-packets.bin"), description="File sink (transport file): length-prefixed."
+    )
+    server_url: str = Field("http://127.0.0.1:8765", description="Room server base URL.")
+    room: str = Field("demo", min_length=1, max_length=64, description="Room to publish into.")
+    token: str | None = Field(
+        None, description="Access token; default: $POSEWIRE_TOKEN, or minted with the secret."
+    )
+    max_latency_ms: float = Field(
+        150.0, gt=0, le=10000, description="Switch to fallback when latency exceeds this."
+    )
+    switch_threshold: float = Field(
+        0.2, gt=0, le=1, description="Switch to fallback when the failure rate exceeds this."
+    )
+    recovery_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="Try the primary again after this long."
+    )
+    window_s: float = Field(2.0, gt=0, le=60, description="Window of the latency statistics.")
+
+
+class AudioConfig(_Model):
+    """Audio beside the pose."""
+
+    enabled: bool = Field(False, description="Send an audio track.")
+    source: Literal["tone", "file", "microphone"] = Field("tone", description="Audio source.")
+    path: Path | None = Field(None, description="Audio file (source=file).")
+
+
+class ServerConfig(_Model):
+    """The room server."""
+
+    embedded: bool = Field(False, description="The supervisor runs the server as a stage.")
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: int = Field(8765, ge=1, le=65535, description="Listen port.")
+    secret: str | None = Field(
+        None, min_length=16, description="Token secret; $POSEWIRE_SECRET takes precedence."
+    )
+    dev: bool = Field(False, description="Mint tokens for local demos (loopback only).")
+    max_rooms: int = Field(100, ge=1, le=100000, description="Rooms per server.")
+    max_members_per_room: int = Field(50, ge=1, le=10000, description="Members per room.")
+    max_connections: int = Field(1000, ge=1, le=100000, description="Connections per server.")
+    max_message_bytes: int = Field(
+        65536, ge=1100, le=16 * 1024 * 1024, description="Largest accepted message."
+    )
+    max_messages_per_s: float = Field(
+        200.0, gt=0, le=100000, description="Messages per second per connection."
+    )
+    subscriber_queue: int = Field(64, ge=1, le=100000, description="Per-subscriber queue size.")
+    empty_room_grace_s: float = Field(30.0, ge=0, le=86400, description="Empty room lifetime.")
+    auto_create_rooms: bool = Field(True, description="Create a room on first join.")
+
+
+class SupervisorConfig(_Model):
+    """Process supervision (Erlang/OTP one_for_one)."""
+
+    run_dir: Path | None = Field(
+        None, description="Private run directory (sockets); default $XDG_RUNTIME_DIR or /tmp."
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]{1,24}$",
+        description="Run id (segment prefix); default: random. Two supervisors cannot share one.",
+    )
+    heartbeat_interval_ms: int = Field(200, ge=10, le=10000, description="Stage heartbeat period.")
+    heartbeat_timeout_ms: int = Field(
+        3000, ge=100, le=600000, description="Silent this long: the stage is hung."
+    )
+    startup_timeout_ms: int = Field(
+        20000, ge=100, le=600000, description="Allowed silence before a stage's first heartbeat."
+    )
+    kill_grace_s: float = Field(1.0, gt=0, le=60, description="SIGTERM to SIGKILL grace.")
+    max_restarts: int = Field(5, ge=0, le=1000, description="Restart intensity: restarts ...")
+    period_s: float = Field(30.0, gt=0, le=86400, description="... within this many seconds.")
+    shutdown_timeout_s: float = Field(4.0, gt=0, le=60, description="Orderly shutdown deadline.")
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> SupervisorConfig:
+        if self.heartbeat_timeout_ms <= 2 * self.heartbeat_interval_ms:
+            raise ValueError(
+                "supervisor.heartbeat_timeout_ms must exceed twice heartbeat_interval_ms"
+            )
+        return self
+
+
+class MonitorConfig(_Model):
+    """Metrics, alerts and the live status."""
+
+    enabled: bool = Field(True, description="Serve /metrics.")
+    host: str = Field("127.0.0.1", description="Metrics listen address.")
+    port: int = Field(9108, ge=0, le=65535, description="Metrics port (0: any free port).")
+    status: Literal["auto", "on", "off"] = Field(
+        "auto", description="Live status table: auto = when stdout is a terminal."
+    )
+    alert_latency_ms: float = Field(200.0, gt=0, description="Alert: capture-to-send latency.")
+    alert_drop_rate: float = Field(0.10, ge=0, le=1, description="Alert: frames dropped.")
+    alert_switch_rate: float = Field(0.05, ge=0, le=1, description="Alert: transport switches.")
+    alert_compression_ratio: float = Field(
+        0.30, gt=0, le=1, description="Alert: bytes per frame over raw float32 above this."
+    )
+
+
+class RingConfig(_Model):
+    """One shared-memory ring."""
+
+    slots: int = Field(4, ge=2, le=4096, description="Preallocated slots.")
+
+
+class RingsConfig(_Model):
+    """The three rings between the stages."""
+
+    frames: RingConfig = Field(
+        default_factory=lambda: RingConfig(slots=4), description="capture -> detect, latest-wins."
+    )
+    poses: RingConfig = Field(
+        default_factory=lambda: RingConfig(slots=64), description="detect -> encode, bounded queue."
+    )
+    packets: RingConfig = Field(
+        default_factory=lambda: RingConfig(slots=256),
+        description="encode -> transmit, bounded queue.",
+    )
+    max_frame_width: int = Field(1920, ge=16, le=7680, description="Frame slot size: width.")
+    max_frame_height: int = Field(1080, ge=16, le=4320, description="Frame slot size: height.")
+
+    @model_validator(mode="after")
+    def _memory(self) -> RingsConfig:
+        frame_bytes = self.max_frame_width * self.max_frame_height * 3 * self.frames.slots
+        if frame_bytes > 2 * 1024**3:
+            raise ValueError(
+                f"rings.frames needs {frame_bytes / 1024**3:.1f} GiB of shared memory "
+                "(slots x max_frame_width x max_frame_height x 3); at most 2 GiB allowed"
+            )
+        return self
+
+
+class Config(_Model):
+    """The whole of ``pipeline.yaml``."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)  # type: ignore[arg-type]
+    detect: DetectConfig = Field(default_factory=DetectConfig)  # type: ignore[arg-type]
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)  # type: ignore[arg-type]
+    transmit: TransmitConfig = Field(default_factory=TransmitConfig)  # type: ignore[arg-type]
+    audio: AudioConfig = Field(default_factory=AudioConfig)  # type: ignore[arg-type]
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)  # type: ignore[arg-type]
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)  # type: ignore[arg-type]
+    rings: RingsConfig = Field(default_factory=RingsConfig)  # type: ignore[arg-type]
+
+    base_dir: Path = Field(
+        Path("."), exclude=True, description="Directory relative paths resolve against."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Loading with YAML line numbers
+
+
+def _line_index(
+    node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[Any, ...], int]
+) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+            out[(*path, k)] = key.start_mark.line + 1
+            _line_index(value, (*path, k), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, (*path, i), out)
+
+
+def _where(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> str:
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    probe = tuple(loc)
+    while probe and probe not in lines:
+        probe = probe[:-1]
+    line = lines.get(probe)
+    return f"{path} (line {line})" if line is not None else path
+
+
+def _file_problems(cfg: Config, lines: dict[tuple[Any, ...], int]) -> list[str]:
+    """Checks that need the file system: paths that must exist."""
+    problems: list[str] = []
+
+    def must_exist(loc: tuple[str, ...], p: Path | None, what: str) -> None:
+        if p is None:
+            return
+        full = p if p.is_absolute() else cfg.base_dir / p
+        if any(ch in str(p) for ch in "*?["):
+            return  # a glob: checked when the source opens
+        if not full.exists():
+            problems.append(f"{_where(loc, lines)}: {what} not found: {full}")
+
+    if cfg.source.kind in (SourceKind.FILE, SourceKind.IMAGES):
+        must_exist(("source", "path"), cfg.source.path, "source")
+    if cfg.detect.backend == DetectBackend.TRACE:
+        must_exist(("detect", "trace"), cfg.detect.trace, "trace file")
+    if cfg.detect.backend == DetectBackend.TASKS:
+        must_exist(("detect", "task_model"), cfg.detect.task_model, "task model")
+    if cfg.audio.enabled and cfg.audio.source == "file":
+        must_exist(("audio", "path"), cfg.audio.path, "audio file")
+    if cfg.supervisor.run_dir is not None:
+        rd = cfg.supervisor.run_dir
+        parent = rd if rd.exists() else rd.parent
+        if not parent.exists() or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(
+                f"{_where(('supervisor', 'run_dir'), lines)}: run directory not writable: {rd}"
+            )
+    return problems
+
+
+def parse_config(text: str, *, name: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse and validate YAML text; raise :class:`ConfigError` listing every problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(
+            [f"{name}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+        ) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{name}: the top level must be a mapping of sections"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _line_index(node, (), lines)
+    data = dict(data)
+    if "base_dir" in data:
+        raise ConfigError([f"{_where(('base_dir',), lines)}: Extra inputs are not permitted"])
+    data["base_dir"] = base_dir or Path(".")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            problems.append(f"{_where(loc, lines)}: {err['msg']}")
+        raise ConfigError(problems) from exc
+    problems = _file_problems(cfg, lines)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a YAML file; raise :class:`ConfigError` listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{p}: no such configuration file"]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read: {exc}"]) from exc
+    return parse_config(text, name=str(p), base_dir=p.resolve().parent)
+
+
+def resolve_path(cfg: Config, p: Path) -> Path:
+    """A config path made absolute against the config file's directory."""
+    return p if p.is_absolute() else (cfg.base_dir / p).resolve()
