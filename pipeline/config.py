@@ -9,7 +9,7 @@ and line (``source.fps (line 4): Input should be greater than 0``), and raises
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +25,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
 
 
-class SourceKind(str, Enum):
+class SourceKind(StrEnum):
     AUTO = "auto"
     CAMERA = "camera"
     FILE = "file"
@@ -74,7 +74,7 @@ class SourceConfig(_Model):
         return self
 
 
-class DetectBackend(str, Enum):
+class DetectBackend(StrEnum):
     MEDIAPIPE = "mediapipe"
     TASKS = "tasks"
     TRACE = "trace"
@@ -123,7 +123,7 @@ class EncodeConfig(_Model):
     )
 
 
-class TransportKind(str, Enum):
+class TransportKind(StrEnum):
     FILE = "file"
     WEBSOCKET = "websocket"
     WEBRTC = "webrtc"
