@@ -1,0 +1,311 @@
+"""Process plumbing shared by every stage, written once.
+
+A stage is a module in ``stages/`` with one entry function
+``run(ctx: StageContext) -> int``. The supervisor starts it in a fresh
+process (``multiprocessing`` *spawn*: nothing is inherited but stdio), where
+:func:`stage_main` does the per-process setup (title ``posewire:<stage>``,
+logging with the stage name on every line, faulthandler, parent-death signal)
+and then calls the entry function with a :class:`StageContext`.
+
+The context owns a heartbeat thread with the stage's only ZeroMQ socket (a
+DEALER whose identity is the stage name). It sends a heartbeat with the
+stage's metrics every ``heartbeat_interval_ms`` *only while the main loop
+keeps calling* :meth:`StageContext.tick` (so a wedged main loop is declared
+hung by the supervisor, as is a SIGSTOPped process), receives commands and
+queues them for the main thread, which applies them in ``tick()``.
+
+Exit codes: 0 finished (not restarted), :data:`EXIT_CONFIG` a user error the
+supervisor must not retry (a source that cannot exist, say: it stops the
+pipeline with exit 2), anything else a crash (restarted). The last error is
+written to ``<run_dir>/<stage>.error`` so that the supervisor can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import importlib
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import control
+from pipeline.config import Config
+from pipeline.errors import ConfigError, ControlError, PosewireError, SourceError
+
+#: exit code of a stage that met a user error it must not be restarted for (sysexits EX_CONFIG)
+EXIT_CONFIG = 78
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(stage)-9s %(levelname)-7s %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
+class _StageFilter(logging.Filter):
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "stage"):
+            record.stage = self.stage
+        return True
+
+
+def setup_logging(stage: str, level: int = logging.INFO) -> logging.Logger:
+    """One log stream (stderr) with the stage name on every line."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    handler.addFilter(_StageFilter(stage))
+    root.addHandler(handler)
+    root.setLevel(level)
+    return logging.getLogger(f"posewire.{stage}")
+
+
+@dataclass
+class StageSpec:
+    """Everything a stage process needs; pickled to the child by *spawn*."""
+
+    name: str
+    """Stage name: control identity, process title, log prefix."""
+    module: str
+    """Module with ``run(ctx) -> int``, e.g. ``stages.capture``."""
+    config: Config
+    """The validated configuration."""
+    run_id: str
+    """Run id (ring segment prefix)."""
+    run_dir: Path
+    """Private run directory (control socket, error files)."""
+    control_endpoint: str
+    """The supervisor's ROUTER endpoint."""
+    supervisor_pid: int
+    """The supervisor's pid: if the parent changes, the stage exits (no orphans)."""
+    rings: dict[str, str] = field(default_factory=dict)
+    """Logical ring name (frames, poses, ...) to segment name."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Initial parameters (the supervisor may change them with ``set``)."""
+
+
+class StageContext:
+    """What a stage's entry function gets: config, rings, metrics, commands."""
+
+    def __init__(self, spec: StageSpec, log: logging.Logger) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.config = spec.config
+        self.log = log
+        self.run_dir = spec.run_dir
+        self.metrics: dict[str, float] = {}
+        """Counters and gauges, sent with every heartbeat (numbers only)."""
+        self.params: dict[str, Any] = dict(spec.params)
+        """Parameters set by the supervisor's ``set`` command."""
+        self.stopping = False
+        """An orderly stop was requested: finish the current item and return 0."""
+        self.paused = False
+        self.keyframe_requested = False
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {}
+        self._rings: dict[str, Any] = {}
+        self._inbox: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[control.Reply] = queue.SimpleQueue()
+        self._last_tick = time.monotonic()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+
+    # -- used by stages -------------------------------------------------------
+
+    def ring(self, name: str) -> Any:
+        """The ring ``name`` (frames, poses, packets, feedback), attached once."""
+        if name not in self._rings:
+            from pipeline.ring import Ring
+
+            segment = self.spec.rings.get(name)
+            if segment is None:
+                raise PosewireError(f"stage {self.name} has no ring named {name!r}")
+            self._rings[name] = Ring.attach(segment, run_dir=self.run_dir)
+        return self._rings[name]
+
+    def on(self, cmd: str, handler: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Handle a command (``set``, ``switch_transport``, ``keyframe``) in the main thread."""
+        self._handlers[cmd] = handler
+
+    def tick(self) -> None:
+        """Prove liveness and apply queued commands; call at least every 0.5 s."""
+        self._last_tick = time.monotonic()
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._outbox.put(self._apply(cmd))
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep while ticking; returns early when stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping:
+            self.tick()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
+    # -- internals ------------------------------------------------------------
+
+    def _apply(self, cmd: control.Command) -> control.Reply:
+        try:
+            result: dict[str, Any] | None = None
+            if cmd.cmd == "stop":
+                self.stopping = True
+            elif cmd.cmd == "pause":
+                self.paused = True
+            elif cmd.cmd == "resume":
+                self.paused = False
+            elif cmd.cmd == "keyframe":
+                self.keyframe_requested = True
+            if cmd.cmd == "set":
+                self.params.update(cmd.args)
+            handler = self._handlers.get(cmd.cmd)
+            if handler is not None:
+                result = handler(cmd.args)
+            elif cmd.cmd in ("switch_transport",):
+                return control.Reply(cmd.id, False, f"stage {self.name} has no transport")
+            return control.Reply(cmd.id, True, None, result or {})
+        except PosewireError as exc:
+            return control.Reply(cmd.id, False, str(exc))
+
+    def state(self) -> str:
+        if self.stopping:
+            return "stopping"
+        return "paused" if self.paused else "running"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2)
+        for r in self._rings.values():
+            with contextlib.suppress(PosewireError, OSError):
+                r.close()
+        self._rings.clear()
+
+    def _heartbeat_loop(self) -> None:
+        import zmq
+
+        spec = self.spec
+        interval = spec.config.supervisor.heartbeat_interval_ms / 1000
+        hung_after = spec.config.supervisor.heartbeat_timeout_ms / 1000
+        zctx = zmq.Context()
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, spec.name.encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.connect(spec.control_endpoint)
+        next_beat = 0.0
+        try:
+            while not self._closed.is_set():
+                if os.getppid() != spec.supervisor_pid:
+                    self.log.error("supervisor is gone: exiting (no orphans)")
+                    os._exit(1)
+                while True:
+                    try:
+                        reply = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send(control.encode(reply))
+                now = time.monotonic()
+                if now >= next_beat and now - self._last_tick < hung_after:
+                    hb = control.Heartbeat(spec.name, os.getpid(), self.state(), dict(self.metrics))
+                    with contextlib.suppress(zmq.Again):
+                        sock.send(control.encode(hb), zmq.NOBLOCK)
+                    next_beat = now + interval
+                if sock.poll(20, zmq.POLLIN):
+                    try:
+                        msg = control.decode(sock.recv())
+                    except ControlError as exc:
+                        self.log.warning("bad control message: %s", exc)
+                        continue
+                    if isinstance(msg, control.Command):
+                        if msg.cmd == "stop":
+                            self.stopping = True  # visible at once, even mid-item
+                        self._inbox.put(msg)
+        finally:
+            sock.close()
+            zctx.term()
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGTERM us when the supervisor dies (belt to the ppid braces)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def error_file(run_dir: Path, stage: str) -> Path:
+    return run_dir / f"{stage}.error"
+
+
+def stage_main(spec: StageSpec) -> None:
+    """Entry point of a stage process (the target given to ``multiprocessing``)."""
+    import setproctitle
+
+    setproctitle.setproctitle(f"posewire:{spec.name}")
+    log = setup_logging(spec.name)
+    faulthandler.enable()
+    _set_parent_death_signal()
+    if os.getppid() != spec.supervisor_pid:
+        os._exit(1)
+    ctx = StageContext(spec, log)
+
+    def on_term(signum: int, frame: object) -> None:
+        if ctx.stopping:  # second signal: no more patience
+            os._exit(1)
+        ctx.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C for the group
+    code = 1
+    err = error_file(spec.run_dir, spec.name)
+    try:
+        entry = importlib.import_module(spec.module).run
+        ctx.start()
+        code = int(entry(ctx))
+    except (SourceError, ConfigError) as exc:
+        log.error("%s", exc)
+        _write_error(err, str(exc))
+        code = EXIT_CONFIG
+    except PosewireError as exc:
+        log.error("%s", exc)
+        _write_error(err, f"{type(exc).__name__}: {exc}")
+        code = 1
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001 - a crash: logged with traceback, then restarted
+        log.error("crashed:\n%s", traceback.format_exc())
+        _write_error(err, f"{type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        ctx.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _write_error(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(text[:2000], encoding="utf-8")

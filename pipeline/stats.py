@@ -1,0 +1,65 @@
+"""Small rolling statistics used by every stage's metrics (one implementation)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+
+class Window:
+    """The last ``size`` samples, with percentiles."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0..100) of the window; 0.0 when empty."""
+        if not self._values:
+            return 0.0
+        return float(np.percentile(np.fromiter(self._values, float), q))
+
+    def mean(self) -> float:
+        return float(np.mean(np.fromiter(self._values, float))) if self._values else 0.0
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """``{prefix_p50: .., prefix_p95: .., prefix_p99: ..}`` for a metrics dict."""
+        if not self._values:
+            return {}
+        p50, p95, p99 = np.percentile(np.fromiter(self._values, float), [50, 95, 99])
+        return {
+            f"{prefix}_p50": float(p50),
+            f"{prefix}_p95": float(p95),
+            f"{prefix}_p99": float(p99),
+        }
+
+
+class Rate:
+    """Events per second over a sliding time window (monotonic clock)."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._times.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+
+    def per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._trim(now)
+        if len(self._times) < 2:
+            return 0.0
+        return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)

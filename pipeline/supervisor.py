@@ -1,0 +1,610 @@
+"""The supervisor: starts the stages, watches them, restarts them, stops them.
+
+It follows the Erlang/OTP model:
+
+* **one_for_one**: a stage that dies is restarted alone; the others go on,
+  and the restarted stage resumes from its rings (they live in shared memory
+  owned by the supervisor, not by the stage).
+* **restart intensity**: more than ``max_restarts`` restarts within
+  ``period_s`` seconds and the supervisor gives up: it stops every stage and
+  exits with :data:`EXIT_INTENSITY` and one message naming the stage and its
+  last error.
+* a stage that exits 0 is **finished**, not restarted; when the head of the
+  pipeline finishes (end of a file), each next stage is stopped once the ring
+  in front of it is drained, and the run ends with exit 0.
+* a stage silent for ``heartbeat_timeout_ms`` is **hung**: SIGTERM (and
+  SIGCONT, so a stopped process can act on it), SIGKILL after
+  ``kill_grace_s``, then restarted like a crash.
+* a stage that exits with :data:`~pipeline.stage.EXIT_CONFIG` met a user
+  error (a source that cannot exist): no retry, the run stops with exit 2.
+
+The supervisor owns every shared-memory segment: it sweeps stale ones of
+crashed runs at start, creates the rings, and unlinks them on every exit
+path. It binds the control ROUTER socket in a private run directory
+(``<base>/<run_id>/control.sock``) that an exclusive ``flock`` guards, so a
+second supervisor with the same run id is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from pipeline import control
+from pipeline.config import Config, DetectBackend
+from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
+from pipeline.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
+
+log = logging.getLogger("posewire.supervisor")
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_INTENSITY = 3
+
+#: the data path, head first; each stage reads the ring its predecessor writes
+PIPELINE_ORDER = ("capture", "detect", "encode", "transmit")
+#: ring in front of each stage (what must be drained before it is stopped)
+INPUT_RING = {"detect": "frames", "encode": "poses", "transmit": "packets"}
+
+
+def default_run_base() -> Path:
+    """``$XDG_RUNTIME_DIR/posewire``, else ``<tmp>/posewire-<uid>``."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return Path(xdg) / "posewire"
+    return Path(tempfile.gettempdir()) / f"posewire-{os.getuid()}"
+
+
+@dataclass
+class StageState:
+    """The supervisor's view of one stage."""
+
+    spec: StageSpec
+    proc: BaseProcess | None = None
+    started_at: float = 0.0
+    last_seen: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    carried: dict[str, float] = field(default_factory=dict)
+    """``*_total`` counters of earlier incarnations (a restart resets the stage's own)."""
+    restarts: int = 0
+    hung: int = 0
+    done: bool = False
+    stop_sent: bool = False
+    state: str = "starting"
+    last_error: str | None = None
+    term_sent_at: float | None = None
+    killed_for: str | None = None
+
+    def counter(self, name: str) -> float:
+        return self.carried.get(name, 0.0) + self.metrics.get(name, 0.0)
+
+    def all_metrics(self) -> dict[str, float]:
+        out = dict(self.metrics)
+        for k, v in self.carried.items():
+            out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def stage_plan(cfg: Config) -> list[str]:
+    """The stages this configuration runs, in data-path order (plus the embedded server)."""
+    names = list(PIPELINE_ORDER)
+    if cfg.detect.backend == DetectBackend.TRACE:
+        names.remove("capture")  # the trace replaces camera and model
+    if cfg.server.embedded:
+        names.append("server")
+    return names
+
+
+class Supervisor:
+    """Runs one pipeline until it finishes, is stopped, or gives up."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        duration_s: float | None = None,
+        report_path: Path | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.duration_s = duration_s
+        self.report_path = report_path
+        self.run_id = run_id or cfg.supervisor.run_id or secrets.token_hex(4)
+        base = cfg.supervisor.run_dir or default_run_base()
+        self.run_dir = base / self.run_id
+        self.stages: dict[str, StageState] = {}
+        self.rings: dict[str, Any] = {}
+        self.exit_code: int | None = None
+        self.exit_reason: str | None = None
+        self.message: str | None = None
+        self._restart_times: deque[float] = deque()
+        self._mp = multiprocessing.get_context("spawn")
+        self._zctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._poller = zmq.Poller()
+        self._lock_fd: int | None = None
+        self._signal: int | None = None
+        self._started = 0.0
+        self._started_wall = 0.0
+        self._cmd_id = 0
+        self._owned_run_dir = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run to the end; return the process exit code."""
+        self._started = time.monotonic()
+        self._started_wall = time.time()
+        old_handlers = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            self._setup()
+            log.info(
+                "run %s: stages %s; run dir %s",
+                self.run_id,
+                ", ".join(self.stages),
+                self.run_dir,
+            )
+            for st in self.stages.values():
+                self._start(st)
+            self._loop()
+        finally:
+            self._shutdown()
+            self._write_report()
+            self._cleanup()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if self.message:
+            (log.error if self.exit_code else log.info)("%s", self.message)
+        return self.exit_code if self.exit_code is not None else EXIT_OK
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+
+    def _setup(self) -> None:
+        from pipeline.ring import Ring, RingMode, segment_name, sweep_stale
+
+        self._claim_run_dir()
+        swept = sweep_stale()
+        if swept:
+            log.info("swept %d stale segment(s) of crashed runs: %s", len(swept), ", ".join(swept))
+        for name in stage_plan(self.cfg):
+            self.stages[name] = StageState(self._spec(name, {}))
+        ring_plan = self._ring_plan()
+        for ring_name, (slot_size, slots, mode) in ring_plan.items():
+            seg = segment_name(self.run_id, ring_name)
+            self.rings[ring_name] = Ring.create(
+                seg,
+                slot_size=slot_size,
+                slots=slots,
+                mode=RingMode(mode),
+                run_dir=self.run_dir,
+            )
+        for st in self.stages.values():
+            st.spec.rings = {r: segment_name(self.run_id, r) for r in self.rings}
+        self._zctx = zmq.Context()
+        self._router = self._zctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
+        self._router.bind(self.endpoint)
+        self._poller.register(self._router, zmq.POLLIN)
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'control.sock'}"
+
+    def _claim_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise SupervisorError(f"cannot create run directory {self.run_dir}: {exc}") from exc
+        if not os.access(self.run_dir, os.W_OK | os.X_OK):
+            raise SupervisorError(f"run directory {self.run_dir} is not writable")
+        lock = self.run_dir / "supervisor.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SupervisorError(f"cannot create {lock}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SupervisorError(
+                f"run id {self.run_id!r} is in use by a running supervisor (pid {other}); "
+                "choose another supervisor.run_id or stop that one"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        self._owned_run_dir = True
+
+    def _ring_plan(self) -> dict[str, tuple[int, int, str]]:
+        """Ring name -> (slot size, slots, mode)."""
+        from pipeline.frame import frame_slot_size
+        from pipeline.pose import pose_record_size
+        from pipeline.protocol import MAX_PACKET_BYTES
+
+        r = self.cfg.rings
+        plan: dict[str, tuple[int, int, str]] = {}
+        if "capture" in self.stages:
+            plan["frames"] = (
+                frame_slot_size(r.max_frame_width, r.max_frame_height),
+                r.frames.slots,
+                "latest",
+            )
+        plan["poses"] = (pose_record_size(), r.poses.slots, "queue")
+        plan["packets"] = (MAX_PACKET_BYTES, r.packets.slots, "queue")
+        plan["feedback"] = (256, 64, "queue")  # transmit -> encode: acks, keyframe requests
+        return plan
+
+    def _spec(self, name: str, params: dict[str, Any]) -> StageSpec:
+        return StageSpec(
+            name=name,
+            module=f"stages.{name}",
+            config=self.cfg,
+            run_id=self.run_id,
+            run_dir=self.run_dir,
+            control_endpoint=self.endpoint,
+            supervisor_pid=os.getpid(),
+            params=params,
+        )
+
+    def _start(self, st: StageState) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            error_file(self.run_dir, st.spec.name).unlink()
+        proc = self._mp.Process(target=stage_main, args=(st.spec,), name=f"posewire:{st.spec.name}")
+        proc.start()
+        st.proc = proc
+        st.started_at = time.monotonic()
+        st.last_seen = None
+        st.metrics = {}
+        st.state = "starting"
+        st.term_sent_at = None
+        st.killed_for = None
+        st.stop_sent = False
+        self._poller.register(proc.sentinel, zmq.POLLIN)
+        log.debug("started %s (pid %s)", st.spec.name, proc.pid)
+
+    # -- main loop ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self._router is not None
+        deadline = None if self.duration_s is None else self._started + self.duration_s
+        next_status = time.monotonic() + 5.0
+        while self.exit_code is None:
+            events = dict(self._poller.poll(50))
+            if self._router in events:
+                self._drain_control()
+            self._check_exits()
+            if self.exit_code is not None:
+                break
+            now = time.monotonic()
+            self._check_hung(now)
+            self._check_drain()
+            if self._signal is not None:
+                name = signal.Signals(self._signal).name
+                self._finish(EXIT_OK, f"signal:{name}", f"stopped by {name}")
+            elif deadline is not None and now >= deadline:
+                self._finish(EXIT_OK, "duration", f"ran for {self.duration_s:g} s")
+            if now >= next_status:
+                next_status = now + 5.0
+                log.info("%s", self.status_line())
+
+    def _finish(self, code: int, reason: str, message: str | None = None) -> None:
+        if self.exit_code is None:
+            self.exit_code = code
+            self.exit_reason = reason
+            self.message = message
+
+    def _drain_control(self) -> None:
+        assert self._router is not None
+        while True:
+            try:
+                ident, frame = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # not two frames: ignore
+            name = ident.decode(errors="replace")
+            st = self.stages.get(name)
+            if st is None:
+                log.warning("control message from unknown stage %r ignored", name)
+                continue
+            try:
+                msg = control.decode(frame)
+            except ControlError as exc:
+                log.warning("bad control message from %s: %s", name, exc)
+                continue
+            if isinstance(msg, control.Heartbeat):
+                if st.proc is not None and msg.pid == st.proc.pid:
+                    st.last_seen = time.monotonic()
+                    st.metrics = msg.metrics
+                    st.state = msg.state
+            elif isinstance(msg, control.Reply):
+                level = logging.DEBUG if msg.ok else logging.WARNING
+                log.log(
+                    level,
+                    "%s replied to command %d: ok=%s %s",
+                    name,
+                    msg.id,
+                    msg.ok,
+                    msg.error or "",
+                )
+
+    def command(self, stage: str, cmd: str, args: dict[str, Any] | None = None) -> int:
+        """Send a command to a stage; the reply is logged. Returns the command id."""
+        assert self._router is not None
+        self._cmd_id += 1
+        msg = control.Command(self._cmd_id, cmd, args or {})
+        with contextlib.suppress(zmq.ZMQError):
+            self._router.send_multipart([stage.encode(), control.encode(msg)], zmq.NOBLOCK)
+        return self._cmd_id
+
+    def _check_exits(self) -> None:
+        for st in self.stages.values():
+            proc = st.proc
+            if proc is None or proc.exitcode is None:
+                continue
+            self._poller.unregister(proc.sentinel)
+            code = proc.exitcode
+            proc.close()
+            st.proc = None
+            for k, v in st.metrics.items():
+                if k.endswith("_total"):
+                    st.carried[k] = st.carried.get(k, 0.0) + v
+            err_path = error_file(self.run_dir, st.spec.name)
+            with contextlib.suppress(OSError):
+                st.last_error = err_path.read_text(encoding="utf-8").strip() or st.last_error
+            name = st.spec.name
+            if code == 0 and st.killed_for is None:
+                st.done = True
+                st.state = "done"
+                log.info("%s finished", name)
+                continue
+            if code == EXIT_CONFIG:
+                self._finish(EXIT_CONFIG_ERROR, "config_error", f"{name}: {st.last_error}")
+                return
+            if st.killed_for is not None:
+                why = st.killed_for
+                st.last_error = st.last_error or f"{why}"
+            elif code < 0:
+                why = f"killed by {signal.Signals(-code).name}"
+                st.last_error = why if st.last_error is None else st.last_error
+            else:
+                why = f"exit code {code}"
+            if self.exit_code is not None or self._signal is not None:
+                continue
+            now = time.monotonic()
+            self._restart_times.append(now)
+            while (
+                self._restart_times and now - self._restart_times[0] > self.cfg.supervisor.period_s
+            ):
+                self._restart_times.popleft()
+            if len(self._restart_times) > self.cfg.supervisor.max_restarts:
+                self._finish(
+                    EXIT_INTENSITY,
+                    "restart_intensity",
+                    f"giving up: stage {name} failed ({why}); {len(self._restart_times)} "
+                    f"restarts within {self.cfg.supervisor.period_s:g} s exceed max_restarts="
+                    f"{self.cfg.supervisor.max_restarts}; last error of {name}: "
+                    f"{st.last_error or why}",
+                )
+                return
+            st.restarts += 1
+            log.warning("%s died (%s): restart #%d", name, why, st.restarts)
+            self._start(st)
+
+    def _check_hung(self, now: float) -> None:
+        sup = self.cfg.supervisor
+        for st in self.stages.values():
+            proc = st.proc
+            if proc is None or proc.pid is None:
+                continue
+            if st.term_sent_at is not None:
+                if now - st.term_sent_at > sup.kill_grace_s:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                continue
+            if st.last_seen is None:
+                silent, limit = now - st.started_at, sup.startup_timeout_ms / 1000
+            else:
+                silent, limit = now - st.last_seen, sup.heartbeat_timeout_ms / 1000
+            if silent > limit:
+                st.hung += 1
+                st.killed_for = f"hung: no heartbeat for {silent:.1f} s"
+                st.last_error = st.killed_for
+                log.warning("%s is %s: terminating", st.spec.name, st.killed_for)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGCONT)
+                st.term_sent_at = now
+
+    def _check_drain(self) -> None:
+        """Stop each stage whose predecessor finished once its input ring is empty."""
+        order = [n for n in PIPELINE_ORDER if n in self.stages]
+        for prev, nxt in zip(order, order[1:], strict=False):
+            a, b = self.stages[prev], self.stages[nxt]
+            if not a.done or b.done or b.stop_sent or b.proc is None:
+                continue
+            ring = self.rings.get(INPUT_RING[nxt])
+            try:
+                pending = ring.statistics().occupancy if ring is not None else 0
+            except RingError:
+                pending = 0
+            if pending == 0:
+                self.command(nxt, "stop")
+                b.stop_sent = True
+        if order and all(self.stages[n].done for n in order):
+            self._finish(EXIT_OK, "finished", "pipeline finished: source ended and rings drained")
+
+    # -- shutdown -------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        live = [st for st in self.stages.values() if st.proc is not None]
+        if not live:
+            return
+        # Upstream first, so that what is in flight drains downstream.
+        for st in live:
+            self.command(st.spec.name, "stop")
+        deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
+        while time.monotonic() < deadline and any(
+            st.proc is not None and st.proc.exitcode is None for st in live
+        ):
+            if self._router is not None and self._router.poll(20, zmq.POLLIN):
+                self._drain_control()
+        for st in live:
+            proc = st.proc
+            if proc is not None and proc.exitcode is None and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGCONT)
+        grace_end = time.monotonic() + self.cfg.supervisor.kill_grace_s
+        for st in live:
+            proc = st.proc
+            if proc is None:
+                continue
+            proc.join(max(0.0, grace_end - time.monotonic()))
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(2)
+        for st in live:
+            proc = st.proc
+            if proc is not None and proc.exitcode is not None:
+                for k, v in st.metrics.items():
+                    if k.endswith("_total"):
+                        st.carried[k] = st.carried.get(k, 0.0) + v
+                st.metrics = {k: v for k, v in st.metrics.items() if not k.endswith("_total")}
+                with contextlib.suppress(ValueError):
+                    self._poller.unregister(proc.sentinel)
+                proc.close()
+                st.proc = None
+
+    def _cleanup(self) -> None:
+        for ring in self.rings.values():
+            with contextlib.suppress(RingError, OSError):
+                ring.close()
+            with contextlib.suppress(RingError, OSError):
+                ring.unlink()
+        if self._router is not None:
+            self._router.close(0)
+        if self._zctx is not None:
+            self._zctx.term()
+        if self._owned_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    # -- figures --------------------------------------------------------------
+
+    def ring_stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, ring in self.rings.items():
+            try:
+                s = ring.statistics()
+            except (RingError, OSError):
+                continue
+            out[name] = {
+                "written": s.written,
+                "read": s.read,
+                "skipped": s.skipped,
+                "dropped": s.dropped,
+                "peak_occupancy": s.peak_occupancy,
+                "slots": s.slots,
+            }
+        return out
+
+    def frames(self) -> dict[str, int]:
+        rs = self.ring_stats()
+        transmit = self.stages.get("transmit")
+        detect = self.stages.get("detect")
+        captured = rs.get("frames", {}).get("written")
+        if captured is None and detect is not None:
+            captured = int(detect.counter("frames_replayed_total"))
+        return {
+            "captured": int(captured or 0),
+            "detected": rs.get("poses", {}).get("written", 0),
+            "skipped": rs.get("frames", {}).get("skipped", 0),
+            "encoded": rs.get("packets", {}).get("written", 0),
+            "sent": int(transmit.counter("packets_sent_total")) if transmit else 0,
+            "dropped": rs.get("poses", {}).get("dropped", 0)
+            + rs.get("packets", {}).get("dropped", 0)
+            + (int(transmit.counter("packets_dropped_total")) if transmit else 0),
+        }
+
+    def status_line(self) -> str:
+        f = self.frames()
+        parts = [f"{k}={v}" for k, v in f.items()]
+        for name, st in self.stages.items():
+            fps = st.metrics.get("fps")
+            if fps is not None:
+                parts.append(f"{name}:{fps:.1f}fps")
+        return "status " + " ".join(parts)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "exit_reason": self.exit_reason,
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "started_at": self._started_wall,
+            "duration_s": round(time.monotonic() - self._started, 3),
+            "frames": self.frames(),
+            "rings": self.ring_stats(),
+            "stages": {
+                name: {
+                    "restarts": st.restarts,
+                    "hung": st.hung,
+                    "done": st.done,
+                    "last_error": st.last_error,
+                    "metrics": st.all_metrics(),
+                }
+                for name, st in self.stages.items()
+            },
+        }
+
+    def _write_report(self) -> None:
+        if self.report_path is None:
+            return
+        try:
+            self.report_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.report_path.with_suffix(self.report_path.suffix + ".tmp")
+            tmp.write_text(json.dumps(self.report(), indent=2), encoding="utf-8")
+            tmp.replace(self.report_path)
+        except OSError as exc:
+            log.error("cannot write report %s: %s", self.report_path, exc)
+
+
+def run_pipeline(
+    cfg: Config,
+    *,
+    duration_s: float | None = None,
+    report_path: Path | None = None,
+    run_id: str | None = None,
+) -> int:
+    """Run the pipeline described by ``cfg``; return the exit code."""
+    sup = Supervisor(cfg, duration_s=duration_s, report_path=report_path, run_id=run_id)
+    try:
+        return sup.run()
+    except SupervisorError:
+        raise
+    except PosewireError as exc:
+        raise SupervisorError(str(exc)) from exc
