@@ -73,7 +73,7 @@ def encode(msg: Message) -> bytes:
 
 def _need(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ControlError(f"control message field {key!r} missing or not {kind}")
     return value
 

@@ -283,6 +283,7 @@ def stage_main(spec: StageSpec) -> None:
     try:
         entry = importlib.import_module(spec.module).run
         ctx.start()
+        _inject_fault(spec.name)
         code = int(entry(ctx))
     except (SourceError, ConfigError) as exc:
         log.error("%s", exc)
@@ -304,6 +305,18 @@ def stage_main(spec: StageSpec) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _inject_fault(stage: str) -> None:
+    """Fault injection for supervision tests: ``POSEWIRE_FAULT=<stage>:crash``.
+
+    ``crash`` makes that stage raise at start, every time it is started: the
+    way to show the restart intensity at work on a real pipeline.
+    """
+    fault = os.environ.get("POSEWIRE_FAULT", "")
+    target, _, kind = fault.partition(":")
+    if target == stage and kind == "crash":
+        raise RuntimeError(f"injected fault: {stage} crashes at start (POSEWIRE_FAULT)")
 
 
 def _write_error(path: Path, text: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import multiprocessing
@@ -441,7 +442,7 @@ class Supervisor:
     def _check_drain(self) -> None:
         """Stop each stage whose predecessor finished once its input ring is empty."""
         order = [n for n in PIPELINE_ORDER if n in self.stages]
-        for prev, nxt in zip(order, order[1:], strict=False):
+        for prev, nxt in itertools.pairwise(order):
             a, b = self.stages[prev], self.stages[nxt]
             if not a.done or b.done or b.stop_sent or b.proc is None:
                 continue
