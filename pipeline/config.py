@@ -293,7 +293,7 @@ class Config(_Model):
 def _line_index(
     node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[Any, ...], int]
 ) -> None:
-    out[path] = node.start_mark.line + 1
+    out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             k = key.value if isinstance(key, yaml.ScalarNode) else str(key)
@@ -336,8 +336,10 @@ def _file_problems(cfg: Config, lines: dict[tuple[Any, ...], int]) -> list[str]:
         must_exist(("audio", "path"), cfg.audio.path, "audio file")
     if cfg.supervisor.run_dir is not None:
         rd = cfg.supervisor.run_dir
-        parent = rd if rd.exists() else rd.parent
-        if not parent.exists() or not os.access(parent, os.W_OK | os.X_OK):
+        probe = rd
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             problems.append(
                 f"{_where(('supervisor', 'run_dir'), lines)}: run directory not writable: {rd}"
             )
