@@ -1,0 +1,125 @@
+"""Helpers for process-level tests: start a real pipeline, find its stages, read its output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACE = TRACES / "cmu02_05_punch_strike.npz"
+
+
+def write_config(tmp_path: Path, body: str, name: str = "pipeline.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def trace_config(tmp_path: Path, *, loop: bool = True, extra: str = "") -> Path:
+    """A camera-free pipeline: trace replay -> encode -> transmit to a file."""
+    return write_config(
+        tmp_path,
+        f"""
+detect:
+  backend: trace
+  trace: {TRACE}
+  trace_loop: {"true" if loop else "false"}
+transmit:
+  primary: file
+  file: {tmp_path / "packets.bin"}
+supervisor:
+  run_dir: {tmp_path / "run"}
+  heartbeat_interval_ms: 100
+  heartbeat_timeout_ms: 1500
+  max_restarts: 10
+  period_s: 30
+monitor:
+  enabled: false
+{extra}
+""",
+    )
+
+
+def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m pipeline CONFIG ARGS`` in its own process group."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", str(config), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+
+
+def stage_pids(sup_pid: int) -> dict[str, int]:
+    """Stage name -> pid, from the process titles ``posewire:<stage>``."""
+    out: dict[str, int] = {}
+    try:
+        children = psutil.Process(sup_pid).children()
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            cmd = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if cmd.startswith("posewire:"):
+            out[cmd.split()[0].split(":", 1)[1]] = child.pid
+    return out
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def wait_stages(sup_pid: int, names: set[str], timeout: float = 30.0) -> dict[str, int]:
+    assert wait_for(lambda: names <= set(stage_pids(sup_pid)), timeout), (
+        f"stages {names} not all up: {stage_pids(sup_pid)}"
+    )
+    return stage_pids(sup_pid)
+
+
+def shm_segments(run_id: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").iterdir() if run_id in p.name)
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> tuple[int, str, str]:
+    """SIGINT the supervisor; return (exit code, stdout, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"pipeline did not stop within {timeout} s:\n{err[-3000:]}") from None
+    return proc.returncode, out, err
+
+
+def packet_seqs(path: Path) -> list[int]:
+    from pipeline.protocol import peek_header
+    from pipeline.transports.file import read_packets
+
+    if not path.exists():
+        return []
+    seqs = []
+    for packet in read_packets(path):
+        seqs.append(peek_header(packet).seq)
+    return seqs
