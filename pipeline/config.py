@@ -152,6 +152,15 @@ class TransmitConfig(_Model):
         10.0, gt=0, le=3600, description="Try the primary again after this long."
     )
     window_s: float = Field(2.0, gt=0, le=60, description="Window of the latency statistics.")
+    reconnect_initial_s: float = Field(
+        0.05, gt=0, le=60, description="WebSocket: first reconnect delay (doubles per failure)."
+    )
+    reconnect_max_s: float = Field(
+        1.0, gt=0, le=600, description="WebSocket: cap of the exponential reconnect backoff."
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="WebSocket: give up the first connection after this long."
+    )
 
 
 class AudioConfig(_Model):
@@ -184,6 +193,22 @@ class ServerConfig(_Model):
     subscriber_queue: int = Field(64, ge=1, le=100000, description="Per-subscriber queue size.")
     empty_room_grace_s: float = Field(30.0, ge=0, le=86400, description="Empty room lifetime.")
     auto_create_rooms: bool = Field(True, description="Create a room on first join.")
+    history_packets: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="Per publisher stream: the latest keyframe and the packets after it, "
+        "at most this many in all, sent to late joiners.",
+    )
+    auth_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A new connection must send its join within this time."
+    )
+    heartbeat_s: float = Field(
+        10.0, gt=0, le=3600, description="WebSocket ping interval; a silent peer is dropped."
+    )
+    token_leeway_s: float = Field(
+        2.0, ge=0, le=300, description="Clock skew tolerated on token exp/nbf/iat."
+    )
 
 
 class SupervisorConfig(_Model):
