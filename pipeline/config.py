@@ -178,7 +178,10 @@ class ServerConfig(_Model):
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8765, ge=1, le=65535, description="Listen port.")
     secret: str | None = Field(
-        None, min_length=16, description="Token secret; $POSEWIRE_SECRET takes precedence."
+        None,
+        min_length=32,
+        description="Token secret (HS256 key, at least 32 characters); $POSEWIRE_SECRET "
+        "takes precedence.",
     )
     dev: bool = Field(False, description="Mint tokens for local demos (loopback only).")
     max_rooms: int = Field(100, ge=1, le=100000, description="Rooms per server.")
