@@ -108,7 +108,14 @@ from pipeline.shm import (
 )
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
     from typing_extensions import Buffer
+
+    BufferLike: TypeAlias = Buffer | np.ndarray[Any, Any]
+    """Anything with the buffer protocol; numpy<2 arrays are listed because their stubs
+    do not declare ``__buffer__``."""
 
 __all__ = [
     "Item",
@@ -424,7 +431,7 @@ class Ring:
 
     # ------------------------------------------------------------------ writer
 
-    def send(self, data: Buffer, *, ts_ns: int = 0, meta: int = 0) -> int:
+    def send(self, data: BufferLike, *, ts_ns: int = 0, meta: int = 0) -> int:
         """Copy ``data`` into the next slot, publish it, ring the doorbell; return its seq.
 
         ``data`` is any object with the buffer protocol (bytes, bytearray,
@@ -436,7 +443,7 @@ class Ring:
         q = self._live()
         if q[_FLAGS] & _FLAG_BROKEN:
             raise BrokenResourceError(f"ring {self._name!r} is broken")
-        src = memoryview(data)
+        src = memoryview(data)  # type: ignore[arg-type,unused-ignore]
         n = src.nbytes
         if n > self._slot_size:
             raise ValueError(
@@ -496,7 +503,7 @@ class Ring:
         """
         return self._recv(None, timeout)
 
-    def recv_into(self, buffer: Buffer, timeout: float | None = None) -> Item:
+    def recv_into(self, buffer: BufferLike, timeout: float | None = None) -> Item:
         """Like :meth:`recv`, but copy the payload into ``buffer`` (no allocation).
 
         ``buffer`` is any writable C-contiguous buffer (bytearray, numpy
@@ -504,21 +511,41 @@ class Ring:
         bytes. :class:`ValueError` (and the item stays unread) if the item is
         larger than ``buffer``.
         """
-        dst = memoryview(buffer)
+        dst = memoryview(buffer)  # type: ignore[arg-type,unused-ignore]
         if dst.readonly or not dst.c_contiguous:
             raise ValueError("recv_into needs a writable C-contiguous buffer")
         if dst.format != "B" or dst.ndim != 1:
             dst = dst.cast("B")
         return self._recv(dst, timeout)
 
-    def _recv(self, dst: memoryview | None, timeout: float | None) -> Item:
+    def recv_view(self, timeout: float | None = None) -> Item:
+        """Zero-copy :meth:`recv`: ``Item.data`` is a read-only view of the slot itself.
+
+        The slot was complete when this returned, but the writer reuses it
+        ``slots`` items later (LATEST: after ``slots - 1`` newer sends; QUEUE:
+        when the ring is full). So: use the data, *then* call
+        :meth:`valid`; if it returns False the writer overwrote the slot while
+        you were using it and whatever you computed from it must be discarded.
+        Copy out (or use :meth:`recv_into`) for anything slower than a
+        fraction of ``slots`` frame intervals. The view keeps the mapping
+        alive even after :meth:`close`; release it when done.
+        """
+        return self._recv(None, timeout, view=True)
+
+    def valid(self, item: Item) -> bool:
+        """True if ``item``'s slot still holds ``item`` (see :meth:`recv_view`)."""
+        q = self._live()
+        slot = (item.seq - 1) % self._slots
+        return bool(q[(_TABLE_OFF + slot * _SLOT_ENTRY) // 8] == 2 * item.seq)
+
+    def _recv(self, dst: memoryview | None, timeout: float | None, view: bool = False) -> Item:
         q = self._live()
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
             if q[_FLAGS] & _FLAG_BROKEN:
                 raise BrokenResourceError(f"ring {self._name!r} is broken")
             self._drain()
-            item = self._take(q, dst)
+            item = self._take(q, dst, view)
             if item is not None:
                 if q[_WRITE_SEQ] > q[_READ_SEQ]:
                     self._ring_bell()  # keep fileno() readable while items remain
@@ -547,7 +574,7 @@ class Ring:
         if not events and seg.vanished():
             raise BrokenResourceError(f"ring {self._name!r}: the segment was removed")
 
-    def _take(self, q: memoryview, dst: memoryview | None) -> Item | None:
+    def _take(self, q: memoryview, dst: memoryview | None, view: bool) -> Item | None:
         """One non-blocking attempt; commits the reader's counters. None if nothing to take."""
         r = int(q[_READ_SEQ])
         start_r = r
@@ -575,7 +602,9 @@ class Ring:
             if n > self._slot_size:  # only possible while torn; the re-check catches it
                 n = 0
             data: memoryview | bytes
-            if dst is None:
+            if view:
+                data = self._mem[off : off + n].toreadonly()
+            elif dst is None:
                 data = bytes(self._mem[off : off + n])
             elif n <= dst.nbytes:
                 data = dst[:n]

@@ -259,7 +259,10 @@ class Segment:
         if self._map is None:
             return
         self.buf.release()
-        self._map.close()
+        # If someone still holds a view (Ring.recv_view), leave the mapping to the
+        # garbage collector: it is unmapped when the last view is released.
+        with contextlib.suppress(BufferError):
+            self._map.close()
         self._map = None
         os.close(self._fd)
 
