@@ -1,0 +1,59 @@
+"""``python -m pipeline serve``: run the room server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pipeline.config import ServerConfig, load_config
+
+HELP = (
+    "Run the room server (rooms, tokens, WebSocket relay, /metrics). The token secret comes "
+    "from $POSEWIRE_SECRET, else server.secret in --config; --dev mints demo tokens (loopback)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default: server.port, 8765)")
+    parser.add_argument("--config", type=Path, help="pipeline YAML (its server section is used)")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: POST /api/dev/token mints tokens; refused on non-loopback hosts",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def server_config(path: Path | None) -> ServerConfig:
+    return load_config(path).server if path is not None else ServerConfig()  # type: ignore[call-arg]
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.server.app import serve
+
+    cfg = server_config(args.config)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s server %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    dev = True if args.dev else None
+
+    def ready(host: str, port: int) -> None:
+        extra = "  (dev: POST /api/dev/token)" if (dev or cfg.dev) else ""
+        print(f"posewire server listening on http://{host}:{port}{extra}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, host=args.host, port=args.port, dev=dev, ready_cb=ready, stop=stop)
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,584 @@
+"""Rooms, members, publisher streams and the relay (the SFU for pose packets).
+
+Relay rules
+-----------
+* A member publishes on one or more *stream ids* (the ``stream_id`` of the
+  packet header). The first accepted packet with a free stream id claims it
+  for that member until it leaves; a packet carrying a stream id another
+  member owns closes the sender (``stream_spoof``).
+* The server acknowledges every packet it accepts (``{"type": "ack"}`` to the
+  publisher): over WebSocket every subscriber receives every accepted packet in
+  order, unless the server drops it for a slow subscriber, and it then knows
+  exactly what that subscriber lacks. So the encoder may predict from any
+  acknowledged frame.
+* Per subscriber and stream the server tracks which sequence numbers it has
+  written since the last keyframe. A packet whose reference the subscriber
+  lacks (after a drop, or right after a join) is withheld (it could not be
+  decoded anyway) and the publisher is asked for a keyframe (at most every
+  ``KEYFRAME_REQUEST_INTERVAL_S`` per stream). A subscriber therefore never
+  receives a packet it cannot decode, and its decoder never sees a wrong
+  reference.
+* Back-pressure: a packet goes straight to the subscriber's socket when that
+  socket's write buffer has room; otherwise it waits in a bounded per-member
+  queue from which the *oldest pose packet* is dropped (and counted) when full.
+  Control messages in the queue are never dropped; a member whose control
+  backlog exceeds ``MAX_CONTROL_BACKLOG`` is closed (``too_slow``). The relay
+  never awaits a slow member.
+* Late join: per stream the server keeps the latest keyframe and up to
+  ``server.history_packets - 1`` packets after it. A joining subscriber gets
+  the member list and then, for every stream, the keyframe and the packets of
+  the history that chain from it, before any live packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from pipeline.config import ServerConfig
+from pipeline.server.limits import CloseCode
+from pipeline.server.metrics import ServerMetrics
+from pipeline.server.tokens import Claims, KickList
+
+log = logging.getLogger("posewire.server")
+
+MAX_CONTROL_BACKLOG: Final = 1024
+KEYFRAME_REQUEST_INTERVAL_S: Final = 0.1
+HAVE_WINDOW: Final = 256
+ROOM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MEMBER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+MAX_TOMBSTONES: Final = 10000
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class JoinRefused(Exception):
+    """A join the room manager refuses; carries the close code."""
+
+    def __init__(self, code: CloseCode, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class StoredPacket:
+    """One accepted pose packet with the header fields the relay needs."""
+
+    stream_id: int
+    seq: int
+    ref_seq: int | None
+    keyframe: bool
+    data: bytes
+    epoch: int = 0
+    """The encoder instance (header flags); references never cross epochs."""
+
+
+class _Have:
+    """Sequence numbers of one stream a subscriber has received since its last keyframe."""
+
+    __slots__ = ("epoch", "order", "seqs")
+
+    def __init__(self) -> None:
+        self.seqs: set[int] = set()
+        self.order: deque[int] = deque()
+        self.epoch = 0
+
+    def reset(self, epoch: int) -> None:
+        self.seqs.clear()
+        self.order.clear()
+        self.epoch = epoch
+
+    def add(self, seq: int) -> None:
+        if len(self.order) >= HAVE_WINDOW:
+            self.seqs.discard(self.order.popleft())
+        self.order.append(seq)
+        self.seqs.add(seq)
+
+
+class StreamState:
+    """A publisher stream: owner, latest keyframe and the packets after it."""
+
+    def __init__(self, stream_id: int, history: int) -> None:
+        self.stream_id = stream_id
+        self.owner: Member | None = None
+        self.keyframe: StoredPacket | None = None
+        self.since: deque[StoredPacket] = deque(maxlen=max(history - 1, 0))
+        self.last_keyframe_request = -1e9
+        self.packets = 0
+
+    def add(self, pkt: StoredPacket) -> None:
+        self.packets += 1
+        if pkt.keyframe:
+            self.keyframe = pkt
+            self.since.clear()
+        elif self.keyframe is not None:
+            self.since.append(pkt)
+
+    def snapshot(self) -> list[StoredPacket]:
+        """The keyframe and the history packets that decode from it, in order."""
+        if self.keyframe is None:
+            return []
+        out = [self.keyframe]
+        have = {self.keyframe.seq}
+        epoch = self.keyframe.epoch
+        for p in self.since:
+            if p.ref_seq is not None and p.ref_seq in have and p.epoch == epoch:
+                out.append(p)
+                have.add(p.seq)
+        return out
+
+
+class Member:
+    """One joined WebSocket connection."""
+
+    def __init__(
+        self,
+        manager: RoomManager,
+        room: Room,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        claims: Claims,
+        *,
+        member_id: str,
+        publish: bool,
+        subscribe: bool,
+        name: str | None,
+    ) -> None:
+        self.manager = manager
+        self.metrics = manager.metrics
+        self.room = room
+        self.ws = ws
+        self.transport = transport
+        self.claims = claims
+        self.id = member_id
+        self.publish = publish
+        self.subscribe = subscribe
+        self.name = name
+        self.streams: set[int] = set()
+        self.clock_offset_ns: int | None = None
+        self.joined_ns = now_ns()
+        self.closed = False
+        self.sent = 0
+        self.dropped = 0
+        self._queue: deque[StoredPacket | str] = deque()
+        self._queued_packets = 0
+        self._bound = manager.config.subscriber_queue
+        self._busy = False
+        self._wake = asyncio.Event()
+        self._have: dict[int, _Have] = {}
+        self._high_water = 64 * 1024
+        if transport is not None:
+            self._high_water = max(transport.get_write_buffer_limits()[1], 4096)
+        self._writer = asyncio.get_running_loop().create_task(
+            self._writer_loop(), name=f"posewire-member-{member_id}"
+        )
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subject": self.claims.subject,
+            "role": self.claims.role,
+            "name": self.name,
+            "publish": self.publish,
+            "subscribe": self.subscribe,
+            "streams": sorted(self.streams),
+            "clock_offset_ns": self.clock_offset_ns,
+            "joined_ns": self.joined_ns,
+        }
+
+    # ------------------------------------------------------------------ output
+
+    def _writable(self, n: int) -> bool:
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        return t.get_write_buffer_size() + n + 16 < self._high_water
+
+    def _admit(self, pkt: StoredPacket) -> bool:
+        """Whether this member can decode ``pkt``; records it as received if so."""
+        have = self._have.get(pkt.stream_id)
+        if pkt.keyframe:
+            if have is None:
+                have = self._have[pkt.stream_id] = _Have()
+            have.reset(pkt.epoch)
+            have.add(pkt.seq)
+            return True
+        if (
+            have is not None
+            and pkt.ref_seq is not None
+            and pkt.ref_seq in have.seqs
+            and pkt.epoch == have.epoch
+        ):
+            have.add(pkt.seq)
+            return True
+        self.metrics.skipped_undecodable += 1
+        self.room.request_keyframe(pkt.stream_id)
+        return False
+
+    async def send_packet(self, pkt: StoredPacket) -> None:
+        """Relay one packet: straight to the socket when it has room, else via the queue."""
+        if self.closed:
+            return
+        if self._queue or self._busy or not self._writable(len(pkt.data)):
+            self._post_packet(pkt)
+            return
+        if self._admit(pkt):
+            await self._write_bytes(pkt.data)
+
+    def _post_packet(self, pkt: StoredPacket) -> None:
+        self._queue.append(pkt)
+        self._queued_packets += 1
+        if self._queued_packets > self._bound:
+            for i, item in enumerate(self._queue):
+                if isinstance(item, StoredPacket):
+                    del self._queue[i]
+                    break
+            self._queued_packets -= 1
+            self.dropped += 1
+            self.metrics.drops += 1
+        self._wake.set()
+
+    def post_text(self, text: str) -> None:
+        """Queue one control message (never dropped; too large a backlog closes the member)."""
+        if self.closed:
+            return
+        self._queue.append(text)
+        if len(self._queue) - self._queued_packets > MAX_CONTROL_BACKLOG:
+            self.abort(CloseCode.TOO_SLOW, "control messages to this member backed up")
+            return
+        self._wake.set()
+
+    def post(self, obj: dict[str, Any]) -> None:
+        self.post_text(dumps(obj))
+
+    def post_snapshot(self, packets: list[StoredPacket]) -> None:
+        """Queue a late-join snapshot (not subject to the drop bound; chained by construction)."""
+        for pkt in packets:
+            self._queue.append(pkt)
+            self._queued_packets += 1
+        self._wake.set()
+
+    async def _write_bytes(self, data: bytes) -> None:
+        try:
+            await self.ws.send_bytes(data)
+        except ConnectionError:
+            self.closed = True
+            return
+        self.sent += 1
+        self.metrics.messages_out += 1
+        self.metrics.packets_out += 1
+        self.metrics.bytes_out += len(data)
+
+    async def _write_text(self, text: str) -> None:
+        try:
+            await self.ws.send_str(text)
+        except ConnectionError:
+            self.closed = True
+            return
+        self.metrics.messages_out += 1
+        self.metrics.bytes_out += len(text)
+
+    async def _writer_loop(self) -> None:
+        queue = self._queue
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            self._busy = True
+            try:
+                while queue and not self.closed:
+                    item = queue.popleft()
+                    if isinstance(item, StoredPacket):
+                        self._queued_packets -= 1
+                        if self._admit(item):
+                            await self._write_bytes(item.data)
+                    else:
+                        await self._write_text(item)
+            finally:
+                self._busy = False
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self, code: int, message: str = "") -> None:
+        """Send an error message for 4xxx codes, then close the socket with ``code``."""
+        if self.ws.closed:
+            self.closed = True
+            return
+        self.closed = True
+        await close_ws(self.ws, code, message)
+
+    def abort(self, code: CloseCode, message: str) -> None:
+        """Close from synchronous code (limits, kicks): counted as a rejection."""
+        if self.closed:
+            return
+        self.metrics.reject(code.reason)
+        self.manager.spawn(self.close(code, message))
+
+    async def stop_writer(self) -> None:
+        self.closed = True
+        self._wake.set()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+
+async def close_ws(ws: web.WebSocketResponse, code: int, message: str = "") -> None:
+    """Close ``ws`` with ``code``; for 4000-4999 first send ``{"type": "error", ...}``."""
+    if ws.closed:
+        return
+    cc: CloseCode | None
+    try:
+        cc = CloseCode(code)
+    except ValueError:
+        cc = None
+    reason = cc.reason if cc is not None else ""
+    try:
+        if cc is not None:
+            await ws.send_str(
+                dumps({"type": "error", "code": int(code), "reason": reason, "message": message})
+            )
+        await ws.close(code=code, message=reason.encode())
+    except ConnectionError:
+        pass
+
+
+class Room:
+    """Members and publisher streams of one room."""
+
+    def __init__(self, manager: RoomManager, name: str, *, created_by: str | None) -> None:
+        self.manager = manager
+        self.name = name
+        self.created_ns = now_ns()
+        self.created_by = created_by
+        self.members: dict[str, Member] = {}
+        self.streams: dict[int, StreamState] = {}
+        self.subscribers: tuple[Member, ...] = ()
+        self.closed = False
+        self._cleanup: asyncio.TimerHandle | None = None
+        self._history = manager.config.history_packets
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "created_ns": self.created_ns,
+            "created_by": self.created_by,
+            "members": [m.info() for m in self.members.values()],
+            "publishers": sorted(m.id for m in self.members.values() if m.streams),
+            "streams": {
+                str(s.stream_id): {
+                    "owner": s.owner.id if s.owner is not None else None,
+                    "packets": s.packets,
+                    "history": len(s.snapshot()),
+                }
+                for s in self.streams.values()
+            },
+        }
+
+    def _refresh(self) -> None:
+        self.subscribers = tuple(m for m in self.members.values() if m.subscribe)
+
+    def broadcast(self, obj: dict[str, Any], *, exclude: Member | None = None) -> None:
+        text = dumps(obj)
+        for m in tuple(self.members.values()):
+            if m is not exclude:
+                m.post_text(text)
+
+    def add(self, member: Member) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            self._cleanup = None
+        self.broadcast({"type": "presence", "event": "join", "member": member.info()})
+        self.members[member.id] = member
+        self._refresh()
+
+    def snapshot_for(self, member: Member) -> list[StoredPacket]:
+        out: list[StoredPacket] = []
+        for stream in self.streams.values():
+            if stream.owner is not None and stream.owner is not member:
+                out.extend(stream.snapshot())
+        return out
+
+    def remove(self, member: Member) -> None:
+        if self.members.get(member.id) is not member:
+            return
+        del self.members[member.id]
+        for sid in member.streams:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.owner is member:
+                del self.streams[sid]
+        self._refresh()
+        self.broadcast({"type": "presence", "event": "leave", "member": member.info()})
+        if not self.members and not self.closed:
+            self.schedule_cleanup()
+
+    def schedule_cleanup(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+        loop = asyncio.get_running_loop()
+        self._cleanup = loop.call_later(
+            self.manager.config.empty_room_grace_s, self.manager.cleanup_if_empty, self.name
+        )
+
+    def cancel_cleanup(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+            self._cleanup = None
+
+    def request_keyframe(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.owner is None:
+            return
+        t = time.monotonic()
+        if t - stream.last_keyframe_request < KEYFRAME_REQUEST_INTERVAL_S:
+            return
+        stream.last_keyframe_request = t
+        self.manager.metrics.keyframe_requests += 1
+        stream.owner.post({"type": "keyframe_request", "stream_id": stream_id})
+
+    def claim(self, member: Member, stream_id: int) -> StreamState:
+        stream = StreamState(stream_id, self._history)
+        stream.owner = member
+        self.streams[stream_id] = stream
+        member.streams.add(stream_id)
+        self.broadcast({"type": "presence", "event": "update", "member": member.info()})
+        return stream
+
+    async def relay(self, sender: Member, pkt: StoredPacket) -> None:
+        for m in self.subscribers:
+            if m is not sender:
+                await m.send_packet(pkt)
+
+
+class RoomManager:
+    """Every room of one server, the kick list and the limits on rooms and members."""
+
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics, kicks: KickList) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.kicks = kicks
+        self.rooms: dict[str, Room] = {}
+        self.tombstones: dict[str, int] = {}
+        self.connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_change: Callable[[], None] | None = None
+
+    @property
+    def members(self) -> int:
+        return sum(len(r.members) for r in self.rooms.values())
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def create(self, name: str, *, created_by: str | None = None) -> Room:
+        """Create a room (API): a closed room's tombstone is removed."""
+        if not ROOM_NAME_RE.match(name):
+            raise JoinRefused(CloseCode.ROOM_NOT_FOUND, f"invalid room name {name!r}")
+        room = self.rooms.get(name)
+        if room is not None:
+            return room
+        if len(self.rooms) >= self.config.max_rooms:
+            raise JoinRefused(
+                CloseCode.TOO_MANY_ROOMS, f"server has {len(self.rooms)} rooms, the maximum"
+            )
+        self.tombstones.pop(name, None)
+        room = Room(self, name, created_by=created_by)
+        self.rooms[name] = room
+        room.schedule_cleanup()
+        log.info("room %s created", name)
+        return room
+
+    def room_for_join(self, name: str) -> Room:
+        if not ROOM_NAME_RE.match(name):
+            raise JoinRefused(
+                CloseCode.MALFORMED_MESSAGE,
+                f"invalid room name {name!r}: 1-64 of letters, digits, '_', '.', '-'",
+            )
+        if name in self.tombstones:
+            raise JoinRefused(CloseCode.ROOM_CLOSED, f"room {name!r} was closed by a moderator")
+        room = self.rooms.get(name)
+        if room is None:
+            if not self.config.auto_create_rooms:
+                raise JoinRefused(CloseCode.ROOM_NOT_FOUND, f"no room {name!r} on this server")
+            room = self.create(name)
+        if len(room.members) >= self.config.max_members_per_room:
+            raise JoinRefused(
+                CloseCode.ROOM_FULL, f"room {name!r} has {len(room.members)} members, the maximum"
+            )
+        return room
+
+    def new_member_id(self, room: Room, resume: str | None) -> tuple[str, bool]:
+        if resume is not None and MEMBER_ID_RE.match(resume) and resume not in room.members:
+            return resume, True
+        while True:
+            mid = "m" + secrets.token_hex(5)
+            if mid not in room.members:
+                return mid, False
+
+    def cleanup_if_empty(self, name: str) -> None:
+        room = self.rooms.get(name)
+        if room is not None and not room.members:
+            del self.rooms[name]
+            log.info("room %s removed after %.1fs empty", name, self.config.empty_room_grace_s)
+
+    async def close_room(self, name: str) -> bool:
+        """Close a room: its members are disconnected (``room_closed``) and joins refused."""
+        room = self.rooms.pop(name, None)
+        if room is None:
+            return False
+        room.closed = True
+        room.cancel_cleanup()
+        self.tombstones[name] = now_ns()
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            del self.tombstones[next(iter(self.tombstones))]
+        members = list(room.members.values())
+        for _m in members:
+            self.metrics.reject(CloseCode.ROOM_CLOSED.reason)
+        await asyncio.gather(
+            *(m.close(CloseCode.ROOM_CLOSED, f"room {name!r} was closed") for m in members)
+        )
+        log.info("room %s closed (%d members disconnected)", name, len(members))
+        return True
+
+    def kick(self, room: Room, member_id: str, by: str) -> bool:
+        target = room.members.get(member_id)
+        if target is None:
+            return False
+        self.kicks.kick(target.claims, room.name)
+        target.abort(CloseCode.KICKED, f"kicked from room {room.name!r} by {by}")
+        log.info(
+            "member %s (%s) kicked from %s by %s", member_id, target.claims.subject, room.name, by
+        )
+        return True
+
+    async def shutdown(self) -> None:
+        members = [m for r in self.rooms.values() for m in r.members.values()]
+        await asyncio.gather(
+            *(close_ws(m.ws, 1001, "server shutting down") for m in members),
+            return_exceptions=True,
+        )
+        for room in self.rooms.values():
+            room.cancel_cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

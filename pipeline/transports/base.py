@@ -1,0 +1,158 @@
+"""The abstract transport: how pose packets and control messages leave and arrive.
+
+A transport connects one member to a room. It sends pose packets
+(:meth:`Transport.send`) and JSON control messages
+(:meth:`Transport.send_control`), and yields what arrives
+(:meth:`Transport.recv` or ``async for``): :class:`Packet` (another member's
+pose packet), :class:`Control` (acks, keyframe requests, presence,
+broadcasts...) and :class:`StateChange` (connected, disconnected, resumed).
+
+Error vocabulary (like trio's):
+
+* :class:`TransportClosed`: *you* closed this transport, then used it.
+* :class:`TransportBroken`: the other side refused or dropped us for good
+  (``code``/``reason`` from the server's close-code table); a token refusal
+  is raised as :class:`~pipeline.errors.TokenError` instead.
+* :class:`~pipeline.errors.TransportError` (their base): could not connect.
+
+A transport never blocks the caller on a reconnect: while it is
+disconnected, :meth:`Transport.send` drops the packet and counts it in
+``send_failures``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from pipeline.errors import TransportError
+
+
+class TransportClosed(TransportError):
+    """This transport was closed by its owner."""
+
+
+class TransportBroken(TransportError):
+    """The server closed the connection for good (``code``, ``reason``)."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """A pose packet from another member."""
+
+    data: bytes
+    received_ns: int
+    """Local wall clock (``time.time_ns()``) when it arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control message (``type`` and the whole JSON object in ``body``)."""
+
+    type: str
+    body: Mapping[str, Any]
+    received_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """The connection went up or down."""
+
+    connected: bool
+    code: int | None = None
+    """Close code when going down (None when unknown)."""
+    reason: str = ""
+    resumed: bool = False
+    """When going up: the server kept our member id."""
+
+
+Received = Packet | Control | StateChange
+
+
+@dataclass
+class TransportStatistics:
+    """What a transport measured so far (the transport policy reads these)."""
+
+    kind: str
+    connected: bool = False
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    send_failures: int = 0
+    """Packets that could not be sent (disconnected or broken)."""
+    packets_received: int = 0
+    bytes_received: int = 0
+    controls_received: int = 0
+    dropped_received: int = 0
+    """Received items dropped because the consumer did not keep up (oldest first)."""
+    acks: int = 0
+    ack_rtt_ms: float | None = None
+    """Median send->ack round trip over the recent window."""
+    send_ms: float | None = None
+    """Mean time spent in ``send`` over the recent window."""
+    buffered_bytes: int = 0
+    """Bytes written but not yet handed to the kernel."""
+    connects: int = 0
+    reconnects: int = 0
+    clock_offset_ns: int | None = None
+    """Server clock minus local clock (NTP-style, minimum-RTT ping sample)."""
+    clock_rtt_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Transport(abc.ABC):
+    """One member's connection to a room."""
+
+    kind: ClassVar[str] = "abstract"
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and join; raise :class:`TransportError` or :class:`TokenError` on refusal."""
+
+    @abc.abstractmethod
+    async def send(self, packet: bytes) -> None:
+        """Send one pose packet (never waits for a reconnect)."""
+
+    @abc.abstractmethod
+    async def send_control(self, message: Mapping[str, Any]) -> None:
+        """Send one control message (a JSON object with a ``type``)."""
+
+    @abc.abstractmethod
+    async def recv(self) -> Received:
+        """The next received item; raises once closed or broken and drained."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave and release everything (idempotent)."""
+
+    @abc.abstractmethod
+    def statistics(self) -> TransportStatistics: ...
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool: ...
+
+    def __aiter__(self) -> Transport:
+        return self
+
+    async def __anext__(self) -> Received:
+        try:
+            return await self.recv()
+        except TransportClosed:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Transport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

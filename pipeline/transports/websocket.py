@@ -1,0 +1,604 @@
+"""WebSocket transport: a room member over the server's ``/ws`` endpoint.
+
+Used by the transmit stage (publish) and by every receiver (subscribe). It
+joins with its token, keeps the member id the server gives it, measures its
+clock offset to the server (NTP-style ping exchange, minimum-RTT sample) and,
+when the connection drops for a reason worth retrying (network, server
+restart, rate limit...), reconnects with capped exponential backoff (plus
+jitter) and resumes its membership (``resume`` = the old member id). A
+refusal that retrying cannot fix (token refused, kicked, room closed, bad
+packets) ends it: the next :meth:`send`/:meth:`recv` raises
+:class:`~pipeline.errors.TokenError` or :class:`TransportBroken`.
+
+Publishers: every accepted packet is acknowledged by the server
+(``Control(type="ack", body={"stream_id", "seq"})``); the server asks for a
+keyframe with ``Control(type="keyframe_request")``. After a reconnect
+(``StateChange(connected=True)``) the encoder should send a keyframe.
+
+The wire messages and close codes are documented in :mod:`pipeline.server.app`
+and :mod:`pipeline.server.limits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import random
+import statistics as pystats
+import termios
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from pipeline.config import TransmitConfig
+from pipeline.errors import TokenError, TransportError
+from pipeline.server.limits import TOKEN_REASONS, close_code
+from pipeline.transports.base import (
+    Control,
+    Packet,
+    Received,
+    StateChange,
+    Transport,
+    TransportBroken,
+    TransportClosed,
+    TransportStatistics,
+)
+
+log = logging.getLogger("posewire.transport.websocket")
+
+_RETRY_CLOSE = frozenset({1000, 1001, 1006, 1011, 1012, 1013, 1014})
+_WINDOW = 128
+
+
+def ws_url(url: str) -> str:
+    """``http(s)://host:port[/ws]`` or ``ws(s)://...`` -> the member WebSocket URL."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise TransportError(f"server URL must be http(s):// or ws(s)://host:port, got {url!r}")
+    path = parts.path.rstrip("/")
+    if not path:
+        path = "/ws"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class _Fatal(Exception):
+    def __init__(self, error: TransportError | TokenError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+class _Retry(Exception):
+    pass
+
+
+class WebSocketTransport(Transport):
+    """A member of one room over a WebSocket (see the module docstring)."""
+
+    kind = "websocket"
+
+    def __init__(
+        self,
+        url: str,
+        room: str,
+        token: str,
+        *,
+        publish: bool = False,
+        subscribe: bool = True,
+        name: str | None = None,
+        reconnect_initial_s: float = 0.05,
+        reconnect_max_s: float = 1.0,
+        connect_timeout_s: float = 5.0,
+        recv_queue: int = 4096,
+        clock_samples: int = 8,
+        clock_interval_s: float = 5.0,
+        heartbeat_s: float = 10.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.url = ws_url(url)
+        self.room = room
+        self._token = token
+        self.publish = publish
+        self.subscribe = subscribe
+        self.name = name
+        self.reconnect_initial_s = reconnect_initial_s
+        self.reconnect_max_s = reconnect_max_s
+        self.connect_timeout_s = connect_timeout_s
+        self.clock_samples = clock_samples
+        self.clock_interval_s = clock_interval_s
+        self.heartbeat_s = heartbeat_s
+        self.max_message_bytes = max_message_bytes
+        self._session = session
+        self._own_session = session is None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._clock_task: asyncio.Task[None] | None = None
+        self._queue: deque[Received] = deque()
+        self._queue_max = recv_queue
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._fatal: TransportError | TokenError | None = None
+        self._last_error: dict[str, Any] | None = None
+        self._pings: dict[int, asyncio.Future[tuple[int, int, int, int]]] = {}
+        self._ping_id = 0
+        self._clock: deque[tuple[int, int]] = deque(maxlen=32)  # (rtt_ns, offset_ns)
+        self._sent_at: deque[int] = deque()
+        self._ack_rtts: deque[float] = deque(maxlen=_WINDOW)
+        self._send_times: deque[float] = deque(maxlen=_WINDOW)
+        self._stats = TransportStatistics(kind=self.kind)
+        self.member_id: str | None = None
+        self.members: dict[str, dict[str, Any]] = {}
+        self.welcome: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: TransmitConfig,
+        token: str,
+        *,
+        publish: bool = True,
+        subscribe: bool = False,
+        name: str | None = None,
+    ) -> WebSocketTransport:
+        """A transport for the transmit stage from the ``transmit`` config section."""
+        return cls(
+            cfg.server_url,
+            cfg.room,
+            token,
+            publish=publish,
+            subscribe=subscribe,
+            name=name,
+            reconnect_initial_s=cfg.reconnect_initial_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    @property
+    def clock_offset_ns(self) -> int | None:
+        """Server clock minus local clock from the minimum-RTT sample, or None."""
+        if not self._clock:
+            return None
+        return min(self._clock)[1]
+
+    @property
+    def clock_rtt_ns(self) -> int | None:
+        if not self._clock:
+            return None
+        return min(self._clock)[0]
+
+    def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
+        """The member record publishing ``stream_id``, if known."""
+        for m in self.members.values():
+            if stream_id in m.get("streams", ()):
+                return m
+        return None
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport was closed")
+        if self._run_task is not None:
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        deadline = time.monotonic() + self.connect_timeout_s
+        delay = self.reconnect_initial_s
+        last: BaseException | None = None
+        while True:
+            try:
+                ws = await self._open(max(deadline - time.monotonic(), 0.05))
+                break
+            except _Fatal as exc:
+                await self._close_session()
+                raise exc.error from None
+            except _Retry as exc:
+                last = exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._close_session()
+                raise TransportError(f"cannot connect to {self.url}: {last}") from None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, self.reconnect_max_s)
+        self._stats.connects += 1
+        self._attach(ws)
+        self._run_task = asyncio.get_running_loop().create_task(
+            self._run(ws), name="posewire-ws-transport"
+        )
+        await self._initial_clock(ws)
+
+    async def send(self, packet: bytes) -> None:
+        self._check()
+        ws = self._ws
+        if ws is None or ws.closed:
+            self._stats.send_failures += 1
+            return
+        t0 = time.perf_counter()
+        try:
+            await ws.send_bytes(packet)
+        except ConnectionError:
+            self._stats.send_failures += 1
+            return
+        self._send_times.append((time.perf_counter() - t0) * 1000.0)
+        if self.publish:
+            self._sent_at.append(time.monotonic_ns())
+            if len(self._sent_at) > 4096:
+                self._sent_at.popleft()
+        self._stats.packets_sent += 1
+        self._stats.bytes_sent += len(packet)
+
+    async def send_control(self, message: Mapping[str, Any]) -> None:
+        self._check()
+        ws = self._ws
+        if ws is None or ws.closed:
+            self._stats.send_failures += 1
+            return
+        try:
+            await ws.send_str(json.dumps(message, separators=(",", ":")))
+        except ConnectionError:
+            self._stats.send_failures += 1
+
+    async def request_keyframe(self, stream_id: int) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
+        await self.send_control({"type": "keyframe_request", "stream_id": stream_id})
+
+    async def recv(self) -> Received:
+        while not self._queue:
+            if self._closed:
+                raise TransportClosed("transport was closed")
+            if self._fatal is not None:
+                raise self._fatal
+            self._wake.clear()
+            await self._wake.wait()
+        return self._queue.popleft()
+
+    def recv_nowait(self) -> Received | None:
+        """The next received item, or None when nothing is waiting."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._fatal is not None:
+            raise self._fatal
+        return None
+
+    @property
+    def error(self) -> TransportError | TokenError | None:
+        """The fatal error that ended this transport, if any."""
+        return self._fatal
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(ConnectionError):
+                await ws.send_str('{"type":"leave"}')
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await ws.close()
+        for task in (self._clock_task, self._run_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._run_task = None
+        self._clock_task = None
+        for fut in self._pings.values():
+            fut.cancel()
+        self._pings.clear()
+        await self._close_session()
+
+    def statistics(self) -> TransportStatistics:
+        s = self._stats
+        s.connected = self.connected
+        s.ack_rtt_ms = pystats.median(self._ack_rtts) if self._ack_rtts else None
+        s.send_ms = pystats.fmean(self._send_times) if self._send_times else None
+        s.clock_offset_ns = self.clock_offset_ns
+        rtt = self.clock_rtt_ns
+        s.clock_rtt_ms = rtt / 1e6 if rtt is not None else None
+        s.buffered_bytes = self._kernel_buffered()
+        s.extra = {"member_id": self.member_id, "members": len(self.members)}
+        return TransportStatistics(**s.as_dict())
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport was closed")
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _kernel_buffered(self) -> int:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return 0
+        sock = ws.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            buf = bytearray(4)
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+            return int.from_bytes(buf, "little")
+        except (OSError, ValueError):
+            return 0
+
+    async def _close_session(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _put(self, item: Received) -> None:
+        q = self._queue
+        if len(q) >= self._queue_max:
+            for i, old in enumerate(q):
+                if isinstance(old, Packet):
+                    del q[i]
+                    break
+            else:
+                q.popleft()
+            self._stats.dropped_received += 1
+        q.append(item)
+        self._wake.set()
+
+    def _join_message(self) -> str:
+        msg: dict[str, Any] = {
+            "type": "join",
+            "token": self._token,
+            "room": self.room,
+            "publish": self.publish,
+            "subscribe": self.subscribe,
+        }
+        if self.member_id is not None:
+            msg["resume"] = self.member_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return json.dumps(msg)
+
+    def _refusal(self, code: int | None, fallback: str) -> TransportError | TokenError | None:
+        """The error for a close code, or None when a retry may help."""
+        detail = self._last_error or {}
+        message = str(detail.get("message") or fallback)
+        if code is None or code in _RETRY_CLOSE:
+            return None
+        if code in TOKEN_REASONS:
+            return TokenError(
+                TOKEN_REASONS[code], f"token refused ({TOKEN_REASONS[code]}): {message}"
+            )
+        cc = close_code(code)
+        if cc is not None and cc.retryable:
+            return None
+        reason = cc.reason if cc is not None else str(detail.get("reason") or code)
+        return TransportBroken(code, reason, f"server closed the connection ({reason}): {message}")
+
+    async def _open(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
+        """Connect, join and read the welcome; raise _Retry or _Fatal."""
+        assert self._session is not None
+        self._last_error = None
+        try:
+            ws = await self._session.ws_connect(
+                self.url,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+                heartbeat=self.heartbeat_s,
+                max_msg_size=self.max_message_bytes,
+                compress=0,
+                autoping=True,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (502, 503, 504):
+                raise _Retry(f"HTTP {exc.status} {exc.message}") from exc
+            raise _Fatal(
+                TransportError(f"{self.url} is not a posewire server: HTTP {exc.status}")
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _Retry(str(exc) or type(exc).__name__) from exc
+        try:
+            await ws.send_str(self._join_message())
+            async with asyncio.timeout(max(timeout, 1.0)):
+                while True:
+                    msg = await ws.receive()
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        obj = json.loads(msg.data)
+                        if obj.get("type") == "welcome":
+                            self._on_welcome(obj)
+                            return ws
+                        if obj.get("type") == "error":
+                            self._last_error = obj
+                        continue
+                    if msg.type in (
+                        aiohttp.WSMsgType.CLOSE,
+                        aiohttp.WSMsgType.CLOSING,
+                        aiohttp.WSMsgType.CLOSED,
+                        aiohttp.WSMsgType.ERROR,
+                    ):
+                        code = ws.close_code
+                        err = self._refusal(code, f"closed with code {code}")
+                        if err is not None:
+                            raise _Fatal(err)
+                        raise _Retry(f"closed during join (code {code})")
+        except (TimeoutError, ConnectionError, ValueError) as exc:
+            await ws.close()
+            raise _Retry(f"join failed: {exc or type(exc).__name__}") from exc
+        except BaseException:
+            await ws.close()
+            raise
+
+    def _on_welcome(self, obj: dict[str, Any]) -> None:
+        self.welcome = obj
+        self.member_id = str(obj.get("member_id"))
+        self.members = {
+            str(m["id"]): m for m in obj.get("members", []) if isinstance(m, dict) and "id" in m
+        }
+
+    def _attach(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._sent_at.clear()
+        self._clock_task = asyncio.get_running_loop().create_task(
+            self._clock_loop(ws), name="posewire-ws-clock"
+        )
+
+    async def _run(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Read until the connection ends; reconnect while that may help."""
+        while True:
+            code = await self._read(ws)
+            if self._clock_task is not None:
+                self._clock_task.cancel()
+            self._ws = None
+            if self._closed:
+                return
+            err = self._refusal(code, f"connection closed (code {code})")
+            self._put(StateChange(False, code, (self._last_error or {}).get("reason", "")))
+            if err is not None:
+                self._fatal = err
+                self._wake.set()
+                log.warning("%s", err)
+                return
+            log.info("connection to %s lost (code %s); reconnecting", self.url, code)
+            new = await self._reconnect()
+            if new is None:
+                return
+            ws = new
+
+    async def _reconnect(self) -> aiohttp.ClientWebSocketResponse | None:
+        delay = self.reconnect_initial_s
+        while not self._closed:
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            try:
+                ws = await self._open(max(self.connect_timeout_s, 1.0))
+            except _Fatal as exc:
+                self._fatal = exc.error
+                self._wake.set()
+                log.warning("%s", exc.error)
+                return None
+            except _Retry:
+                delay = min(delay * 2, self.reconnect_max_s)
+                continue
+            self._stats.reconnects += 1
+            self._stats.connects += 1
+            self._attach(ws)
+            self._put(StateChange(True, resumed=bool(self.welcome.get("resumed"))))
+            return ws
+        return None
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> int | None:
+        stats = self._stats
+        while True:
+            try:
+                msg = await ws.receive()
+            except (TimeoutError, ConnectionError):
+                return None
+            t = time.time_ns()
+            kind = msg.type
+            if kind == aiohttp.WSMsgType.BINARY:
+                stats.packets_received += 1
+                stats.bytes_received += len(msg.data)
+                self._put(Packet(msg.data, t))
+            elif kind == aiohttp.WSMsgType.TEXT:
+                try:
+                    obj = json.loads(msg.data)
+                except ValueError:
+                    log.warning("server sent invalid JSON; ignored")
+                    continue
+                if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+                    self._on_control(obj, t)
+            elif kind in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                return ws.close_code
+
+    def _on_control(self, obj: dict[str, Any], t: int) -> None:
+        kind = obj["type"]
+        self._stats.controls_received += 1
+        if kind == "pong":
+            fut = (
+                self._pings.pop(obj.get("id", -1), None) if isinstance(obj.get("id"), int) else None
+            )
+            t0, t1, t2 = obj.get("t0"), obj.get("t1"), obj.get("t2")
+            if (
+                fut is not None
+                and not fut.done()
+                and isinstance(t0, int)
+                and isinstance(t1, int)
+                and isinstance(t2, int)
+            ):
+                fut.set_result((t0, t1, t2, t))
+            return
+        if kind == "ack":
+            self._stats.acks += 1
+            if self._sent_at:
+                self._ack_rtts.append((time.monotonic_ns() - self._sent_at.popleft()) / 1e6)
+        elif kind == "presence":
+            member = obj.get("member")
+            if isinstance(member, dict) and "id" in member:
+                if obj.get("event") == "leave":
+                    self.members.pop(str(member["id"]), None)
+                else:
+                    self.members[str(member["id"])] = member
+        elif kind == "error":
+            self._last_error = obj
+        self._put(Control(kind, obj, t))
+
+    async def _ping(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int] | None:
+        """One ping exchange: (rtt_ns, offset_ns), or None on timeout."""
+        self._ping_id += 1
+        pid = self._ping_id
+        fut: asyncio.Future[tuple[int, int, int, int]] = asyncio.get_running_loop().create_future()
+        self._pings[pid] = fut
+        t0 = time.time_ns()
+        try:
+            await ws.send_str(f'{{"type":"ping","id":{pid},"t0":{t0}}}')
+            async with asyncio.timeout(2.0):
+                t0, t1, t2, t3 = await fut
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            self._pings.pop(pid, None)
+        rtt = (t3 - t0) - (t2 - t1)
+        offset = ((t1 - t0) + (t2 - t3)) // 2
+        sample = (max(rtt, 0), offset)
+        self._clock.append(sample)
+        return sample
+
+    async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        for _ in range(self.clock_samples):
+            if ws.closed or await self._ping(ws) is None:
+                break
+        await self._report_clock()
+
+    async def _report_clock(self) -> None:
+        off, rtt = self.clock_offset_ns, self.clock_rtt_ns
+        if self.publish and off is not None and rtt is not None:
+            with contextlib.suppress(TransportError, TokenError):
+                await self.send_control({"type": "clock", "offset_ns": off, "rtt_ns": rtt})
+
+    async def _clock_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        first = True
+        while not ws.closed:
+            if first and self._stats.connects > 1:
+                # after a reconnect: refresh the estimate against the (maybe new) server
+                self._clock.clear()
+                for _ in range(self.clock_samples):
+                    if await self._ping(ws) is None:
+                        break
+                await self._report_clock()
+            first = False
+            await asyncio.sleep(self.clock_interval_s)
+            before = self.clock_offset_ns
+            await self._ping(ws)
+            if self.clock_offset_ns != before:
+                await self._report_clock()

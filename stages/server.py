@@ -1,0 +1,64 @@
+"""The embedded room server stage (``server.embedded: true``).
+
+Runs :func:`pipeline.server.app.serve` inside a supervised process, on
+``server.host``/``server.port``. It ticks the supervisor from a periodic task,
+publishes the server's counters as stage metrics, and on an orderly stop
+closes every member (1001, they reconnect elsewhere or later) and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from pipeline.server.app import STATE, create_app, serve
+from pipeline.stage import StageContext
+
+TICK_S = 0.1
+
+
+def run(ctx: StageContext) -> int:
+    return asyncio.run(_main(ctx))
+
+
+async def _main(ctx: StageContext) -> int:
+    cfg = ctx.config.server
+    app = create_app(cfg, host=cfg.host)
+    state = app[STATE]
+    stop = asyncio.Event()
+
+    def ready(host: str, port: int) -> None:
+        ctx.log.info("room server listening on http://%s:%d", host, port)
+        ctx.metrics["port"] = float(port)
+
+    async def ticker() -> None:
+        while True:
+            ctx.tick()
+            m = state.metrics
+            ctx.metrics.update(
+                {
+                    "rooms": float(len(state.manager.rooms)),
+                    "members": float(state.manager.members),
+                    "connections": float(state.manager.connections),
+                    "messages_in_total": float(m.messages_in),
+                    "messages_out_total": float(m.messages_out),
+                    "packets_in_total": float(m.packets_in),
+                    "packets_out_total": float(m.packets_out),
+                    "drops_total": float(m.drops),
+                    "rejections_total": float(sum(m.rejections.values())),
+                }
+            )
+            if ctx.stopping:
+                stop.set()
+                return
+            await asyncio.sleep(TICK_S)
+
+    tick_task = asyncio.get_running_loop().create_task(ticker(), name="posewire-server-tick")
+    try:
+        await serve(cfg, host=cfg.host, port=cfg.port, ready_cb=ready, stop=stop, app=app)
+    finally:
+        tick_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tick_task
+    ctx.log.info("room server stopped")
+    return 0
