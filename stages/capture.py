@@ -556,45 +556,55 @@ class _Event:
 
 
 class _Mailbox:
-    """Frames (bounded) and events (unbounded) from the reader to the main thread."""
+    """Frames (bounded) and events from the reader to the main thread, in order.
+
+    An "end" or "error" event comes after the frames read before it, so no
+    frame is lost at the end of a file.
+    """
 
     def __init__(self, capacity: int, drop_oldest: bool) -> None:
         self.capacity = capacity
         self.drop_oldest = drop_oldest
-        self.frames: collections.deque[Captured] = collections.deque()
-        self.events: collections.deque[_Event] = collections.deque()
+        self.items: collections.deque[Captured | _Event] = collections.deque()
+        self.nframes = 0
         self.dropped = 0
         self.cond = threading.Condition()
 
     def put_frame(self, item: Captured, stop: threading.Event) -> bool:
         """Deliver a frame; blocks while full unless ``drop_oldest``. False if stopped."""
         with self.cond:
-            while len(self.frames) >= self.capacity:
+            while self.nframes >= self.capacity:
                 if self.drop_oldest:
-                    self.frames.popleft()
+                    for old in self.items:
+                        if isinstance(old, Captured):
+                            self.items.remove(old)
+                            break
+                    self.nframes -= 1
                     self.dropped += 1
                     break
                 if stop.is_set():
                     return False
                 self.cond.wait(0.1)
-            self.frames.append(item)
+            self.items.append(item)
+            self.nframes += 1
             self.cond.notify_all()
             return True
 
     def put_event(self, event: _Event) -> None:
         with self.cond:
-            self.events.append(event)
+            self.items.append(event)
             self.cond.notify_all()
 
     def get(self, timeout: float, take_frames: bool) -> _Event | Captured | None:
+        """The next item; with ``take_frames=False`` only an event at the head."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
-                if self.events:
-                    return self.events.popleft()
-                if take_frames and self.frames:
-                    item = self.frames.popleft()
-                    self.cond.notify_all()
+                if self.items and (take_frames or isinstance(self.items[0], _Event)):
+                    item = self.items.popleft()
+                    if isinstance(item, Captured):
+                        self.nframes -= 1
+                        self.cond.notify_all()
                     return item
                 left = deadline - time.monotonic()
                 if left <= 0:

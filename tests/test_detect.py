@@ -1,0 +1,394 @@
+"""The detect stage with the real MediaPipe model on real images, and the trace backend.
+
+Reference values (recorded once on ``skimage.data.astronaut()``, 512x512,
+MediaPipe 0.10.21 full model, static image mode) are in :data:`ASTRONAUT`;
+the tolerance is 0.02 in normalised units (about 10 px).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.config import DetectBackend, DetectConfig, parse_config
+from pipeline.errors import ConfigError, WouldBlock
+from pipeline.frame import FrameBuffer, end_of_stream_payload
+from pipeline.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
+from stages import detect
+from stages.capture import DemoSource
+from stages.detect import (
+    MediaPipeDetector,
+    PoseTrace,
+    TasksDetector,
+    TraceDetector,
+    check_model_complexity,
+    create_detector,
+    draw_pose,
+    iter_video,
+)
+from tests.test_capture import RGB, StageRings, config, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACE = TRACES / "cmu02_05_punch_strike.npz"
+needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+
+#: landmark -> (x, y) recorded on the astronaut photo (static image mode)
+ASTRONAUT = {
+    0: (0.435, 0.250),  # nose
+    11: (0.598, 0.501),  # left shoulder
+    12: (0.220, 0.469),  # right shoulder
+    23: (0.472, 0.980),  # left hip (at the photo's bottom edge: low visibility)
+    24: (0.251, 1.038),  # right hip (below the edge)
+}
+TOL = 0.02
+MP_MODULES = Path(cv2.__file__).parents[1] / "mediapipe" / "modules"
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> RGB:
+    import skimage.data
+
+    return np.ascontiguousarray(skimage.data.astronaut(), np.uint8)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def still() -> Iterator[MediaPipeDetector]:
+    det = MediaPipeDetector(DetectConfig(), static_image_mode=True)  # type: ignore[call-arg]
+    yield det
+    det.close()
+
+
+# --------------------------------------------------------------------------- mediapipe
+
+
+def test_astronaut_landmarks_where_recorded(astronaut: RGB, still: MediaPipeDetector) -> None:
+    t0 = time.time_ns()
+    pose = still.detect(astronaut, 7, t0)
+    assert pose.seq == 7 and pose.capture_ts_ns == t0
+    assert t0 <= pose.detect_start_ns <= pose.detect_end_ns <= time.time_ns()
+    assert pose.num_poses == 1 and pose.image.shape == (1, NUM_LANDMARKS, 4)
+    assert pose.world is not None and pose.world.shape == (1, NUM_LANDMARKS, 3)
+    for i, (x, y) in ASTRONAUT.items():
+        got = pose.image[0, i, :2]
+        assert abs(got[0] - x) < TOL and abs(got[1] - y) < TOL, (LANDMARK_NAMES[i], got)
+    vis = pose.image[0, :, 3]
+    assert vis[[0, 11, 12]].min() > 0.9  # face and shoulders clearly seen
+    assert vis[[23, 24]].max() < 0.5  # hips at/below the edge: low visibility
+    # world landmarks are metres around the hips: a shoulder span of a few decimetres
+    span = float(np.linalg.norm(pose.world[0, 11] - pose.world[0, 12]))
+    assert 0.2 < span < 0.6
+    again = PoseFrame.from_bytes(pose.to_bytes())
+    assert np.array_equal(again.image, pose.image) and again.seq == 7
+
+
+def test_nobody_is_zero_poses_not_dropped(still: MediaPipeDetector) -> None:
+    pose = still.detect(np.full((240, 320, 3), 90, np.uint8), 3, 123)
+    assert pose.num_poses == 0 and not pose.present and pose.seq == 3
+    assert pose.detect_end_ns >= pose.detect_start_ns > 0
+    assert PoseFrame.from_bytes(pose.to_bytes()).num_poses == 0
+
+
+def test_video_of_a_known_translation_is_tracked(tmp_path: Path, astronaut: RGB) -> None:
+    # 480x360 canvas, the photo at 256 px; still, then 15 steps of (+8, +4) px, still again
+    photo = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    w, h = 480, 360
+
+    def frame(x: int, y: int) -> RGB:
+        c = np.full((h, w, 3), 60, np.uint8)
+        c[y : y + 256, x : x + 256] = photo
+        return c
+
+    path_xy = [(30, 20)] * 8 + [(30 + 8 * i, 20 + 4 * i) for i in range(1, 16)] + [(150, 80)] * 10
+    video = write_video(tmp_path / "moving.avi", [frame(x, y) for x, y in path_xy], fps=15)
+    det = create_detector(parse_config(""), video=True)
+    fps, frames = iter_video(video)
+    t0 = time.time_ns()
+    poses = [det.detect(mf.rgb, mf.index, t0 + round(mf.t_s * 1e9)) for mf in frames]
+    det.close()
+    assert fps == 15 and len(poses) == len(path_xy)
+    assert all(p.present for p in poses)
+    face_and_shoulders = list(range(13))
+    before = np.mean([p.image[0, face_and_shoulders, :2] for p in poses[4:8]], axis=0)
+    after = np.mean([p.image[0, face_and_shoulders, :2] for p in poses[-4:]], axis=0)
+    moved_px = (after - before) * [w, h]
+    expected = np.array([120.0, 60.0])
+    # tolerance: 5 px for the median landmark, 10 px for nose and left shoulder,
+    # 25 px for every face/shoulder landmark (the right shoulder wanders most)
+    assert np.all(np.abs(np.median(moved_px, axis=0) - expected) < 5), moved_px
+    for i in (0, 11):
+        assert np.all(np.abs(moved_px[i] - expected) < 10), (LANDMARK_NAMES[i], moved_px[i])
+    assert np.all(np.abs(moved_px - expected) < 25), moved_px
+
+
+def test_blank_video_yields_no_person_frames(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "blank.avi", [np.full((120, 160, 3), 30, np.uint8)] * 12)
+    det = create_detector(parse_config(""), video=True)
+    _, frames = iter_video(video)
+    poses = [det.detect(mf.rgb, mf.index, 0) for mf in frames]
+    det.close()
+    assert len(poses) == 12
+    assert [p.num_poses for p in poses] == [0] * 12
+    assert [p.seq for p in poses] == list(range(12))
+
+
+def test_demo_source_is_detected_in_most_frames() -> None:
+    demo = DemoSource(640, 360)
+    demo.open()
+    det = create_detector(parse_config(""), video=True)
+    noses = []
+    for n in range(0, 60, 3):  # 2 s of animation, every third frame
+        pose = det.detect(demo.render(n), n, 0)
+        if pose.present:
+            noses.append(pose.image[0, 0, :2].copy())
+    det.close()
+    assert len(noses) >= 16, f"person found in only {len(noses)} of 20 demo frames"
+    xs = [float(n[0]) for n in noses]
+    assert max(xs) - min(xs) > 0.1  # the body moves across the canvas
+
+
+def test_unbundled_model_complexity_is_refused_clearly() -> None:
+    assert check_model_complexity(1).is_file()
+    cases: tuple[tuple[Literal[0, 1, 2], str], ...] = ((0, "lite"), (2, "heavy"))
+    for complexity, name in cases:
+        if (MP_MODULES / f"pose_landmark/pose_landmark_{name}.tflite").exists():
+            continue  # bundled in this wheel after all: accepted
+        with pytest.raises(ConfigError, match=rf"{complexity} \({name}\) is not bundled"):
+            MediaPipeDetector(DetectConfig(model_complexity=complexity))  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_tasks_backend_refuses_bad_model_files(tmp_path: Path) -> None:
+    cfg = DetectConfig(backend=DetectBackend.TASKS, task_model=tmp_path / "x.task", num_poses=2)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="task model not found"):
+        TasksDetector(tmp_path / "missing.task", cfg)
+    junk = tmp_path / "junk.task"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ConfigError, match=r"not a MediaPipe \.task bundle"):
+        TasksDetector(junk, cfg)
+    other = tmp_path / "other.task"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(ConfigError, match=r"lacks pose_detector\.tflite"):
+        TasksDetector(other, cfg)
+    # The members a PoseLandmarker bundle needs, from the models in the wheel: they lack
+    # the Tasks metadata, so MediaPipe itself refuses them; the error says so.
+    fake = tmp_path / "fake.task"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.write(MP_MODULES / "pose_detection/pose_detection.tflite", "pose_detector.tflite")
+        z.write(
+            MP_MODULES / "pose_landmark/pose_landmark_full.tflite",
+            "pose_landmarks_detector.tflite",
+        )
+    with pytest.raises(ConfigError, match=r"MediaPipe cannot load .*fake\.task"):
+        TasksDetector(fake, cfg)
+
+
+# --------------------------------------------------------------------------- trace
+
+
+@needs_trace
+def test_trace_replays_at_its_fps() -> None:
+    trace = PoseTrace.load(TRACE)
+    assert trace.fps == 30 and trace.image.shape[1:] == (33, 4) and trace.world is not None
+    det = TraceDetector(trace, loop=True)
+    t0 = 1_000_000_000_000
+    frame = np.zeros((1, 1, 3), np.uint8)
+    # a 30 fps source sees every trace frame; a 15 fps source every second one
+    for i in range(5):
+        pose = det.detect(frame, i, t0 + round(i * 1e9 / 30))
+        assert np.array_equal(pose.image[0], trace.image[i]) and pose.seq == i
+        assert pose.world is not None and np.array_equal(pose.world[0], trace.world[i])
+    det15 = TraceDetector(trace, loop=True)
+    got = [det15.detect(frame, i, t0 + round(i * 1e9 / 15)).image[0] for i in range(4)]
+    assert all(np.array_equal(g, trace.image[2 * i]) for i, g in enumerate(got))
+    # looping wraps around; a non-looping trace finishes with "no person"
+    assert det.index_at(trace.frames / trace.fps) == 0
+    once = TraceDetector(trace, loop=False)
+    once.detect(frame, 0, t0)
+    end = once.detect(frame, 1, t0 + round((trace.frames + 1) / trace.fps * 1e9))
+    assert once.finished and end.num_poses == 0
+
+
+def test_bad_trace_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trace file not found"):
+        PoseTrace.load(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match=r"cannot read .*junk\.npz"):
+        PoseTrace.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "nofps.npz", image=np.zeros((3, 33, 4), np.float32))
+    with pytest.raises(ConfigError, match="no fps"):
+        PoseTrace.load(tmp_path / "nofps.npz")
+    np.savez(tmp_path / "shape.npz", image=np.zeros((3, 17, 4), np.float32), fps=30.0)
+    with pytest.raises(ConfigError, match=r"image must be \[T, 33, 4\]"):
+        PoseTrace.load(tmp_path / "shape.npz")
+
+
+@needs_trace
+def test_trace_stage_replays_into_the_poses_ring(tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"detect: {{backend: trace, trace: '{TRACE}', trace_loop: false}}")
+    rings = StageRings(tmp_path, cfg, frames=False)
+    out: list[int] = []
+    try:
+        ctx = rings.context("detect")
+        th = threading.Thread(target=lambda: out.append(detect.run(ctx)))
+        th.start()
+        poses = rings.rings["poses"]
+        got: list[PoseFrame] = []
+        while len(got) < 12:
+            try:
+                item = poses.recv(timeout=2)
+            except WouldBlock:
+                raise AssertionError("no poses from the trace replay") from None
+            pose = PoseFrame.from_bytes(item.data)
+            assert item.meta == pose.seq == item.seq and item.ts_ns == pose.capture_ts_ns
+            got.append(pose)
+        ctx.stopping = True
+        th.join(5)
+        assert out == [0]
+        trace = PoseTrace.load(TRACE)
+        assert all(np.array_equal(p.image[0], trace.image[i]) for i, p in enumerate(got))
+        assert [p.seq for p in got] == list(range(1, 13))
+        span_s = (got[-1].capture_ts_ns - got[0].capture_ts_ns) / 1e9
+        assert span_s >= 11 / trace.fps * 0.9, f"12 frames at 30 fps need 0.37 s: {span_s:.3f}"
+        assert ctx.metrics["frames_replayed_total"] >= 12
+    finally:
+        rings.close()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_detect_stage_latest_wins_no_person_and_end_of_stream(
+    tmp_path: Path, astronaut: RGB
+) -> None:
+    cfg = config(tmp_path, "rings: {max_frame_width: 640, max_frame_height: 512}")
+    rings = StageRings(tmp_path, cfg)
+    frames, poses = rings.rings["frames"], rings.rings["poses"]
+    buf = FrameBuffer(640, 512)
+    blank = np.full((240, 320, 3), 80, np.uint8)
+    out: list[int] = []
+    try:
+        # five frames before detection starts: only the newest (an astronaut) is detected
+        stamps = []
+        for i in range(5):
+            stamps.append(time.time_ns())
+            frames.send(buf.pack(blank if i < 4 else astronaut), ts_ns=stamps[-1])
+        ctx = rings.context("detect")
+        th = threading.Thread(target=lambda: out.append(detect.run(ctx)))
+        th.start()
+        first = poses.recv(timeout=30)
+        pose = PoseFrame.from_bytes(first.data)
+        assert (first.meta, pose.seq, first.ts_ns, pose.capture_ts_ns) == (5, 5, *stamps[-1:] * 2)
+        assert pose.present and abs(pose.image[0, 0, 0] - ASTRONAUT[0][0]) < 0.05
+        assert frames.statistics().skipped == 4
+        # nobody in the frame: still a record, with 0 poses
+        ts = time.time_ns()
+        frames.send(buf.pack(blank), ts_ns=ts)
+        second = poses.recv(timeout=30)
+        assert second.meta == 6 and PoseFrame.from_bytes(second.data).num_poses == 0
+        frames.send(end_of_stream_payload(), ts_ns=time.time_ns())
+        th.join(10)
+        assert out == [0]
+        m = ctx.metrics
+        assert m["frames_detected_total"] == 2 and m["frames_no_person_total"] == 1
+        assert m["frames_skipped"] == 4 and m["last_seq"] == 6
+        assert 0 < m["detect_ms_p50"] <= m["detect_ms_p95"]
+        with pytest.raises(WouldBlock):
+            poses.recv(timeout=0)
+    finally:
+        rings.close()
+
+
+# --------------------------------------------------------------------------- detect command
+
+
+@pytest.fixture(scope="module")
+def astronaut_png(tmp_path_factory: pytest.TempPathFactory, astronaut: RGB) -> Path:
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    cv2.imwrite(str(path), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_detect_command_json_and_png_overlay(
+    tmp_path: Path, astronaut_png: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overlay = tmp_path / "out.png"
+    assert cli_main(["detect", str(astronaut_png), "--json", "--overlay", str(overlay)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (inp,) = doc["inputs"]
+    assert inp["kind"] == "image" and (inp["width"], inp["height"]) == (512, 512)
+    (person,) = inp["frames"][0]["poses"]
+    marks = person["landmarks"]
+    assert len(marks) == 33 and marks[0]["name"] == "nose"
+    assert abs(marks[0]["x"] - ASTRONAUT[0][0]) < TOL and abs(marks[0]["y"] - ASTRONAUT[0][1]) < TOL
+    assert len(person["world"]) == 33
+    assert overlay.stat().st_size > 0
+    drawn = cv2.imread(str(overlay))
+    assert drawn is not None and drawn.shape == (512, 512, 3)
+    original = cv2.imread(str(astronaut_png))
+    assert not np.array_equal(drawn, original)  # the skeleton is drawn
+
+
+def test_detect_command_video_overlay_and_text(
+    tmp_path: Path, astronaut: RGB, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small: RGB = np.asarray(cv2.resize(astronaut, (192, 192), interpolation=cv2.INTER_AREA))
+    video = write_video(
+        tmp_path / "v.avi", [small] * 6 + [np.zeros((192, 192, 3), np.uint8)] * 2, fps=10
+    )
+    overlay = tmp_path / "out.mp4"
+    assert cli_main(["detect", str(video), "--overlay", str(overlay)]) == 0
+    text = capsys.readouterr().out
+    assert "8 frames, person in 6" in text
+    assert overlay.stat().st_size > 0
+    fps, frames = iter_video(overlay)
+    assert fps == 10 and len(list(frames)) == 8
+
+
+def test_detect_command_bad_inputs(tmp_path: Path, astronaut_png: Path) -> None:
+    # a missing file: one precise line, exit 1, no traceback (a real process)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "detect", str(tmp_path / "missing.png")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"error: no such file: {tmp_path / 'missing.png'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(10_000))
+    assert cli_main(["detect", str(junk)]) == 1
+    assert cli_main(["detect", str(astronaut_png), "--overlay", str(tmp_path / "o.gif")]) == 2
+    both = [str(astronaut_png), str(astronaut_png)]
+    assert cli_main(["detect", *both, "--overlay", str(tmp_path / "o.png")]) == 1
+    bad_cfg = tmp_path / "trace.yaml"
+    bad_cfg.write_text(f"detect: {{backend: trace, trace: '{junk}'}}\n")
+    assert cli_main(["detect", str(astronaut_png), "--config", str(bad_cfg)]) == 2
+
+
+def test_draw_pose_draws_only_visible_landmarks(astronaut: RGB, still: MediaPipeDetector) -> None:
+    pose = still.detect(astronaut, 0, 0)
+    drawn = draw_pose(astronaut, pose)
+    assert drawn.shape == astronaut.shape and not np.array_equal(drawn, astronaut)
+    changed = np.any(drawn != astronaut, axis=2)
+    x, y = (pose.image[0, 0, :2] * 512).astype(int)  # the nose is visible: drawn on
+    assert changed[y - 2 : y + 3, x - 2 : x + 3].any()
+    assert np.array_equal(draw_pose(astronaut, PoseFrame(0, 0)), astronaut)
