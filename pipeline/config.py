@@ -161,6 +161,13 @@ class TransmitConfig(_Model):
     connect_timeout_s: float = Field(
         5.0, gt=0, le=600, description="WebSocket: give up the first connection after this long."
     )
+    max_bandwidth_kbps: float | None = Field(
+        None,
+        gt=0,
+        le=10_000_000,
+        description="Cap of the send rate in kbit/s (token bucket: packets wait); none: no cap. "
+        "Settable at run time with the set command (0 or null lifts it).",
+    )
 
 
 class AudioConfig(_Model):
@@ -260,6 +267,24 @@ class MonitorConfig(_Model):
     alert_switch_rate: float = Field(0.05, ge=0, le=1, description="Alert: transport switches.")
     alert_compression_ratio: float = Field(
         0.30, gt=0, le=1, description="Alert: bytes per frame over raw float32 above this."
+    )
+    alert_latency_percentile: Literal["p50", "p95", "p99"] = Field(
+        "p95", description="Alert: which capture-to-send percentile alert_latency_ms applies to."
+    )
+    alert_window_s: float = Field(
+        10.0, gt=0, le=3600, description="Window of the rate alerts (drops, switches, size)."
+    )
+    alert_hold_s: float = Field(
+        3.0,
+        ge=0,
+        le=3600,
+        description="An alert clears after staying under its threshold this long.",
+    )
+    sample_interval_s: float = Field(
+        1.0, ge=0.1, le=60, description="Sampling period: live status, /metrics, report series."
+    )
+    series_max_points: int = Field(
+        3600, ge=10, le=1_000_000, description="Report time series: at most this many points."
     )
 
 
