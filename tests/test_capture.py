@@ -10,11 +10,13 @@ from __future__ import annotations
 import http.server
 import itertools
 import logging
+import multiprocessing
 import os
 import socketserver
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import cv2
@@ -36,7 +38,7 @@ from pipeline.frame import (
     pack_frame_header,
 )
 from pipeline.ring import Ring, RingMode, segment_name
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, stage_main
 from stages import capture
 from stages.capture import (
     END,
@@ -120,24 +122,44 @@ class StageRings:
             for name, (size, slots, mode) in plan.items()
         }
         self.contexts: list[StageContext] = []
+        self.procs: list[BaseProcess] = []
 
-    def context(self, name: str) -> StageContext:
-        spec = StageSpec(
+    def spec(self, name: str, supervisor_pid: int) -> StageSpec:
+        """What the supervisor would give stage ``name`` (no control socket listens)."""
+        return StageSpec(
             name=name,
             module=f"stages.{name}",
             config=self.cfg,
             run_id=self.run_id,
             run_dir=self.run_dir,
             control_endpoint=f"ipc://{self.run_dir / 'control.sock'}",
-            supervisor_pid=os.getppid(),  # the heartbeat thread's orphan check passes
+            supervisor_pid=supervisor_pid,
             rings={n: segment_name(self.run_id, n) for n in self.rings},
         )
-        ctx = StageContext(spec, logging.getLogger(f"test.{name}"))
+
+    def context(self, name: str) -> StageContext:
+        """A context for running stage ``name`` in a thread of this process."""
+        # the heartbeat thread's orphan check compares with our parent: it passes
+        ctx = StageContext(self.spec(name, os.getppid()), logging.getLogger(f"test.{name}"))
         ctx.start()
         self.contexts.append(ctx)
         return ctx
 
+    def spawn(self, name: str) -> BaseProcess:
+        """Stage ``name`` in its own process, started the way the supervisor starts it."""
+        mp = multiprocessing.get_context("spawn")
+        proc = mp.Process(
+            target=stage_main, args=(self.spec(name, os.getpid()),), name=f"posewire:{name}"
+        )
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
     def close(self) -> None:
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.kill()
+            proc.join(5)
         for ctx in self.contexts:
             ctx.close()
         for ring in self.rings.values():

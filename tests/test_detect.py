@@ -7,8 +7,10 @@ the tolerance is 0.02 in normalised units (about 10 px).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -392,3 +394,151 @@ def test_draw_pose_draws_only_visible_landmarks(astronaut: RGB, still: MediaPipe
     x, y = (pose.image[0, 0, :2] * 512).astype(int)  # the nose is visible: drawn on
     assert changed[y - 2 : y + 3, x - 2 : x + 3].any()
     assert np.array_equal(draw_pose(astronaut, PoseFrame(0, 0)), astronaut)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def portrait_video(path: Path, astronaut: RGB, n: int = 30) -> Path:
+    """The astronaut in the top of a 300x400 frame, sliding sideways and back.
+
+    Portrait, so that the legs MediaPipe extrapolates below the photo stay
+    inside the range the pose codec accepts.
+    """
+    photo: RGB = np.asarray(cv2.resize(astronaut, (240, 240), interpolation=cv2.INTER_AREA))
+    frames = []
+    for i in range(n):
+        x = round(30 + 30 * np.sin(2 * np.pi * i / n))
+        canvas = np.full((400, 300, 3), 60, np.uint8)
+        canvas[:240, x : x + 240] = photo
+        frames.append(canvas)
+    return write_video(path, frames, fps=30)
+
+
+def test_latest_wins_with_real_processes(tmp_path: Path, astronaut: RGB) -> None:
+    """A source far faster than detection: detection takes the newest frame, the rest is
+    counted as skipped, and every frame taken gives exactly one pose record."""
+    portrait_video(tmp_path / "v.avi", astronaut)
+    cfg = config(
+        tmp_path,
+        "source: {kind: file, path: v.avi, loop: true, as_fast_as_possible: true}\n"
+        "rings: {max_frame_width: 320, max_frame_height: 400, poses: {slots: 1024}}",
+    )
+    rings = StageRings(tmp_path, cfg)
+    try:
+        detect_proc = rings.spawn("detect")
+        capture_proc = rings.spawn("capture")
+        poses = rings.rings["poses"]
+        got: list[PoseFrame] = []
+        deadline = time.monotonic() + 90
+        while len(got) < 40 and time.monotonic() < deadline:
+            try:
+                got.append(PoseFrame.from_bytes(poses.recv(timeout=1).data))
+            except WouldBlock:
+                assert capture_proc.exitcode is None and detect_proc.exitcode is None
+        assert len(got) == 40, "detection did not produce poses"
+        for proc in (capture_proc, detect_proc):  # orderly stop, upstream first
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.join(15)
+            assert proc.exitcode == 0
+        while True:
+            try:
+                got.append(PoseFrame.from_bytes(poses.recv(timeout=0).data))
+            except WouldBlock:
+                break
+        fs = rings.rings["frames"].statistics()
+    finally:
+        rings.close()
+    seqs = [p.seq for p in got]
+    assert all(b > a for a, b in itertools.pairwise(seqs)), "sequence went backwards"
+    assert len(got) == fs.read, "one pose record per frame taken, none lost"
+    assert fs.skipped > len(got), f"the source should outrun detection: {fs}"
+    # skipped equals the difference: the frames between the ones detected
+    gaps = seqs[0] - 1 + sum(b - a - 1 for a, b in itertools.pairwise(seqs))
+    trailing = fs.written - seqs[-1]
+    assert gaps + trailing == fs.skipped + fs.occupancy
+    assert sum(p.present for p in got) >= 0.9 * len(got)
+    # the frame taken is always the newest one: younger than one detection time
+    age_ms = [(p.detect_start_ns - p.capture_ts_ns) / 1e6 for p in got[5:]]
+    detect_ms = [(p.detect_end_ns - p.detect_start_ns) / 1e6 for p in got[5:]]
+    print(
+        f"captured {fs.written}, detected {len(got)}, skipped {fs.skipped}; "
+        f"frame age at detection p50 {np.median(age_ms):.1f} ms, "
+        f"detection p50 {np.median(detect_ms):.1f} ms"
+    )
+    assert np.median(age_ms) < np.median(detect_ms)
+
+
+def _pipeline_config(tmp_path: Path, astronaut: RGB) -> Path:
+    video = portrait_video(tmp_path / "v.avi", astronaut)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        f"""
+source: {{kind: file, path: {video}, loop: true}}
+transmit: {{primary: file, file: {tmp_path / "packets.bin"}}}
+supervisor:
+  run_dir: {tmp_path / "run"}
+  heartbeat_interval_ms: 100
+  heartbeat_timeout_ms: 3000
+  max_restarts: 10
+  period_s: 30
+monitor: {{enabled: false}}
+rings: {{max_frame_width: 320, max_frame_height: 400}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize("victim", ["capture", "detect"])
+def test_kill9_capture_or_detect_resumes_on_the_ring(
+    tmp_path: Path, astronaut: RGB, victim: str
+) -> None:
+    from tests.procutil import packet_seqs, shm_segments, stage_pids, start, stop, wait_for
+
+    run_id = f"k9{victim[:3]}{os.getpid()}"
+    report = tmp_path / "report.json"
+    proc = start(_pipeline_config(tmp_path, astronaut), "--run-id", run_id, "--report", str(report))
+    try:
+        assert wait_for(lambda: {"capture", "detect"} <= set(stage_pids(proc.pid)), 30)
+        packets = tmp_path / "packets.bin"
+        assert wait_for(lambda: len(packet_seqs(packets)) > 20, 60), "no packets flowing"
+        before = packet_seqs(packets)
+        old = stage_pids(proc.pid)[victim]
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: stage_pids(proc.pid).get(victim, old) != old, 5), "no restart"
+        assert wait_for(lambda: len(packet_seqs(packets)) > len(before) + 30, 60), "no resume"
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err[-3000:]
+    seqs = packet_seqs(packets)
+    assert all(b > a for a, b in itertools.pairwise(seqs)), "sequence numbers went backwards"
+    data = json.loads(report.read_text())
+    assert data["stages"][victim]["restarts"] == 1
+    assert data["frames"]["captured"] > seqs[-1] - 5  # the ring's counter went on
+    assert shm_segments(run_id) == []
+
+
+def test_pipeline_with_a_source_that_cannot_exist_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        f"source: {{kind: camera, device: 9}}\nsupervisor: {{run_dir: {tmp_path / 'run'}}}\n"
+        "monitor: {enabled: false}\n",
+        encoding="utf-8",
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "capture: no such camera: camera 9 (/dev/video9): /dev/video9 does not exist" in (
+        proc.stderr
+    )
+    assert "stages/capture.py" not in proc.stderr  # a message, not a traceback
+    print(f"bad source: exit 2 after {elapsed:.2f} s")
