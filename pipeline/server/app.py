@@ -144,14 +144,23 @@ class MemberSocket(web.WebSocketResponse):
     """A WebSocketResponse that closes oversized messages with 4009 instead of 1009."""
 
     too_large = False
+    max_message_bytes = 0
 
     async def close(
         self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
     ) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
             self.too_large = True
             code = CloseCode.MESSAGE_TOO_LARGE
             message = CloseCode.MESSAGE_TOO_LARGE.reason.encode()
+            error = {
+                "type": "error",
+                "code": int(code),
+                "reason": CloseCode.MESSAGE_TOO_LARGE.reason,
+                "message": f"message larger than {self.max_message_bytes} bytes",
+            }
+            with contextlib.suppress(ConnectionError):
+                await self.send_str(dumps(error))
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 return await super().close(code=code, message=message, drain=drain)
@@ -481,6 +490,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         compress=False,
         timeout=CLOSE_TIMEOUT_S,
     )
+    ws.max_message_bytes = cfg.max_message_bytes
     await ws.prepare(request)
     manager = state.manager
     manager.connections += 1
