@@ -51,6 +51,7 @@ import zmq
 from pipeline import control
 from pipeline.config import Config, DetectBackend
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
+from pipeline.monitor import Monitor, merge_report
 from pipeline.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
 
 log = logging.getLogger("posewire.supervisor")
@@ -146,6 +147,7 @@ class Supervisor:
         self._started_wall = 0.0
         self._cmd_id = 0
         self._owned_run_dir = False
+        self.monitor: Monitor | None = None  # performance monitor (issue 6)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -207,6 +209,14 @@ class Supervisor:
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self._router.bind(self.endpoint)
         self._poller.register(self._router, zmq.POLLIN)
+        # -- performance monitor (issue 6): /metrics, alerts, live status, report figures
+        self.monitor = Monitor(
+            self.cfg.monitor,
+            primary_transport=self.cfg.transmit.primary.value,
+            run_dir=self.run_dir,
+            run_id=self.run_id,
+        )
+        self.monitor.start()
 
     @property
     def endpoint(self) -> str:
@@ -306,6 +316,11 @@ class Supervisor:
                 self._finish(EXIT_OK, f"signal:{name}", f"stopped by {name}")
             elif deadline is not None and now >= deadline:
                 self._finish(EXIT_OK, "duration", f"ran for {self.duration_s:g} s")
+            if self.monitor is not None:  # issue 6: HTTP control requests; a sample ~1/s
+                for req in self.monitor.take_commands():
+                    req.resolve(self.command(req.stage, req.cmd, req.args))
+                if self.monitor.due(now):
+                    self.monitor.observe(self.stages, self.frames(), self.ring_stats(), now)
             if now >= next_status:
                 next_status = now + 5.0
                 log.info("%s", self.status_line())
@@ -500,6 +515,8 @@ class Supervisor:
                 st.proc = None
 
     def _cleanup(self) -> None:
+        if self.monitor is not None:  # issue 6
+            self.monitor.close()
         for ring in self.rings.values():
             with contextlib.suppress(RingError, OSError):
                 ring.close()
@@ -561,7 +578,7 @@ class Supervisor:
         return "status " + " ".join(parts)
 
     def report(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "run_id": self.run_id,
             "exit_reason": self.exit_reason,
             "exit_code": self.exit_code,
@@ -581,6 +598,9 @@ class Supervisor:
                 for name, st in self.stages.items()
             },
         }
+        if self.monitor is not None:  # issue 6: figures, alerts, time series
+            merge_report(out, self.monitor.report_section(self.stages, out["frames"], out["rings"]))
+        return out
 
     def _write_report(self) -> None:
         if self.report_path is None:
