@@ -65,7 +65,7 @@ import math
 import secrets
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import google_crc32c
 import numpy as np
@@ -116,10 +116,9 @@ class PacketHeader:
     seq: int
     """Sequence number of the frame (``PoseFrame.seq``)."""
     capture_ts_ns: int | None
-    """Wall-clock capture time in ns. Always set for keyframes; for a delta
-    packet ``peek_header`` cannot know it (it is coded relative to the
-    reference, see ``capture_ts_delta_ns``) and returns ``None``, while the
-    decoder fills it in."""
+    """Wall-clock capture time in ns. Always set for keyframes (exact). A delta packet
+    codes it relative to its reference (see ``ts_residual_us``), so ``peek_header``
+    returns ``None`` there and the decoder fills it in (within 0.5 us)."""
     ref_seq: int | None
     """Sequence number of the reference frame, ``None`` for a keyframe."""
     keyframe: bool
@@ -132,8 +131,9 @@ class PacketHeader:
     """Number of payload bytes."""
     version: int
     """Protocol version of the packet."""
-    capture_ts_delta_ns: int | None = None
-    """For a delta packet: ``capture_ts_ns`` minus the reference's; ``None`` for keyframes."""
+    ts_residual_us: int | None = None
+    """Delta packets: the coded timestamp field (microseconds since the reference's
+    capture minus the expected interval); ``None`` for keyframes."""
     header_len: int = 0
     """Bytes before the payload (the payload starts here)."""
     epoch: int = 0
@@ -166,6 +166,10 @@ def _unzigzag(value: int) -> int:
 
 def _get_varint(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
     """Read a canonical varint of at most 10 bytes at ``pos``; return (value, new pos)."""
+    if pos < end:
+        byte = buf[pos]
+        if byte < 0x80:  # fast path: one byte
+            return byte, pos + 1
     value = 0
     shift = 0
     start = pos
@@ -186,6 +190,9 @@ def _get_varint(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- header
 
+_TS_RESIDUAL_LIMIT = 2**62
+"""Bound of the microsecond timestamp residual of a delta packet."""
+
 
 def _write_header(
     out: bytearray,
@@ -195,21 +202,22 @@ def _write_header(
     keyframe: bool,
     has_world: bool,
     num_poses: int,
-    capture_ts_ns: int,
+    ts_field: int,
     ref_seq: int | None,
-    ref_ts_ns: int | None,
     payload_len: int,
     epoch: int = 0,
 ) -> None:
-    """Append a v1 header (everything up to the payload) to ``out``."""
+    """Append a v1 header (everything up to the payload) to ``out``.
+
+    ``ts_field`` is the capture time in ns for a keyframe, the signed microsecond
+    residual for a delta packet.
+    """
     if not 0 <= stream_id <= MAX_STREAM_ID:
         raise ProtocolError(f"stream id {stream_id} out of range 0..{MAX_STREAM_ID}")
     if not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"sequence number {seq} out of range 0..{MAX_SEQ}")
     if not 0 <= num_poses <= MAX_WIRE_POSES:
         raise ProtocolError(f"{num_poses} poses in one frame, at most {MAX_WIRE_POSES}")
-    if not -(2**63) <= capture_ts_ns < 2**63:
-        raise ProtocolError(f"capture timestamp {capture_ts_ns} does not fit int64")
     out.append((MAGIC_NIBBLE << 4) | PROTOCOL_VERSION)
     flags = (
         (num_poses << _POSES_SHIFT)
@@ -222,18 +230,19 @@ def _write_header(
     _put_varint(out, stream_id)
     _put_varint(out, seq)
     if keyframe:
-        out += _I64.pack(capture_ts_ns)
+        if not -(2**63) <= ts_field < 2**63:
+            raise ProtocolError(f"capture timestamp {ts_field} does not fit int64")
+        out += _I64.pack(ts_field)
     else:
-        if ref_seq is None or ref_ts_ns is None:
+        if ref_seq is None:
             raise ProtocolError("a delta packet needs a reference")
         delta = seq - ref_seq
         if not 1 <= delta <= MAX_REF_DELTA:
             raise ProtocolError(f"reference {ref_seq} is not 1..{MAX_REF_DELTA} before {seq}")
         _put_varint(out, delta)
-        ts_delta = capture_ts_ns - ref_ts_ns
-        if not -(2**63) <= ts_delta < 2**63:
-            raise ProtocolError("timestamp delta to the reference does not fit int64")
-        _put_varint(out, _zigzag(ts_delta))
+        if not -_TS_RESIDUAL_LIMIT < ts_field < _TS_RESIDUAL_LIMIT:
+            raise ProtocolError("capture timestamp too far from the reference's")
+        _put_varint(out, _zigzag(ts_field))
     _put_varint(out, payload_len)
 
 
@@ -247,24 +256,22 @@ def _finish_packet(out: bytearray) -> bytes:
     return bytes(out)
 
 
-def peek_header(packet: bytes | bytearray | memoryview) -> PacketHeader:
-    """Parse and validate a packet's header without decoding its payload.
-
-    Checks the magic, the version, the flags, every field's range, that the
-    payload length matches the packet length exactly, the size bound and the
-    CRC32C checksum. Raises :class:`UnsupportedVersionError` for a version
-    this build does not speak and :class:`ProtocolError` for anything else
-    wrong; never anything else, whatever ``packet`` holds.
-    """
+def _as_bytes(packet: object) -> bytes:
     if isinstance(packet, bytes):
-        buf = packet
-    elif isinstance(packet, bytearray | memoryview):
+        return packet
+    if isinstance(packet, bytearray | memoryview):
         try:
-            buf = bytes(packet)
+            return bytes(packet)
         except (TypeError, ValueError, BufferError) as exc:
             raise ProtocolError(f"packet is not a byte buffer: {exc}") from exc
-    else:
-        raise ProtocolError(f"packet must be bytes, not {type(packet).__name__}")
+    raise ProtocolError(f"packet must be bytes, not {type(packet).__name__}")
+
+
+def _parse_header(
+    buf: bytes,
+) -> tuple[int, int, int, int, int | None, int, int, int, int, int]:
+    """Validate a packet; return (version, flags, stream_id, seq, ref_seq, ts_field,
+    payload_start, payload_end, num_poses, epoch)."""
     n = len(buf)
     if n < MIN_PACKET_BYTES:
         raise ProtocolError(
@@ -288,71 +295,91 @@ def peek_header(packet: bytes | bytearray | memoryview) -> PacketHeader:
             f"{PROTOCOL_VERSION}"
         )
     end = n - CHECKSUM_BYTES
-    (crc,) = _U32.unpack_from(buf, end)
-    if crc != google_crc32c.value(buf[:end]):
+    if _U32.unpack_from(buf, end)[0] != google_crc32c.value(buf[:end]):
         raise ProtocolError("checksum mismatch: the packet is corrupt")
     flags = buf[pos]
     pos += 1
     num_poses = (flags >> _POSES_SHIFT) & _POSES_MASK
     if num_poses > MAX_WIRE_POSES:
         raise ProtocolError(f"{num_poses} poses in the flags, at most {MAX_WIRE_POSES}")
-    keyframe = bool(flags & FLAG_KEYFRAME)
-    has_world = bool(flags & FLAG_WORLD)
     stream_id, pos = _get_varint(buf, pos, end, "stream id")
     if stream_id > MAX_STREAM_ID:
         raise ProtocolError(f"stream id {stream_id} out of range")
     seq, pos = _get_varint(buf, pos, end, "sequence")
     if seq > MAX_SEQ:
         raise ProtocolError(f"sequence number {seq} out of range")
-    ts: int | None
-    ts_delta: int | None
     ref_seq: int | None
-    if keyframe:
+    if flags & FLAG_KEYFRAME:
         if pos + 8 > end:
             raise ProtocolError("packet truncated inside the timestamp field")
-        (ts,) = _I64.unpack_from(buf, pos)
+        ts_field = _I64.unpack_from(buf, pos)[0]
         pos += 8
         ref_seq = None
-        ts_delta = None
     else:
         ref_delta, pos = _get_varint(buf, pos, end, "reference")
         if not 1 <= ref_delta <= min(seq, MAX_REF_DELTA):
             raise ProtocolError(f"reference delta {ref_delta} invalid for sequence {seq}")
         ref_seq = seq - ref_delta
-        zz, pos = _get_varint(buf, pos, end, "timestamp delta")
-        ts_delta = _unzigzag(zz)
-        if not -(2**63) <= ts_delta < 2**63:
-            raise ProtocolError("timestamp delta out of range")
-        ts = None
+        zz, pos = _get_varint(buf, pos, end, "timestamp")
+        ts_field = _unzigzag(zz)
+        if not -_TS_RESIDUAL_LIMIT < ts_field < _TS_RESIDUAL_LIMIT:
+            raise ProtocolError("timestamp residual out of range")
     payload_len, pos = _get_varint(buf, pos, end, "payload length")
     if payload_len != end - pos:
         raise ProtocolError(
             f"payload length field says {payload_len} bytes, the packet holds {end - pos}"
         )
+    return (
+        version,
+        flags,
+        stream_id,
+        seq,
+        ref_seq,
+        ts_field,
+        pos,
+        end,
+        num_poses,
+        (flags >> _EPOCH_SHIFT) & _EPOCH_MASK,
+    )
+
+
+def peek_header(packet: bytes | bytearray | memoryview) -> PacketHeader:
+    """Parse and validate a packet's header without decoding its payload.
+
+    Checks the magic, the version, the flags, every field's range, that the
+    payload length matches the packet length exactly, the size bound and the
+    CRC32C checksum. Raises :class:`UnsupportedVersionError` for a version
+    this build does not speak and :class:`ProtocolError` for anything else
+    wrong; never anything else, whatever ``packet`` holds.
+    """
+    buf = _as_bytes(packet)
+    version, flags, sid, seq, ref_seq, ts_field, start, end, n, epoch = _parse_header(buf)
+    key = bool(flags & FLAG_KEYFRAME)
     return PacketHeader(
-        stream_id=stream_id,
+        stream_id=sid,
         seq=seq,
-        capture_ts_ns=ts,
+        capture_ts_ns=ts_field if key else None,
         ref_seq=ref_seq,
-        keyframe=keyframe,
-        has_world=has_world,
-        num_poses=num_poses,
-        payload_len=payload_len,
+        keyframe=key,
+        has_world=bool(flags & FLAG_WORLD),
+        num_poses=n,
+        payload_len=end - start,
         version=version,
-        capture_ts_delta_ns=ts_delta,
-        header_len=pos,
-        epoch=(flags >> _EPOCH_SHIFT) & _EPOCH_MASK,
+        ts_residual_us=None if key else ts_field,
+        header_len=start,
+        epoch=epoch,
     )
 
 
 # =========================================================================== codec
 #
-# Everything below is the pose codec: quantization, prediction, entropy coding,
-# and the stateful Encoder/Decoder pair. The payload format is described in
-# docs/protocol.md; the constants here are part of protocol version 1.
+# Everything below is the pose codec: quantization, prediction, entropy coding and
+# the stateful Encoder/Decoder pair. docs/protocol.md describes the payload bit by
+# bit; the constants here are part of protocol version 1.
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 XY_RANGE = (-1.0, 2.0)
 """Accepted normalised x and y (MediaPipe reports points slightly outside the image)."""
@@ -364,25 +391,27 @@ WORLD_RANGE_M = (-8.0, 8.0)
 """Accepted world coordinates in metres (origin at the hips)."""
 
 HISTORY = 32
-"""Decoded frames a decoder keeps per stream (an encoder references nothing older)."""
+"""Decoded frames a decoder keeps per stream. An encoder predicts from nothing older
+than its last ``HISTORY // 2`` packets, so a decoder always still has the reference
+unless the packet that made it was lost."""
 PREDICTOR_DEPTH = 3
-"""Reference frames (the reference and its own references) a prediction uses."""
+"""Frames a prediction uses: the reference, its reference, and that one's."""
 _GUARD = 1.001
-"""Quantization steps are this much finer than the precision asks, so that float32
-rounding of the decoded value never pushes the error over the bound."""
-_MAX_STEPS = 1 << 16
-_SHIFT = 16
-_ONE = 1 << _SHIFT
-_HALF = 1 << (_SHIFT - 1)
+"""Quantization steps are this much finer than the precision asks, so that the
+float32 rounding of a decoded value never pushes the error over the bound."""
+_MAX_STEPS_XY = 1 << 14
+_MAX_STEPS_OTHER = 1 << 12
+_FIX = 2.0**-16
+"""Predictor coefficients are integers in units of 2**-16."""
 _MAX_K = 14
 _ZERO_GROUP = 15
 _MAX_Q_BITS = 6
-"""The encoder never emits a unary part longer than 2**6 - 1 zeros."""
-_GROUP = NUM_LANDMARKS
+"""The encoder never writes a unary part of 64 zeros or more."""
+_L = NUM_LANDMARKS
 
 # Parent of each landmark in the keyframe (intra) prediction tree; -1 = root.
 _PARENT: tuple[int, ...] = (
-    -1, 0, 1, 2, 0, 4, 5, 3, 6, 0, 9,  # face: nose is the root
+    -1, 0, 1, 2, 0, 4, 5, 3, 6, 0, 9,  # face: the nose is the root
     0, 11, 11, 12, 13, 14, 15, 16, 15, 16, 15, 16,  # shoulders, arms, hands
     11, 23, 23, 24, 25, 26, 27, 28, 27, 28,  # hips, legs, feet
 )  # fmt: skip
@@ -398,12 +427,13 @@ _RIGID_GROUPS: tuple[tuple[int, ...], ...] = (
     (23, 24),  # hips
 )
 
-# Inter prediction coefficients, in 1/256, per component class and depth d (number of
-# reference frames h1 = the reference, h2 = its reference, h3 = that one's):
+# Inter prediction coefficients in 1/256, per component class and depth d (the number
+# of frames: h1 = the reference, h2 = its reference, h3 = that one's):
 #   grouped landmark j: pred = h1_j + sum_{i>=2} a_i (h_i,j - h1_j) + sum_{i>=1} b_i (G(h_i) - h1_j)
 #   single landmark j:  pred = h1_j + sum_{i>=2} c_i (h_i,j - h1_j)
-# with G(h) the mean of j's rigid group. Fitted by least squares on the six CMU
-# traces with detector-like noise, validated leave-one-clip-out (bench/codec.py --fit).
+# with G(h) the mean of j's rigid group. Visibility is predicted as h1. Fitted by
+# least squares on the six CMU traces with detector-like noise and validated
+# leave-one-clip-out (python -m bench.codec --fit prints the fit).
 _COEFS: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = {
     #        d: ((a_2..a_d), (b_1..b_d), (c_2..c_d))
     "xy": {1: ((), (0,), ()), 2: ((88,), (321, -317), (-144,)),
@@ -415,56 +445,64 @@ _COEFS: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, .
 }  # fmt: skip
 
 
-def _ancestor_matrix() -> FloatArray:
-    a = np.zeros((NUM_LANDMARKS, NUM_LANDMARKS), np.float64)
-    for j in range(NUM_LANDMARKS):
-        k = j
-        while k >= 0:
-            a[j, k] = 1.0
-            k = _PARENT[k]
-    return a
-
-
-def _predictor_matrix(cls: str, depth: int) -> FloatArray:
-    """Integer matrix K (33 x 33*depth, in 1/65536): pred = floor((K @ H + 2**15) / 2**16)."""
+def _component_predictor(cls: str, depth: int) -> IntArray:
+    """Integer matrix P (33 x 33*depth, units 2**-16): pred = floor(P @ [h1; h2; ..] + 1/2)."""
     a_taps, b_taps, c_taps = _COEFS[cls][depth]
-    k = np.zeros((NUM_LANDMARKS, NUM_LANDMARKS * depth), np.int64)
+    mat = np.zeros((_L, _L * depth), np.int64)
     group_of: dict[int, tuple[int, ...]] = {}
     for rigid in _RIGID_GROUPS:
         for j in rigid:
             group_of[j] = rigid
-    for j in range(NUM_LANDMARKS):
+    for j in range(_L):
         grp = group_of.get(j)
         if grp is None:
             own = [256 - sum(c_taps), *c_taps]
             for i in range(depth):
-                k[j, i * NUM_LANDMARKS + j] += own[i] * 256
+                mat[j, i * _L + j] += own[i] * 256
             continue
         own = [256 - sum(a_taps) - sum(b_taps), *a_taps]
         m = len(grp)
         for i in range(depth):
-            k[j, i * NUM_LANDMARKS + j] += own[i] * 256
-            share = (2 * b_taps[i] * 256 + m) // (2 * m)  # floor(b*256/m + 1/2), exact
+            mat[j, i * _L + j] += own[i] * 256
+            share = (2 * b_taps[i] * 256 + m) // (2 * m)  # floor(b * 256 / m + 1/2), exact
             for member in grp:
-                k[j, i * NUM_LANDMARKS + member] += share
-    return k.astype(np.float64)
+                mat[j, i * _L + member] += share
+    return mat
 
 
-_ANCESTORS = _ancestor_matrix()
-_PARENT_IDX = np.array([max(p, 0) for p in _PARENT], np.intp)
-_IS_ROOT = np.array([p < 0 for p in _PARENT], bool)
-_PREDICTORS: dict[tuple[str, int], FloatArray] = {
-    (cls, d): _predictor_matrix(cls, d) for cls in _COEFS for d in range(1, PREDICTOR_DEPTH + 1)
-}
-_KRANGE = np.arange(_MAX_K + 1, dtype=np.int64)
-_BITPOS = np.arange(_MAX_K, dtype=np.int64)
-# _REM_WEIGHTS[k, j] = weight of the j-th remainder bit of a k-bit remainder (MSB first)
-_REM_WEIGHTS = np.array(
-    [[(1 << (k - 1 - j)) if j < k else 0 for j in range(_MAX_K)] for k in range(_MAX_K + 1)],
-    np.int64,
-)
-_NIBBLE_WEIGHTS = np.array([8, 4, 2, 1], np.int64)
-_NIBBLE_SHIFTS = np.array([3, 2, 1, 0], np.int64)
+def _block_predictor(classes: tuple[str, ...], depth: int) -> FloatArray:
+    """Per-component predictor matrices [C, 33 * depth, 33], times 2**-16, so that
+    ``pred[c] = floor(H[c] @ M[c] + 1/2)`` with ``H[c]`` the component's reference
+    values (newest frame first, 33 per frame)."""
+    mats = np.zeros((len(classes), _L * depth, _L), np.float64)
+    for c, cls in enumerate(classes):
+        if cls == "vis":
+            mats[c, :_L, :] = np.eye(_L)
+        else:
+            mats[c] = _component_predictor(cls, depth).T * _FIX
+    return mats
+
+
+def _intra_matrices() -> tuple[FloatArray, FloatArray]:
+    """(E, A) transposed, per component: residual = q @ E - root, q = residual @ A + root."""
+    diff = np.eye(_L)
+    anc = np.zeros((_L, _L))
+    for j in range(_L):
+        if _PARENT[j] >= 0:
+            diff[j, _PARENT[j]] = -1.0
+        k = j
+        while k >= 0:
+            anc[j, k] = 1.0
+            k = _PARENT[k]
+    return np.ascontiguousarray(diff.T), np.ascontiguousarray(anc.T)
+
+
+_IMG_CLASSES = ("xy", "xy", "z", "vis")
+_WLD_CLASSES = ("world", "world", "world")
+_PRED_IMG = {d: _block_predictor(_IMG_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
+_PRED_WLD = {d: _block_predictor(_WLD_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
+_INTRA = _intra_matrices()
+_BIT16 = np.arange(16, dtype=np.int64)
 
 
 class PacketTooLargeError(ProtocolError):
@@ -478,33 +516,34 @@ class PacketTooLargeError(ProtocolError):
 class CodecConfig:
     """Parameters of the pose codec.
 
-    The quantization parameters travel in every keyframe, so a decoder needs
-    no configuration to decode any stream; a decoder only uses ``max_poses``.
+    The quantization parameters travel in every keyframe, so a decoder needs no
+    configuration to decode any stream; a :class:`Decoder` only uses ``max_poses``.
     """
 
     precision_px: float = 0.5
     """Maximum absolute error of x and y, in pixels of an image ``reference_width_px``
     wide (normalised error ``precision_px / reference_width_px``; y uses the same
-    normalised step). Default 0.5 px at 1920 px: error <= 2.6e-4."""
+    normalised step). Default 0.5 px at 1920 px, i.e. normalised error <= 2.6e-4."""
     reference_width_px: int = 1920
     """Image width at which ``precision_px`` is measured."""
     keyframe_interval: int = 30
     """A keyframe at least every this many frames (1: every frame; 0: only the first
     frame and on request). Keyframes let late joiners start and bound the damage of a
-    loss when no acknowledgements come back."""
+    loss when no feedback comes back."""
     z_precision: float = 0.01
-    """Maximum absolute error of z (normalised, the scale of x). MediaPipe's z is far
-    noisier than x and y (detector noise of about 0.01), and 0.01 adds less than 20 %
-    to that noise (uniform quantization noise has std step/sqrt(12) = 0.0058)."""
+    """Maximum absolute error of z (normalised, in the scale of x). MediaPipe's z is far
+    noisier than x and y (about 0.01 frame to frame, the noise the traces' README
+    suggests); quantization with this bound adds std 0.0057 (step/sqrt(12)), i.e. about
+    15 % to that noise, and halves z's share of the packet compared with 0.005."""
     visibility_levels: int = 16
-    """Number of visibility levels over [0, 1] (2..256); 16 levels: error <= 1/30. Viewers
-    threshold visibility (typically at 0.5) or fade with it; MediaPipe's own score
-    jitters by more than 0.03 from frame to frame."""
+    """Number of visibility levels over [0, 1] (2..256). 16 levels: error <= 1/30.
+    Viewers threshold visibility (typically at 0.5) or fade with it, and MediaPipe's
+    own score jitters by more than that from frame to frame."""
     world: bool = False
     """Send world landmarks (metres) when the frame has them."""
     world_precision_m: float = 0.005
-    """Maximum absolute error of world landmarks in metres (MediaPipe's world landmarks
-    are accurate to a few centimetres at best)."""
+    """Maximum absolute error of world landmarks in metres (MediaPipe's world
+    landmarks are accurate to a few centimetres at best)."""
     max_poses: int = MAX_POSES
     """Most poses accepted in one frame (1..8)."""
 
@@ -535,7 +574,7 @@ class CodecConfig:
 
 @dataclass(frozen=True, slots=True)
 class _Quant:
-    """Quantization steps as carried in keyframes: ``steps per unit``."""
+    """Quantization as carried in keyframes: steps per unit, visibility levels."""
 
     n_xy: int
     n_z: int
@@ -554,24 +593,18 @@ class _Quant:
         return q
 
     def check(self) -> None:
-        for name, v in (("x/y", self.n_xy), ("z", self.n_z), ("world", self.n_world)):
-            if not 1 <= v <= _MAX_STEPS:
-                raise ProtocolError(f"{name} quantization of {v} steps per unit not in 1..65536")
+        if not 1 <= self.n_xy <= _MAX_STEPS_XY:
+            raise ProtocolError(
+                f"x/y quantization of {self.n_xy} steps per unit not in 1..{_MAX_STEPS_XY} "
+                "(precision_px too fine or too coarse for reference_width_px)"
+            )
+        for name, v in (("z", self.n_z), ("world", self.n_world)):
+            if not 1 <= v <= _MAX_STEPS_OTHER:
+                raise ProtocolError(
+                    f"{name} quantization of {v} steps per unit not in 1..{_MAX_STEPS_OTHER}"
+                )
         if not 2 <= self.vis_levels <= 256:
             raise ProtocolError(f"{self.vis_levels} visibility levels, must be 2..256")
-
-    def image_scale(self) -> FloatArray:
-        return np.array([self.n_xy, self.n_xy, self.n_z, self.vis_levels - 1], np.float64)
-
-    def image_bounds(self) -> tuple[FloatArray, FloatArray]:
-        lo = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], 0.0]) * self.image_scale()
-        hi = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], 1.0]) * self.image_scale()
-        return np.floor(lo), np.ceil(hi)
-
-    def world_bounds(self) -> tuple[float, float]:
-        return math.floor(WORLD_RANGE_M[0] * self.n_world), math.ceil(
-            WORLD_RANGE_M[1] * self.n_world
-        )
 
     def to_bytes(self) -> bytes:
         out = bytearray()
@@ -593,117 +626,207 @@ class _Quant:
         return q, pos + 1
 
 
+@dataclass(frozen=True, slots=True)
+class _QTables:
+    """Per-quantization vectors over a flat image block (component-major, 132 values)."""
+
+    scale: FloatArray
+    inv_scale4: FloatArray
+    root: FloatArray
+    """Intra root prediction added to every landmark when reconstructing."""
+    root_res: FloatArray
+    """The same, at the root landmark only: subtracted when computing intra residuals."""
+    lo: FloatArray
+    hi: FloatArray
+    w_lo: float
+    w_hi: float
+
+
+_QTABLES: dict[_Quant, _QTables] = {}
+
+
+def _qtables(q: _Quant) -> _QTables:
+    t = _QTABLES.get(q)
+    if t is None:
+        per = np.array([q.n_xy, q.n_xy, q.n_z, q.vis_levels - 1], np.float64)
+        lo4 = np.floor(np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], 0.0]) * per)
+        hi4 = np.ceil(np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], 1.0]) * per)
+        root4 = np.array([q.n_xy // 2, q.n_xy // 2, 0, q.vis_levels - 1], np.float64)
+        t = _QTables(
+            scale=per[:, None],
+            inv_scale4=1.0 / per,
+            root=root4[:, None],
+            root_res=root4[:, None] * np.eye(_L)[0],
+            lo=lo4[:, None],
+            hi=hi4[:, None],
+            w_lo=math.floor(WORLD_RANGE_M[0] * q.n_world),
+            w_hi=math.ceil(WORLD_RANGE_M[1] * q.n_world),
+        )
+        if len(_QTABLES) > 64:
+            _QTABLES.clear()
+        _QTABLES[q] = t
+    return t
+
+
 # --------------------------------------------------------------------------- entropy coding
 
 
-def _zigzag_np(r: IntArray) -> IntArray:
-    return (r << 1) ^ (r >> 63)
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Everything about a payload's bit section that depends only on its group codes."""
+
+    n_groups: int
+    n_vals: int
+    """Values in the non-zero groups."""
+    nz_idx: IntArray | None
+    """Flat indices of those values among all groups (``None``: every group is non-zero)."""
+    kv: IntArray
+    kmask: IntArray
+    shift16: IntArray
+    rmask: BoolArray
+    """Which of the 16 bits of each ``remainder << (16 - k)`` are remainder bits."""
+    rweights: IntArray
+    """Weight (a power of two) of each bit of the remainder section in its value."""
+    rstarts: IntArray
+    """Start (in the remainder section) of each non-empty remainder."""
+    rvals: IntArray | None
+    """Which values have a non-empty remainder (``None``: all of them)."""
+    rlen: int
 
 
-def _unzigzag_np(u: IntArray) -> IntArray:
-    return (u >> 1) ^ -(u & 1)
+_LAYOUTS: dict[tuple[bytes, int], _Layout] = {}
+
+
+def _layout(key: bytes, codes: list[int]) -> _Layout:
+    lay = _LAYOUTS.get((key, len(codes)))
+    if lay is not None:
+        return lay
+    codes_a = np.array(codes, np.int64)
+    nz = codes_a != _ZERO_GROUP
+    ks = codes_a[nz]
+    kv = np.repeat(ks, _L)
+    nz_idx = None if nz.all() else np.flatnonzero(np.repeat(nz, _L)).astype(np.int64)
+    offs = np.cumsum(kv) - kv
+    pos_in = np.arange(int(kv.sum()), dtype=np.int64) - np.repeat(offs, kv)
+    has_rem = kv > 0
+    lay = _Layout(
+        n_groups=len(codes),
+        n_vals=int(kv.size),
+        nz_idx=nz_idx,
+        kv=kv,
+        kmask=(np.int64(1) << kv) - 1,
+        shift16=16 - kv,
+        rmask=(_BIT16[None, :] < kv[:, None]).ravel(),
+        rweights=np.int64(1) << (np.repeat(kv, kv) - 1 - pos_in),
+        rstarts=offs[has_rem],
+        rvals=None if has_rem.all() else np.flatnonzero(has_rem).astype(np.int64),
+        rlen=int(kv.sum()),
+    )
+    if len(_LAYOUTS) > 4096:
+        _LAYOUTS.clear()
+    _LAYOUTS[key, len(codes)] = lay
+    return lay
+
+
+def _codes_key(codes: list[int]) -> bytes:
+    if len(codes) % 2:
+        codes = [*codes, 0]
+    return bytes((codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2))
 
 
 def _rice_encode(u: IntArray) -> bytes:
-    """Code the rows (groups of 33 unsigned values) of ``u``; see docs/protocol.md.
+    """Code the groups (rows of 33 unsigned values) of ``u``: see docs/protocol.md.
 
-    Layout: one 4-bit code per group (Rice parameter k 0..14, or 15 = every value
-    is zero), then the unary parts (q zeros and a one, q = value >> k) of every
-    value of the non-zero groups, then their k-bit remainders, MSB first, then zero
-    padding to a byte boundary.
+    Layout: one 4-bit code per group, two per byte, high nibble first, a zero nibble
+    after an odd count (Rice parameter k = 0..14, or 15 = every value is zero); then
+    the unary parts (q zeros and a one, q = value >> k) of every value of the
+    non-zero groups; then their k-bit remainders, MSB first; then zero bits to a
+    byte boundary.
     """
-    n_groups = u.shape[0]
-    if n_groups == 0:
+    if u.shape[0] == 0:
         return b""
-    maxes = u.max(axis=1)
-    # cost of each k for each group: sum(value >> k) + 33 * (k + 1)
-    shifted = u[:, :, None] >> _KRANGE
-    cost = shifted.sum(axis=1) + _GROUP * (_KRANGE + 1)
-    # forbid parameters that would leave a unary part of more than 2**6 - 1 zeros
-    cost[(maxes[:, None] >> _KRANGE) >= (1 << _MAX_Q_BITS)] = 1 << 40
-    ks = cost.argmin(axis=1)
-    codes = np.where(maxes == 0, _ZERO_GROUP, ks)
-    nibble_bits = ((codes[:, None] >> _NIBBLE_SHIFTS) & 1).ravel()
-    nz = codes != _ZERO_GROUP
-    if not nz.any():
-        return np.packbits(nibble_bits.astype(np.uint8)).tobytes()
-    vals = u[nz].ravel()
-    kv = np.repeat(ks[nz], _GROUP)
-    q = vals >> kv
-    ends = np.cumsum(q + 1)
-    unary = np.zeros(int(ends[-1]), np.uint8)
-    unary[ends - 1] = 1
-    rem = vals & ((1 << kv) - 1)
-    shifts = kv[:, None] - 1 - _BITPOS
-    rbits = ((rem[:, None] >> np.maximum(shifts, 0)) & 1)[shifts >= 0]
-    bits = np.concatenate((nibble_bits, unary, rbits)).astype(np.uint8)
-    return np.packbits(bits).tobytes()
+    # Rice parameter per group: floor(log2(mean)) (within 0.2 bit per group of the
+    # best k on the traces), raised where needed to keep unary parts under 2**6.
+    codes = []
+    for total, top in zip(u.sum(axis=1).tolist(), u.max(axis=1).tolist(), strict=True):
+        if top == 0:
+            codes.append(_ZERO_GROUP)
+            continue
+        k = max(0, (total // _L).bit_length() - 1, (top >> _MAX_Q_BITS).bit_length())
+        if k > _MAX_K:
+            raise ProtocolError("residual too large to code")
+        codes.append(k)
+    key = _codes_key(codes)
+    lay = _layout(key, codes)
+    if lay.n_vals == 0:
+        return key
+    vals = u.ravel() if lay.nz_idx is None else u.ravel()[lay.nz_idx]
+    kv = lay.kv
+    ends = np.cumsum((vals >> kv) + 1)
+    n_unary = int(ends[-1])
+    bits = np.zeros(n_unary + lay.rlen, np.uint8)
+    bits[ends - 1] = 1
+    rem16 = ((vals & lay.kmask) << lay.shift16).astype(">u2")
+    bits[n_unary:] = np.unpackbits(rem16.view(np.uint8))[lay.rmask]
+    return key + np.packbits(bits).tobytes()
 
 
-def _rice_decode(data: bytes, n_groups: int) -> IntArray:
-    """Inverse of :func:`_rice_encode`: ``n_groups`` rows of 33 values from exactly ``data``."""
+def _rice_decode(data: bytes, pos: int, end: int, n_groups: int) -> IntArray:
+    """Inverse of :func:`_rice_encode` over ``data[pos:end]`` (which it must fill exactly)."""
     if n_groups == 0:
-        if data:
-            raise ProtocolError(f"{len(data)} payload bytes where none are expected")
-        return np.zeros((0, _GROUP), np.int64)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8))
-    n_bits = bits.size
-    head = 4 * n_groups
-    if n_bits < head:
+        if end != pos:
+            raise ProtocolError(f"{end - pos} payload bytes where none are expected")
+        return np.zeros((0, _L), np.int64)
+    n_key = (n_groups + 1) // 2
+    if end - pos < n_key:
         raise ProtocolError("payload too short for its group codes")
-    codes = bits[:head].reshape(n_groups, 4).astype(np.int64) @ _NIBBLE_WEIGHTS
-    nz = codes != _ZERO_GROUP
-    out = np.zeros((n_groups, _GROUP), np.int64)
-    n_nz = int(nz.sum())
-    if n_nz == 0:
-        end = head
-    else:
-        ks = codes[nz]
-        rest = bits[head:]
-        n_vals = n_nz * _GROUP
-        ones = np.flatnonzero(rest)
-        if ones.size < n_vals:
-            raise ProtocolError("payload truncated inside the unary codes")
-        ends = ones[:n_vals]
-        q = np.diff(ends, prepend=-1) - 1
-        if int(q.max()) >= (1 << _MAX_Q_BITS):
-            raise ProtocolError("unary code longer than the protocol allows")
-        kv = np.repeat(ks, _GROUP)
-        rstart = int(ends[-1]) + 1
-        rlen = int(kv.sum())
-        if rstart + rlen > rest.size:
-            raise ProtocolError("payload truncated inside the remainders")
-        offs = rstart + np.cumsum(kv) - kv
-        idx = np.minimum(offs[:, None] + _BITPOS, rest.size - 1)
-        rem = (rest[idx].astype(np.int64) * _REM_WEIGHTS[kv]).sum(axis=1)
-        out[nz] = ((q << kv) | rem).reshape(n_nz, _GROUP)
-        end = head + rstart + rlen
-    pad = n_bits - end
-    if pad >= 8 or (pad and bits[end:].any()):
+    key = data[pos : pos + n_key]
+    codes = []
+    for b in key:
+        codes.append(b >> 4)
+        codes.append(b & 15)
+    if len(codes) > n_groups and codes.pop() != 0:
+        raise ProtocolError("non-zero padding nibble after the group codes")
+    lay = _layout(key, codes)
+    body = data[pos + n_key : end]
+    if lay.n_vals == 0:
+        if body:
+            raise ProtocolError("payload has bytes after all-zero groups")
+        return np.zeros((n_groups, _L), np.int64)
+    n_bits = 8 * len(body)
+    bits = np.unpackbits(np.frombuffer(body, np.uint8))
+    ones = np.flatnonzero(bits)
+    if ones.size < lay.n_vals:
+        raise ProtocolError("payload truncated inside the unary codes")
+    ends = ones[: lay.n_vals]
+    q = np.empty(lay.n_vals, np.int64)
+    q[0] = ends[0]
+    np.subtract(ends[1:], ends[:-1] + 1, out=q[1:])
+    rstart = int(ends[-1]) + 1
+    used = rstart + lay.rlen
+    pad = n_bits - used
+    if pad < 0:
+        raise ProtocolError("payload truncated inside the remainders")
+    if pad >= 8 or body[-1] & ((1 << pad) - 1):
         raise ProtocolError("payload has trailing bytes or non-zero padding")
-    return out
+    if lay.rlen:
+        rsum = np.add.reduceat(bits[rstart:used] * lay.rweights, lay.rstarts)
+        if lay.rvals is None:
+            vals = (q << lay.kv) + rsum
+        else:
+            vals = q << lay.kv
+            vals[lay.rvals] += rsum
+    else:
+        vals = q
+    if lay.nz_idx is None:
+        out: IntArray = vals.reshape(n_groups, _L)
+        return out
+    out = np.zeros(n_groups * _L, np.int64)
+    out[lay.nz_idx] = vals
+    return out.reshape(n_groups, _L)
 
 
-# --------------------------------------------------------------------------- prediction
-
-
-def _predict(cls: str, hist: list[FloatArray]) -> FloatArray:
-    """Prediction of one pose's component block (33 x C) from 1..3 reference blocks."""
-    k = _PREDICTORS[cls, len(hist)]
-    h = hist[0] if len(hist) == 1 else np.concatenate(hist, axis=0)
-    pred: FloatArray = np.floor((k @ h + _HALF) / _ONE)
-    return pred
-
-
-def _intra_residual(q: FloatArray, root: FloatArray) -> FloatArray:
-    """Residual of a keyframe block: each landmark minus its parent (the root minus ``root``)."""
-    r = q - q[_PARENT_IDX]
-    r[0] = q[0] - root
-    return r
-
-
-def _intra_reconstruct(r: FloatArray, root: FloatArray) -> FloatArray:
-    return _ANCESTORS @ r + root
+# --------------------------------------------------------------------------- reference frames
 
 
 @dataclass(slots=True)
@@ -712,115 +835,122 @@ class _Entry:
 
     seq: int
     ts: int
+    """Capture time in ns as the decoder knows it."""
+    step_us: int
+    """Expected capture interval per sequence step, in us (0 when unknown)."""
     epoch: int
     quant: _Quant
-    img: tuple[FloatArray, ...]
-    """Quantized image landmarks of this frame and its references, newest first,
-    each [n, 33, 4] (float64 holding integers)."""
-    world: tuple[FloatArray | None, ...]
-    """Quantized world landmarks likewise (``None`` where a frame had none)."""
+    n: int
+    stack: FloatArray
+    """[n, 132 * w]: this frame's quantized image block followed by its references'
+    (newest first), each component-major; float64 holding integers."""
+    depth: tuple[int, ...]
+    """Valid blocks in ``stack`` per pose (1..PREDICTOR_DEPTH)."""
+    wstack: FloatArray | None
+    """Likewise for world blocks ([n, 99 * w]), ``None`` when this frame had none."""
+    wdepth: tuple[int, ...]
     key_seq: int
     """Sequence number of the keyframe this frame descends from."""
 
 
-def _depth(hist: tuple[FloatArray | None, ...], pose: int) -> int:
-    d = 0
-    for h in hist:
-        if h is None or h.shape[0] <= pose:
-            break
-        d += 1
-    return d
+def _stack_on(
+    q: FloatArray, ref_stack: FloatArray | None, ref_depth: tuple[int, ...]
+) -> tuple[FloatArray, tuple[int, ...]]:
+    """A new frame's reference stack [n, C, 33 * w]: its own block, then its reference's."""
+    n = q.shape[0]
+    if ref_stack is None or not ref_depth or n == 0:
+        return q, (1,) * n
+    keep = min(PREDICTOR_DEPTH - 1, max(ref_depth)) * _L
+    m = ref_stack.shape[0]
+    if m == n:
+        stack = np.concatenate((q, ref_stack[:, :, :keep]), axis=2)
+        return stack, tuple(min(PREDICTOR_DEPTH, d + 1) for d in ref_depth)
+    stack = np.zeros((n, q.shape[1], _L + keep), np.float64)
+    stack[:, :, :_L] = q
+    common = min(m, n)
+    stack[:common, :, _L:] = ref_stack[:common, :, :keep]
+    depth = tuple(min(PREDICTOR_DEPTH, ref_depth[p] + 1) if p < m else 1 for p in range(n))
+    return stack, depth
 
 
-def _residual_rows(
-    q_img: FloatArray,
-    q_world: FloatArray | None,
-    quant: _Quant,
-    ref: _Entry | None,
-) -> IntArray:
-    """Zigzagged residual rows (x, y, z, v[, wx, wy, wz] per pose) for the entropy coder."""
-    n = q_img.shape[0]
-    per_pose = 4 if q_world is None else 7
-    rows = np.empty((n * per_pose, _GROUP), np.float64)
-    root_img = np.array([quant.n_xy // 2, quant.n_xy // 2, 0, quant.vis_levels - 1], np.float64)
-    for p in range(n):
-        blk = q_img[p]
-        d = _depth(ref.img, p) if ref is not None else 0
-        if d:
-            assert ref is not None
-            hist = [h[p] for h in ref.img[:d]]
-            pred_xy = _predict("xy", [h[:, 0:2] for h in hist])
-            pred_z = _predict("z", [h[:, 2:3] for h in hist])
-            res = np.empty_like(blk)
-            res[:, 0:2] = blk[:, 0:2] - pred_xy
-            res[:, 2:3] = blk[:, 2:3] - pred_z
-            res[:, 3] = blk[:, 3] - hist[0][:, 3]
-        else:
-            res = _intra_residual(blk, root_img)
-        base = p * per_pose
-        rows[base : base + 4] = res.T
-        if q_world is not None:
-            wblk = q_world[p]
-            dw = _depth(ref.world, p) if ref is not None else 0
-            if dw:
-                assert ref is not None
-                wres = wblk - _predict("world", [h[p] for h in ref.world[:dw] if h is not None])
-            else:
-                wres = _intra_residual(wblk, np.zeros(3))
-            rows[base + 4 : base + 7] = wres.T
-    return _zigzag_np(rows.astype(np.int64))
+def _predict(
+    stack: FloatArray, depth: tuple[int, ...], n: int, mats: dict[int, FloatArray]
+) -> tuple[FloatArray, BoolArray | None]:
+    """Prediction [n, C, 33] of the first ``n`` poses from a reference stack.
+
+    Also returns a mask of the poses without a reference pose (intra coded), or
+    ``None`` when every pose has one.
+    """
+    m = len(depth)
+    d0 = depth[0] if m else 0
+    if m >= n and all(d == d0 for d in depth[:n]):
+        h = stack[:n, :, None, : d0 * _L]
+        return np.floor(h @ mats[d0] + 0.5)[:, :, 0, :], None
+    pred = np.zeros((n, stack.shape[1], _L), np.float64)
+    intra = np.ones(n, bool)
+    for p in range(min(n, m)):
+        d = depth[p]
+        pred[p] = np.floor(stack[p, :, None, : d * _L] @ mats[d] + 0.5)[:, 0, :]
+        intra[p] = False
+    return pred, intra
+
+
+def _residuals(
+    q: FloatArray,
+    ref_stack: FloatArray | None,
+    ref_depth: tuple[int, ...],
+    mats: dict[int, FloatArray],
+    root_res: FloatArray | float,
+) -> FloatArray:
+    """Residuals [n, C, 33] of quantized blocks against their prediction."""
+    if ref_stack is None or not ref_depth:
+        return q @ _INTRA[0] - root_res
+    pred, intra_mask = _predict(ref_stack, ref_depth, q.shape[0], mats)
+    r = q - pred
+    if intra_mask is not None and intra_mask.any():
+        r[intra_mask] = q[intra_mask] @ _INTRA[0] - root_res
+    return r
 
 
 def _reconstruct(
-    rows: IntArray,
-    n: int,
-    has_world: bool,
-    quant: _Quant,
-    ref: _Entry | None,
-) -> tuple[FloatArray, FloatArray | None]:
-    """Inverse of :func:`_residual_rows`."""
-    per_pose = 7 if has_world else 4
-    res_all = _unzigzag_np(rows).astype(np.float64)
-    q_img = np.empty((n, NUM_LANDMARKS, 4), np.float64)
-    q_world = np.empty((n, NUM_LANDMARKS, 3), np.float64) if has_world else None
-    root_img = np.array([quant.n_xy // 2, quant.n_xy // 2, 0, quant.vis_levels - 1], np.float64)
-    for p in range(n):
-        base = p * per_pose
-        res = res_all[base : base + 4].T
-        d = _depth(ref.img, p) if ref is not None else 0
-        if d:
-            assert ref is not None
-            hist = [h[p] for h in ref.img[:d]]
-            q_img[p, :, 0:2] = _predict("xy", [h[:, 0:2] for h in hist]) + res[:, 0:2]
-            q_img[p, :, 2:3] = _predict("z", [h[:, 2:3] for h in hist]) + res[:, 2:3]
-            q_img[p, :, 3] = hist[0][:, 3] + res[:, 3]
-        else:
-            q_img[p] = _intra_reconstruct(res, root_img)
-        if q_world is not None:
-            wres = res_all[base + 4 : base + 7].T
-            dw = _depth(ref.world, p) if ref is not None else 0
-            if dw:
-                assert ref is not None
-                hist_w = [h[p] for h in ref.world[:dw] if h is not None]
-                q_world[p] = _predict("world", hist_w) + wres
-            else:
-                q_world[p] = _intra_reconstruct(wres, np.zeros(3))
-    return q_img, q_world
+    r: FloatArray,
+    ref_stack: FloatArray | None,
+    ref_depth: tuple[int, ...],
+    mats: dict[int, FloatArray],
+    root: FloatArray | float,
+) -> FloatArray:
+    """Inverse of :func:`_residuals`."""
+    if ref_stack is None or not ref_depth:
+        return r @ _INTRA[1] + root
+    pred, intra_mask = _predict(ref_stack, ref_depth, r.shape[0], mats)
+    q = pred + r
+    if intra_mask is not None and intra_mask.any():
+        q[intra_mask] = r[intra_mask] @ _INTRA[1] + root
+    return q
+
+
+def _zigzag_np(r: FloatArray) -> IntArray:
+    ri = r.astype(np.int64)
+    return (ri << 1) ^ (ri >> 63)
+
+
+def _unzigzag_np(u: IntArray) -> FloatArray:
+    return ((u >> 1) ^ -(u & 1)).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- validation
 
-_COMPONENT_NAMES = ("x", "y", "z", "visibility")
+_COMPONENTS = ("x", "y", "z", "visibility")
 
 
 def _check_block(
     arr: object, n_cols: int, what: str, max_poses: int, n_expected: int | None
-) -> FloatArray:
+) -> npt.NDArray[np.floating[npt.NBitBase] | np.integer[npt.NBitBase]]:
     if not isinstance(arr, np.ndarray):
         raise ProtocolError(f"{what} landmarks must be a numpy array, not {type(arr).__name__}")
-    if arr.ndim != 3 or arr.shape[1:] != (NUM_LANDMARKS, n_cols):
+    if arr.ndim != 3 or arr.shape[1:] != (_L, n_cols):
         raise ProtocolError(
-            f"{what} landmarks must have shape [n, {NUM_LANDMARKS}, {n_cols}], got {arr.shape}"
+            f"{what} landmarks must have shape [n, {_L}, {n_cols}], got {list(arr.shape)}"
         )
     if n_expected is not None and arr.shape[0] != n_expected:
         raise ProtocolError(f"{arr.shape[0]} {what} poses for {n_expected} image poses")
@@ -828,26 +958,26 @@ def _check_block(
         raise ProtocolError(f"{arr.shape[0]} poses in one frame, at most {max_poses}")
     if arr.dtype.kind not in "fiu":
         raise ProtocolError(f"{what} landmarks must be numbers, not {arr.dtype}")
-    return arr.astype(np.float64)
+    return arr
 
 
-def _check_values(
+def _value_error(
     a: FloatArray, lo: FloatArray, hi: FloatArray, names: tuple[str, ...], what: str
-) -> None:
-    bad = ~((a >= lo) & (a <= hi))  # also catches NaN
-    if bad.any():
-        p, j, c = (int(i) for i in np.argwhere(bad)[0])
-        v = float(a[p, j, c])
-        why = "not finite" if not math.isfinite(v) else f"outside [{lo[c]:g}, {hi[c]:g}]"
-        raise ProtocolError(
-            f"pose {p} landmark {j} ({LANDMARK_NAMES[j]}) {what} {names[c]} = {v!r} is {why}"
-        )
+) -> ProtocolError:
+    """The error for the first value of ``a`` ([n, 33, c]) outside [lo, hi] (or NaN)."""
+    bad = ~((a >= lo) & (a <= hi))
+    p, j, c = (int(i) for i in np.argwhere(bad)[0])
+    v = float(a[p, j, c])
+    why = "not finite" if not math.isfinite(v) else f"outside [{lo[c]:g}, {hi[c]:g}]"
+    return ProtocolError(
+        f"pose {p} landmark {j} ({LANDMARK_NAMES[j]}) {what}{names[c]} = {v!r} is {why}"
+    )
 
 
-_IMG_LO = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
-_IMG_HI = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
-_W_LO = np.full(3, WORLD_RANGE_M[0])
-_W_HI = np.full(3, WORLD_RANGE_M[1])
+_IMG_LO4 = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
+_IMG_HI4 = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
+_IMG_LO = _IMG_LO4[:, None]
+_IMG_HI = _IMG_HI4[:, None]
 
 
 # --------------------------------------------------------------------------- results
@@ -858,7 +988,8 @@ class Decoded:
     """A successfully decoded packet."""
 
     frame: PoseFrame
-    """The decoded poses (every value within the stream's precision of the original)."""
+    """The decoded poses (every value within the stream's precision of the original;
+    the capture timestamp of a delta packet within 0.5 us)."""
     header: PacketHeader
     """The packet header, with ``capture_ts_ns`` filled in."""
 
@@ -867,7 +998,8 @@ class Decoded:
 class NeedKeyframe:
     """The packet predicts from a frame this decoder does not have: nothing was decoded.
 
-    The receiver should ask the publisher for a keyframe (see :meth:`Decoder.ack_for`).
+    The receiver should ask the publisher for a keyframe (:meth:`Decoder.ack_for`
+    says when); later packets decode again from the next keyframe or refresh.
     """
 
     stream_id: int
@@ -882,7 +1014,7 @@ class NeedKeyframe:
 class Feedback:
     """What a receiver sends back on the reliable channel after a decode.
 
-    :meth:`Decoder.ack_for` makes it; :meth:`Encoder.on_feedback` consumes it.
+    :meth:`Decoder.ack_for` makes it; :meth:`Encoder.on_feedback` applies it.
     """
 
     stream_id: int
@@ -890,7 +1022,7 @@ class Feedback:
     ack_seq: int | None = None
     """A frame the receiver decoded (the publisher may predict from it), or ``None``."""
     keyframe_request: bool = False
-    """The receiver cannot decode the stream and needs a keyframe (or a refresh)."""
+    """The receiver cannot decode the stream: it needs a keyframe or a refresh."""
 
 
 # --------------------------------------------------------------------------- encoder
@@ -905,23 +1037,28 @@ class EncoderStats:
     keyframes: int = 0
     """Keyframes among them."""
     refreshes: int = 0
-    """Delta packets that predict from an acknowledged frame after a loss."""
+    """Delta packets predicted from an acknowledged frame after a refresh request."""
     bytes: int = 0
     """Total bytes produced."""
     world_dropped: int = 0
-    """Frames whose world landmarks were left out so the packet fits."""
+    """Frames whose world landmarks were left out so that the packet fits."""
 
 
 class Encoder:
     """Encodes the :class:`PoseFrame` s of one publisher stream into packets.
 
-    Each packet predicts from the previous packet (or is a keyframe). A keyframe is
-    sent for the first frame, every ``keyframe_interval`` frames, after
-    :meth:`request_keyframe`, and when the sequence number does not increase.
-    :meth:`on_ack` records frames the receiver decoded; after :meth:`request_refresh`
-    the next packet predicts from the newest of them instead (cheaper than a keyframe).
-    Packets never reference a frame older than the newest keyframe, so the newest
+    Each packet predicts from the previous packet, or is a keyframe: for the first
+    frame, every ``keyframe_interval`` frames, after :meth:`request_keyframe`, and
+    when the sequence number does not increase. :meth:`on_ack` records frames the
+    receiver decoded; after :meth:`request_refresh` the next packet predicts from
+    the newest of them instead of the previous packet (cheaper than a keyframe).
+    No packet references a frame older than the newest keyframe, so the newest
     keyframe and the packets after it always suffice to decode (late joiners).
+
+    A frame whose packet would not fit under :data:`MAX_PACKET_BYTES` is sent
+    without its world landmarks (counted in ``stats.world_dropped``); when even
+    that does not fit, :meth:`encode` raises :class:`PacketTooLargeError` and
+    the encoder state is unchanged.
     """
 
     def __init__(self, config: CodecConfig, stream_id: int, *, epoch: int | None = None) -> None:
@@ -930,11 +1067,11 @@ class Encoder:
         self.config = config
         self.stream_id = stream_id
         self.epoch = (secrets.randbelow(4) if epoch is None else epoch) & _EPOCH_MASK
+        """Two-bit id of this encoder instance, in every packet (random by default)."""
         self.stats = EncoderStats()
         self._quant = _Quant.from_config(config)
-        self._scale = self._quant.image_scale()
+        self._t = _qtables(self._quant)
         self._history: dict[int, _Entry] = {}
-        self._order: list[int] = []
         self._prev: _Entry | None = None
         self._since_key = 0
         self._force_key = False
@@ -954,11 +1091,12 @@ class Encoder:
 
     def request_refresh(self) -> None:
         """The receiver lost the chain: the next packet predicts from the newest
-        acknowledged frame it still holds, or is a keyframe when there is none."""
+        acknowledged frame the receiver still holds, or is a keyframe when there is
+        none."""
         self._refresh = True
 
     def on_feedback(self, fb: Feedback) -> None:
-        """Apply a receiver's :class:`Feedback` (ack and/or refresh request)."""
+        """Apply a receiver's :class:`Feedback` (an ack and/or a refresh request)."""
         if fb.stream_id != self.stream_id:
             return
         if fb.ack_seq is not None:
@@ -971,14 +1109,21 @@ class Encoder:
     def _quantize(self, frame: PoseFrame) -> tuple[FloatArray, FloatArray | None]:
         cfg = self.config
         img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
-        _check_values(img, _IMG_LO, _IMG_HI, _COMPONENT_NAMES, "")
-        q_img = np.rint(img * self._scale)
-        q_world = None
+        n = img.shape[0]
+        flat = img.transpose(0, 2, 1).astype(np.float64)
+        if not ((flat >= _IMG_LO) & (flat <= _IMG_HI)).all():
+            raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
+        q = np.rint(flat * self._t.scale)
+        qw = None
         if cfg.world and frame.world is not None:
-            w = _check_block(frame.world, 3, "world", cfg.max_poses, img.shape[0])
-            _check_values(w, _W_LO, _W_HI, ("x", "y", "z"), "world")
-            q_world = np.rint(w * self._quant.n_world)
-        return q_img, q_world
+            w = _check_block(frame.world, 3, "world", cfg.max_poses, n)
+            wflat = w.transpose(0, 2, 1).astype(np.float64)
+            if not ((wflat >= WORLD_RANGE_M[0]) & (wflat <= WORLD_RANGE_M[1])).all():
+                lo = np.full(3, WORLD_RANGE_M[0])
+                hi = np.full(3, WORLD_RANGE_M[1])
+                raise _value_error(w.astype(np.float64), lo, hi, ("x", "y", "z"), "world ")
+            qw = np.rint(wflat * self._quant.n_world)
+        return q, qw
 
     def _choose_ref(self, seq: int, keyframe: bool) -> _Entry | None:
         prev = self._prev
@@ -988,24 +1133,26 @@ class Encoder:
             or self._force_key
             or prev is None
             or seq <= prev.seq
-            or seq - prev.key_seq > MAX_REF_DELTA
+            or seq - prev.seq > MAX_REF_DELTA
             or (interval > 0 and self._since_key + 1 >= interval)
         ):
             return None
         if not self._refresh:
             return prev
         acked = self._acked
-        if acked is None or acked not in self._history:
-            return None
-        ref = self._history[acked]
-        if ref.key_seq != prev.key_seq or ref.epoch != self.epoch:
+        ref = self._history.get(acked) if acked is not None else None
+        if ref is None or ref.key_seq != prev.key_seq or seq - ref.seq > MAX_REF_DELTA:
             return None
         return ref
 
     def encode(self, frame: PoseFrame, *, keyframe: bool = False) -> bytes:
-        """Encode one frame; raises :class:`ProtocolError` (state unchanged) for a frame
-        that cannot be encoded (NaN, infinities, wrong shapes, out-of-range values,
-        too many poses, a packet that would not fit, bad seq or timestamp)."""
+        """Encode one frame into one packet (``keyframe=True`` forces a keyframe).
+
+        Raises :class:`ProtocolError`, leaving the encoder state unchanged, for a
+        frame that cannot be encoded: NaN or infinite values, wrong shapes or
+        dtypes, values outside the documented ranges, too many poses, a sequence
+        number or timestamp out of range, or a packet that would not fit.
+        """
         seq = frame.seq
         ts = frame.capture_ts_ns
         if not isinstance(seq, int | np.integer) or not 0 <= seq <= MAX_SEQ:
@@ -1014,46 +1161,32 @@ class Encoder:
             raise ProtocolError(f"capture timestamp {ts!r} not an int64")
         seq = int(seq)
         ts = int(ts)
-        q_img, q_world = self._quantize(frame)
+        q, qw = self._quantize(frame)
         ref = self._choose_ref(seq, keyframe)
         try:
-            packet = self._build(seq, ts, q_img, q_world, ref)
+            packet, entry = self._build(seq, ts, q, qw, ref)
         except PacketTooLargeError:
-            if q_world is None:
+            if qw is None:
                 raise
-            q_world = None
-            packet = self._build(seq, ts, q_img, q_world, ref)
+            packet, entry = self._build(seq, ts, q, None, ref)
             self.stats.world_dropped += 1
         # commit the new state
         if ref is None:
-            entry = _Entry(seq, ts, self.epoch, self._quant, (q_img,), (q_world,), seq)
             self._since_key = 0
             self._force_key = False
             self.stats.keyframes += 1
-            # a keyframe starts a new chain: older frames are never referenced again
-            self._history.clear()
-            self._order.clear()
+            self._history.clear()  # older frames are never referenced again
             self._acked = None
         else:
-            entry = _Entry(
-                seq,
-                ts,
-                self.epoch,
-                self._quant,
-                (q_img, *ref.img[: PREDICTOR_DEPTH - 1]),
-                (q_world, *ref.world[: PREDICTOR_DEPTH - 1]),
-                ref.key_seq,
-            )
             self._since_key += 1
             if ref is not self._prev:
                 self.stats.refreshes += 1
         self._refresh = False
         self._history[seq] = entry
-        self._order.append(seq)
         # keep only frames the decoder is sure to still hold (it keeps HISTORY frames)
-        while len(self._order) > HISTORY // 2:
-            old = self._order.pop(0)
-            self._history.pop(old, None)
+        while len(self._history) > HISTORY // 2:
+            old = next(iter(self._history))
+            del self._history[old]
             if self._acked == old:
                 self._acked = None
         self._prev = entry
@@ -1065,36 +1198,82 @@ class Encoder:
         self,
         seq: int,
         ts: int,
-        q_img: FloatArray,
-        q_world: FloatArray | None,
+        q: FloatArray,
+        qw: FloatArray | None,
         ref: _Entry | None,
-    ) -> bytes:
-        rows = _residual_rows(q_img, q_world, self._quant, ref)
-        payload = _rice_encode(rows)
+    ) -> tuple[bytes, _Entry]:
+        n = q.shape[0]
+        t = self._t
+        if ref is None:
+            r = q @ _INTRA[0] - t.root_res
+            rw = None if qw is None else qw @ _INTRA[0]
+        else:
+            r = _residuals(q, ref.stack, ref.depth, _PRED_IMG, t.root_res)
+            rw = None if qw is None else _residuals(qw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
+        if rw is None:
+            groups = r.reshape(n * 4, _L)
+        else:
+            groups = np.concatenate((r, rw), axis=1).reshape(n * 7, _L)
+        payload = _rice_encode(_zigzag_np(groups))
+        out = bytearray()
         if ref is None:
             payload = self._quant.to_bytes() + payload
-        out = bytearray()
+            ts_field = ts
+            entry_ts = ts
+            step_us = 0
+        else:
+            gap = seq - ref.seq
+            d_us = (ts - ref.ts + 500) // 1000
+            ts_field = d_us - ref.step_us * gap
+            entry_ts = ref.ts + d_us * 1000
+            step_us = d_us // gap
+            if not -(2**63) <= entry_ts < 2**63:
+                raise ProtocolError("capture timestamp too far from the reference's")
         _write_header(
             out,
             stream_id=self.stream_id,
             seq=seq,
             keyframe=ref is None,
-            has_world=q_world is not None,
-            num_poses=q_img.shape[0],
-            capture_ts_ns=ts,
+            has_world=qw is not None,
+            num_poses=n,
+            ts_field=ts_field,
             ref_seq=None if ref is None else ref.seq,
-            ref_ts_ns=None if ref is None else ref.ts,
             payload_len=len(payload),
             epoch=self.epoch,
         )
         out += payload
         if len(out) + CHECKSUM_BYTES >= MAX_PACKET_BYTES:
             raise PacketTooLargeError(
-                f"frame {seq} with {q_img.shape[0]} poses"
-                f"{' and world landmarks' if q_world is not None else ''} needs "
-                f"{len(out) + CHECKSUM_BYTES} bytes, packets must stay under {MAX_PACKET_BYTES}"
+                f"frame {seq} with {n} poses{' and world landmarks' if qw is not None else ''}"
+                f" needs {len(out) + CHECKSUM_BYTES} bytes; packets must stay under "
+                f"{MAX_PACKET_BYTES} (send fewer poses, or no world landmarks)"
             )
-        return _finish_packet(out)
+        packet = _finish_packet(out)
+        if ref is None:
+            stack, depth = q, (1,) * n
+            wstack, wdepth = qw, (1,) * n if qw is not None else ()
+            key_seq = seq
+        else:
+            stack, depth = _stack_on(q, ref.stack, ref.depth)
+            if qw is None:
+                wstack, wdepth = None, ()
+            else:
+                wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
+            key_seq = ref.key_seq
+        entry = _Entry(
+            seq,
+            entry_ts,
+            step_us,
+            self.epoch,
+            self._quant,
+            n,
+            stack,
+            depth,
+            wstack,
+            wdepth,
+            key_seq,
+        )
+        return packet, entry
 
 
 # --------------------------------------------------------------------------- decoder
@@ -1127,13 +1306,13 @@ class Decoder:
     """Decodes packets of any number of publisher streams.
 
     Keeps per stream the last :data:`HISTORY` decoded frames (the possible
-    references) and at most ``max_streams`` streams (least recently used go), so
-    its memory is bounded whatever it is fed. :meth:`decode` raises nothing but
-    :class:`ProtocolError`.
+    references), and at most ``max_streams`` streams (the least recently used
+    go), so its memory is bounded whatever it is fed. :meth:`decode` raises
+    nothing but :class:`ProtocolError`.
     """
 
     REREQUEST_AFTER = 8
-    """Undecodable packets after which a keyframe request is repeated."""
+    """Undecodable packets after which :meth:`ack_for` repeats a keyframe request."""
 
     def __init__(self, config: CodecConfig | None = None, *, max_streams: int = 256) -> None:
         self.config = config if config is not None else CodecConfig()
@@ -1145,105 +1324,129 @@ class Decoder:
         """Decode one packet: :class:`Decoded`, or :class:`NeedKeyframe` when its
         reference is missing. Raises :class:`ProtocolError` (only) for bad bytes."""
         try:
-            return self._decode(packet)
+            return self._decode(_as_bytes(packet))
         except ProtocolError:
             self.stats.errors += 1
             raise
         except (ValueError, IndexError, OverflowError, TypeError, MemoryError) as exc:
-            # Defence in depth: every malformed input is meant to be caught above.
+            # Defence in depth: every malformed input is meant to be refused above.
             self.stats.errors += 1
             raise ProtocolError(f"malformed packet: {exc}") from exc
 
-    def _decode(self, packet: bytes | bytearray | memoryview) -> Decoded | NeedKeyframe:
-        h = peek_header(packet)
-        buf = packet if isinstance(packet, bytes) else bytes(packet)
-        n = h.num_poses
+    def _decode(self, buf: bytes) -> Decoded | NeedKeyframe:
+        version, flags, sid, seq, ref_seq, ts_field, pos, end, n, epoch = _parse_header(buf)
         if n > self.config.max_poses:
             raise ProtocolError(
                 f"{n} poses in a packet, this decoder accepts {self.config.max_poses}"
             )
-        st = self._streams.get(h.stream_id)
-        pos = h.header_len
-        end = pos + h.payload_len
+        keyframe = bool(flags & FLAG_KEYFRAME)
+        has_world = bool(flags & FLAG_WORLD)
+        st = self._streams.get(sid)
         ref: _Entry | None
-        if h.keyframe:
+        if keyframe:
             quant, pos = _Quant.parse(buf, pos, end)
             ref = None
-            ts = h.capture_ts_ns
-            assert ts is not None
-            key_seq = h.seq
+            ts = ts_field
+            step_us = 0
         else:
-            assert h.ref_seq is not None and h.capture_ts_delta_ns is not None
-            ref = st.entries.get(h.ref_seq) if st is not None else None
-            if ref is None or ref.epoch != h.epoch:
+            assert ref_seq is not None
+            ref = st.entries.get(ref_seq) if st is not None else None
+            if ref is None or ref.epoch != epoch:
                 self.stats.need_keyframe += 1
                 if st is not None:
                     st.failures += 1
-                return NeedKeyframe(h.stream_id, h.seq, h.ref_seq)
+                return NeedKeyframe(sid, seq, ref_seq)
             quant = ref.quant
-            ts = ref.ts + h.capture_ts_delta_ns
+            gap = seq - ref_seq
+            d_us = ts_field + ref.step_us * gap
+            ts = ref.ts + d_us * 1000
             if not -(2**63) <= ts < 2**63:
                 raise ProtocolError("capture timestamp out of range")
-            key_seq = ref.key_seq
-        per_pose = 7 if h.has_world else 4
-        rows = _rice_decode(buf[pos:end], n * per_pose)
-        q_img, q_world = _reconstruct(rows, n, h.has_world, quant, ref)
-        lo, hi = quant.image_bounds()
-        if n and not ((q_img >= lo) & (q_img <= hi)).all():
+            step_us = d_us // gap
+        t = _qtables(quant)
+        u = _rice_decode(buf, pos, end, n * (7 if has_world else 4))
+        r = _unzigzag_np(u.reshape(n, -1, _L))
+        rw = None
+        if has_world:
+            rw = r[:, 4:]
+            r = r[:, :4]
+        if ref is None:
+            q = r @ _INTRA[1] + t.root
+            qw = None if rw is None else rw @ _INTRA[1]
+        else:
+            q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
+            qw = None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
+        if n and not ((q >= t.lo) & (q <= t.hi)).all():
             raise ProtocolError("decoded image landmarks out of range: corrupt payload")
-        if q_world is not None and n:
-            wlo, whi = quant.world_bounds()
-            if not ((q_world >= wlo) & (q_world <= whi)).all():
-                raise ProtocolError("decoded world landmarks out of range: corrupt payload")
+        if qw is not None and n and not ((qw >= t.w_lo) & (qw <= t.w_hi)).all():
+            raise ProtocolError("decoded world landmarks out of range: corrupt payload")
         # the packet is good: update the stream state
         if st is None:
-            st = _Stream(h.epoch)
-            self._streams[h.stream_id] = st
+            st = _Stream(epoch)
+            self._streams[sid] = st
             while len(self._streams) > self.max_streams:
                 self._streams.popitem(last=False)
         else:
-            self._streams.move_to_end(h.stream_id)
-        if h.keyframe:
-            if h.epoch != st.epoch:
+            self._streams.move_to_end(sid)
+        if ref is None:
+            if epoch != st.epoch:
                 st.entries.clear()  # another encoder instance: forget the old frames
-                st.epoch = h.epoch
-            elif h.seq <= st.max_seq:
+                st.epoch = epoch
+            elif seq <= st.max_seq:
                 # a restarted publisher (or a late keyframe): frames after it may be stale
-                for s in [s for s in st.entries if s >= h.seq]:
+                for s in [s for s in st.entries if s >= seq]:
                     del st.entries[s]
-                st.max_seq = h.seq
-            entry = _Entry(h.seq, ts, h.epoch, quant, (q_img,), (q_world,), key_seq)
+                st.max_seq = seq
+            stack, depth = q, (1,) * n
+            wstack, wdepth = qw, (1,) * n if qw is not None else ()
+            key_seq = seq
         else:
-            assert ref is not None
-            entry = _Entry(
-                h.seq,
-                ts,
-                h.epoch,
-                quant,
-                (q_img, *ref.img[: PREDICTOR_DEPTH - 1]),
-                (q_world, *ref.world[: PREDICTOR_DEPTH - 1]),
-                key_seq,
-            )
-        st.entries.pop(h.seq, None)
-        st.entries[h.seq] = entry
+            stack, depth = _stack_on(q, ref.stack, ref.depth)
+            if qw is None:
+                wstack, wdepth = None, ()
+            else:
+                wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
+            key_seq = ref.key_seq
+        st.entries.pop(seq, None)
+        st.entries[seq] = _Entry(
+            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq
+        )
         while len(st.entries) > HISTORY:
             del st.entries[next(iter(st.entries))]
-        st.max_seq = max(st.max_seq, h.seq)
+        if seq > st.max_seq:
+            st.max_seq = seq
         st.failures = 0
         st.requested_at = None
-        image = (q_img / quant.image_scale()).astype(np.float32)
-        world = None if q_world is None else (q_world / quant.n_world).astype(np.float32)
-        frame = PoseFrame(h.seq, ts, image, world)
+        image = np.empty((n, _L, 4), np.float32)
+        np.multiply(q.transpose(0, 2, 1), t.inv_scale4, out=image)
+        world = None
+        if qw is not None:
+            world = np.empty((n, _L, 3), np.float32)
+            np.multiply(qw.transpose(0, 2, 1), 1.0 / quant.n_world, out=world)
+        header = PacketHeader(
+            sid,
+            seq,
+            ts,
+            ref_seq,
+            keyframe,
+            has_world,
+            n,
+            end - pos,
+            version,
+            None if keyframe else ts_field,
+            pos,
+            epoch,
+        )
         self.stats.decoded += 1
-        return Decoded(frame, replace(h, capture_ts_ns=ts))
+        return Decoded(PoseFrame(seq, ts, image, world), header)
 
     def ack_for(self, result: Decoded | NeedKeyframe) -> Feedback:
         """The :class:`Feedback` to send back for a decode result.
 
         A decoded frame is acknowledged (the publisher may predict from it after a
-        loss). An undecodable packet asks for a keyframe/refresh, once per loss, and
-        again after :attr:`REREQUEST_AFTER` further undecodable packets (in case the
-        answer was lost too).
+        loss). An undecodable packet asks for a keyframe or refresh: once per loss,
+        and again after :attr:`REREQUEST_AFTER` more undecodable packets (in case
+        the answer was lost too).
         """
         if isinstance(result, Decoded):
             return Feedback(result.header.stream_id, ack_seq=result.header.seq)
