@@ -513,7 +513,9 @@ class Monitor:
         self._p99_max: dict[str, float] = {}
         self._bandwidth_peak = 0.0
         self._stage_names: frozenset[str] = frozenset()
-        self._exposition = Exposition().render()
+        first = Exposition()
+        first.add("posewire_up", 1)  # served before the first sample
+        self._exposition = first.render()
         self._status_json = b"{}"
         self._commands: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self._server: _Server | None = None
