@@ -146,21 +146,23 @@ def _finish(fig: Any, ax: Any, ylabel: str) -> None:
     fig.tight_layout()
 
 
+_ALERT_COLORS = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink")
+
+
 def _alert_spans(ax: Any, report: Mapping[str, Any], end: float) -> None:
-    first = True
+    """Shade the time spans when alerts were raised, one colour per alert."""
+    colors: dict[str, str] = {}
     for a in report.get("alerts") or []:
         if not isinstance(a, dict) or not isinstance(a.get("entered_after_s"), int | float):
             continue
+        name = str(a.get("name"))
+        label = None
+        if name not in colors:
+            colors[name] = _ALERT_COLORS[len(colors) % len(_ALERT_COLORS)]
+            label = f"alert {name}"
         stop = a.get("cleared_after_s")
         stop = stop if isinstance(stop, int | float) else end
-        ax.axvspan(
-            a["entered_after_s"],
-            stop,
-            color="tab:red",
-            alpha=0.12,
-            label="alert raised" if first else None,
-        )
-        first = False
+        ax.axvspan(a["entered_after_s"], stop, color=colors[name], alpha=0.12, label=label)
 
 
 def _plot_latency(report: Mapping[str, Any], series: Mapping[str, Any], title: str) -> Any:
@@ -192,15 +194,23 @@ def _plot_latency_distribution(
     fig, (ax,) = _figure(title)
     t = series.get("t_s") or []
     lat = _dict(series.get("latency_ms"))
-    drawn = False
-    for q, color in (("p50", "tab:blue"), ("p99", "tab:orange")):
-        _, ys = _xy(t, lat.get(f"capture_to_send_{q}"))
-        if ys:
-            ax.hist(ys, bins=min(40, max(5, len(ys) // 2)), alpha=0.6, color=color, label=q)
-            drawn = True
-    if not drawn:
+    samples = {q: _xy(t, lat.get(f"capture_to_send_{q}"))[1] for q in ("p50", "p99")}
+    values = [v for ys in samples.values() for v in ys]
+    if not values:
         _no_data(ax, "capture-to-send latency")
         return fig
+    lo, hi = min(values), max(values)
+    nbins = min(40, max(5, len(values) // 2))
+    if lo > 0 and hi / lo > 20:  # spans orders of magnitude: log bins
+        ratio = (hi / lo) ** (1 / nbins)
+        bins = [lo * ratio**i for i in range(nbins + 1)]
+        ax.set_xscale("log")
+    else:
+        step = (hi - lo) / nbins or 1.0
+        bins = [lo + step * i for i in range(nbins + 1)]
+    for q, color in (("p50", "tab:blue"), ("p99", "tab:orange")):
+        if samples[q]:
+            ax.hist(samples[q], bins=bins, alpha=0.6, color=color, label=f"per-second {q}")
     final = _dict(_dict(report.get("latency_ms")).get("capture_to_send"))
     for q, color in (("p50", "tab:blue"), ("p95", "tab:green"), ("p99", "tab:orange")):
         v = final.get(q)
