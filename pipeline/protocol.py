@@ -1023,6 +1023,9 @@ class Feedback:
     """A frame the receiver decoded (the publisher may predict from it), or ``None``."""
     keyframe_request: bool = False
     """The receiver cannot decode the stream: it needs a keyframe or a refresh."""
+    failed_seq: int | None = None
+    """With ``keyframe_request``: the packet that could not be decoded (lets the
+    encoder ignore a request it already answered)."""
 
 
 # --------------------------------------------------------------------------- encoder
@@ -1077,6 +1080,8 @@ class Encoder:
         self._force_key = False
         self._refresh = False
         self._acked: int | None = None
+        self._recovered_at = -1
+        """Sequence number of the last keyframe or refresh packet."""
 
     # -- feedback
 
@@ -1101,7 +1106,7 @@ class Encoder:
             return
         if fb.ack_seq is not None:
             self.on_ack(fb.ack_seq)
-        if fb.keyframe_request:
+        if fb.keyframe_request and (fb.failed_seq is None or fb.failed_seq > self._recovered_at):
             self.request_refresh()
 
     # -- encoding
@@ -1177,10 +1182,12 @@ class Encoder:
             self.stats.keyframes += 1
             self._history.clear()  # older frames are never referenced again
             self._acked = None
+            self._recovered_at = seq
         else:
             self._since_key += 1
             if ref is not self._prev:
                 self.stats.refreshes += 1
+                self._recovered_at = seq
         self._refresh = False
         self._history[seq] = entry
         # keep only frames the decoder is sure to still hold (it keeps HISTORY frames)
@@ -1280,14 +1287,12 @@ class Encoder:
 
 
 class _Stream:
-    __slots__ = ("entries", "epoch", "failures", "max_seq", "requested_at")
+    __slots__ = ("entries", "epoch", "max_seq")
 
     def __init__(self, epoch: int) -> None:
         self.entries: dict[int, _Entry] = {}
         self.epoch = epoch
         self.max_seq = -1
-        self.requested_at: int | None = None
-        self.failures = 0
 
 
 @dataclass
@@ -1310,9 +1315,6 @@ class Decoder:
     go), so its memory is bounded whatever it is fed. :meth:`decode` raises
     nothing but :class:`ProtocolError`.
     """
-
-    REREQUEST_AFTER = 8
-    """Undecodable packets after which :meth:`ack_for` repeats a keyframe request."""
 
     def __init__(self, config: CodecConfig | None = None, *, max_streams: int = 256) -> None:
         self.config = config if config is not None else CodecConfig()
@@ -1353,8 +1355,6 @@ class Decoder:
             ref = st.entries.get(ref_seq) if st is not None else None
             if ref is None or ref.epoch != epoch:
                 self.stats.need_keyframe += 1
-                if st is not None:
-                    st.failures += 1
                 return NeedKeyframe(sid, seq, ref_seq)
             quant = ref.quant
             gap = seq - ref_seq
@@ -1415,8 +1415,6 @@ class Decoder:
             del st.entries[next(iter(st.entries))]
         if seq > st.max_seq:
             st.max_seq = seq
-        st.failures = 0
-        st.requested_at = None
         image = np.empty((n, _L, 4), np.float32)
         np.multiply(q.transpose(0, 2, 1), t.inv_scale4, out=image)
         world = None
@@ -1441,22 +1439,17 @@ class Decoder:
         return Decoded(PoseFrame(seq, ts, image, world), header)
 
     def ack_for(self, result: Decoded | NeedKeyframe) -> Feedback:
-        """The :class:`Feedback` to send back for a decode result.
+        """The :class:`Feedback` to send back (reliably) for a decode result.
 
-        A decoded frame is acknowledged (the publisher may predict from it after a
-        loss). An undecodable packet asks for a keyframe or refresh: once per loss,
-        and again after :attr:`REREQUEST_AFTER` more undecodable packets (in case
-        the answer was lost too).
+        A decoded frame is acknowledged: the publisher may predict from it after a
+        loss. An undecodable packet asks for a refresh; the request names the packet,
+        and :meth:`Encoder.on_feedback` ignores requests about packets sent before its
+        last keyframe or refresh, so a receiver can send one for every undecodable
+        packet (and must: the answer may be lost too).
         """
         if isinstance(result, Decoded):
             return Feedback(result.header.stream_id, ack_seq=result.header.seq)
-        st = self._streams.get(result.stream_id)
-        if st is None:
-            return Feedback(result.stream_id, keyframe_request=True)
-        if st.requested_at is None or st.failures - st.requested_at >= self.REREQUEST_AFTER:
-            st.requested_at = st.failures
-            return Feedback(result.stream_id, keyframe_request=True)
-        return Feedback(result.stream_id)
+        return Feedback(result.stream_id, keyframe_request=True, failed_seq=result.seq)
 
     def forget(self, stream_id: int) -> None:
         """Drop a stream's state (its publisher left)."""
