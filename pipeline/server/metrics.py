@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,7 +36,7 @@ class ServerMetrics:
         self.rejections[reason] += 1
 
     def render(self, *, rooms: int, members: int, connections: int, ready: bool) -> str:
-        """Prometheus text format 0.0.4."""
+        """Prometheus text format 0.0.4 (plus the process's asyncio tasks and open fds)."""
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, value: int) -> None:
@@ -47,6 +49,8 @@ class ServerMetrics:
         metric("members", "gauge", "Joined members in all rooms.", members)
         metric("connections", "gauge", "Open WebSocket connections.", connections)
         metric("ready", "gauge", "1 when accepting members.", 1 if ready else 0)
+        metric("tasks", "gauge", "asyncio tasks in the server process.", _tasks())
+        metric("open_fds", "gauge", "Open file descriptors of the server process.", _fds())
         metric(
             "connections_total",
             "counter",
@@ -78,3 +82,17 @@ class ServerMetrics:
         for reason in sorted(self.rejections):
             out.append(f'{name}{{reason="{reason}"}} {self.rejections[reason]}')
         return "\n".join(out) + "\n"
+
+
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
+def _fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
