@@ -1158,7 +1158,9 @@ class _LiveStatus:
 
 def render_status(current: Mapping[str, Any]) -> Any:
     """The live status table of one sample (a rich renderable)."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"posewire  t={current.get('t_s', 0):.0f}s", expand=False)
     for col, justify in (
@@ -1185,7 +1187,7 @@ def render_status(current: Mapping[str, Any]) -> Any:
     lat = current.get("latency_ms", {}).get("capture_to_send", {})
     tr = current.get("transport", {})
     active = [n for n, a in current.get("alerts", {}).items() if a.get("active")]
-    table.caption = (
+    summary = (
         f"frames captured {f.get('captured', 0)}  sent {f.get('sent', 0)}  "
         f"skipped {f.get('skipped', 0)}  dropped {f.get('dropped', 0)} "
         f"(rate {_cell(current.get('drop_rate'), '{:.1%}')})\n"
@@ -1196,7 +1198,7 @@ def render_status(current: Mapping[str, Any]) -> Any:
         f"{_cell(current.get('bandwidth_kbps'), '{:.1f}')} kbit/s\n"
         + ("[bold red]ALERTS: " + ", ".join(active) + "[/]" if active else "[green]no alerts[/]")
     )
-    return table
+    return Group(table, Text.from_markup(summary))
 
 
 def _cell(value: Any, fmt: str) -> str:
