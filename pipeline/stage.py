@@ -240,6 +240,10 @@ class StageContext:
                         if msg.cmd == "stop":
                             self.stopping = True  # visible at once, even mid-item
                         self._inbox.put(msg)
+            # A last heartbeat, so that the supervisor has the final counters.
+            hb = control.Heartbeat(spec.name, os.getpid(), "stopping", dict(self.metrics))
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(control.encode(hb), zmq.NOBLOCK)
         finally:
             sock.close()
             zctx.term()

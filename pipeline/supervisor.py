@@ -376,6 +376,8 @@ class Supervisor:
         return self._cmd_id
 
     def _check_exits(self) -> None:
+        if any(st.proc is not None and st.proc.exitcode is not None for st in self.stages.values()):
+            self._drain_control()  # the final heartbeat of an orderly exit
         for st in self.stages.values():
             proc = st.proc
             if proc is None or proc.exitcode is None:
@@ -384,9 +386,7 @@ class Supervisor:
             code = proc.exitcode
             proc.close()
             st.proc = None
-            for k, v in st.metrics.items():
-                if k.endswith("_total"):
-                    st.carried[k] = st.carried.get(k, 0.0) + v
+            self._carry_counters(st)
             err_path = error_file(self.run_dir, st.spec.name)
             with contextlib.suppress(OSError):
                 st.last_error = err_path.read_text(encoding="utf-8").strip() or st.last_error
@@ -428,6 +428,14 @@ class Supervisor:
             st.restarts += 1
             log.warning("%s died (%s): restart #%d", name, why, st.restarts)
             self._start(st)
+
+    @staticmethod
+    def _carry_counters(st: StageState) -> None:
+        """A stage process ended: bank its ``*_total`` counters (the next one starts at 0)."""
+        for k, v in list(st.metrics.items()):
+            if k.endswith("_total"):
+                st.carried[k] = st.carried.get(k, 0.0) + v
+                del st.metrics[k]
 
     def _check_hung(self, now: float) -> None:
         sup = self.cfg.supervisor
@@ -505,10 +513,7 @@ class Supervisor:
         for st in live:
             proc = st.proc
             if proc is not None and proc.exitcode is not None:
-                for k, v in st.metrics.items():
-                    if k.endswith("_total"):
-                        st.carried[k] = st.carried.get(k, 0.0) + v
-                st.metrics = {k: v for k, v in st.metrics.items() if not k.endswith("_total")}
+                self._carry_counters(st)
                 with contextlib.suppress(ValueError):
                     self._poller.unregister(proc.sentinel)
                 proc.close()

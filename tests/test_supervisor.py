@@ -64,7 +64,11 @@ def test_kill9_stage_is_restarted_and_sequence_keeps_increasing(
     data = json.loads(report.read_text())
     assert data["stages"][victim]["restarts"] == 1
     assert data["exit_reason"] == "signal:SIGINT"
-    assert data["frames"]["sent"] == len(seqs)
+    if victim == "transmit":
+        # kill -9 loses the victim's counts since its last heartbeat (100 ms here)
+        assert 0 <= len(seqs) - data["frames"]["sent"] <= 10
+    else:
+        assert data["frames"]["sent"] == len(seqs)
     assert shm_segments(run_id) == []
     print(f"{victim}: restarted {restart_s * 1000:.0f} ms after kill -9")
 
@@ -74,6 +78,7 @@ def test_stopped_stage_is_declared_hung_and_restarted(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     proc = start(trace_config(tmp_path), "--run-id", run_id, "--report", str(report))
     pids = wait_stages(proc.pid, TRACE_STAGES)
+    assert wait_for(lambda: len(packet_seqs(tmp_path / "packets.bin")) > 10, 20)
     os.kill(pids["encode"], signal.SIGSTOP)
     # heartbeat_timeout_ms is 1500 and kill_grace_s 1: restarted within a few seconds
     assert wait_for(lambda: stage_pids(proc.pid).get("encode", pids["encode"]) != pids["encode"], 8)
