@@ -9,8 +9,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -265,3 +268,55 @@ async def raw_join(srv: Server, room: str, role: str = "publisher", **join: Any)
     welcome = await ws.read_text()
     assert welcome["type"] == "welcome", welcome
     return ws
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound to 127.0.0.1 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServeProcess:
+    """``python -m pipeline serve`` as a real process on 127.0.0.1."""
+
+    def __init__(self, port: int = 0, *args: str) -> None:
+        env = {**os.environ, "POSEWIRE_SECRET": SECRET}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "WARNING", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if m is None:
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"server did not start: {line!r} {err}")
+        self.port = int(m.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._close_pipes()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close_pipes()
+        return int(self.proc.returncode)
+
+    def _close_pipes(self) -> None:
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
