@@ -1364,8 +1364,9 @@ class Decoder:
                 raise ProtocolError("capture timestamp out of range")
             step_us = d_us // gap
         t = _qtables(quant)
-        u = _rice_decode(buf, pos, end, n * (7 if has_world else 4))
-        r = _unzigzag_np(u.reshape(n, -1, _L))
+        per_pose = 7 if has_world else 4
+        u = _rice_decode(buf, pos, end, n * per_pose)
+        r = _unzigzag_np(u.reshape(n, per_pose, _L))
         rw = None
         if has_world:
             rw = r[:, 4:]
