@@ -1063,7 +1063,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         _, stage, cmd = parts
         mon = self.server.monitor
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            return
         if length > 65536:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body larger than 64 KiB")
             return
@@ -1096,6 +1102,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         body = json.dumps({"error": message}).encode()
+        self.close_connection = True  # an unread request body must not become the next request
         self._send(status, body, "application/json")
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
