@@ -14,11 +14,13 @@ import time
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
-from pipeline.protocol import _finish_packet, _write_header, peek_header
+from pipeline.pose import PoseFrame
+from pipeline.protocol import CodecConfig, Encoder, peek_header
 from pipeline.receive_cmd import Receiver
 from pipeline.server.app import create_app
 from pipeline.transports.base import Control, Packet, StateChange, TransportBroken
@@ -28,6 +30,7 @@ from tests.test_server_support import (
     Server,
     controls,
     drain,
+    load_trace,
     member,
     packets,
     raw_join,
@@ -53,24 +56,18 @@ async def publish(pub: Any, src: PoseSource, n: int, fps: float | None = None) -
             await asyncio.sleep(1 / fps)
 
 
-def padded_packet(sid: int, seq: int, *, keyframe: bool, size: int = 1000) -> bytes:
-    """A valid header around ``size`` payload bytes (the relay never decodes payloads)."""
-    ts = time.time_ns()
-    out = bytearray()
-    _write_header(
-        out,
-        stream_id=sid,
-        seq=seq,
-        keyframe=keyframe,
-        has_world=False,
-        num_poses=1,
-        capture_ts_ns=ts,
-        ref_seq=None if keyframe else seq - 1,
-        ref_ts_ns=ts - 33_000_000,
-        payload_len=size,
-    )
-    out += bytes(size)
-    return _finish_packet(out)
+def big_packets(sid: int, n: int) -> list[bytes]:
+    """``n`` real packets of about 600 bytes (8 noisy poses per frame), keyframe every 30."""
+    trace = load_trace()
+    rng = np.random.default_rng(0)
+    enc = Encoder(CodecConfig(keyframe_interval=30), sid)
+    out = []
+    for i in range(n):
+        img = np.repeat(trace[i % len(trace)][None], 8, axis=0)
+        img[..., :2] = np.clip(img[..., :2] + rng.normal(0, 0.02, img[..., :2].shape), 0, 1)
+        frame = PoseFrame(seq=i + 1, capture_ts_ns=time.time_ns(), image=img.astype(np.float32))
+        out.append(enc.encode(frame))
+    return out
 
 
 # --------------------------------------------------------------------------- relay
@@ -180,10 +177,11 @@ def test_slow_subscriber_drops_oldest_and_only_gets_decodable_chains() -> None:
             slow = await raw_join(srv, "A", "subscriber", rcvbuf=4096)
             pub = member(srv, "A", publish=True, subscribe=False)
             await pub.connect()
-            n = 8000
+            n = 9000
+            pkts = big_packets(4, n)
             reading = asyncio.create_task(until(fast, lambda xs: len(packets(xs)) >= n, 30))
-            for seq in range(1, n + 1):
-                await pub.send(padded_packet(4, seq, keyframe=seq % 30 == 1))
+            for seq, pkt in enumerate(pkts, 1):
+                await pub.send(pkt)
                 if seq % 20 == 0:
                     await asyncio.sleep(0.002)
             got_fast = await reading

@@ -203,6 +203,8 @@ class Member:
             "streams": sorted(self.streams),
             "clock_offset_ns": self.clock_offset_ns,
             "joined_ns": self.joined_ns,
+            "packets_sent": self.sent,
+            "packets_dropped": self.dropped,
         }
 
     # ------------------------------------------------------------------ output
