@@ -189,6 +189,7 @@ class Supervisor:
         swept = sweep_stale()
         if swept:
             log.info("swept %d stale segment(s) of crashed runs: %s", len(swept), ", ".join(swept))
+        self._ensure_secret()
         for name in stage_plan(self.cfg):
             self.stages[name] = StageState(self._spec(name, {}))
         ring_plan = self._ring_plan()
@@ -217,6 +218,22 @@ class Supervisor:
             run_id=self.run_id,
         )
         self.monitor.start()
+
+    def _ensure_secret(self) -> None:
+        """An embedded server with no configured secret gets a random one for this run.
+
+        It is exported as ``$POSEWIRE_SECRET`` to the stages (spawned children
+        inherit the environment), so the embedded server and the transmit stage
+        agree, and it never touches the disk. Receivers then need a token from
+        ``python -m pipeline token`` run with the same secret, or from the
+        server's dev endpoint when ``server.dev`` is on (loopback only).
+        """
+        if not self.cfg.server.embedded or os.environ.get("POSEWIRE_SECRET"):
+            return
+        if self.cfg.server.secret:
+            return
+        os.environ["POSEWIRE_SECRET"] = secrets.token_urlsafe(32)
+        log.info("embedded server: using a random per-run token secret")
 
     @property
     def endpoint(self) -> str:

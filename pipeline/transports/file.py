@@ -1,31 +1,39 @@
 """The file transport: packets appended to a local file (a sink for offline use and tests).
 
 Format: a sequence of records, each ``u16 length (little endian)`` followed by
-one protocol packet of that length. :func:`read_packets` reads it back.
+one protocol packet of that length. :func:`read_packets` reads it back. It
+receives nothing: :meth:`FileTransport.recv` waits until the transport is
+closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pipeline.errors import ProtocolError, TransportError
+from pipeline.transports.base import Received, Transport, TransportClosed, TransportStatistics
 
 _LEN = struct.Struct("<H")
 
 
-class FileTransport:
+class FileTransport(Transport):
     """Appends length-prefixed packets to ``path``."""
 
-    name = "file"
+    kind = "file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh: BinaryIO | None = None
-        self.sent = 0
-        self.bytes_sent = 0
+        self._closed = asyncio.Event()
+        self._stats = TransportStatistics(kind=self.kind)
+
+    @property
+    def connected(self) -> bool:
+        return self._fh is not None
 
     async def connect(self) -> None:
         try:
@@ -33,21 +41,37 @@ class FileTransport:
             self._fh = self.path.open("ab", buffering=0)
         except OSError as exc:
             raise TransportError(f"cannot open packet file {self.path}: {exc}") from exc
+        self._stats.connected = True
+        self._stats.connects += 1
 
     async def send(self, packet: bytes) -> None:
         if self._fh is None:
-            raise TransportError("file transport is not connected")
+            self._stats.send_failures += 1
+            raise TransportClosed("file transport is not open")
         try:
             self._fh.write(_LEN.pack(len(packet)) + packet)
         except OSError as exc:
+            self._stats.send_failures += 1
             raise TransportError(f"cannot write {self.path}: {exc}") from exc
-        self.sent += 1
-        self.bytes_sent += len(packet)
+        self._stats.packets_sent += 1
+        self._stats.bytes_sent += len(packet)
+
+    async def send_control(self, message: Mapping[str, Any]) -> None:
+        """A file has no far side: control messages are ignored."""
+
+    async def recv(self) -> Received:
+        await self._closed.wait()
+        raise TransportClosed("file transport closed")
 
     async def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        self._stats.connected = False
+        self._closed.set()
+
+    def statistics(self) -> TransportStatistics:
+        return self._stats
 
 
 def read_packets(path: Path) -> Iterator[bytes]:
