@@ -722,7 +722,7 @@ def _layout(key: bytes, codes: list[int]) -> _Layout:
         rvals=None if has_rem.all() else np.flatnonzero(has_rem).astype(np.int64),
         rlen=int(kv.sum()),
     )
-    if len(_LAYOUTS) > 4096:
+    if len(_LAYOUTS) > 512:
         _LAYOUTS.clear()
     _LAYOUTS[key, len(codes)] = lay
     return lay
