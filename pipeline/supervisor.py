@@ -500,13 +500,18 @@ class Supervisor:
     # -- shutdown -------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        live = [st for st in self.stages.values() if st.proc is not None]
+        # The data path first, then the server it publishes to (no reconnect noise).
+        deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
+        data_path = [st for n, st in self.stages.items() if n != "server"]
+        self._stop_group(data_path, deadline - self.cfg.supervisor.shutdown_timeout_s / 2)
+        self._stop_group(list(self.stages.values()), deadline)
+
+    def _stop_group(self, group: list[StageState], deadline: float) -> None:
+        live = [st for st in group if st.proc is not None]
         if not live:
             return
-        # Upstream first, so that what is in flight drains downstream.
         for st in live:
             self.command(st.spec.name, "stop")
-        deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
         while time.monotonic() < deadline and any(
             st.proc is not None and st.proc.exitcode is None for st in live
         ):
@@ -527,6 +532,7 @@ class Supervisor:
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(2)
+        self._drain_control()  # final heartbeats carry the final counters
         for st in live:
             proc = st.proc
             if proc is not None and proc.exitcode is not None:
