@@ -136,6 +136,40 @@ def test_late_joiner_decodes_from_its_first_packet() -> None:
     run(main())
 
 
+def test_late_joiner_gets_every_stream_whole_while_publishers_keep_streaming() -> None:
+    """Big snapshots (6 streams x ~29 packets x ~600 bytes) while live packets arrive and
+    the subscriber queue is tiny: the snapshot is never cut, every stream decodes at once."""
+
+    async def main() -> None:
+        async with running_server(subscriber_queue=4) as srv:
+            pubs = [member(srv, "A", publish=True, subscribe=False) for _ in range(6)]
+            for p in pubs:
+                await p.connect()
+            streams = [big_packets(100 + i, 200) for i in range(6)]
+
+            async def stream(i: int, start: int, stop: int) -> None:
+                for pkt in streams[i][start:stop]:
+                    await pubs[i].send(pkt)
+                    while pubs[i].recv_nowait() is not None:
+                        pass
+                    await asyncio.sleep(1 / 60)
+
+            await asyncio.gather(*(stream(i, 0, 45) for i in range(6)))
+            late = receiver(srv, "A", "late")
+            live = asyncio.gather(*(stream(i, 45, 75) for i in range(6)))
+            await late.connect()
+            await live
+            await late.run(5.0, until=lambda: late.decoded >= 6 * 45)
+            assert sorted(late.streams) == list(range(100, 106))
+            for st in late.streams.values():
+                assert st.first_decoded_at == 1 and st.need_keyframe == 0, st.summary()
+            await late.close()
+            for p in pubs:
+                await p.close()
+
+    run(main())
+
+
 def test_acks_keyframe_requests_presence_broadcast_and_clock() -> None:
     async def main() -> None:
         async with running_server() as srv:

@@ -90,6 +90,15 @@ class StoredPacket:
     """The encoder instance (header flags); references never cross epochs."""
 
 
+class _Snapshot:
+    """A late-join snapshot in a member's queue: sent whole, never dropped."""
+
+    __slots__ = ("packets",)
+
+    def __init__(self, packets: list[StoredPacket]) -> None:
+        self.packets = packets
+
+
 class _Have:
     """Sequence numbers of one stream a subscriber has received since its last keyframe."""
 
@@ -177,7 +186,7 @@ class Member:
         self.closed = False
         self.sent = 0
         self.dropped = 0
-        self._queue: deque[StoredPacket | str] = deque()
+        self._queue: deque[StoredPacket | str | _Snapshot] = deque()
         self._queued_packets = 0
         self._bound = manager.config.subscriber_queue
         self._busy = False
@@ -264,7 +273,7 @@ class Member:
         if self.closed:
             return
         self._queue.append(text)
-        if len(self._queue) - self._queued_packets > MAX_CONTROL_BACKLOG:
+        if len(self._queue) - self._queued_packets > MAX_CONTROL_BACKLOG:  # snapshots: at most 1
             self.abort(CloseCode.TOO_SLOW, "control messages to this member backed up")
             return
         self._wake.set()
@@ -273,11 +282,10 @@ class Member:
         self.post_text(dumps(obj))
 
     def post_snapshot(self, packets: list[StoredPacket]) -> None:
-        """Queue a late-join snapshot (not subject to the drop bound; chained by construction)."""
-        for pkt in packets:
-            self._queue.append(pkt)
-            self._queued_packets += 1
-        self._wake.set()
+        """Queue a late-join snapshot: never dropped, outside the bound, chained by construction."""
+        if packets:
+            self._queue.append(_Snapshot(packets))
+            self._wake.set()
 
     async def _write_bytes(self, data: bytes) -> None:
         try:
@@ -312,6 +320,12 @@ class Member:
                         self._queued_packets -= 1
                         if self._admit(item):
                             await self._write_bytes(item.data)
+                    elif isinstance(item, _Snapshot):
+                        for pkt in item.packets:
+                            if self.closed:
+                                break
+                            if self._admit(pkt):
+                                await self._write_bytes(pkt.data)
                     else:
                         await self._write_text(item)
             finally:
