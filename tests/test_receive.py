@@ -32,6 +32,22 @@ def server() -> Any:
     assert srv.stop() == 0  # an orderly SIGTERM shutdown exits 0
 
 
+async def _publish(url: str, seconds: float, stop: Any = None) -> None:
+    """A publisher (stream 42, subject "cam") at 30 fps for ``seconds``."""
+    pub = WebSocketTransport(
+        url, "A", token("A", "publisher", subject="cam"), publish=True, subscribe=False
+    )
+    await pub.connect()
+    src = PoseSource(42)
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end and not (stop is not None and stop()):
+        while pub.recv_nowait() is not None:
+            pass
+        await pub.send(src.next())
+        await asyncio.sleep(1 / 30)
+    await pub.close()
+
+
 async def _receive(
     *args: str, publish_to: str | None = None, seconds: float = 0
 ) -> tuple[int, str, str]:
@@ -41,18 +57,7 @@ async def _receive(
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     if publish_to is not None:
-        pub = WebSocketTransport(
-            publish_to, "A", token("A", "publisher", subject="cam"), publish=True, subscribe=False
-        )
-        await pub.connect()
-        src = PoseSource(42)
-        t_end = time.monotonic() + seconds
-        while time.monotonic() < t_end and proc.returncode is None:
-            while pub.recv_nowait() is not None:
-                pass
-            await pub.send(src.next())
-            await asyncio.sleep(1 / 30)
-        await pub.close()
+        await _publish(publish_to, seconds, stop=lambda: proc.returncode is not None)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return int(proc.returncode or 0), out.decode(), err.decode()
 
@@ -175,3 +180,46 @@ def test_receive_reports_a_closed_room(server: ServeProcess) -> None:
         _receive("--server", server.url, "--room", "A", "--token", token("A", "subscriber"))
     )
     assert rc == 1 and "room_closed" in err
+
+
+def test_processes_two_receivers_in_a_one_in_b_and_a_late_joiner(
+    server: ServeProcess, tmp_path: Path
+) -> None:
+    """All real processes but the publisher: serve, and four ``receive`` processes."""
+
+    def cmd(room: str, name: str, duration: float) -> list[str]:
+        return [
+            "--server", server.url, "--room", room, "--token", token(room, "subscriber"),
+            "--duration", str(duration), "--report", str(tmp_path / f"{name}.json"),
+        ]  # fmt: skip
+
+    async def main() -> list[tuple[int, str, str]]:
+        early = [
+            asyncio.create_task(_receive(*cmd("A", "a1", 6))),
+            asyncio.create_task(_receive(*cmd("A", "a2", 6))),
+            asyncio.create_task(_receive(*cmd("B", "b", 6))),
+        ]
+        await asyncio.sleep(1.5)  # let them join before the first packet
+
+        async def late() -> tuple[int, str, str]:
+            await asyncio.sleep(2.0)
+            return await _receive(*cmd("A", "late", 2.5))
+
+        late_task = asyncio.create_task(late())
+        await _publish(server.url, 4.0)
+        return await asyncio.gather(*early, late_task)
+
+    results = asyncio.run(main())
+    for rc, _, err in results:
+        assert rc == 0, err
+    a1, a2, b, late = (
+        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a1", "a2", "b", "late")
+    )
+    for rep in (a1, a2):
+        s = rep["publishers"]["42"]
+        assert s["decoded"] == s["received"] > 60 and s["lost"] == 0 and s["need_keyframe"] == 0
+        assert s["first_decoded_at"] == 1
+    assert a1["publishers"]["42"]["decoded"] == a2["publishers"]["42"]["decoded"]
+    assert b["frames_received"] == 0 and b["publishers"] == {}
+    s = late["publishers"]["42"]
+    assert s["first_decoded_at"] == 1 and s["need_keyframe"] == 0 and s["decoded"] > 0
