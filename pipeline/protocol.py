@@ -694,11 +694,11 @@ class _Layout:
     rlen: int
 
 
-_LAYOUTS: dict[tuple[bytes, int], _Layout] = {}
+_LAYOUTS: dict[tuple[int, ...], _Layout] = {}
 
 
-def _layout(key: bytes, codes: list[int]) -> _Layout:
-    lay = _LAYOUTS.get((key, len(codes)))
+def _layout(codes: tuple[int, ...]) -> _Layout:
+    lay = _LAYOUTS.get(codes)
     if lay is not None:
         return lay
     codes_a = np.array(codes, np.int64)
@@ -724,85 +724,138 @@ def _layout(key: bytes, codes: list[int]) -> _Layout:
     )
     if len(_LAYOUTS) > 512:
         _LAYOUTS.clear()
-    _LAYOUTS[key, len(codes)] = lay
+    _LAYOUTS[codes] = lay
     return lay
 
 
-def _codes_key(codes: list[int]) -> bytes:
-    if len(codes) % 2:
-        codes = [*codes, 0]
-    return bytes((codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2))
+# Prefix code of a group's Rice code c given the same group's code r in the
+# reference frame (15 when there is none): "0" c = r, "10" c = r + 1, "110"
+# c = r - 1, "111" and 4 bits: c.
+_SAME = [0]
+_UP = [1, 0]
+_DOWN = [1, 1, 0]
+_EXPLICIT = [[1, 1, 1, (c >> 3) & 1, (c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(16)]
 
 
-def _rice_encode(u: IntArray) -> bytes:
+def _code_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for c, r in zip(codes, ref_codes, strict=True):
+        if c == r:
+            out += _SAME
+        elif c == r + 1:
+            out += _UP
+        elif c == r - 1:
+            out += _DOWN
+        else:
+            out += _EXPLICIT[c]
+    return out
+
+
+def _read_codes(data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]) -> tuple[int, ...]:
+    """Parse the group codes at ``data[pos:]``; the caller gets their bit length from
+    the total (see :func:`_rice_decode`)."""
+    chunk = data[pos : min(end, pos + (7 * len(ref_codes) + 7) // 8)]
+    total = 8 * len(chunk)
+    v = int.from_bytes(chunk, "big")
+    bit = total
+    codes = []
+    for r in ref_codes:
+        if bit < 1:
+            raise ProtocolError("payload truncated inside the group codes")
+        bit -= 1
+        if not (v >> bit) & 1:
+            codes.append(r)
+            continue
+        if bit < 1:
+            raise ProtocolError("payload truncated inside the group codes")
+        bit -= 1
+        if not (v >> bit) & 1:
+            c = r + 1
+        else:
+            if bit < 1:
+                raise ProtocolError("payload truncated inside the group codes")
+            bit -= 1
+            if not (v >> bit) & 1:
+                c = r - 1
+            else:
+                if bit < 4:
+                    raise ProtocolError("payload truncated inside the group codes")
+                bit -= 4
+                c = (v >> bit) & 15
+        if not 0 <= c <= _ZERO_GROUP:
+            raise ProtocolError(f"group code {c} out of range")
+        codes.append(c)
+    return tuple(codes)
+
+
+def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]]:
     """Code the groups (rows of 33 unsigned values) of ``u``: see docs/protocol.md.
 
-    Layout: one 4-bit code per group, two per byte, high nibble first, a zero nibble
-    after an odd count (Rice parameter k = 0..14, or 15 = every value is zero); then
-    the unary parts (q zeros and a one, q = value >> k) of every value of the
-    non-zero groups; then their k-bit remainders, MSB first; then zero bits to a
-    byte boundary.
+    Layout, as one bit string, MSB first: the group codes (Rice parameter k = 0..14,
+    or 15 = every value of the group is zero), each as a prefix code relative to
+    ``ref_codes``; then the unary parts (q zeros and a one, q = value >> k) of every
+    value of the non-zero groups; then their k-bit remainders; then zero bits to a
+    byte boundary. Returns the bytes and the codes.
     """
     if u.shape[0] == 0:
-        return b""
+        return b"", ()
     # Rice parameter per group: floor(log2(mean)) (within 0.2 bit per group of the
     # best k on the traces), raised where needed to keep unary parts under 2**6.
-    codes = []
+    codes_l = []
     for total, top in zip(u.sum(axis=1).tolist(), u.max(axis=1).tolist(), strict=True):
         if top == 0:
-            codes.append(_ZERO_GROUP)
+            codes_l.append(_ZERO_GROUP)
             continue
         k = max(0, (total // _L).bit_length() - 1, (top >> _MAX_Q_BITS).bit_length())
         if k > _MAX_K:
             raise ProtocolError("residual too large to code")
-        codes.append(k)
-    key = _codes_key(codes)
-    lay = _layout(key, codes)
+        codes_l.append(k)
+    codes = tuple(codes_l)
+    prefix = _code_bits(codes, ref_codes)
+    n_prefix = len(prefix)
+    lay = _layout(codes)
     if lay.n_vals == 0:
-        return key
+        return np.packbits(np.array(prefix, np.uint8)).tobytes(), codes
     vals = u.ravel() if lay.nz_idx is None else u.ravel()[lay.nz_idx]
     kv = lay.kv
     ends = np.cumsum((vals >> kv) + 1)
-    n_unary = int(ends[-1])
+    n_unary = n_prefix + int(ends[-1])
     bits = np.zeros(n_unary + lay.rlen, np.uint8)
-    bits[ends - 1] = 1
+    bits[:n_prefix] = prefix
+    bits[ends + (n_prefix - 1)] = 1
     rem16 = ((vals & lay.kmask) << lay.shift16).astype(">u2")
     bits[n_unary:] = np.unpackbits(rem16.view(np.uint8))[lay.rmask]
-    return key + np.packbits(bits).tobytes()
+    return np.packbits(bits).tobytes(), codes
 
 
-def _rice_decode(data: bytes, pos: int, end: int, n_groups: int) -> IntArray:
+def _rice_decode(
+    data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]
+) -> tuple[IntArray, tuple[int, ...]]:
     """Inverse of :func:`_rice_encode` over ``data[pos:end]`` (which it must fill exactly)."""
+    n_groups = len(ref_codes)
     if n_groups == 0:
         if end != pos:
             raise ProtocolError(f"{end - pos} payload bytes where none are expected")
-        return np.zeros((0, _L), np.int64)
-    n_key = (n_groups + 1) // 2
-    if end - pos < n_key:
-        raise ProtocolError("payload too short for its group codes")
-    key = data[pos : pos + n_key]
-    codes = []
-    for b in key:
-        codes.append(b >> 4)
-        codes.append(b & 15)
-    if len(codes) > n_groups and codes.pop() != 0:
-        raise ProtocolError("non-zero padding nibble after the group codes")
-    lay = _layout(key, codes)
-    body = data[pos + n_key : end]
-    if lay.n_vals == 0:
-        if body:
-            raise ProtocolError("payload has bytes after all-zero groups")
-        return np.zeros((n_groups, _L), np.int64)
+        return np.zeros((0, _L), np.int64), ()
+    codes = _read_codes(data, pos, end, ref_codes)
+    n_prefix = len(_code_bits(codes, ref_codes))
+    lay = _layout(codes)
+    body = data[pos:end]
     n_bits = 8 * len(body)
+    if lay.n_vals == 0:
+        pad = n_bits - n_prefix
+        if pad >= 8 or body[-1] & ((1 << pad) - 1):
+            raise ProtocolError("payload has trailing bytes or non-zero padding")
+        return np.zeros((n_groups, _L), np.int64), codes
     bits = np.unpackbits(np.frombuffer(body, np.uint8))
-    ones = np.flatnonzero(bits)
+    ones = np.flatnonzero(bits[n_prefix:])
     if ones.size < lay.n_vals:
         raise ProtocolError("payload truncated inside the unary codes")
     ends = ones[: lay.n_vals]
     q = np.empty(lay.n_vals, np.int64)
     q[0] = ends[0]
     np.subtract(ends[1:], ends[:-1] + 1, out=q[1:])
-    rstart = int(ends[-1]) + 1
+    rstart = n_prefix + int(ends[-1]) + 1
     used = rstart + lay.rlen
     pad = n_bits - used
     if pad < 0:
@@ -820,10 +873,31 @@ def _rice_decode(data: bytes, pos: int, end: int, n_groups: int) -> IntArray:
         vals = q
     if lay.nz_idx is None:
         out: IntArray = vals.reshape(n_groups, _L)
-        return out
+        return out, codes
     out = np.zeros(n_groups * _L, np.int64)
     out[lay.nz_idx] = vals
-    return out.reshape(n_groups, _L)
+    return out.reshape(n_groups, _L), codes
+
+
+def _ref_codes(ref: _Entry | None, n: int, has_world: bool) -> tuple[int, ...]:
+    """The reference frame's group codes aligned with this frame's groups (15 where the
+    reference has no such group)."""
+    per_pose = 7 if has_world else 4
+    if ref is None:
+        return (_ZERO_GROUP,) * (n * per_pose)
+    rpp = 7 if ref.wstack is not None else 4
+    if ref.n == n and rpp == per_pose:
+        return ref.codes
+    rc = ref.codes
+    out: list[int] = []
+    for p in range(n):
+        if p < ref.n:
+            out += rc[p * rpp : p * rpp + 4]
+            if has_world:
+                out += rc[p * rpp + 4 : p * rpp + 7] if rpp == 7 else [_ZERO_GROUP] * 3
+        else:
+            out += [_ZERO_GROUP] * per_pose
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- reference frames
@@ -851,6 +925,8 @@ class _Entry:
     wdepth: tuple[int, ...]
     key_seq: int
     """Sequence number of the keyframe this frame descends from."""
+    codes: tuple[int, ...]
+    """The group codes of this frame's packet (the next packet's code reference)."""
 
 
 def _stack_on(
@@ -1221,7 +1297,7 @@ class Encoder:
             groups = r.reshape(n * 4, _L)
         else:
             groups = np.concatenate((r, rw), axis=1).reshape(n * 7, _L)
-        payload = _rice_encode(_zigzag_np(groups))
+        payload, codes = _rice_encode(_zigzag_np(groups), _ref_codes(ref, n, qw is not None))
         out = bytearray()
         if ref is None:
             payload = self._quant.to_bytes() + payload
@@ -1268,18 +1344,9 @@ class Encoder:
                 wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
             key_seq = ref.key_seq
         entry = _Entry(
-            seq,
-            entry_ts,
-            step_us,
-            self.epoch,
-            self._quant,
-            n,
-            stack,
-            depth,
-            wstack,
-            wdepth,
-            key_seq,
-        )
+            seq, entry_ts, step_us, self.epoch, self._quant, n, stack, depth, wstack, wdepth,
+            key_seq, codes,
+        )  # fmt: skip
         return packet, entry
 
 
@@ -1365,7 +1432,7 @@ class Decoder:
             step_us = d_us // gap
         t = _qtables(quant)
         per_pose = 7 if has_world else 4
-        u = _rice_decode(buf, pos, end, n * per_pose)
+        u, codes = _rice_decode(buf, pos, end, _ref_codes(ref, n, has_world))
         r = _unzigzag_np(u.reshape(n, per_pose, _L))
         rw = None
         if has_world:
@@ -1410,7 +1477,7 @@ class Decoder:
             key_seq = ref.key_seq
         st.entries.pop(seq, None)
         st.entries[seq] = _Entry(
-            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq
+            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq, codes
         )
         while len(st.entries) > HISTORY:
             del st.entries[next(iter(st.entries))]
