@@ -18,6 +18,12 @@ Typical use::
     report("mything", rows, targets, as_json=args.json)
 
 Nothing here knows about any particular benchmark.
+
+Harness hooks (``python -m bench`` sets them; a benchmark run on its own is
+unaffected): when ``$POSEWIRE_BENCH_RESULT`` names a file, :func:`report`
+also appends its JSON object there, one line per call, whatever ``--json``
+says; when ``$POSEWIRE_BENCH_PROGRESS`` names a file, :func:`progress` writes
+how far a long benchmark has got, for the harness's progress bar.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ from typing import IO, Any
 
 Row = dict[str, Any]
 Target = dict[str, Any]
+
+RESULT_ENV = "POSEWIRE_BENCH_RESULT"
+"""Environment variable: a file :func:`report` appends each result object to (JSON lines)."""
+PROGRESS_ENV = "POSEWIRE_BENCH_PROGRESS"
+"""Environment variable: a file :func:`progress` writes ``done total note`` to."""
 
 
 def machine_info() -> dict[str, Any]:
@@ -230,6 +241,7 @@ def report(
 ) -> dict[str, Any]:
     """Print the result (markdown or ``--json``) and return the JSON object either way."""
     obj = result(bench, rows, targets, **extra)
+    save_result(obj)
     out = file or sys.stdout
     if as_json:
         emit_json(obj, out)
@@ -241,6 +253,32 @@ def report(
         print("\ntargets:\n", file=out)
         print(targets_table(targets), file=out)
     return obj
+
+
+def save_result(obj: Mapping[str, Any]) -> None:
+    """Append ``obj`` as one JSON line to ``$POSEWIRE_BENCH_RESULT`` when it is set."""
+    path = os.environ.get(RESULT_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        emit_json(obj, fh)
+
+
+def progress(done: float, total: float, note: str = "") -> None:
+    """Tell the harness how far this benchmark has got (no-op unless it asked).
+
+    ``done`` and ``total`` in any one unit (seconds, cases...); ``note`` is a
+    short text shown beside the bar.
+    """
+    path = os.environ.get(PROGRESS_ENV)
+    if not path:
+        return
+    text = f"{float(done):g} {float(total):g} {' '.join(note.split())}\n"
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
 
 
 def all_met(targets: Sequence[Target]) -> bool:
