@@ -802,7 +802,8 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
     # Rice parameter per group: floor(log2(mean)) (within 0.2 bit per group of the
     # best k on the traces), raised where needed to keep unary parts under 2**6.
     codes_l = []
-    for total, top in zip(u.sum(axis=1).tolist(), u.max(axis=1).tolist(), strict=True):
+    sums = np.add.reduce(u, axis=1).tolist()
+    for total, top in zip(sums, np.maximum.reduce(u, axis=1).tolist(), strict=True):
         if top == 0:
             codes_l.append(_ZERO_GROUP)
             continue
@@ -848,7 +849,7 @@ def _rice_decode(
             raise ProtocolError("payload has trailing bytes or non-zero padding")
         return np.zeros((n_groups, _L), np.int64), codes
     bits = np.unpackbits(np.frombuffer(body, np.uint8))
-    ones = np.flatnonzero(bits[n_prefix:])
+    ones = bits[n_prefix:].nonzero()[0]
     if ones.size < lay.n_vals:
         raise ProtocolError("payload truncated inside the unary codes")
     ends = ones[: lay.n_vals]
@@ -929,6 +930,9 @@ class _Entry:
     """The group codes of this frame's packet (the next packet's code reference)."""
 
 
+_FULL_DEPTH = [(PREDICTOR_DEPTH,) * n for n in range(MAX_POSES + 1)]
+
+
 def _stack_on(
     q: FloatArray, ref_stack: FloatArray | None, ref_depth: tuple[int, ...]
 ) -> tuple[FloatArray, tuple[int, ...]]:
@@ -940,6 +944,8 @@ def _stack_on(
     m = ref_stack.shape[0]
     if m == n:
         stack = np.concatenate((q, ref_stack[:, :, :keep]), axis=2)
+        if ref_depth == _FULL_DEPTH[n]:
+            return stack, ref_depth
         return stack, tuple(min(PREDICTOR_DEPTH, d + 1) for d in ref_depth)
     stack = np.zeros((n, q.shape[1], _L + keep), np.float64)
     stack[:, :, :_L] = q
@@ -959,7 +965,7 @@ def _predict(
     """
     m = len(depth)
     d0 = depth[0] if m else 0
-    if m >= n and all(d == d0 for d in depth[:n]):
+    if (m == n and depth == _FULL_DEPTH[n]) or (m >= n and all(d == d0 for d in depth[:n])):
         h = stack[:n, :, None, : d0 * _L]
         return np.floor(h @ mats[d0] + 0.5)[:, :, 0, :], None
     pred = np.zeros((n, stack.shape[1], _L), np.float64)
@@ -1191,19 +1197,18 @@ class Encoder:
         cfg = self.config
         img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
         n = img.shape[0]
-        flat = img.transpose(0, 2, 1).astype(np.float64)
-        if not ((flat >= _IMG_LO) & (flat <= _IMG_HI)).all():
+        # (NaN fails both comparisons)
+        if np.count_nonzero((img >= _IMG_LO4) & (img <= _IMG_HI4)) != img.size:
             raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
-        q = np.rint(flat * self._t.scale)
+        q = np.rint(img.transpose(0, 2, 1) * self._t.scale)
         qw = None
         if cfg.world and frame.world is not None:
             w = _check_block(frame.world, 3, "world", cfg.max_poses, n)
-            wflat = w.transpose(0, 2, 1).astype(np.float64)
-            if not ((wflat >= WORLD_RANGE_M[0]) & (wflat <= WORLD_RANGE_M[1])).all():
+            if np.count_nonzero((w >= WORLD_RANGE_M[0]) & (w <= WORLD_RANGE_M[1])) != w.size:
                 lo = np.full(3, WORLD_RANGE_M[0])
                 hi = np.full(3, WORLD_RANGE_M[1])
                 raise _value_error(w.astype(np.float64), lo, hi, ("x", "y", "z"), "world ")
-            qw = np.rint(wflat * self._quant.n_world)
+            qw = np.rint(w.transpose(0, 2, 1) * float(self._quant.n_world))
         return q, qw
 
     def _choose_ref(self, seq: int, keyframe: bool) -> _Entry | None:
@@ -1444,9 +1449,9 @@ class Decoder:
         else:
             q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
             qw = None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
-        if n and not ((q >= t.lo) & (q <= t.hi)).all():
+        if n and np.count_nonzero((q >= t.lo) & (q <= t.hi)) != q.size:
             raise ProtocolError("decoded image landmarks out of range: corrupt payload")
-        if qw is not None and n and not ((qw >= t.w_lo) & (qw <= t.w_hi)).all():
+        if qw is not None and n and np.count_nonzero((qw >= t.w_lo) & (qw <= t.w_hi)) != qw.size:
             raise ProtocolError("decoded world landmarks out of range: corrupt payload")
         # the packet is good: update the stream state
         if st is None:
