@@ -10,10 +10,19 @@ refusal that retrying cannot fix (token refused, kicked, room closed, bad
 packets) ends it: the next :meth:`send`/:meth:`recv` raises
 :class:`~pipeline.errors.TokenError` or :class:`TransportBroken`.
 
-Publishers: every accepted packet is acknowledged by the server
-(``Control(type="ack", body={"stream_id", "seq"})``); the server asks for a
-keyframe with ``Control(type="keyframe_request")``. After a reconnect
-(``StateChange(connected=True)``) the encoder should send a keyframe.
+Publishers (the transmit stage) should, for every item :meth:`recv` yields:
+
+* ``Control(type="ack", body={"stream_id", "seq"})``: ``encoder.on_ack(seq)``.
+  The server acknowledges every packet it accepted (it relays reliably and
+  keeps the history late joiners need; see :mod:`pipeline.server.rooms`).
+* ``Control(type="keyframe_request", body={"stream_id"})``:
+  ``encoder.request_keyframe()`` (a real keyframe, not a refresh: the server
+  sends it for subscribers that lack the chain, e.g. after a drop or a join).
+* ``StateChange(connected=True)`` (a reconnect, possibly to a restarted server
+  without history): ``encoder.request_keyframe()``.
+
+Read them promptly (or with :meth:`recv_nowait` between sends): the receive
+queue is bounded and drops the oldest pose packet (then the oldest item) when full.
 
 The wire messages and close codes are documented in :mod:`pipeline.server.app`
 and :mod:`pipeline.server.limits`.
