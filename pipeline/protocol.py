@@ -788,6 +788,11 @@ def _read_codes(data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]) -> 
     return tuple(codes)
 
 
+def _est(total: int, k: int) -> float:
+    """Estimated Rice bits of a group of 33 values summing to ``total`` with parameter k."""
+    return total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k))
+
+
 def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]]:
     """Code the groups (rows of 33 unsigned values) of ``u``: see docs/protocol.md.
 
@@ -801,15 +806,22 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
         return b"", ()
     # Rice parameter per group: floor(log2(mean)) (within 0.2 bit per group of the
     # best k on the traces), raised where needed to keep unary parts under 2**6.
+    # Keep the reference's k when it is a neighbour costing (by the estimate
+    # sum / 2**k + 33 * (k + 1/2 + 2**-k / 2)) at most 1.5 bits more: its code is 1 bit
+    # instead of 2 or 3.
     codes_l = []
     sums = np.add.reduce(u, axis=1).tolist()
-    for total, top in zip(sums, np.maximum.reduce(u, axis=1).tolist(), strict=True):
+    tops = np.maximum.reduce(u, axis=1).tolist()
+    for total, top, r in zip(sums, tops, ref_codes, strict=True):
         if top == 0:
             codes_l.append(_ZERO_GROUP)
             continue
-        k = max(0, (total // _L).bit_length() - 1, (top >> _MAX_Q_BITS).bit_length())
+        kmin = (top >> _MAX_Q_BITS).bit_length()
+        k = max(0, (total // _L).bit_length() - 1, kmin)
         if k > _MAX_K:
             raise ProtocolError("residual too large to code")
+        if (r == k + 1 or r == k - 1) and r >= kmin and _est(total, r) <= _est(total, k) + 1.5:
+            k = r
         codes_l.append(k)
     codes = tuple(codes_l)
     prefix = _code_bits(codes, ref_codes)
