@@ -1,62 +1,36 @@
-"""The posewire wire protocol, version 1: packet header (this part) and pose codec.
+"""The posewire wire protocol, version 1: packet format and the pose codec.
 
-Packet format v1
-================
+``docs/protocol.md`` is the full specification (payload bit by bit, predictor
+coefficients, loss handling, measurements). The packet:
 
-All multi-byte fixed-width integers are little-endian. ``varint`` is unsigned
-LEB128 (7 bits per byte, low group first, high bit = "more bytes follow"),
-canonical (no trailing ``0x80 0x00`` padding) and at most 10 bytes.
-``zigzag`` maps a signed integer to an unsigned one (0, -1, 1, -2, ... ->
-0, 1, 2, 3, ...) before it is written as a varint.
+===========  =================  ==============================================
+bytes        field              content
+===========  =================  ==============================================
+1            magic, version     ``0xB1``: magic nibble ``0xB``, version 1
+                                (``0xBF`` + one byte for versions >= 15)
+1            flags              bit 0 keyframe, bit 1 world landmarks, bits
+                                2-5 number of poses (0..8), bits 6-7 epoch
+1-5          stream id          varint (unsigned LEB128), < 2**32
+1-9          sequence           varint, ``PoseFrame.seq``, < 2**63
+8            capture time       keyframes only: int64 ``time.time_ns()``
+1-5          reference          delta packets only: varint ``seq - ref_seq``
+1-10         time residual      delta packets only: zigzag varint, us since
+                                the reference's capture minus the expected
+                                interval (decoded within 0.5 us)
+1-2          payload length     varint
+n            payload            quantization (keyframes), Rice-coded residuals
+4            checksum           CRC32C of all the bytes before it
+===========  =================  ==============================================
 
-=========  ======================  ============================================
-bytes      field                   meaning
-=========  ======================  ============================================
-1          magic | version         high nibble ``0xB`` (magic), low nibble the
-                                   protocol version (1 here). ``0xBF`` is
-                                   reserved for "version >= 15 in the next
-                                   byte" so the version can grow.
-1          flags                   bit 0 ``K`` keyframe (no reference), bit 1
-                                   ``W`` world landmarks present, bits 2-5
-                                   number of poses (0..8), bits 6-7 the
-                                   encoder's epoch (see below).
-1-5        stream id               varint, publisher stream id, < 2**32.
-1-9        sequence                varint, the frame's sequence number
-                                   (``PoseFrame.seq``), < 2**63.
-(K=1) 8    capture timestamp       int64, ``time.time_ns()`` of the capture.
-(K=0) 1-5  reference delta         varint ``seq - ref_seq``, >= 1, < 2**32.
-(K=0) 1-10 timestamp delta         zigzag varint, ``capture_ts_ns`` minus the
-                                   reference frame's ``capture_ts_ns``, exact
-                                   in nanoseconds.
-1-2        payload length          varint, number of payload bytes.
-n          payload                 the coded poses (see the codec section).
-4          checksum                CRC32C (Castagnoli) of every byte before
-                                   it, uint32.
-=========  ======================  ============================================
+Every packet is shorter than :data:`MAX_PACKET_BYTES`. A delta packet's header
+is 9 to 11 bytes, plus the 4-byte checksum.
 
-A typical delta packet's header is 1 + 1 + 1 + 3 + 1 + 4 + 1 + 4 = 16 bytes
-(stream id < 128, sequence < 2**21, i.e. 19 h at 30 fps; a 33 ms timestamp
-delta takes 4 bytes); a keyframe's is 20 bytes.
-
-The whole packet is strictly shorter than :data:`MAX_PACKET_BYTES` (1,100
-bytes, one SCTP packet on a 1,200-byte path MTU).
-
-Why the timestamp of a delta packet is a delta: an absolute ``time_ns()``
-needs 8 bytes, an eighth of the 64-byte budget of a whole frame. The delta
-to the reference frame's timestamp is exact (no rounding) and takes 4 bytes
-for up to 134 ms. :func:`peek_header` therefore reports the absolute
-timestamp only for keyframes; for delta packets it reports
-``capture_ts_delta_ns`` and the :class:`Decoder` (which has the reference)
-fills in ``capture_ts_ns``.
-
-Checksum: CRC32C was measured against xxHash on a 60-byte packet on the
-development machine: ``google_crc32c.value`` 142 ns, ``xxhash.xxh32_intdigest``
-75 ns, ``xxh3_64`` 70 ns (``python -m bench codec`` re-measures it). The
-67 ns difference is irrelevant next to the codec's microseconds; CRC32C wins on
-the rest: it is already a runtime dependency (xxhash is a test extra), it is
-the SCTP/iSCSI checksum with hardware support and a guaranteed Hamming
-distance for short messages (every burst of up to 32 flipped bits is
-detected), and a JavaScript viewer implements it in a dozen lines.
+Checksum: CRC32C over xxHash. On a 64-byte packet ``google_crc32c.value`` takes
+about 100-140 ns, ``xxhash.xxh32_intdigest`` 50-75 ns (``python -m bench codec``
+re-measures it): irrelevant next to the codec's microseconds. CRC32C is already a
+runtime dependency (xxhash only a test extra), is the SCTP/iSCSI checksum with
+hardware support and guaranteed detection of error bursts up to 32 bits, and is
+a dozen lines of JavaScript for the viewer.
 """
 
 from __future__ import annotations
