@@ -1044,8 +1044,6 @@ def _value_error(
 
 _IMG_LO4 = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
 _IMG_HI4 = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
-_IMG_LO = _IMG_LO4[:, None]
-_IMG_HI = _IMG_HI4[:, None]
 
 
 # --------------------------------------------------------------------------- results
