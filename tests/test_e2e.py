@@ -1,0 +1,155 @@
+"""End to end, all real processes on loopback: a sender pipeline publishing into its embedded
+room server over the WebSocket transport, and ``python -m pipeline receive`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.server.tokens import mint_token
+from tests.procutil import ROOT, TRACE, start, stop, wait_for, wait_stages, write_config
+
+pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+
+SECRET = "e2e-test-secret-" + "x" * 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sender_config(tmp_path: Path, port: int) -> Path:
+    return write_config(
+        tmp_path,
+        f"""
+detect:
+  backend: trace
+  trace: {TRACE}
+transmit:
+  primary: websocket
+  server_url: http://127.0.0.1:{port}
+  room: A
+server:
+  embedded: true
+  port: {port}
+supervisor:
+  run_dir: {tmp_path / "run"}
+  heartbeat_interval_ms: 100
+  heartbeat_timeout_ms: 1500
+monitor:
+  enabled: false
+""",
+    )
+
+
+def _receive(port: int, room: str, name: str, duration: float, tmp: Path) -> subprocess.Popen[str]:
+    token = mint_token(SECRET, room=room, role="subscriber", subject=name)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "receive",
+            "--server",
+            f"http://127.0.0.1:{port}",
+            "--room",
+            room,
+            "--token",
+            token,
+            "--duration",
+            str(duration),
+            "--report",
+            str(tmp / f"{name}.json"),
+            "--connect-timeout",
+            "10",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "POSEWIRE_SECRET": SECRET},
+    )
+
+
+def test_sender_pipeline_to_receivers_rooms_and_late_joiner(tmp_path: Path) -> None:
+    port = _free_port()
+    sender = start(_sender_config(tmp_path, port), env={"POSEWIRE_SECRET": SECRET})
+    try:
+        wait_stages(sender.pid, {"detect", "encode", "transmit", "server"})
+        a1 = _receive(port, "A", "a1", 6, tmp_path)
+        a2 = _receive(port, "A", "a2", 6, tmp_path)
+        b = _receive(port, "B", "b", 6, tmp_path)
+        time.sleep(3)
+        late = _receive(port, "A", "late", 3, tmp_path)
+        for p in (a1, a2, b, late):
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 0, err
+    finally:
+        code, _, err = stop(sender)
+    assert code == 0, err[-3000:]
+    reps = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a1", "a2", "b", "late")}
+    for name in ("a1", "a2"):
+        (stream,) = reps[name]["publishers"].values()
+        assert stream["decoded"] > 100, (name, stream)
+        assert stream["lost"] == 0 and stream["need_keyframe"] == 0, (name, stream)
+        assert reps[name]["latency_ms"]["p50"] is not None
+    assert reps["b"]["frames_received"] == 0 and reps["b"]["publishers"] == {}
+    (late_stream,) = reps["late"]["publishers"].values()
+    assert late_stream["first_decoded_at"] == 1, late_stream  # decodable from its first packet
+    assert late_stream["decoded"] > 30
+
+
+def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> None:
+    from pipeline.receive_cmd import Receiver
+    from tests.procutil import stage_pids
+
+    port = _free_port()
+    report = tmp_path / "report.json"
+    sender = start(
+        _sender_config(tmp_path, port), "--report", str(report), env={"POSEWIRE_SECRET": SECRET}
+    )
+    try:
+        pids = wait_stages(sender.pid, {"detect", "encode", "transmit", "server"})
+
+        async def scenario() -> float:
+            token = mint_token(SECRET, room="A", role="subscriber", subject="watcher")
+            rec = Receiver(f"http://127.0.0.1:{port}", "A", token, connect_timeout_s=15)
+            await rec.connect()
+            runner = asyncio.create_task(rec.run(None))
+            try:
+                deadline = time.monotonic() + 15
+                while rec.decoded < 30 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert rec.decoded >= 30, "no poses before the kill"
+                os.kill(pids["server"], signal.SIGKILL)
+                t_kill = time.monotonic()
+                await asyncio.sleep(0.2)
+                before = rec.decoded
+                while rec.decoded <= before + 5 and time.monotonic() - t_kill < 10:
+                    await asyncio.sleep(0.02)
+                return time.monotonic() - t_kill
+            finally:
+                runner.cancel()
+                await rec.close()
+
+        back_after = asyncio.run(scenario())
+        assert back_after < 3.0, f"streaming again only after {back_after:.2f} s"
+        assert wait_for(lambda: "server" in stage_pids(sender.pid), 5)
+    finally:
+        code, _, err = stop(sender)
+    assert code == 0, err[-3000:]
+    data = json.loads(report.read_text())
+    assert data["stages"]["server"]["restarts"] == 1
+    print(f"streaming again {back_after:.2f} s after kill -9 of the server")
