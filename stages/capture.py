@@ -494,6 +494,23 @@ class DemoSource(Source):
         return f"demo (astronaut, animated) {self.width}x{self.height} at {self.fps:g} fps"
 
 
+def write_demo_video(
+    path: Path, width: int = 1280, height: int = 720, frames: int = 150, fps: float = 30.0
+) -> Path:
+    """Write ``frames`` frames of the demo animation to ``path`` (MJPG ``.avi``; benchmarks)."""
+    demo = DemoSource(width, height, fps)
+    demo.open()
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise SourceError(f"cannot write a video to {path}")
+    try:
+        for n in range(frames):
+            writer.write(cv2.cvtColor(demo.render(n), cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+    return path
+
+
 def create_source(cfg: Config, log: logging.Logger | None = None) -> Source:
     """The :class:`Source` ``cfg.source`` describes (not opened yet).
 
@@ -740,7 +757,8 @@ class FrameFeed:
         src = self.source
         if self._mailbox is not None:
             self._dropped_before += self._mailbox.dropped
-        self._mailbox = _Mailbox(capacity=2, drop_oldest=src.live)
+        # a non-live source decodes one frame ahead; a live one keeps the newest two
+        self._mailbox = _Mailbox(capacity=2 if src.live else 1, drop_oldest=src.live)
         self._reader = _Reader(src, self._realtime, self._pace_fps, self._mailbox)
         self._reader.start()
 
@@ -892,6 +910,13 @@ class FramePacker:
 def run(ctx: StageContext) -> int:
     """Capture stage: source -> ``frames`` ring (latest-wins). Returns 0 at end of file.
 
+    With ``as_fast_as_possible`` a file, folder or demo is read *on demand*:
+    the next frame is sent as soon as detection has taken the previous one
+    (the reader thread decodes it meanwhile), so no frame is decoded only to
+    be skipped and every frame of a file is detected, as fast as detection
+    goes. Paced and live sources are latest-wins: detection takes the newest
+    frame and the ring counts the others as skipped.
+
     Metrics: ``frames_captured_total``, ``reopens_total``,
     ``frames_dropped_source_total`` (a live source outran this loop), and the
     gauges ``fps`` and ``source_up`` (1 while frames arrive, 0 while the
@@ -901,6 +926,14 @@ def run(ctx: StageContext) -> int:
     log = ctx.log
     feed = FrameFeed.from_config(cfg, log)  # SourceError: fails fast, before the ring
     frames = ctx.ring("frames")
+    on_demand = cfg.source.as_fast_as_possible and not feed.source.live
+
+    def wait_until_taken() -> None:
+        """On demand: until the reader has taken the last frame sent (or we stop)."""
+        while on_demand and not ctx.stopping and frames.statistics().occupancy > 0:
+            ctx.tick()
+            time.sleep(0.0005)
+
     packer = FramePacker(
         cfg.rings.max_frame_width, cfg.rings.max_frame_height, cfg.source.resize, log
     )
@@ -911,8 +944,10 @@ def run(ctx: StageContext) -> int:
     try:
         while not ctx.stopping:
             ctx.tick()
+            wait_until_taken()
             got = feed.poll(0.2, take_frames=not ctx.paused)
             if isinstance(got, _End):
+                wait_until_taken()
                 frames.send(end_of_stream_payload(), ts_ns=time.time_ns())
                 log.info("source ended after %d frames", captured)
                 return 0

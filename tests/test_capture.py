@@ -562,7 +562,7 @@ def test_capture_stage_writes_the_frames_ring_and_ends_with_0(tmp_path: Path) ->
     write_video(tmp_path / "v.avi", gray_frames(8, 64, 48), fps=30)
     cfg = config(
         tmp_path,
-        "source: {kind: file, path: v.avi, as_fast_as_possible: true, resize: [32, 24]}\n"
+        "source: {kind: file, path: v.avi, fps: 200, resize: [32, 24]}\n"  # paced: latest-wins
         "rings: {max_frame_width: 64, max_frame_height: 48}",
     )
     rings = StageRings(tmp_path, cfg)

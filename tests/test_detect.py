@@ -421,7 +421,7 @@ def test_latest_wins_with_real_processes(tmp_path: Path, astronaut: RGB) -> None
     portrait_video(tmp_path / "v.avi", astronaut)
     cfg = config(
         tmp_path,
-        "source: {kind: file, path: v.avi, loop: true, as_fast_as_possible: true}\n"
+        "source: {kind: file, path: v.avi, loop: true, fps: 240}\n"  # paced, 5x detection
         "rings: {max_frame_width: 320, max_frame_height: 400, poses: {slots: 1024}}",
     )
     rings = StageRings(tmp_path, cfg)
@@ -468,6 +468,36 @@ def test_latest_wins_with_real_processes(tmp_path: Path, astronaut: RGB) -> None
         f"detection p50 {np.median(detect_ms):.1f} ms"
     )
     assert np.median(age_ms) < np.median(detect_ms)
+
+
+def test_file_as_fast_as_possible_detects_every_frame(tmp_path: Path, astronaut: RGB) -> None:
+    """On demand: capture sends the next frame when detection took the last one, so a
+    file read as fast as possible is detected frame by frame, none skipped, then both
+    stages end with 0 at the end of the file."""
+    portrait_video(tmp_path / "v.avi", astronaut, n=24)
+    cfg = config(
+        tmp_path,
+        "source: {kind: file, path: v.avi, as_fast_as_possible: true}\n"
+        "rings: {max_frame_width: 320, max_frame_height: 400, poses: {slots: 64}}",
+    )
+    rings = StageRings(tmp_path, cfg)
+    try:
+        procs = [rings.spawn("detect"), rings.spawn("capture")]
+        for proc in procs:
+            proc.join(90)
+            assert proc.exitcode == 0
+        got = []
+        while True:
+            try:
+                got.append(PoseFrame.from_bytes(rings.rings["poses"].recv(timeout=0).data))
+            except WouldBlock:
+                break
+        fs = rings.rings["frames"].statistics()
+    finally:
+        rings.close()
+    assert [p.seq for p in got] == list(range(1, 25))  # every frame, in order
+    assert fs.written == 25 and fs.skipped == 0  # 24 frames and the end-of-stream marker
+    assert all(p.present for p in got)
 
 
 def _pipeline_config(tmp_path: Path, astronaut: RGB) -> Path:
