@@ -9,6 +9,7 @@ restarts, increasing sequence numbers, the report, exit codes, and that no
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ TRACE_STAGES = {"detect", "encode", "transmit"}
 
 
 def _strictly_increasing(seqs: list[int]) -> bool:
-    return all(b > a for a, b in zip(seqs, seqs[1:], strict=False))
+    return all(b > a for a, b in itertools.pairwise(seqs))
 
 
 @pytest.mark.parametrize("victim", ["detect", "encode", "transmit"])
@@ -101,7 +102,7 @@ def test_stage_crashing_at_start_exceeds_intensity_exit_3(tmp_path: Path) -> Non
     proc = start(
         path, "--run-id", run_id, "--report", str(report), env={"POSEWIRE_FAULT": "encode:crash"}
     )
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 3, err[-3000:]
     assert elapsed < 30  # inside the intensity window (period_s)
@@ -132,7 +133,7 @@ def test_finished_source_drains_and_exits_0(tmp_path: Path) -> None:
     run_id = f"fin{os.getpid()}"
     report = tmp_path / "report.json"
     proc = start(trace_config(tmp_path, loop=False), "--run-id", run_id, "--report", str(report))
-    out, err = proc.communicate(timeout=90)
+    _out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-3000:]
     data = json.loads(report.read_text())
     assert data["exit_reason"] == "finished"
@@ -174,8 +175,10 @@ def test_second_supervisor_on_same_run_id_is_refused(tmp_path: Path) -> None:
 
 
 def test_unwritable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = trace_config(tmp_path).read_text().replace(
-        f"run_dir: {tmp_path / 'run'}", "run_dir: /proc/posewire-run"
+    cfg = (
+        trace_config(tmp_path)
+        .read_text()
+        .replace(f"run_dir: {tmp_path / 'run'}", "run_dir: /proc/posewire-run")
     )
     path = tmp_path / "bad.yaml"
     path.write_text(cfg)
@@ -184,3 +187,38 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "run_dir" in err or "run directory" in err
     assert "Traceback" not in err
+
+
+def test_stages_exit_by_themselves_when_the_supervisor_dies(tmp_path: Path) -> None:
+    run_id = f"orph{os.getpid()}"
+    proc = start(trace_config(tmp_path), "--run-id", run_id)
+    pids = wait_stages(proc.pid, TRACE_STAGES)
+    os.kill(proc.pid, signal.SIGKILL)  # the supervisor alone, not its group
+    proc.communicate(timeout=10)
+
+    def all_gone() -> bool:
+        import psutil
+
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+            for p in pids.values()
+        )
+
+    assert wait_for(all_gone, 5), "orphaned stages kept running"
+    # what a crashed supervisor leaves behind, the next start sweeps
+    again = start(trace_config(tmp_path), "--run-id", f"after{os.getpid()}", "--duration", "1")
+    again.communicate(timeout=60)
+    assert again.returncode == 0
+    assert shm_segments(run_id) == []
+
+
+def test_sigterm_is_an_orderly_stop(tmp_path: Path) -> None:
+    run_id = f"term{os.getpid()}"
+    report = tmp_path / "report.json"
+    proc = start(trace_config(tmp_path), "--run-id", run_id, "--report", str(report))
+    wait_stages(proc.pid, TRACE_STAGES)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(report.read_text())["exit_reason"] == "signal:SIGTERM"
+    assert shm_segments(run_id) == []
