@@ -725,9 +725,10 @@ def _code_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> list[int]:
     return out
 
 
-def _read_codes(data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]) -> tuple[int, ...]:
-    """Parse the group codes at ``data[pos:]``; the caller gets their bit length from
-    the total (see :func:`_rice_decode`)."""
+def _read_codes(
+    data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]
+) -> tuple[tuple[int, ...], int]:
+    """Parse the group codes at ``data[pos:]``; return them and their length in bits."""
     chunk = data[pos : min(end, pos + (7 * len(ref_codes) + 7) // 8)]
     total = 8 * len(chunk)
     v = int.from_bytes(chunk, "big")
@@ -759,7 +760,7 @@ def _read_codes(data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]) -> 
         if not 0 <= c <= _ZERO_GROUP:
             raise ProtocolError(f"group code {c} out of range")
         codes.append(c)
-    return tuple(codes)
+    return tuple(codes), total - bit
 
 
 def _est(total: int, k: int) -> float:
@@ -824,8 +825,7 @@ def _rice_decode(
         if end != pos:
             raise ProtocolError(f"{end - pos} payload bytes where none are expected")
         return np.zeros((0, _L), np.int64), ()
-    codes = _read_codes(data, pos, end, ref_codes)
-    n_prefix = len(_code_bits(codes, ref_codes))
+    codes, n_prefix = _read_codes(data, pos, end, ref_codes)
     lay = _layout(codes)
     body = data[pos:end]
     n_bits = 8 * len(body)
@@ -1044,6 +1044,8 @@ def _value_error(
 
 _IMG_LO4 = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
 _IMG_HI4 = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
+_IMG_LO4_32 = _IMG_LO4.astype(np.float32)  # the bounds are exact in float32
+_IMG_HI4_32 = _IMG_HI4.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- results
@@ -1181,8 +1183,8 @@ class Encoder:
         cfg = self.config
         img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
         n = img.shape[0]
-        # (NaN fails both comparisons)
-        if np.count_nonzero((img >= _IMG_LO4) & (img <= _IMG_HI4)) != img.size:
+        lo, hi = (_IMG_LO4_32, _IMG_HI4_32) if img.dtype == np.float32 else (_IMG_LO4, _IMG_HI4)
+        if np.count_nonzero((img >= lo) & (img <= hi)) != img.size:  # NaN fails both
             raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
         q = np.rint(img.transpose(0, 2, 1) * self._t.scale)
         qw = None
