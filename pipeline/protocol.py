@@ -1183,8 +1183,10 @@ class Encoder:
         cfg = self.config
         img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
         n = img.shape[0]
-        lo, hi = (_IMG_LO4_32, _IMG_HI4_32) if img.dtype == np.float32 else (_IMG_LO4, _IMG_HI4)
-        if np.count_nonzero((img >= lo) & (img <= hi)) != img.size:  # NaN fails both
+        f32 = img.dtype == np.float32
+        lo4 = _IMG_LO4_32 if f32 else _IMG_LO4
+        hi4 = _IMG_HI4_32 if f32 else _IMG_HI4
+        if np.count_nonzero((img >= lo4) & (img <= hi4)) != img.size:  # NaN fails both
             raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
         q = np.rint(img.transpose(0, 2, 1) * self._t.scale)
         qw = None
