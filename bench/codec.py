@@ -477,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         "--loss", type=float, action="append", help="loss rate(s) (default 0.05, 0.2)"
     )
     parser.add_argument("--rtt", type=int, default=3, help="feedback delay in frames (default 3)")
-    parser.add_argument("--only-shared", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fit", action="store_true", help="refit the predictor and print it")
     add_json_flag(parser)
     args = parser.parse_args(argv)
