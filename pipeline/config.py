@@ -56,7 +56,9 @@ class SourceConfig(_Model):
         tuple[Annotated[int, Field(ge=16, le=7680)], Annotated[int, Field(ge=16, le=4320)]] | None
     ) = Field(None, description="Resize every frame to [width, height] before detection.")
     as_fast_as_possible: bool = Field(
-        False, description="Do not pace files and image folders to real time (benchmarks)."
+        False,
+        description="Do not pace files, image folders and the demo to real time: read each "
+        "next frame as soon as detection has taken the last one (benchmarks, batch runs).",
     )
     stall_timeout_s: float = Field(
         5.0, gt=0, le=300, description="No frame for this long: the source is reopened."
