@@ -194,7 +194,8 @@ class StageContext:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join(timeout=2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
         for r in self._rings.values():
             with contextlib.suppress(PosewireError, OSError):
                 r.close()
