@@ -6,6 +6,16 @@ queues the packet for the transmit stage with the capture timestamp. The
 ``feedback`` ring brings acknowledgements and keyframe requests back from the
 transmit stage; the supervisor's ``keyframe`` command forces one too. After a
 restart the encoder starts with a keyframe (it has no reference any more).
+
+A detector may place a landmark far outside the picture (MediaPipe puts
+hidden heels at y = 2.01 on small frames); such values are clamped to the
+codec's range (x, y in [-1, 2], z in [-4, 4], visibility in [0, 1]) and
+counted (``landmarks_clamped_total``) rather than losing the whole frame.
+NaN and infinities are still refused by the codec, and counted.
+
+The default stream id is derived from the run id and kept below 2**14, so
+that it costs two bytes per packet (a one-byte id, below 128, saves one
+more: set ``encode.stream_id`` when you control the room's publishers).
 """
 
 from __future__ import annotations
@@ -13,10 +23,12 @@ from __future__ import annotations
 import time
 import zlib
 
+import numpy as np
+
 from pipeline import feedback
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.pose import PoseFrame
-from pipeline.protocol import CodecConfig, Encoder
+from pipeline.protocol import VISIBILITY_RANGE, XY_RANGE, Z_RANGE, CodecConfig, Encoder
 from pipeline.stage import StageContext
 from pipeline.stats import Rate, Window
 
@@ -26,7 +38,24 @@ RAW_FLOAT32_BYTES = 33 * 4 * 4
 def stream_id_for(ctx: StageContext) -> int:
     """The configured stream id, else one derived from the run id (stable across restarts)."""
     sid = ctx.config.encode.stream_id
-    return sid if sid is not None else zlib.crc32(ctx.spec.run_id.encode()) & 0xFFFF
+    return sid if sid is not None else zlib.crc32(ctx.spec.run_id.encode()) & 0x3FFF
+
+
+_LO = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]], np.float32)
+_HI = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]], np.float32)
+
+
+def clamp_to_codec_range(frame: PoseFrame) -> int:
+    """Clamp image landmarks into the codec's range in place; return how many moved."""
+    if not frame.present:
+        return 0
+    img = frame.image
+    outside = int(np.count_nonzero((img < _LO) | (img > _HI)))
+    if outside:
+        if not img.flags.writeable:
+            frame.image = img = img.copy()
+        np.clip(img, _LO, _HI, out=img)
+    return outside
 
 
 def run(ctx: StageContext) -> int:
@@ -47,7 +76,7 @@ def run(ctx: StageContext) -> int:
     encode_us = Window()
     sizes = Window()
     rate = Rate()
-    encoded = rejected = keyframes = acks = 0
+    encoded = rejected = keyframes = acks = clamped = 0
     bytes_total = 0
     while not ctx.stopping:
         ctx.tick()
@@ -75,6 +104,7 @@ def run(ctx: StageContext) -> int:
         except WouldBlock:
             continue
         frame = PoseFrame.from_bytes(item.data)
+        clamped += clamp_to_codec_range(frame)
         t0 = time.perf_counter_ns()
         try:
             packet = encoder.encode(frame)
@@ -93,6 +123,7 @@ def run(ctx: StageContext) -> int:
             {
                 "packets_encoded_total": encoded,
                 "poses_rejected_total": rejected,
+                "landmarks_clamped_total": clamped,
                 "keyframes_total": keyframes,
                 "acks_total": acks,
                 "bytes_encoded_total": bytes_total,
