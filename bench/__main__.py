@@ -49,6 +49,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
 from bench.common import (
     PROGRESS_ENV,
     RESULT_ENV,
@@ -66,11 +77,13 @@ ORDER = ("ring", "codec", "pipeline_fps", "fanout", "soak")
 NOT_BENCHMARKS = frozenset({"__init__", "__main__", "common"})
 HARNESS_FLAGS = frozenset({"--json", "--quick", "--no-save", "--list"})
 RUNNER = (
-    "import importlib, sys\n"
+    "import importlib, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "mod = importlib.import_module(sys.argv[1])\n"
     "sys.exit(mod.main(sys.argv[2:]))\n"
 )
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 30.0
+"""After Ctrl-C: how long a benchmark may take to clean up before its group is killed."""
 SAME_SHAPE = 0.6
 
 ProgressFn = Callable[[float, float | None, str], None]
@@ -169,6 +182,8 @@ class Outcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     stderr_tail: str = ""
     interrupted: bool = False
+    failed: bool = False
+    """It produced no result (``results`` then holds :func:`failure_result`)."""
 
 
 def _json_objects(text: str) -> list[dict[str, Any]]:
@@ -504,20 +519,8 @@ def combined_object(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-def _progress_ui(enabled: bool) -> Any:
-    """A rich Progress on stderr, or None."""
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        SpinnerColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
+def _progress_ui() -> Progress:
+    """Progress bars on stderr (a final snapshot only when stderr is not a terminal)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description:<14}"),
@@ -541,7 +544,71 @@ def _previous_elapsed(results_dir: Path, name: str, quick: bool) -> float | None
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def exit_status(outcome: Outcome) -> int:
+    """The benchmark's exit status (128 + N for signal N); at least 1 without a result."""
+    code = outcome.exit_code if outcome.exit_code >= 0 else 128 - outcome.exit_code
+    return max(code, 1) if outcome.failed else code
+
+
+def run_all(names: Sequence[str], args: Args) -> list[Outcome]:
+    """Run ``names`` one after the other with progress bars; stop at Ctrl-C."""
+    outcomes: list[Outcome] = []
+    ui = _progress_ui()
+    with ui:
+        overall = ui.add_task("benchmarks", total=len(names), note="")
+        for name in names:
+            bench_argv = list(args.passthrough)
+            quick = args.quick and takes_quick(name)
+            if quick:
+                bench_argv.insert(0, "--quick")
+            estimate = _previous_elapsed(args.results, name, quick)
+            task = ui.add_task(name, total=estimate, note="")
+
+            def on_progress(
+                done: float,
+                total: float | None,
+                note: str,
+                task: TaskID = task,
+                estimate: float | None = estimate,
+            ) -> None:
+                if total is not None and total > 0:
+                    ui.update(task, total=total, completed=min(done, total), note=note)
+                elif estimate is not None:
+                    ui.update(task, completed=min(done, estimate * 0.99), note="(estimate)")
+
+            try:
+                outcome = run_benchmark(name, bench_argv, on_progress=on_progress)
+            except KeyboardInterrupt:
+                outcome = Outcome(name, bench_argv, 130, 0.0, interrupted=True)
+            outcomes.append(outcome)
+            for obj in outcome.results:
+                obj["harness"] = harness_info(outcome, quick)
+            if not outcome.results:
+                outcome.failed = True
+                outcome.results = [failure_result(outcome, quick)]
+                if not outcome.interrupted:
+                    ui.console.print(
+                        f"{name}: no result (exit {outcome.exit_code})\n{outcome.stderr_tail}",
+                        markup=False,
+                    )
+            total = next(t.total for t in ui.tasks if t.id == task) or 1.0
+            ui.update(task, total=total, completed=total, note=f"exit {outcome.exit_code}")
+            ui.advance(overall)
+            if outcome.interrupted:
+                ui.console.print("interrupted: the results of this run are not stored")
+                break
+    return outcomes
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM stop the running benchmark (its group gets SIGINT), also when
+    # this process was started with SIGINT ignored (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     known = discover()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, known)
@@ -556,63 +623,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in known:
             print(f"{name}{'  (--quick)' if takes_quick(name) else ''}")
         return 0
-    names = args.names or known
-    ui = _progress_ui(True)
-    outcomes: list[Outcome] = []
-    worst = 0
-    with ui if ui is not None else contextlib.nullcontext():
-        overall = ui.add_task("benchmarks", total=len(names), note="") if ui else None
-        for name in names:
-            bench_argv = list(args.passthrough)
-            if args.quick and takes_quick(name):
-                bench_argv.insert(0, "--quick")
-            estimate = _previous_elapsed(args.results, name, "--quick" in bench_argv)
-            task = ui.add_task(name, total=estimate, note="") if ui else None
-
-            def on_progress(
-                done: float,
-                total: float | None,
-                note: str,
-                task: Any = task,
-                estimate: float | None = estimate,
-            ) -> None:
-                if ui is None:
-                    return
-                if total is not None and total > 0:
-                    ui.update(task, total=total, completed=min(done, total), note=note)
-                elif estimate is not None:
-                    ui.update(task, completed=min(done, estimate * 0.99), note="(est.)")
-
-            outcome = run_benchmark(name, bench_argv, on_progress=on_progress)
-            outcomes.append(outcome)
-            quick = "--quick" in bench_argv
-            produced = bool(outcome.results)
-            for obj in outcome.results:
-                obj["harness"] = harness_info(outcome, quick)
-            if not produced:
-                outcome.results = [failure_result(outcome, quick)]
-            worst = max(worst, outcome.exit_code if produced else max(outcome.exit_code, 1))
-            if ui is not None and task is not None and overall is not None:
-                done = ui.tasks[task].total or 1.0
-                ui.update(task, total=done, completed=done, note=f"exit {outcome.exit_code}")
-                ui.advance(overall)
-                if not produced:
-                    ui.console.print(
-                        f"{name}: no result (exit {outcome.exit_code})\n{outcome.stderr_tail}",
-                        markup=False,
-                    )
-            if outcome.interrupted:
-                break
+    outcomes = run_all(args.names or known, args)
+    interrupted = any(o.interrupted for o in outcomes)
+    worst = 130 if interrupted else max((exit_status(o) for o in outcomes), default=0)
+    # an interrupted benchmark stores nothing: its previous result stays
+    outcomes = [o for o in outcomes if not o.interrupted]
     objs = [obj for o in outcomes for obj in o.results]
-    if args.save:
+    if args.save and objs:
         save(objs, args.results)
         write_latest(args.results)
+    if not objs:
+        return worst
     if args.json:
         single = len(args.names) == 1 and len(objs) == 1
         print(json.dumps(objs[0] if single else combined_object(outcomes), allow_nan=False))
         return worst
-    title = "posewire benchmarks"
-    print(f"# {title}\n\nmachine: {machine_line()}\n")
+    print(f"# posewire benchmarks\n\nmachine: {machine_line()}\n")
     for obj in objs:
         print(bench_section(obj))
     print("## targets\n")

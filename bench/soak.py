@@ -258,6 +258,22 @@ def stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | Non
     return proc.returncode
 
 
+def stop_all(procs: list[subprocess.Popen[bytes] | None], timeout: float) -> None:
+    """SIGINT every process still running at once, then SIGKILL the groups of the slow ones."""
+    running = [p for p in procs if p is not None and p.poll() is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def write_config(soak: Soak, trace: Path) -> Path:
     server = (
         f"server:\n  embedded: true\n  host: 127.0.0.1\n  port: {soak.port}\n"
@@ -459,10 +475,12 @@ def run_soak(
                         raise RuntimeError(
                             f"soak: the sender exited during the run:\n{soak.log_tail('sender')}"
                         )
-                progress(min(now - t0, seconds), seconds, "soak")
+                phase = "warm-up" if now - t0 < warmup_s else "steady"
+                progress(min(now - t0, seconds), seconds, f"{phase}, {len(soak.samples)} samples")
                 time.sleep(max(0.0, min(next_at - time.monotonic(), 0.5)))
             soak.samples.append(take_sample(soak, t0))
-            final_metrics = {}
+            if embedded:  # the server stops with the sender: read it first
+                final_metrics = server_metrics(soak.url)
             exits["sender"] = stop_proc(soak.sender, 30.0)
             time.sleep(1.0)  # the last packets reach the receivers
             if not embedded:
@@ -472,8 +490,7 @@ def run_soak(
                 exits[f"receiver{i}"] = stop_proc(rx, 15.0)
             exits["server"] = stop_proc(soak.server, 15.0)
         finally:
-            for proc in [soak.sender, *soak.receivers, soak.server]:
-                stop_proc(proc, 5.0)
+            stop_all([soak.sender, *soak.receivers, soak.server], 5.0)
             soak.close_logs()
         left = [pid for pid in soak.seen_pids if _alive(pid)]
         report_path = soak.workdir / "report.json"
@@ -762,6 +779,10 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench soak", description=__doc__.split("\n")[0]
@@ -787,6 +808,10 @@ def main(argv: list[str] | None = None) -> int:
     minutes = 1.0 if args.quick else args.minutes
     if minutes <= 0 or args.receivers < 1 or not 0 <= args.warmup < 1:
         parser.error("--minutes must be > 0, --receivers >= 1, 0 <= --warmup < 1")
+    # Ctrl-C and SIGTERM stop the run and every process it started; SIGINT is handled even
+    # when inherited as ignored, so that the processes started here get it by default too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         out = run_soak(
             minutes * 60.0,
@@ -800,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("soak: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
     extra = {"params": out["params"] | {"minutes": minutes}, "series": out["series"]}
     if args.json:
         report(NAME, out["rows"], out["targets"], as_json=True, **extra)
