@@ -3,8 +3,14 @@
 Two real processes (multiprocessing ``spawn``): this process sends frames, a
 child receives them. Transports, all in the same run:
 
-* ``ring``: :class:`pipeline.ring.Ring` (LATEST mode, 3 slots), receiver uses
-  ``recv_into`` a preallocated array;
+* ``ring``: :class:`pipeline.ring.Ring` (LATEST mode, 3 slots): ``send``
+  copies the frame in, the receiver ``recv_into`` a preallocated array (two
+  copies);
+* ``ring zero-copy view``: ``send`` copies in, the receiver takes
+  ``recv_view`` and checks ``valid()`` after "using" it (one copy);
+* ``ring zero-copy both ends``: the producer writes its frame straight into
+  ``reserve()``, ``commit()`` publishes it, the receiver as above (no copy
+  beyond producing the frame; for information, not used for the targets);
 * ``mp.Queue`` (``maxsize=2``, pickles the array);
 * ``mp.Pipe`` (``send_bytes`` / ``recv_bytes_into`` a preallocated buffer);
 * ``zmq ipc`` (PUSH/PULL over ``ipc://``, HWM 2, ``recv_multipart()`` copies);
@@ -15,10 +21,17 @@ child receives them. Transports, all in the same run:
 Frames are 640x480x3 and 1280x720x3 ``uint8``, paced at 30 fps and flat out
 (the sender sends again as soon as ``send`` returns; bounded transports then
 block the sender, the latest-wins ring skips frames instead, shown as
-``lost``). Hop latency is measured from just before ``send`` to just after
-the receiver holds the whole frame in its own memory, both ends reading
-``CLOCK_MONOTONIC`` (system-wide on Linux). The first frames of every case
-are warm-up and not counted.
+``lost``, as are views overwritten while in use). Before every send the
+producer writes a fresh frame (a copy of a template into one of 8 rotating
+buffers, as a camera decoder would), outside the timed hop; the memcpy floor
+does the same. Hop latency is measured from just before ``send`` to just
+after the receiver holds the whole frame (``recv`` returned), both ends
+reading ``CLOCK_MONOTONIC`` (system-wide on Linux). The first frames of every
+case are warm-up and not counted.
+
+On a shared 2-vCPU KVM guest a copy made after ~33 ms of idling costs about
+twice a back-to-back one (caches gone cold), which is why the paced rows are
+slower than the flat-out ones for every transport, the floor included.
 
 Targets (1280x720x3, paced at 30 fps, p50): the ring at least 10x faster than
 ``mp.Queue``, at least 2x faster than ZeroMQ ipc (copy), and within 3x of the
@@ -55,7 +68,16 @@ from bench.common import add_json_flag, machine_info, percentile, report, target
 
 NAME = "ring"
 SIZES: dict[str, tuple[int, int, int]] = {"480p": (480, 640, 3), "720p": (720, 1280, 3)}
-TRANSPORTS = ("ring", "ring zero-copy view", "mp.Queue", "mp.Pipe", "zmq ipc", "zmq ipc zero-copy")
+RESERVE = "ring zero-copy both ends"
+TRANSPORTS = (
+    "ring",
+    "ring zero-copy view",
+    RESERVE,
+    "mp.Queue",
+    "mp.Pipe",
+    "zmq ipc",
+    "zmq ipc zero-copy",
+)
 POOL = 8  # source frames in rotation, so no frame is rewritten while a transport may hold it
 FPS = 30.0
 WARMUP = 5
@@ -168,7 +190,7 @@ def _make_recv(
 ) -> Callable[[], int]:
     if kind == "ring":
         return _RingRecv(ring_name, run_dir, buf)
-    if kind == "ring zero-copy view":
+    if kind in ("ring zero-copy view", RESERVE):
         return _RingViewRecv(ring_name, run_dir, buf)
     if kind == "mp.Queue":
 
@@ -215,6 +237,12 @@ def _make_recv(
 
 
 def _make_send(kind: str, chan: Any, sock: Any, ring: Any) -> Callable[[Any, int], None]:
+    if kind == RESERVE:
+
+        def commit_ring(frame: Any, t0: int) -> None:
+            ring.commit(frame, ts_ns=t0)
+
+        return commit_ring
     if kind.startswith("ring"):
 
         def send_ring(frame: Any, t0: int) -> None:
@@ -304,6 +332,7 @@ def _run_transport(
                 raise RuntimeError(f"{kind}: receiver did not get ready")
             ctrl.recv()
             send = _make_send(kind, chan, sock, ring)
+            produce = _producer(kind, pool, template, ring)
             sent = 0
             if paced:
                 period = 1.0 / FPS
@@ -313,7 +342,7 @@ def _run_transport(
                     delay = nxt - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                    frame = _produce(pool, sent, template)
+                    frame = produce(sent)
                     send(frame, _now())
                     sent += 1
                     nxt += period
@@ -321,7 +350,7 @@ def _run_transport(
             else:
                 end = time.monotonic() + flat_s
                 while sent < WARMUP or time.monotonic() < end:
-                    frame = _produce(pool, sent, template)
+                    frame = produce(sent)
                     send(frame, _now())
                     sent += 1
             _send_end(kind, chan, sock, ring)
@@ -346,6 +375,22 @@ def _run_transport(
             chan.close()
             chan.join_thread()
     return rows
+
+
+def _producer(
+    kind: str, pool: list[np.ndarray[Any, Any]], template: np.ndarray[Any, Any], ring: Any
+) -> Callable[[int], Any]:
+    """How the sender makes frame ``i``: into its own pool, or (RESERVE) straight into the ring."""
+    if kind != RESERVE:
+        return lambda i: _produce(pool, i, template)
+
+    def into_slot(i: int) -> int:
+        view = ring.reserve()
+        dst = np.frombuffer(view, dtype=np.uint8, count=template.size).reshape(template.shape)
+        np.copyto(dst, template)
+        return int(template.nbytes)  # what commit() publishes
+
+    return into_slot
 
 
 def _produce(
@@ -470,19 +515,24 @@ def _bell_child(kind: str, ctrl: Connection, path: str, samples: int) -> None:
 
     lat: list[int] = []
     idle: list[float] = []  # CPU seconds spent waiting for the first ring (an idle phase)
-    cpu0 = time.process_time()
+    cpu0 = [0.0]
+
+    def ready() -> None:
+        cpu0[0] = time.process_time()
+        ctrl.send("ready")
 
     def got(t0: int) -> None:
         lat.append(_now() - t0)
         if not idle:
-            idle.append(time.process_time() - cpu0)
+            idle.append(time.process_time() - cpu0[0])
+        ctrl.send_bytes(b"k")  # lock-step: the waker waits for this before the next ring
 
     if kind == "fifo":
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
         p = select.poll()
         p.register(fd, select.POLLIN)
-        ctrl.send("ready")
-        while len(lat) < samples:
+        ready()
+        while len(lat) <= samples:  # one idle-phase ring + samples
             p.poll()
             got(_TS.unpack(os.read(fd, 8))[0])
         os.close(fd)
@@ -492,8 +542,8 @@ def _bell_child(kind: str, ctrl: Connection, path: str, samples: int) -> None:
         fd = recv_handle(ctrl)
         p = select.poll()
         p.register(fd, select.POLLIN)
-        ctrl.send("ready")
-        while len(lat) < samples:
+        ready()
+        while len(lat) <= samples:  # one idle-phase ring + samples
             p.poll()
             got(os.eventfd_read(fd))
         os.close(fd)
@@ -501,17 +551,17 @@ def _bell_child(kind: str, ctrl: Connection, path: str, samples: int) -> None:
         zctx = zmq.Context()
         s = zctx.socket(zmq.PULL)
         s.connect(path)
-        ctrl.send("ready")
-        while len(lat) < samples:
+        ready()
+        while len(lat) <= samples:  # one idle-phase ring + samples
             got(_TS.unpack(s.recv())[0])
         s.close(0)
         zctx.term()
     else:
         fd = os.open(path, os.O_RDWR)
         m = mmap.mmap(fd, 8)
-        ctrl.send("ready")
+        ready()
         last = 0
-        while len(lat) < samples:
+        while len(lat) <= samples:  # one idle-phase ring + samples
             (t0,) = _TS.unpack_from(m, 0)
             if t0 != last:
                 got(t0)
@@ -573,6 +623,9 @@ def _doorbell_rows(samples: int) -> list[dict[str, Any]]:
                     sock.send(_TS.pack(t0))
                 elif mem is not None:
                     _TS.pack_into(mem, 0, t0)
+                if not ctrl.poll(10):
+                    raise RuntimeError(f"doorbell {kind}: the reader did not wake up")
+                ctrl.recv_bytes()
             lat, idle_cpu = ctrl.recv()
             proc.join(5)
             lat_us = [x / 1e3 for x in lat]

@@ -1,4 +1,4 @@
-"""Shared-memory ring: real /dev/shm segments, real processes (spawn), no mocks, no timing asserts."""
+"""Shared-memory ring: real /dev/shm segments, real spawn processes, no mocks, no timing asserts."""
 
 from __future__ import annotations
 
@@ -105,6 +105,14 @@ def _child_writer(name: str, run_dir: str, payloads: list[bytes]) -> None:
     ring.close()
 
 
+def _child_reserve_and_die(name: str, run_dir: str) -> None:
+    """A writer that dies between reserve() and commit()."""
+    ring = Ring.attach(name, run_dir=Path(run_dir))
+    view = ring.reserve()
+    view[:4] = b"half"
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _child_create_and_die(name: str, run_dir: str) -> None:
     """A 'supervisor' that creates a ring and dies without unlinking it."""
     Ring.create(name, slot_size=64, slots=2, mode=RingMode.QUEUE, run_dir=Path(run_dir))
@@ -207,6 +215,44 @@ def test_create_attach_send_recv(run_id: str, run_dir: Path, mode: RingMode) -> 
     finally:
         for r in (reader, writer):
             r.close()
+        sup.unlink()
+        sup.close()
+
+
+@pytest.mark.parametrize("mode", list(RingMode))
+def test_reserve_commit_zero_copy_send(run_id: str, run_dir: Path, mode: RingMode) -> None:
+    sup = _create(run_id, run_dir, mode, slots=3, slot_size=4 * 6)
+    reader = Ring.attach(sup.name, run_dir=run_dir)
+    try:
+        with pytest.raises(RingError):
+            sup.commit(4)
+        view = sup.reserve()
+        assert len(view) == sup.slot_size and not view.readonly
+        frame = np.frombuffer(view, dtype=np.uint8).reshape(4, 6)
+        frame[:] = np.arange(24, dtype=np.uint8).reshape(4, 6)
+        with pytest.raises(WouldBlock):
+            reader.recv(timeout=0)  # reserved, not committed: invisible
+        with pytest.raises(ValueError):
+            sup.commit(sup.slot_size + 1)
+        assert sup.reserve() == view  # same slot again until committed
+        seq = sup.commit(24, ts_ns=5, meta=6)
+        del frame, view
+        item = reader.recv(timeout=0)
+        assert (item.seq, item.ts_ns, item.meta) == (seq, 5, 6)
+        assert bytes(item.data) == bytes(range(24))
+        with pytest.raises(RingError):
+            sup.commit(1)  # one reserve, one commit
+        # A writer that dies between reserve and commit costs nothing but its item.
+        proc = SPAWN.Process(target=_child_reserve_and_die, args=(sup.name, str(run_dir)))
+        proc.start()
+        assert _join(proc) == -signal.SIGKILL
+        with pytest.raises(WouldBlock):
+            reader.recv(timeout=0)
+        assert sup.send(b"next") == seq + 1
+        assert bytes(reader.recv(timeout=0).data) == b"next"
+        _check_invariant(sup.statistics())
+    finally:
+        reader.close()
         sup.unlink()
         sup.close()
 
