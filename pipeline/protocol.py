@@ -476,7 +476,6 @@ _WLD_CLASSES = ("world", "world", "world")
 _PRED_IMG = {d: _block_predictor(_IMG_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
 _PRED_WLD = {d: _block_predictor(_WLD_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
 _INTRA = _intra_matrices()
-_BIT16 = np.arange(16, dtype=np.int64)
 
 
 class PacketTooLargeError(ProtocolError):
@@ -618,6 +617,25 @@ class _QTables:
 
 _QTABLES: dict[_Quant, _QTables] = {}
 
+_FULL: dict[tuple[object, ...], npt.NDArray[np.generic]] = {}
+
+
+def _full(
+    key: tuple[object, ...], shape: tuple[int, ...], fill: npt.ArrayLike, dtype: type
+) -> npt.NDArray[np.generic]:
+    """A cached read-only array of ``shape`` filled by broadcasting ``fill``: ufuncs on
+    these tiny arrays are about twice as fast with equal shapes as with broadcasting or
+    scalar operands. ``key`` must identify ``fill`` and ``dtype``."""
+    k = (*key, shape)
+    a = _FULL.get(k)
+    if a is None:
+        a = np.ascontiguousarray(np.broadcast_to(np.asarray(fill, dtype), shape))
+        a.flags.writeable = False
+        if len(_FULL) > 4096:
+            _FULL.clear()
+        _FULL[k] = a
+    return a
+
 
 def _qtables(q: _Quant) -> _QTables:
     t = _QTABLES.get(q)
@@ -655,17 +673,15 @@ class _Layout:
     nz_idx: IntArray | None
     """Flat indices of those values among all groups (``None``: every group is non-zero)."""
     kv: IntArray
-    kmask: IntArray
-    shift16: IntArray
-    rmask: BoolArray
-    """Which of the 16 bits of each ``remainder << (16 - k)`` are remainder bits."""
-    rweights: IntArray
-    """Weight (a power of two) of each bit of the remainder section in its value."""
-    rstarts: IntArray
-    """Start (in the remainder section) of each non-empty remainder."""
-    rvals: IntArray | None
-    """Which values have a non-empty remainder (``None``: all of them)."""
+    """Rice parameter of each value."""
+    iota: IntArray
+    """``0 .. n_vals - 1``."""
+    rpos: IntArray
+    """For each bit of the remainder section, in order: its position among the 16 bits
+    (most significant first) of the big-endian 16-bit words of the values; the k
+    remainder bits of a value are the low k bits of its word."""
     rlen: int
+    """Bits in the remainder section."""
 
 
 _LAYOUTS: dict[tuple[int, ...], _Layout] = {}
@@ -680,21 +696,17 @@ def _layout(codes: tuple[int, ...]) -> _Layout:
     ks = codes_a[nz]
     kv = np.repeat(ks, _L)
     nz_idx = None if nz.all() else np.flatnonzero(np.repeat(nz, _L)).astype(np.int64)
-    offs = np.cumsum(kv) - kv
-    pos_in = np.arange(int(kv.sum()), dtype=np.int64) - np.repeat(offs, kv)
-    has_rem = kv > 0
+    word_start = np.arange(kv.size, dtype=np.int64) * 16 + 16 - kv
+    rlen = int(kv.sum())
+    pos_in = np.arange(rlen, dtype=np.int64) - np.repeat(np.cumsum(kv) - kv, kv)
     lay = _Layout(
         n_groups=len(codes),
         n_vals=int(kv.size),
         nz_idx=nz_idx,
         kv=kv,
-        kmask=(np.int64(1) << kv) - 1,
-        shift16=16 - kv,
-        rmask=(_BIT16[None, :] < kv[:, None]).ravel(),
-        rweights=np.int64(1) << (np.repeat(kv, kv) - 1 - pos_in),
-        rstarts=offs[has_rem],
-        rvals=None if has_rem.all() else np.flatnonzero(has_rem).astype(np.int64),
-        rlen=int(kv.sum()),
+        iota=np.arange(kv.size, dtype=np.int64),
+        rpos=np.repeat(word_start, kv) + pos_in,
+        rlen=rlen,
     )
     if len(_LAYOUTS) > 512:
         _LAYOUTS.clear()
@@ -723,6 +735,21 @@ def _code_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> list[int]:
         else:
             out += _EXPLICIT[c]
     return out
+
+
+_PREFIXES: dict[tuple[tuple[int, ...], tuple[int, ...]], npt.NDArray[np.uint8]] = {}
+
+
+def _prefix_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> npt.NDArray[np.uint8]:
+    """The group-code section as an array of bits (cached)."""
+    key = (codes, ref_codes)
+    bits = _PREFIXES.get(key)
+    if bits is None:
+        bits = np.array(_code_bits(codes, ref_codes), np.uint8)
+        if len(_PREFIXES) > 1024:
+            _PREFIXES.clear()
+        _PREFIXES[key] = bits
+    return bits
 
 
 def _read_codes(
@@ -799,20 +826,22 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
             k = r
         codes_l.append(k)
     codes = tuple(codes_l)
-    prefix = _code_bits(codes, ref_codes)
-    n_prefix = len(prefix)
+    prefix = _prefix_bits(codes, ref_codes)
+    n_prefix = prefix.size
     lay = _layout(codes)
     if lay.n_vals == 0:
-        return np.packbits(np.array(prefix, np.uint8)).tobytes(), codes
+        return np.packbits(prefix).tobytes(), codes
     vals = u.ravel() if lay.nz_idx is None else u.ravel()[lay.nz_idx]
-    kv = lay.kv
-    ends = np.cumsum((vals >> kv) + 1)
-    n_unary = n_prefix + int(ends[-1])
-    bits = np.zeros(n_unary + lay.rlen, np.uint8)
+    # unary section: value i ends with a one at (sum of q_j for j <= i) + i
+    ends = np.add.accumulate(vals >> lay.kv)
+    ends += lay.iota
+    rstart = n_prefix + int(ends[-1]) + 1
+    bits = np.zeros(rstart + lay.rlen, np.uint8)
     bits[:n_prefix] = prefix
-    bits[ends + (n_prefix - 1)] = 1
-    rem16 = ((vals & lay.kmask) << lay.shift16).astype(">u2")
-    bits[n_unary:] = np.unpackbits(rem16.view(np.uint8))[lay.rmask]
+    bits[n_prefix:][ends] = 1
+    if lay.rlen:
+        # remainders: the low k bits of each value's 16-bit big-endian word
+        bits[rstart:] = np.unpackbits(vals.astype(">u2").view(np.uint8))[lay.rpos]
     return np.packbits(bits).tobytes(), codes
 
 
@@ -827,37 +856,35 @@ def _rice_decode(
         return np.zeros((0, _L), np.int64), ()
     codes, n_prefix = _read_codes(data, pos, end, ref_codes)
     lay = _layout(codes)
-    body = data[pos:end]
-    n_bits = 8 * len(body)
-    if lay.n_vals == 0:
+    n_bits = 8 * (end - pos)
+    n_vals = lay.n_vals
+    if n_vals == 0:
         pad = n_bits - n_prefix
-        if pad >= 8 or body[-1] & ((1 << pad) - 1):
+        if pad >= 8 or data[end - 1] & ((1 << pad) - 1):
             raise ProtocolError("payload has trailing bytes or non-zero padding")
         return np.zeros((n_groups, _L), np.int64), codes
-    bits = np.unpackbits(np.frombuffer(body, np.uint8))
-    ones = bits[n_prefix:].nonzero()[0]
-    if ones.size < lay.n_vals:
+    bits = np.unpackbits(np.frombuffer(data, np.uint8, end - pos, pos))
+    # n_prefix >= 1 (every group code has a bit): mark the bit before the unary
+    # section so that the differences of the one positions are the q + 1
+    bits[n_prefix - 1] = 1
+    ones = bits[n_prefix - 1 :].nonzero()[0]
+    if ones.size <= n_vals:
         raise ProtocolError("payload truncated inside the unary codes")
-    ends = ones[: lay.n_vals]
-    q = np.empty(lay.n_vals, np.int64)
-    q[0] = ends[0]
-    np.subtract(ends[1:], ends[:-1] + 1, out=q[1:])
-    rstart = n_prefix + int(ends[-1]) + 1
+    last = int(ones[n_vals])
+    rstart = n_prefix + last
     used = rstart + lay.rlen
     pad = n_bits - used
     if pad < 0:
         raise ProtocolError("payload truncated inside the remainders")
-    if pad >= 8 or body[-1] & ((1 << pad) - 1):
+    if pad >= 8 or data[end - 1] & ((1 << pad) - 1):
         raise ProtocolError("payload has trailing bytes or non-zero padding")
+    vals = ones[1 : n_vals + 1] - ones[:n_vals]  # q + 1
+    vals -= 1
+    vals <<= lay.kv
     if lay.rlen:
-        rsum = np.add.reduceat(bits[rstart:used] * lay.rweights, lay.rstarts)
-        if lay.rvals is None:
-            vals = (q << lay.kv) + rsum
-        else:
-            vals = q << lay.kv
-            vals[lay.rvals] += rsum
-    else:
-        vals = q
+        words = np.zeros(16 * n_vals, np.uint8)
+        words[lay.rpos] = bits[rstart:used]
+        vals += np.packbits(words).view(">u2")
     if lay.nz_idx is None:
         out: IntArray = vals.reshape(n_groups, _L)
         return out, codes
@@ -952,8 +979,10 @@ def _predict(
     m = len(depth)
     d0 = depth[0] if m else 0
     if (m == n and depth == _FULL_DEPTH[n]) or (m >= n and all(d == d0 for d in depth[:n])):
-        h = stack[:n, :, None, : d0 * _L]
-        return np.floor(h @ mats[d0] + 0.5)[:, :, 0, :], None
+        pred = stack[:n, :, None, : d0 * _L] @ mats[d0]
+        pred += _full(("half",), pred.shape, 0.5, np.float64)
+        np.floor(pred, out=pred)
+        return pred[:, :, 0, :], None
     pred = np.zeros((n, stack.shape[1], _L), np.float64)
     intra = np.ones(n, bool)
     for p in range(min(n, m)):
@@ -999,11 +1028,16 @@ def _reconstruct(
 
 def _zigzag_np(r: FloatArray) -> IntArray:
     ri = r.astype(np.int64)
-    return (ri << 1) ^ (ri >> 63)
+    zz = ri + ri
+    zz ^= ri >> _full(("i63",), ri.shape, 63, np.int64)
+    return zz
 
 
 def _unzigzag_np(u: IntArray) -> FloatArray:
-    return ((u >> 1) ^ -(u & 1)).astype(np.float64)
+    one = _full(("i1",), u.shape, 1, np.int64)
+    r = u >> one
+    r ^= -(u & one)
+    return r.astype(np.float64)
 
 
 # --------------------------------------------------------------------------- validation
