@@ -471,11 +471,25 @@ def _load_free(machine: Mapping[str, Any]) -> str:
     return machine_line({k: v for k, v in machine.items() if k != "loadavg_1m"})
 
 
+def header_lines(objs: Sequence[Mapping[str, Any]], machine: str) -> list[str]:
+    """The machine line and the load each benchmark reported (the machine may be shared)."""
+    out = [f"machine: {machine}", ""]
+    loads = [
+        f"{o['bench']} {(o.get('machine') or {})['loadavg_1m']:g}"
+        for o in objs
+        if isinstance((o.get("machine") or {}).get("loadavg_1m"), int | float)
+    ]
+    if loads:
+        out += [f"load (1-minute average, when each benchmark reported): {', '.join(loads)}", ""]
+    return out
+
+
 def render_markdown(objs: Sequence[Mapping[str, Any]], *, title: str) -> str:
     """The combined document: machine, targets of every benchmark, then each benchmark."""
     machines = [o.get("machine") or {} for o in objs]
     common = _load_free(machines[-1]) if machines else machine_line()
-    out = [f"# {title}", "", f"machine: {common}", "", "## targets", "", summary_table(objs), ""]
+    out = [f"# {title}", "", *header_lines(objs, common)]
+    out += ["## targets", "", summary_table(objs), ""]
     for obj in objs:
         m = obj.get("machine") or {}
         out.append(bench_section(obj, common if _load_free(m) == common else None))
@@ -638,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         single = len(args.names) == 1 and len(objs) == 1
         print(json.dumps(objs[0] if single else combined_object(outcomes), allow_nan=False))
         return worst
-    print(f"# posewire benchmarks\n\nmachine: {machine_line()}\n")
+    print("# posewire benchmarks\n")
+    print("\n".join(header_lines(objs, _load_free(machine_info()))))
     for obj in objs:
         print(bench_section(obj))
     print("## targets\n")

@@ -182,10 +182,10 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return 0, ""
 
 
-def server_metrics(url: str) -> dict[str, float]:
+def server_metrics(url: str) -> dict[str, float | int]:
     """The unlabelled ``posewire_server_*`` figures of the server's ``/metrics``."""
     status, body = http_get(f"{url}/metrics")
-    out: dict[str, float] = {}
+    out: dict[str, float | int] = {}
     if status != 200:
         return out
     prefix = "posewire_server_"
@@ -194,7 +194,8 @@ def server_metrics(url: str) -> dict[str, float]:
             continue
         name, _, value = line.partition(" ")
         with contextlib.suppress(ValueError):
-            out[name[len(prefix) :]] = float(value)
+            number = float(value)
+            out[name[len(prefix) :]] = int(number) if number.is_integer() else number
     return out
 
 
