@@ -26,9 +26,12 @@ Copies
     which it must confirm with :meth:`Ring.valid` *after* using it (the writer
     may have lapped it meanwhile; then the result is discarded).
     ``python -m bench.ring`` measured a 1280x720x3 frame at 30 fps between two
-    processes on the 2-vCPU guest, p50: send + recv_into 0.9-1.2 ms, send +
-    recv_view 0.6 ms, reserve/commit + recv_view 0.15 ms; mp.Queue 6.6-7.5 ms,
-    ZeroMQ ipc 2.0-2.1 ms, one memcpy 0.35 ms (numbers vary with the load).
+    processes on the 2-vCPU guest, p50 over four runs: send + recv_into
+    0.85-1.24 ms, send + recv_view 0.53-0.64 ms, reserve/commit + recv_view
+    0.15-0.18 ms (two runs); mp.Queue 5.7-7.5 ms, ZeroMQ ipc (copy)
+    1.5-2.1 ms, one memcpy 0.30-0.38 ms. So the copying path misses the
+    "10x mp.Queue" and "2x ZeroMQ" targets at 30 fps (6.7-8.4x, 1.6-2.1x) and
+    meets them flat out; the recv_view path meets all of them.
 
 Layout (offsets in bytes)
     ``0``: the segment preamble (owner pid and start time, doorbell path);
