@@ -171,6 +171,21 @@ class TransmitConfig(_Model):
         "Settable at run time with the set command (0 or null lifts it).",
     )
 
+    @model_validator(mode="after")
+    def _available(self) -> TransmitConfig:
+        for name, kind in (("primary", self.primary), ("fallback", self.fallback)):
+            if kind == TransportKind.WEBRTC:
+                raise ValueError(
+                    f"transmit.{name}: webrtc is not available in this build (use websocket)"
+                )
+        if self.fallback is not None:
+            raise ValueError(
+                "transmit.fallback: automatic transport switching is not available in this "
+                "build (switch_transport can still be commanded: POST /control/transmit/"
+                "switch_transport on the monitor port)"
+            )
+        return self
+
 
 class AudioConfig(_Model):
     """Audio beside the pose."""
@@ -178,6 +193,14 @@ class AudioConfig(_Model):
     enabled: bool = Field(False, description="Send an audio track.")
     source: Literal["tone", "file", "microphone"] = Field("tone", description="Audio source.")
     path: Path | None = Field(None, description="Audio file (source=file).")
+
+    @model_validator(mode="after")
+    def _available(self) -> AudioConfig:
+        if self.enabled:
+            raise ValueError(
+                "audio.enabled: audio is not available in this build (the section is reserved)"
+            )
+        return self
 
 
 class ServerConfig(_Model):

@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # (yaml text, expected fragments: YAML path with line, and a word of the reason)
 BROKEN: list[tuple[str, str, list[str]]] = [
     ("wrong type", "source:\n  fps: fast\n", ["source.fps (line 2)", "number"]),
-    ("unknown key", "detect:\n  modle_complexity: 1\n", ["detect.modle_complexity (line 2)", "Extra"]),
+    (
+        "unknown key",
+        "detect:\n  modle_complexity: 1\n",
+        ["detect.modle_complexity (line 2)", "Extra"],
+    ),
     ("unknown section", "sauce:\n  kind: demo\n", ["sauce (line 1)", "Extra"]),
     ("out of range", "server:\n  port: 70000\n", ["server.port (line 2)", "less than or equal"]),
     ("negative", "supervisor:\n  max_restarts: -1\n", ["supervisor.max_restarts (line 2)"]),
     ("bad enum", "source:\n  kind: webcam\n", ["source.kind (line 2)", "'camera'"]),
     ("bad enum transport", "transmit:\n  primary: carrier_pigeon\n", ["transmit.primary (line 2)"]),
+    ("unavailable transport", "transmit:\n  primary: webrtc\n", ["transmit", "not available"]),
+    ("reserved audio", "audio:\n  enabled: true\n", ["audio (line 1)", "not available"]),
     (
         "missing file",
         "source:\n  kind: file\n  path: /nonexistent/video.mp4\n",
