@@ -23,3 +23,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"skipped on CI (CI=true), which counts as a failure: {reason}"
     return None
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_pipelines() -> object:
+    """A test that fails half-way must not leave its pipeline running."""
+    yield
+    from tests.procutil import kill_leftovers
+
+    kill_leftovers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,11 +49,26 @@ monitor:
     )
 
 
+#: every pipeline a test started; tests/conftest.py kills what is still alive after each test
+STARTED: list[subprocess.Popen[str]] = []
+
+
+def kill_leftovers() -> None:
+    """SIGKILL the process group of every started pipeline that is still running."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+                proc.communicate(timeout=10)
+
+
 def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """``python -m pipeline CONFIG ARGS`` in its own process group."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", str(config), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -61,6 +77,8 @@ def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subpro
         env=full_env,
         start_new_session=True,
     )
+    STARTED.append(proc)
+    return proc
 
 
 def stage_pids(sup_pid: int) -> dict[str, int]:
