@@ -40,6 +40,7 @@ import secrets
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -140,10 +141,15 @@ def _unzigzag(value: int) -> int:
 
 def _get_varint(buf: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
     """Read a canonical varint of at most 10 bytes at ``pos``; return (value, new pos)."""
-    if pos < end:
+    if pos + 1 < end:  # fast paths: one or two bytes
         byte = buf[pos]
-        if byte < 0x80:  # fast path: one byte
+        if byte < 0x80:
             return byte, pos + 1
+        b2 = buf[pos + 1]
+        if 0 < b2 < 0x80:
+            return (byte & 0x7F) | (b2 << 7), pos + 2
+    elif pos < end and buf[pos] < 0x80:
+        return buf[pos], pos + 1
     value = 0
     shift = 0
     start = pos
@@ -222,12 +228,13 @@ def _write_header(
 
 def _finish_packet(out: bytearray) -> bytes:
     """Append the checksum; check the size bound."""
-    out += _U32.pack(google_crc32c.value(bytes(out)))
-    if len(out) >= MAX_PACKET_BYTES:
+    body = bytes(out)
+    size = len(body) + CHECKSUM_BYTES
+    if size >= MAX_PACKET_BYTES:
         raise ProtocolError(
-            f"packet of {len(out)} bytes would not be under MAX_PACKET_BYTES={MAX_PACKET_BYTES}"
+            f"packet of {size} bytes would not be under MAX_PACKET_BYTES={MAX_PACKET_BYTES}"
         )
-    return bytes(out)
+    return body + _U32.pack(google_crc32c.value(body))
 
 
 def _as_bytes(packet: object) -> bytes:
@@ -613,28 +620,38 @@ class _QTables:
     hi: FloatArray
     w_lo: float
     w_hi: float
+    scale_n: dict[tuple[int, ...], npt.NDArray[Any]]
+    """Caches of full-shape copies of ``scale``, ``lo``, ``hi``, ``inv_scale4`` (see _full)."""
+    lo_n: dict[tuple[int, ...], npt.NDArray[Any]]
+    hi_n: dict[tuple[int, ...], npt.NDArray[Any]]
+    inv_n: dict[tuple[int, ...], npt.NDArray[Any]]
 
 
 _QTABLES: dict[_Quant, _QTables] = {}
 
-_FULL: dict[tuple[object, ...], npt.NDArray[np.generic]] = {}
-
 
 def _full(
-    key: tuple[object, ...], shape: tuple[int, ...], fill: npt.ArrayLike, dtype: type
-) -> npt.NDArray[np.generic]:
-    """A cached read-only array of ``shape`` filled by broadcasting ``fill``: ufuncs on
-    these tiny arrays are about twice as fast with equal shapes as with broadcasting or
-    scalar operands. ``key`` must identify ``fill`` and ``dtype``."""
-    k = (*key, shape)
-    a = _FULL.get(k)
+    cache: dict[tuple[int, ...], npt.NDArray[Any]],
+    shape: tuple[int, ...],
+    fill: npt.ArrayLike,
+    dtype: type,
+) -> npt.NDArray[Any]:
+    """A read-only array of ``shape`` filled by broadcasting ``fill``, cached in ``cache``
+    (one cache per fill and dtype): ufuncs on these tiny arrays are about twice as fast
+    with operands of equal shapes as with broadcast or scalar operands."""
+    a = cache.get(shape)
     if a is None:
         a = np.ascontiguousarray(np.broadcast_to(np.asarray(fill, dtype), shape))
         a.flags.writeable = False
-        if len(_FULL) > 4096:
-            _FULL.clear()
-        _FULL[k] = a
+        if len(cache) > 256:
+            cache.clear()
+        cache[shape] = a
     return a
+
+
+_HALF: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_I1: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_I63: dict[tuple[int, ...], npt.NDArray[Any]] = {}
 
 
 def _qtables(q: _Quant) -> _QTables:
@@ -653,6 +670,10 @@ def _qtables(q: _Quant) -> _QTables:
             hi=hi4[:, None],
             w_lo=math.floor(WORLD_RANGE_M[0] * q.n_world),
             w_hi=math.ceil(WORLD_RANGE_M[1] * q.n_world),
+            scale_n={},
+            lo_n={},
+            hi_n={},
+            inv_n={},
         )
         if len(_QTABLES) > 64:
             _QTABLES.clear()
@@ -677,14 +698,16 @@ class _Layout:
     iota: IntArray
     """``0 .. n_vals - 1``."""
     rpos: IntArray
-    """For each bit of the remainder section, in order: its position among the 16 bits
-    (most significant first) of the big-endian 16-bit words of the values; the k
-    remainder bits of a value are the low k bits of its word."""
+    """For each bit of the remainder section, in order: its position in the unpacked
+    bits (``np.unpackbits``, most significant bit of each byte first) of the values as
+    little-endian 16-bit words; the k remainder bits of a value are the low k bits of
+    its word. (Little-endian words cast without a byte swap on the usual machines.)"""
     rlen: int
     """Bits in the remainder section."""
 
 
 _LAYOUTS: dict[tuple[int, ...], _Layout] = {}
+_U16LE = np.dtype("<u2")
 
 
 def _layout(codes: tuple[int, ...]) -> _Layout:
@@ -696,16 +719,22 @@ def _layout(codes: tuple[int, ...]) -> _Layout:
     ks = codes_a[nz]
     kv = np.repeat(ks, _L)
     nz_idx = None if nz.all() else np.flatnonzero(np.repeat(nz, _L)).astype(np.int64)
-    word_start = np.arange(kv.size, dtype=np.int64) * 16 + 16 - kv
     rlen = int(kv.sum())
     pos_in = np.arange(rlen, dtype=np.int64) - np.repeat(np.cumsum(kv) - kv, kv)
+    weight = np.repeat(kv, kv) - 1 - pos_in  # the bit's weight (log2) in its value
+    # bit b of a little-endian 16-bit word: byte b // 8, then MSB first inside the byte
+    rpos = (
+        np.repeat(np.arange(kv.size, dtype=np.int64) * 16, kv)
+        + (weight // 8) * 8
+        + (7 - weight % 8)
+    )
     lay = _Layout(
         n_groups=len(codes),
         n_vals=int(kv.size),
         nz_idx=nz_idx,
         kv=kv,
         iota=np.arange(kv.size, dtype=np.int64),
-        rpos=np.repeat(word_start, kv) + pos_in,
+        rpos=rpos,
         rlen=rlen,
     )
     if len(_LAYOUTS) > 512:
@@ -756,9 +785,12 @@ def _read_codes(
     data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]
 ) -> tuple[tuple[int, ...], int]:
     """Parse the group codes at ``data[pos:]``; return them and their length in bits."""
-    chunk = data[pos : min(end, pos + (7 * len(ref_codes) + 7) // 8)]
+    n_groups = len(ref_codes)
+    chunk = data[pos : min(end, pos + (7 * n_groups + 7) // 8)]
     total = 8 * len(chunk)
     v = int.from_bytes(chunk, "big")
+    if total >= n_groups and not v >> (total - n_groups):
+        return ref_codes, n_groups  # every group keeps its reference's code ("0" each)
     bit = total
     codes = []
     for r in ref_codes:
@@ -840,8 +872,8 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
     bits[:n_prefix] = prefix
     bits[n_prefix:][ends] = 1
     if lay.rlen:
-        # remainders: the low k bits of each value's 16-bit big-endian word
-        bits[rstart:] = np.unpackbits(vals.astype(">u2").view(np.uint8))[lay.rpos]
+        # remainders: the low k bits of each value's 16-bit word
+        bits[rstart:] = np.unpackbits(vals.astype(_U16LE).view(np.uint8))[lay.rpos]
     return np.packbits(bits).tobytes(), codes
 
 
@@ -884,7 +916,7 @@ def _rice_decode(
     if lay.rlen:
         words = np.zeros(16 * n_vals, np.uint8)
         words[lay.rpos] = bits[rstart:used]
-        vals += np.packbits(words).view(">u2")
+        vals += np.packbits(words).view(_U16LE)
     if lay.nz_idx is None:
         out: IntArray = vals.reshape(n_groups, _L)
         return out, codes
@@ -941,6 +973,8 @@ class _Entry:
     """Sequence number of the keyframe this frame descends from."""
     codes: tuple[int, ...]
     """The group codes of this frame's packet (the next packet's code reference)."""
+    tables: _QTables
+    """``_qtables(quant)``."""
 
 
 _FULL_DEPTH = [(PREDICTOR_DEPTH,) * n for n in range(MAX_POSES + 1)]
@@ -980,7 +1014,7 @@ def _predict(
     d0 = depth[0] if m else 0
     if (m == n and depth == _FULL_DEPTH[n]) or (m >= n and all(d == d0 for d in depth[:n])):
         pred = stack[:n, :, None, : d0 * _L] @ mats[d0]
-        pred += _full(("half",), pred.shape, 0.5, np.float64)
+        pred += _full(_HALF, pred.shape, 0.5, np.float64)
         np.floor(pred, out=pred)
         return pred[:, :, 0, :], None
     pred = np.zeros((n, stack.shape[1], _L), np.float64)
@@ -1029,13 +1063,13 @@ def _reconstruct(
 def _zigzag_np(r: FloatArray) -> IntArray:
     ri = r.astype(np.int64)
     zz = ri + ri
-    zz ^= ri >> _full(("i63",), ri.shape, 63, np.int64)
+    zz ^= ri >> _full(_I63, ri.shape, 63, np.int64)
     return zz
 
 
 def _unzigzag_np(u: IntArray) -> FloatArray:
-    one = _full(("i1",), u.shape, 1, np.int64)
-    r = u >> one
+    one = _full(_I1, u.shape, 1, np.int64)
+    r: IntArray = u >> one
     r ^= -(u & one)
     return r.astype(np.float64)
 
@@ -1080,6 +1114,10 @@ _IMG_LO4 = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
 _IMG_HI4 = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
 _IMG_LO4_32 = _IMG_LO4.astype(np.float32)  # the bounds are exact in float32
 _IMG_HI4_32 = _IMG_HI4.astype(np.float32)
+_IMG_LO_32: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_IMG_HI_32: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_IMG_LO_64: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_IMG_HI_64: dict[tuple[int, ...], npt.NDArray[Any]] = {}
 
 
 # --------------------------------------------------------------------------- results
@@ -1217,12 +1255,18 @@ class Encoder:
         cfg = self.config
         img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
         n = img.shape[0]
-        f32 = img.dtype == np.float32
-        lo4 = _IMG_LO4_32 if f32 else _IMG_LO4
-        hi4 = _IMG_HI4_32 if f32 else _IMG_HI4
+        shape = img.shape
+        if img.dtype == np.float32:
+            lo4 = _full(_IMG_LO_32, shape, _IMG_LO4_32, np.float32)
+            hi4 = _full(_IMG_HI_32, shape, _IMG_HI4_32, np.float32)
+        else:
+            lo4 = _full(_IMG_LO_64, shape, _IMG_LO4, np.float64)
+            hi4 = _full(_IMG_HI_64, shape, _IMG_HI4, np.float64)
         if np.count_nonzero((img >= lo4) & (img <= hi4)) != img.size:  # NaN fails both
             raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
-        q = np.rint(img.transpose(0, 2, 1) * self._t.scale)
+        q = np.rint(
+            img.transpose(0, 2, 1) * _full(self._t.scale_n, (n, 4, _L), self._t.scale, np.float64)
+        )
         qw = None
         if cfg.world and frame.world is not None:
             w = _check_block(frame.world, 3, "world", cfg.max_poses, n)
@@ -1372,7 +1416,7 @@ class Encoder:
             key_seq = ref.key_seq
         entry = _Entry(
             seq, entry_ts, step_us, self.epoch, self._quant, n, stack, depth, wstack, wdepth,
-            key_seq, codes,
+            key_seq, codes, t,
         )  # fmt: skip
         return packet, entry
 
@@ -1441,6 +1485,7 @@ class Decoder:
         ref: _Entry | None
         if keyframe:
             quant, pos = _Quant.parse(buf, pos, end)
+            t = _qtables(quant)
             ref = None
             ts = ts_field
             step_us = 0
@@ -1451,13 +1496,13 @@ class Decoder:
                 self.stats.need_keyframe += 1
                 return NeedKeyframe(sid, seq, ref_seq)
             quant = ref.quant
+            t = ref.tables
             gap = seq - ref_seq
             d_us = ts_field + ref.step_us * gap
             ts = ref.ts + d_us * 1000
             if not -(2**63) <= ts < 2**63:
                 raise ProtocolError("capture timestamp out of range")
             step_us = d_us // gap
-        t = _qtables(quant)
         per_pose = 7 if has_world else 4
         u, codes = _rice_decode(buf, pos, end, _ref_codes(ref, n, has_world))
         r = _unzigzag_np(u.reshape(n, per_pose, _L))
@@ -1471,7 +1516,14 @@ class Decoder:
         else:
             q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
             qw = None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
-        if n and np.count_nonzero((q >= t.lo) & (q <= t.hi)) != q.size:
+        if (
+            n
+            and np.count_nonzero(
+                (q >= _full(t.lo_n, q.shape, t.lo, np.float64))
+                & (q <= _full(t.hi_n, q.shape, t.hi, np.float64))
+            )
+            != q.size
+        ):
             raise ProtocolError("decoded image landmarks out of range: corrupt payload")
         if qw is not None and n and np.count_nonzero((qw >= t.w_lo) & (qw <= t.w_hi)) != qw.size:
             raise ProtocolError("decoded world landmarks out of range: corrupt payload")
@@ -1504,14 +1556,18 @@ class Decoder:
             key_seq = ref.key_seq
         st.entries.pop(seq, None)
         st.entries[seq] = _Entry(
-            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq, codes
+            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq, codes, t
         )
         while len(st.entries) > HISTORY:
             del st.entries[next(iter(st.entries))]
         if seq > st.max_seq:
             st.max_seq = seq
         image = np.empty((n, _L, 4), np.float32)
-        np.multiply(q.transpose(0, 2, 1), t.inv_scale4, out=image)
+        np.multiply(
+            q.transpose(0, 2, 1),
+            _full(t.inv_n, image.shape, t.inv_scale4, np.float64),
+            out=image,
+        )
         world = None
         if qw is not None:
             world = np.empty((n, _L, 3), np.float32)
