@@ -482,6 +482,8 @@ _IMG_CLASSES = ("xy", "xy", "z", "vis")
 _WLD_CLASSES = ("world", "world", "world")
 _PRED_IMG = {d: _block_predictor(_IMG_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
 _PRED_WLD = {d: _block_predictor(_WLD_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
+
+
 _INTRA = _intra_matrices()
 
 
@@ -854,7 +856,12 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
         k = max(0, (total // _L).bit_length() - 1, kmin)
         if k > _MAX_K:
             raise ProtocolError("residual too large to code")
-        if (r == k + 1 or r == k - 1) and r >= kmin and _est(total, r) <= _est(total, k) + 1.5:
+        if (
+            (r == k + 1 or r == k - 1)
+            and r >= kmin
+            and total / (1 << r) + _L * (r + 0.5 + 0.5 / (1 << r))
+            <= total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k)) + 1.5
+        ):  # _est(total, r) <= _est(total, k) + 1.5
             k = r
         codes_l.append(k)
     codes = tuple(codes_l)
@@ -1016,7 +1023,8 @@ def _predict(
         pred = stack[:n, :, None, : d0 * _L] @ mats[d0]
         pred += _full(_HALF, pred.shape, 0.5, np.float64)
         np.floor(pred, out=pred)
-        return pred[:, :, 0, :], None
+        pred = pred[:, :, 0, :]
+        return pred, None
     pred = np.zeros((n, stack.shape[1], _L), np.float64)
     intra = np.ones(n, bool)
     for p in range(min(n, m)):
@@ -1077,6 +1085,7 @@ def _unzigzag_np(u: IntArray) -> FloatArray:
 # --------------------------------------------------------------------------- validation
 
 _COMPONENTS = ("x", "y", "z", "visibility")
+_INT_TYPES = (int, np.integer)
 
 
 def _check_block(
@@ -1307,9 +1316,9 @@ class Encoder:
         """
         seq = frame.seq
         ts = frame.capture_ts_ns
-        if not isinstance(seq, int | np.integer) or not 0 <= seq <= MAX_SEQ:
+        if not isinstance(seq, _INT_TYPES) or not 0 <= seq <= MAX_SEQ:
             raise ProtocolError(f"sequence number {seq!r} not an integer in 0..{MAX_SEQ}")
-        if not isinstance(ts, int | np.integer) or not -(2**63) <= ts < 2**63:
+        if not isinstance(ts, _INT_TYPES) or not -(2**63) <= ts < 2**63:
             raise ProtocolError(f"capture timestamp {ts!r} not an int64")
         seq = int(seq)
         ts = int(ts)
