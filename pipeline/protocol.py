@@ -1075,7 +1075,20 @@ def _zigzag_np(r: FloatArray) -> IntArray:
     return zz
 
 
+_UNZIGZAG_TABLE_SIZE = 1 << 16
+_UNZIGZAG_TABLE: FloatArray = np.array(
+    [_unzigzag(v) for v in range(_UNZIGZAG_TABLE_SIZE)], np.float64
+)
+"""``_unzigzag`` of 0 .. 2**16 - 1 as floats: one gather instead of five ufuncs."""
+
+
 def _unzigzag_np(u: IntArray) -> FloatArray:
+    """Zigzag-decode ``u`` (non-negative) to float64."""
+    try:
+        out: FloatArray = _UNZIGZAG_TABLE[u]
+        return out
+    except IndexError:  # a value of 2**16 or more (no valid stream of the traces has one)
+        pass
     one = _full(_I1, u.shape, 1, np.int64)
     r: IntArray = u >> one
     r ^= -(u & one)
