@@ -415,13 +415,16 @@ def portrait_video(path: Path, astronaut: RGB, n: int = 30) -> Path:
     return write_video(path, frames, fps=30)
 
 
-def test_latest_wins_with_real_processes(tmp_path: Path, astronaut: RGB) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_latest_wins_with_real_processes(tmp_path: Path, astronaut: RGB, workers: int) -> None:
     """A source far faster than detection: detection takes the newest frame, the rest is
-    counted as skipped, and every frame taken gives exactly one pose record."""
+    counted as skipped, and every frame taken gives exactly one pose record, in frame
+    order also when two detectors work in parallel."""
     portrait_video(tmp_path / "v.avi", astronaut)
     cfg = config(
         tmp_path,
         "source: {kind: file, path: v.avi, loop: true, fps: 240}\n"  # paced, 5x detection
+        f"detect: {{workers: {workers}}}\n"
         "rings: {max_frame_width: 320, max_frame_height: 400, poses: {slots: 1024}}",
     )
     rings = StageRings(tmp_path, cfg)
