@@ -1584,16 +1584,12 @@ class Decoder:
             del st.entries[next(iter(st.entries))]
         if seq > st.max_seq:
             st.max_seq = seq
-        image = np.empty((n, _L, 4), np.float32)
-        np.multiply(
-            q.transpose(0, 2, 1),
-            _full(t.inv_n, image.shape, t.inv_scale4, np.float64),
-            out=image,
-        )
+        # q / n in float64, rounded to float32 (a contiguous product, then one copy)
+        image = (q * _full(t.inv_n, q.shape, t.inv_scale4[:, None], np.float64)).transpose(0, 2, 1)
+        image = image.astype(np.float32, order="C")
         world = None
         if qw is not None:
-            world = np.empty((n, _L, 3), np.float32)
-            np.multiply(qw.transpose(0, 2, 1), 1.0 / quant.n_world, out=world)
+            world = (qw * (1.0 / quant.n_world)).transpose(0, 2, 1).astype(np.float32, order="C")
         header = PacketHeader(
             sid,
             seq,
