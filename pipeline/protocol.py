@@ -824,6 +824,10 @@ def _read_codes(
     return tuple(codes), total - bit
 
 
+_GROUP_STARTS = [np.arange(0, g * _L, _L, dtype=np.int64) for g in range(7 * MAX_POSES + 1)]
+"""Index of the first value of each group, for 0 .. 56 groups."""
+
+
 def _est(total: int, k: int) -> float:
     """Estimated Rice bits of a group of 33 values summing to ``total`` with parameter k."""
     return total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k))
@@ -846,8 +850,10 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
     # sum / 2**k + 33 * (k + 1/2 + 2**-k / 2)) at most 1.5 bits more: its code is 1 bit
     # instead of 2 or 3.
     codes_l = []
-    sums = np.add.reduce(u, axis=1).tolist()
-    tops = np.maximum.reduce(u, axis=1).tolist()
+    flat = u.ravel()
+    starts = _GROUP_STARTS[u.shape[0]]  # (reduceat on the flat values: faster than axis=1)
+    sums = np.add.reduceat(flat, starts).tolist()
+    tops = np.maximum.reduceat(flat, starts).tolist()
     for total, top, r in zip(sums, tops, ref_codes, strict=True):
         if top == 0:
             codes_l.append(_ZERO_GROUP)
