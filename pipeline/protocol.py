@@ -1082,23 +1082,31 @@ def _zigzag_np(r: FloatArray) -> IntArray:
 
 
 _UNZIGZAG_TABLE_SIZE = 1 << 16
-_UNZIGZAG_TABLE: FloatArray = np.array(
-    [_unzigzag(v) for v in range(_UNZIGZAG_TABLE_SIZE)], np.float64
+_UNZIGZAG_HALF_TABLE: FloatArray = np.array(
+    [_unzigzag(v) + 0.5 for v in range(_UNZIGZAG_TABLE_SIZE)], np.float64
 )
-"""``_unzigzag`` of 0 .. 2**16 - 1 as floats: one gather instead of five ufuncs."""
+"""``_unzigzag(v) + 1/2`` for v = 0 .. 2**16 - 1: one gather instead of five ufuncs."""
 
 
-def _unzigzag_np(u: IntArray) -> FloatArray:
-    """Zigzag-decode ``u`` (non-negative) to float64."""
+def _unzigzag_half_np(u: IntArray) -> FloatArray:
+    """Zigzag-decode ``u`` (non-negative) to float64 and add 1/2 (exact): the residual
+    plus the rounding term of the prediction, ``q = floor(P + (r + 1/2))``."""
     try:
-        out: FloatArray = _UNZIGZAG_TABLE[u]
+        out: FloatArray = _UNZIGZAG_HALF_TABLE[u]
         return out
     except IndexError:  # a value of 2**16 or more (no valid stream of the traces has one)
         pass
     one = _full(_I1, u.shape, 1, np.int64)
     r: IntArray = u >> one
     r ^= -(u & one)
-    return r.astype(np.float64)
+    half: FloatArray = r + 0.5
+    return half
+
+
+def _unzigzag_np(u: IntArray) -> FloatArray:
+    """Zigzag-decode ``u`` (non-negative) to float64."""
+    r: FloatArray = _unzigzag_half_np(u) - 0.5
+    return r
 
 
 # --------------------------------------------------------------------------- validation
@@ -1533,17 +1541,36 @@ class Decoder:
             step_us = d_us // gap
         per_pose = 7 if has_world else 4
         u, codes = _rice_decode(buf, pos, end, _ref_codes(ref, n, has_world))
-        r = _unzigzag_np(u.reshape(n, per_pose, _L))
-        rw = None
-        if has_world:
-            rw = r[:, 4:]
-            r = r[:, :4]
-        if ref is None:
-            q = r @ _INTRA[1] + t.root
-            qw = None if rw is None else rw @ _INTRA[1]
+        if (
+            ref is not None
+            and not has_world
+            and n
+            and (
+                ref.depth == _FULL_DEPTH[n]
+                or (len(ref.depth) >= n and all(d == ref.depth[0] for d in ref.depth[:n]))
+            )
+        ):
+            # every pose predicted at one depth: q = floor(P + 1/2) + r = floor(P + (r + 1/2))
+            # (exact: every term is a multiple of 2**-16 far below 2**53)
+            d0 = ref.depth[0]
+            q = (ref.stack[:n, :, None, : d0 * _L] @ _PRED_IMG[d0])[:, :, 0, :]
+            q += _unzigzag_half_np(u.reshape(n, per_pose, _L))
+            np.floor(q, out=q)
+            qw = None
         else:
-            q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
-            qw = None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
+            r = _unzigzag_np(u.reshape(n, per_pose, _L))
+            rw = None
+            if has_world:
+                rw = r[:, 4:]
+                r = r[:, :4]
+            if ref is None:
+                q = r @ _INTRA[1] + t.root
+                qw = None if rw is None else rw @ _INTRA[1]
+            else:
+                q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
+                qw = (
+                    None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
+                )
         if (
             n
             and np.count_nonzero(

@@ -464,6 +464,8 @@ def test_unzigzag_table_and_fallback_agree() -> None:
         got = proto._unzigzag_np(u)
         assert got.shape == u.shape and got.dtype == np.float64
         assert np.array_equal(got.ravel(), expect)
+        half = proto._unzigzag_half_np(u)
+        assert half.shape == u.shape and np.array_equal(half.ravel(), expect + 0.5)
 
 
 if __name__ == "__main__":
