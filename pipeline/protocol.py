@@ -35,6 +35,7 @@ a dozen lines of JavaScript for the viewer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import struct
@@ -119,6 +120,45 @@ class PacketHeader:
     def packet_len(self) -> int:
         """Total packet length in bytes (header, payload and checksum)."""
         return self.header_len + self.payload_len + CHECKSUM_BYTES
+
+
+# The decoder builds a PacketHeader per packet; a frozen dataclass's __init__ goes
+# through object.__setattr__ per field, the slots' own setters take half the time.
+(_SET_SID, _SET_SEQ, _SET_TS, _SET_REF, _SET_KEY, _SET_WORLD, _SET_N, _SET_PLEN, _SET_VERSION,
+ _SET_TSRES, _SET_HLEN, _SET_EPOCH) = (
+    getattr(PacketHeader, f.name).__set__ for f in dataclasses.fields(PacketHeader)
+)  # fmt: skip
+
+
+def _packet_header(
+    stream_id: int,
+    seq: int,
+    capture_ts_ns: int | None,
+    ref_seq: int | None,
+    keyframe: bool,
+    has_world: bool,
+    num_poses: int,
+    payload_len: int,
+    version: int,
+    ts_residual_us: int | None,
+    header_len: int,
+    epoch: int,
+) -> PacketHeader:
+    """``PacketHeader(...)`` with every field given, faster."""
+    h: PacketHeader = object.__new__(PacketHeader)
+    _SET_SID(h, stream_id)
+    _SET_SEQ(h, seq)
+    _SET_TS(h, capture_ts_ns)
+    _SET_REF(h, ref_seq)
+    _SET_KEY(h, keyframe)
+    _SET_WORLD(h, has_world)
+    _SET_N(h, num_poses)
+    _SET_PLEN(h, payload_len)
+    _SET_VERSION(h, version)
+    _SET_TSRES(h, ts_residual_us)
+    _SET_HLEN(h, header_len)
+    _SET_EPOCH(h, epoch)
+    return h
 
 
 # --------------------------------------------------------------------------- varints
@@ -1623,7 +1663,7 @@ class Decoder:
         world = None
         if qw is not None:
             world = (qw * (1.0 / quant.n_world)).transpose(0, 2, 1).astype(np.float32, order="C")
-        header = PacketHeader(
+        header = _packet_header(
             sid,
             seq,
             ts,
