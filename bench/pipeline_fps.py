@@ -45,6 +45,7 @@ from typing import Any
 import psutil
 
 from bench.common import add_json_flag, at_least, percentile, report
+from pipeline.stage import stage_processes
 
 NAME = "pipeline_fps"
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,19 +118,6 @@ def sequential(video: Path, seconds: float, warmup: int = 10) -> dict[str, Any]:
     }
 
 
-def _stage_procs(sup_pid: int) -> dict[str, psutil.Process]:
-    out: dict[str, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(sup_pid).children():
-            try:
-                title = " ".join(child.cmdline())
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                continue
-            if title.startswith("posewire:"):
-                out[title.split()[0].split(":", 1)[1]] = child
-    return out
-
-
 def pipeline(video: Path, seconds: float, workdir: Path, workers: int) -> list[dict[str, Any]]:
     """The sender under its supervisor; figures over ``seconds`` after a warm-up."""
     from pipeline.errors import RingError
@@ -181,7 +169,7 @@ rings: {{max_frame_width: 1280, max_frame_height: 720}}
         while time.monotonic() < deadline and rings["poses"].statistics().written < 10:
             time.sleep(0.1)
         time.sleep(1.0)
-        procs = _stage_procs(proc.pid)
+        procs = stage_processes(proc.pid)
         f0, p0 = rings["frames"].statistics(), rings["poses"].statistics()
         cpu0 = {n: _cpu_s(p) for n, p in procs.items()}
         t0 = time.monotonic()

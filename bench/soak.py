@@ -79,7 +79,6 @@ TASK_TOLERANCE = 2
 DELIVERY_MIN = 0.95
 WARMUP_MIN_S = 10.0
 EDGE_SAMPLES = 3
-STAGE_TITLE = "posewire:"
 SERVER_GAUGES = ("members", "connections", "tasks", "open_fds")
 SERVER_COUNTERS = ("packets_in_total", "packets_out_total", "drops_total")
 
@@ -219,19 +218,9 @@ def shm_count(run_id: str) -> int:
 
 def stage_pids(sup_pid: int) -> dict[str, int]:
     """Stage name -> pid, from the process titles ``posewire:<stage>``."""
-    out: dict[str, int] = {}
-    try:
-        children = psutil.Process(sup_pid).children()
-    except psutil.NoSuchProcess:
-        return out
-    for child in children:
-        try:
-            cmd = " ".join(child.cmdline())
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-        if cmd.startswith(STAGE_TITLE):
-            out[cmd.split()[0][len(STAGE_TITLE) :]] = child.pid
-    return out
+    from pipeline.stage import stage_processes
+
+    return {name: proc.pid for name, proc in stage_processes(sup_pid).items()}
 
 
 def proc_sample(pid: int) -> ProcSample | None:

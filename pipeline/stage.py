@@ -46,6 +46,9 @@ from pipeline.errors import ConfigError, ControlError, PosewireError, SourceErro
 #: exit code of a stage that met a user error it must not be restarted for (sysexits EX_CONFIG)
 EXIT_CONFIG = 78
 
+#: process title prefix of every stage: ``posewire:<stage>``
+STAGE_TITLE = "posewire:"
+
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(stage)-9s %(levelname)-7s %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 
@@ -260,6 +263,25 @@ def _set_parent_death_signal() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
+def stage_processes(supervisor_pid: int) -> dict[str, Any]:
+    """Stage name -> ``psutil.Process`` of a supervisor's stages, found by process title."""
+    import psutil
+
+    out: dict[str, Any] = {}
+    try:
+        children = psutil.Process(supervisor_pid).children()
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            title = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if title.startswith(STAGE_TITLE):
+            out[title.split()[0][len(STAGE_TITLE) :]] = child
+    return out
+
+
 def error_file(run_dir: Path, stage: str) -> Path:
     return run_dir / f"{stage}.error"
 
@@ -268,7 +290,7 @@ def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process (the target given to ``multiprocessing``)."""
     import setproctitle
 
-    setproctitle.setproctitle(f"posewire:{spec.name}")
+    setproctitle.setproctitle(f"{STAGE_TITLE}{spec.name}")
     log = setup_logging(spec.name)
     faulthandler.enable()
     _set_parent_death_signal()

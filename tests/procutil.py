@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
+from pipeline.stage import stage_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
@@ -83,19 +83,7 @@ def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subpro
 
 def stage_pids(sup_pid: int) -> dict[str, int]:
     """Stage name -> pid, from the process titles ``posewire:<stage>``."""
-    out: dict[str, int] = {}
-    try:
-        children = psutil.Process(sup_pid).children()
-    except psutil.NoSuchProcess:
-        return out
-    for child in children:
-        try:
-            cmd = " ".join(child.cmdline())
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-        if cmd.startswith("posewire:"):
-            out[cmd.split()[0].split(":", 1)[1]] = child.pid
-    return out
+    return {name: proc.pid for name, proc in stage_processes(sup_pid).items()}
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
