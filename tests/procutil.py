@@ -24,7 +24,9 @@ def write_config(tmp_path: Path, body: str, name: str = "pipeline.yaml") -> Path
     return path
 
 
-def trace_config(tmp_path: Path, *, loop: bool = True, extra: str = "") -> Path:
+def trace_config(
+    tmp_path: Path, *, loop: bool = True, monitor: str = "  enabled: false", extra: str = ""
+) -> Path:
     """A camera-free pipeline: trace replay -> encode -> transmit to a file."""
     return write_config(
         tmp_path,
@@ -43,7 +45,7 @@ supervisor:
   max_restarts: 10
   period_s: 30
 monitor:
-  enabled: false
+{monitor}
 {extra}
 """,
     )

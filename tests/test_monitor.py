@@ -26,30 +26,13 @@ from pipeline.monitor import (
     Monitor,
     parse_exposition,
 )
-from tests.procutil import ROOT, TRACE, start, stop, wait_for, write_config
+from tests.procutil import ROOT, TRACE, start, stop, trace_config, wait_for
 
 needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
 
 def _config(tmp_path: Path, monitor: str, extra: str = "") -> Path:
-    return write_config(
-        tmp_path,
-        f"""
-detect:
-  backend: trace
-  trace: {TRACE}
-transmit:
-  primary: file
-  file: {tmp_path / "packets.bin"}
-supervisor:
-  run_dir: {tmp_path / "run"}
-  heartbeat_interval_ms: 100
-  heartbeat_timeout_ms: 3000
-monitor:
-{monitor}
-{extra}
-""",
-    )
+    return trace_config(tmp_path, monitor=monitor, extra=extra)
 
 
 def _get(url: str) -> str:

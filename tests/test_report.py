@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.report_cmd import PLOTS
-from tests.procutil import ROOT, TRACE, start, write_config
+from tests.procutil import ROOT, TRACE, start, trace_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,22 +40,7 @@ def _check_rendered(out: Path) -> str:
 
 @pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 def test_rendered_report_of_a_real_run(tmp_path: Path) -> None:
-    cfg = write_config(
-        tmp_path,
-        f"""
-detect:
-  backend: trace
-  trace: {TRACE}
-transmit:
-  primary: file
-  file: {tmp_path / "packets.bin"}
-supervisor:
-  run_dir: {tmp_path / "run"}
-monitor:
-  enabled: false
-  status: "off"
-""",
-    )
+    cfg = trace_config(tmp_path, monitor='  enabled: false\n  status: "off"')
     report = tmp_path / "run.json"
     proc = start(cfg, "--duration", "3", "--report", str(report))
     _, err = proc.communicate(timeout=60)
