@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from pipeline.errors import ConfigError, TransportError
 from pipeline.server.app import STATE, create_app, serve
 from pipeline.stage import StageContext
 
@@ -56,6 +57,9 @@ async def _main(ctx: StageContext) -> int:
     tick_task = asyncio.get_running_loop().create_task(ticker(), name="posewire-server-tick")
     try:
         await serve(cfg, host=cfg.host, port=cfg.port, ready_cb=ready, stop=stop, app=app)
+    except TransportError as exc:
+        # the address is taken or not ours: restarting cannot fix that
+        raise ConfigError([f"server.port: {exc}"]) from exc
     finally:
         tick_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -153,3 +153,16 @@ def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> Non
     data = json.loads(report.read_text())
     assert data["stages"]["server"]["restarts"] == 1
     print(f"streaming again {back_after:.2f} s after kill -9 of the server")
+
+
+def test_embedded_server_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        proc = start(_sender_config(tmp_path, port), env={"POSEWIRE_SECRET": SECRET})
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "server.port" in last and "address already in use" in last, last
+    assert "Traceback" not in err
