@@ -43,6 +43,8 @@ from pipeline import control
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ControlError, PosewireError, SourceError
 
+_FAULT_FILE: Any = None
+
 #: exit code of a stage that met a user error it must not be restarted for (sysexits EX_CONFIG)
 EXIT_CONFIG = 78
 
@@ -292,7 +294,11 @@ def stage_main(spec: StageSpec) -> None:
 
     setproctitle.setproctitle(f"{STAGE_TITLE}{spec.name}")
     log = setup_logging(spec.name)
-    faulthandler.enable()
+    # a dup of the real stderr: a fatal-error dump must get out even while a stage
+    # has fd 2 redirected (the detect stage filters MediaPipe's start-up chatter)
+    global _FAULT_FILE
+    _FAULT_FILE = os.fdopen(os.dup(2), "w")
+    faulthandler.enable(_FAULT_FILE)
     _set_parent_death_signal()
     if os.getppid() != spec.supervisor_pid:
         os._exit(1)

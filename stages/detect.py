@@ -33,6 +33,9 @@ import logging
 import math
 import os
 import queue
+import re
+import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -40,7 +43,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Final
 
 import cv2
 import numpy as np
@@ -79,6 +82,65 @@ def _import_mediapipe() -> Any:
     import mediapipe
 
     return mediapipe
+
+
+_NATIVE_NOISE = re.compile(
+    rb"^(INFO: Created TensorFlow Lite|WARNING: All log messages before absl::InitializeLog"
+    rb"|[IW]\d{4} [\d:.]+ +\d+ )"
+)
+
+
+#: inferences during which MediaPipe's start-up chatter is filtered (at most)
+QUIET_CALLS = 60
+
+
+class NativeLogFilter:
+    """Hide MediaPipe's start-up chatter on fd 2 while keeping everything else.
+
+    MediaPipe's C++ side logs through absl straight to file descriptor 2 (the
+    GLOG/TF environment variables do not silence it): XNNPACK and
+    feedback-manager notes when the graph starts, a projection warning at the
+    first person, written asynchronously by the graph's threads. While any
+    detector holds the filter (:meth:`hold`), fd 2 points at a temporary file;
+    when the last one releases it (:meth:`release`), fd 2 is restored and every
+    line that is not absl INFO/WARNING noise (errors, our own log lines) is
+    written to it, in order. fd 2 is process-wide, so the filter is one
+    reference-counted object per process.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _saved = -1
+    _tmp: IO[bytes] | None = None
+
+    @classmethod
+    def hold(cls) -> None:
+        with cls._lock:
+            cls._holders += 1
+            if cls._holders > 1:
+                return
+            sys.stderr.flush()
+            cls._saved = os.dup(2)
+            cls._tmp = tempfile.TemporaryFile()  # noqa: SIM115 - held until release()
+            os.dup2(cls._tmp.fileno(), 2)
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            if cls._holders == 0:
+                return
+            cls._holders -= 1
+            if cls._holders > 0 or cls._tmp is None:
+                return
+            sys.stderr.flush()
+            os.dup2(cls._saved, 2)
+            os.close(cls._saved)
+            tmp, cls._tmp = cls._tmp, None
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(True) if not _NATIVE_NOISE.match(ln)]
+            tmp.close()
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _mediapipe_root() -> Path:
@@ -160,20 +222,35 @@ class MediaPipeDetector(Detector):
         mp = _import_mediapipe()
         self.cfg = cfg
         self.static_image_mode = static_image_mode
-        self._pose = mp.solutions.pose.Pose(
-            static_image_mode=static_image_mode,
-            model_complexity=cfg.model_complexity,
-            smooth_landmarks=cfg.smooth_landmarks,
-            enable_segmentation=False,
-            min_detection_confidence=cfg.min_detection_confidence,
-            min_tracking_confidence=cfg.min_tracking_confidence,
-        )
+        # MediaPipe's graph threads log asynchronously during the first inferences:
+        # keep fd 2 filtered from construction through the first frames with a person.
+        NativeLogFilter.hold()
+        self._quiet = True
+        self._quiet_calls = 0
+        try:
+            self._pose = mp.solutions.pose.Pose(
+                static_image_mode=static_image_mode,
+                model_complexity=cfg.model_complexity,
+                smooth_landmarks=cfg.smooth_landmarks,
+                enable_segmentation=False,
+                min_detection_confidence=cfg.min_detection_confidence,
+                min_tracking_confidence=cfg.min_tracking_confidence,
+            )
+        except BaseException:
+            self._end_quiet()
+            raise
 
     def detect(self, frame_rgb: RGBFrame, seq: int, capture_ts_ns: int) -> PoseFrame:
         frame = np.ascontiguousarray(frame_rgb)
         start = time.time_ns()
         result = self._pose.process(frame)
         end = time.time_ns()
+        if self._quiet:
+            self._quiet_calls += 1
+            if self._quiet_calls >= QUIET_CALLS or (
+                result.pose_landmarks is not None and self._quiet_calls >= 5
+            ):
+                self._end_quiet()
         if result.pose_landmarks is None:
             return PoseFrame(seq, capture_ts_ns, detect_start_ns=start, detect_end_ns=end)
         image = _landmarks_to_array(result.pose_landmarks.landmark, True)[None]
@@ -182,7 +259,13 @@ class MediaPipeDetector(Detector):
             world = _landmarks_to_array(result.pose_world_landmarks.landmark, False)[None]
         return PoseFrame(seq, capture_ts_ns, image, world, start, end)
 
+    def _end_quiet(self) -> None:
+        if self._quiet:
+            self._quiet = False
+            NativeLogFilter.release()
+
     def close(self) -> None:
+        self._end_quiet()
         self._pose.close()
 
     def describe(self) -> str:

@@ -575,3 +575,30 @@ def test_pipeline_with_a_source_that_cannot_exist_exits_2(tmp_path: Path) -> Non
     )
     assert "stages/capture.py" not in proc.stderr  # a message, not a traceback
     print(f"bad source: exit 2 after {elapsed:.2f} s")
+
+
+def test_native_log_filter_drops_absl_chatter_and_keeps_the_rest() -> None:
+    """In a fresh process (fd 2 is process-wide; other tests' detectors may hold it)."""
+    script = """
+import os
+from stages.detect import NativeLogFilter
+NativeLogFilter.hold()
+NativeLogFilter.hold()  # two detectors (detect.workers: 2) share fd 2
+os.write(2, b"W0000 00:00:1795388650.054808    4184 feedback.cc:114] chatter\\n")
+os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n")
+os.write(2, b"E0000 00:00:1795388650.1 4184 graph.cc:1] a real error\\n")
+NativeLogFilter.release()
+os.write(1, b"still held\\n")
+os.write(2, b"12:00:00.000 detect    INFO    our own line\\n")
+NativeLogFilter.release()
+os.write(2, b"after\\n")
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == [
+        "E0000 00:00:1795388650.1 4184 graph.cc:1] a real error",
+        "12:00:00.000 detect    INFO    our own line",
+        "after",
+    ]
