@@ -29,7 +29,6 @@ async def _main(ctx: StageContext) -> int:
     stop = asyncio.Event()
 
     def ready(host: str, port: int) -> None:
-        ctx.log.info("room server listening on http://%s:%d", host, port)
         ctx.metrics["port"] = float(port)
 
     async def ticker() -> None:
