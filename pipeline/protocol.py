@@ -1033,6 +1033,23 @@ class _Entry:
 _FULL_DEPTH = [(PREDICTOR_DEPTH,) * n for n in range(MAX_POSES + 1)]
 
 
+def _history(
+    q: FloatArray, qw: FloatArray | None, n: int, seq: int, ref: _Entry | None
+) -> tuple[FloatArray, tuple[int, ...], FloatArray | None, tuple[int, ...], int]:
+    """The reference stacks a new frame keeps (image and world) and its keyframe's seq.
+
+    Encoder and decoder run exactly this after each packet, so that both hold
+    the same history: a keyframe starts one, a delta frame stacks on its reference.
+    """
+    if ref is None:
+        return q, (1,) * n, qw, ((1,) * n if qw is not None else ()), seq
+    stack, depth = _stack_on(q, ref.stack, ref.depth)
+    if qw is None:
+        return stack, depth, None, (), ref.key_seq
+    wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
+    return stack, depth, wstack, wdepth, ref.key_seq
+
+
 def _stack_on(
     q: FloatArray, ref_stack: FloatArray | None, ref_depth: tuple[int, ...]
 ) -> tuple[FloatArray, tuple[int, ...]]:
@@ -1479,17 +1496,7 @@ class Encoder:
                 f"{MAX_PACKET_BYTES} (send fewer poses, or no world landmarks)"
             )
         packet = _finish_packet(out)
-        if ref is None:
-            stack, depth = q, (1,) * n
-            wstack, wdepth = qw, (1,) * n if qw is not None else ()
-            key_seq = seq
-        else:
-            stack, depth = _stack_on(q, ref.stack, ref.depth)
-            if qw is None:
-                wstack, wdepth = None, ()
-            else:
-                wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
-            key_seq = ref.key_seq
+        stack, depth, wstack, wdepth, key_seq = _history(q, qw, n, seq, ref)
         entry = _Entry(
             seq, entry_ts, step_us, self.epoch, self._quant, n, stack, depth, wstack, wdepth,
             key_seq, codes, t,
@@ -1639,16 +1646,7 @@ class Decoder:
                 for s in [s for s in st.entries if s >= seq]:
                     del st.entries[s]
                 st.max_seq = seq
-            stack, depth = q, (1,) * n
-            wstack, wdepth = qw, (1,) * n if qw is not None else ()
-            key_seq = seq
-        else:
-            stack, depth = _stack_on(q, ref.stack, ref.depth)
-            if qw is None:
-                wstack, wdepth = None, ()
-            else:
-                wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
-            key_seq = ref.key_seq
+        stack, depth, wstack, wdepth, key_seq = _history(q, qw, n, seq, ref)
         st.entries.pop(seq, None)
         st.entries[seq] = _Entry(
             seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq, codes, t
