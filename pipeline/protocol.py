@@ -1310,6 +1310,9 @@ class Encoder:
         self.stats = EncoderStats()
         self._quant = _Quant.from_config(config)
         self._t = _qtables(self._quant)
+        self._heads: dict[tuple[int, bool, int, int], bytes] = {}
+        """Delta packet header starts (magic, flags, stream id) per (pose count, world,
+        epoch, stream id)."""
         self._history: dict[int, _Entry] = {}
         self._prev: _Entry | None = None
         self._since_key = 0
@@ -1466,6 +1469,7 @@ class Encoder:
             groups = np.concatenate((r, rw), axis=1).reshape(n * 7, _L)
         payload, codes = _rice_encode(_zigzag_np(groups), _ref_codes(ref, n, qw is not None))
         out = bytearray()
+        gap = 0
         if ref is None:
             payload = self._quant.to_bytes() + payload
             ts_field = ts
@@ -1479,18 +1483,41 @@ class Encoder:
             step_us = d_us // gap
             if not -(2**63) <= entry_ts < 2**63:
                 raise ProtocolError("capture timestamp too far from the reference's")
-        _write_header(
-            out,
-            stream_id=self.stream_id,
-            seq=seq,
-            keyframe=ref is None,
-            has_world=qw is not None,
-            num_poses=n,
-            ts_field=ts_field,
-            ref_seq=None if ref is None else ref.seq,
-            payload_len=len(payload),
-            epoch=self.epoch,
-        )
+        if ref is None or not (1 <= gap <= MAX_REF_DELTA and 0 <= n <= MAX_WIRE_POSES):
+            _write_header(
+                out,
+                stream_id=self.stream_id,
+                seq=seq,
+                keyframe=ref is None,
+                has_world=qw is not None,
+                num_poses=n,
+                ts_field=ts_field,
+                ref_seq=None if ref is None else ref.seq,
+                payload_len=len(payload),
+                epoch=self.epoch,
+            )
+        else:
+            # a delta packet (the common case): what _write_header writes, with the
+            # magic, flags and stream id cached (seq was checked by encode(), the
+            # reference by _choose_ref)
+            if not -_TS_RESIDUAL_LIMIT < ts_field < _TS_RESIDUAL_LIMIT:
+                raise ProtocolError("capture timestamp too far from the reference's")
+            key = (n, qw is not None, self.epoch, self.stream_id)
+            head = self._heads.get(key)
+            if head is None:
+                flags = (
+                    (n << _POSES_SHIFT)
+                    | (FLAG_WORLD if qw is not None else 0)
+                    | ((self.epoch & _EPOCH_MASK) << _EPOCH_SHIFT)
+                )
+                h = bytearray(((MAGIC_NIBBLE << 4) | PROTOCOL_VERSION, flags))
+                _put_varint(h, self.stream_id)
+                head = self._heads[key] = bytes(h)
+            out += head
+            _put_varint(out, seq)
+            _put_varint(out, gap)
+            _put_varint(out, (ts_field << 1) if ts_field >= 0 else ((-ts_field << 1) - 1))
+            _put_varint(out, len(payload))
         out += payload
         if len(out) + CHECKSUM_BYTES >= MAX_PACKET_BYTES:
             raise PacketTooLargeError(
