@@ -812,19 +812,21 @@ def _code_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> list[int]:
     return out
 
 
-_PREFIXES: dict[tuple[tuple[int, ...], tuple[int, ...]], npt.NDArray[np.uint8]] = {}
+_PREFIXES: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[npt.NDArray[np.uint8], _Layout]] = {}
 
 
-def _prefix_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> npt.NDArray[np.uint8]:
-    """The group-code section as an array of bits (cached)."""
+def _prefix_bits(
+    codes: tuple[int, ...], ref_codes: tuple[int, ...]
+) -> tuple[npt.NDArray[np.uint8], _Layout]:
+    """The group-code section as an array of bits, and the layout (cached together)."""
     key = (codes, ref_codes)
-    bits = _PREFIXES.get(key)
-    if bits is None:
-        bits = np.array(_code_bits(codes, ref_codes), np.uint8)
+    hit = _PREFIXES.get(key)
+    if hit is None:
+        hit = (np.array(_code_bits(codes, ref_codes), np.uint8), _layout(codes))
         if len(_PREFIXES) > 1024:
             _PREFIXES.clear()
-        _PREFIXES[key] = bits
-    return bits
+        _PREFIXES[key] = hit
+    return hit
 
 
 def _read_codes(
@@ -872,6 +874,10 @@ _GROUP_STARTS = [np.arange(0, g * _L, _L, dtype=np.int64) for g in range(7 * MAX
 """Index of the first value of each group, for 0 .. 56 groups."""
 
 
+_K_OF_MEAN = [max(0, m.bit_length() - 1) for m in range(1024)]
+"""``max(0, floor(log2(m)))`` for small m."""
+
+
 def _est(total: int, k: int) -> float:
     """Estimated Rice bits of a group of 33 values summing to ``total`` with parameter k."""
     return total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k))
@@ -898,12 +904,16 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
     starts = _GROUP_STARTS[u.shape[0]]  # (reduceat on the flat values: faster than axis=1)
     sums = np.add.reduceat(flat, starts).tolist()
     tops = np.maximum.reduceat(flat, starts).tolist()
+    k_of_mean = _K_OF_MEAN
     for total, top, r in zip(sums, tops, ref_codes, strict=True):
         if top == 0:
             codes_l.append(_ZERO_GROUP)
             continue
         kmin = (top >> _MAX_Q_BITS).bit_length()
-        k = max(0, (total // _L).bit_length() - 1, kmin)
+        mean = total // _L
+        k = k_of_mean[mean] if mean < 1024 else mean.bit_length() - 1
+        if kmin > k:
+            k = kmin
         if k > _MAX_K:
             raise ProtocolError("residual too large to code")
         if (
@@ -915,9 +925,9 @@ def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[
             k = r
         codes_l.append(k)
     codes = tuple(codes_l)
-    prefix = _prefix_bits(codes, ref_codes)
+    hit = _PREFIXES.get((codes, ref_codes))
+    prefix, lay = hit if hit is not None else _prefix_bits(codes, ref_codes)
     n_prefix = prefix.size
-    lay = _layout(codes)
     if lay.n_vals == 0:
         return np.packbits(prefix).tobytes(), codes
     vals = u.ravel() if lay.nz_idx is None else u.ravel()[lay.nz_idx]
