@@ -671,6 +671,20 @@ class _QTables:
     lo_n: dict[tuple[int, ...], npt.NDArray[Any]]
     hi_n: dict[tuple[int, ...], npt.NDArray[Any]]
     inv_n: dict[tuple[int, ...], npt.NDArray[Any]]
+    dec_n: dict[tuple[int, ...], tuple[FloatArray, FloatArray, FloatArray]]
+    """Per shape: the full-shape ``lo``, ``hi`` and ``inv_scale4`` the decoder uses."""
+
+
+def _dec_limits(t: _QTables, shape: tuple[int, ...]) -> tuple[FloatArray, FloatArray, FloatArray]:
+    lim = (
+        _full(t.lo_n, shape, t.lo, np.float64),
+        _full(t.hi_n, shape, t.hi, np.float64),
+        _full(t.inv_n, shape, t.inv_scale4[:, None], np.float64),
+    )
+    if len(t.dec_n) > 256:
+        t.dec_n.clear()
+    t.dec_n[shape] = lim
+    return lim
 
 
 _QTABLES: dict[_Quant, _QTables] = {}
@@ -720,6 +734,7 @@ def _qtables(q: _Quant) -> _QTables:
             lo_n={},
             hi_n={},
             inv_n={},
+            dec_n={},
         )
         if len(_QTABLES) > 64:
             _QTABLES.clear()
@@ -1045,6 +1060,7 @@ class _Entry:
 
 
 _FULL_DEPTH = [(PREDICTOR_DEPTH,) * n for n in range(MAX_POSES + 1)]
+_KEEP = (PREDICTOR_DEPTH - 1) * _L
 
 
 def _history(
@@ -1057,7 +1073,10 @@ def _history(
     """
     if ref is None:
         return q, (1,) * n, qw, ((1,) * n if qw is not None else ()), seq
-    stack, depth = _stack_on(q, ref.stack, ref.depth)
+    depth = ref.depth
+    if qw is None and n and depth == _FULL_DEPTH[n]:  # the usual case, as in _stack_on
+        return np.concatenate((q, ref.stack[:, :, :_KEEP]), axis=2), depth, None, (), ref.key_seq
+    stack, depth = _stack_on(q, ref.stack, depth)
     if qw is None:
         return stack, depth, None, (), ref.key_seq
     wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
@@ -1658,14 +1677,10 @@ class Decoder:
                 qw = (
                     None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
                 )
-        if (
-            n
-            and np.count_nonzero(
-                (q >= _full(t.lo_n, q.shape, t.lo, np.float64))
-                & (q <= _full(t.hi_n, q.shape, t.hi, np.float64))
-            )
-            != q.size
-        ):
+        lim = t.dec_n.get(q.shape)
+        if lim is None:
+            lim = _dec_limits(t, q.shape)
+        if n and np.count_nonzero((q >= lim[0]) & (q <= lim[1])) != q.size:
             raise ProtocolError("decoded image landmarks out of range: corrupt payload")
         if qw is not None and n and np.count_nonzero((qw >= t.w_lo) & (qw <= t.w_hi)) != qw.size:
             raise ProtocolError("decoded world landmarks out of range: corrupt payload")
@@ -1696,7 +1711,7 @@ class Decoder:
         if seq > st.max_seq:
             st.max_seq = seq
         # q / n in float64, rounded to float32 (a contiguous product, then one copy)
-        image = (q * _full(t.inv_n, q.shape, t.inv_scale4[:, None], np.float64)).transpose(0, 2, 1)
+        image = (q * lim[2]).transpose(0, 2, 1)
         image = image.astype(np.float32, order="C")
         world = None
         if qw is not None:
