@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from bench.common import (
     targets_table,
 )
 from bench.common import percentile as pct
+from pipeline.config import traces_dir
 from pipeline.pose import LANDMARK_NAMES, PoseFrame
 from pipeline.protocol import (
     CodecConfig,
@@ -70,14 +70,6 @@ F32 = npt.NDArray[np.float32]
 REF_WIDTH = 1920
 PRECISION_PX = 0.5
 TS0 = 1_760_000_000_000_000_000
-
-
-def traces_dir() -> Path:
-    """The shared pose traces (``POSEWIRE_TRACES`` overrides)."""
-    env = os.environ.get("POSEWIRE_TRACES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared/data/pose-traces"
 
 
 @dataclass

@@ -53,9 +53,10 @@ from bench.common import (
     report,
     target,
 )
+from pipeline.config import traces_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACES = traces_dir()
 SECRET = "bench-fanout-secret-" + "0" * 24
 MAX_LAT_SAMPLES = 200_000
 

@@ -67,10 +67,11 @@ from bench.common import (
     target,
     targets_table,
 )
+from pipeline.config import traces_dir
 
 NAME = "soak"
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACES = traces_dir()
 DEFAULT_TRACE = TRACES / "cmu02_05_punch_strike.npz"
 ROOM = "soak"
 RSS_GROWTH_MAX_PCT = 10.0

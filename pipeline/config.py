@@ -19,6 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TRACES_ENV = "POSEWIRE_TRACES"
+
+
+def traces_dir() -> Path:
+    """The shared CMU pose traces: ``$POSEWIRE_TRACES``, else ``../shared/data/pose-traces``."""
+    env = os.environ.get(TRACES_ENV)
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "pose-traces"
 
 
 class _Model(BaseModel):

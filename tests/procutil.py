@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.config import traces_dir
 from pipeline.stage import stage_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACES = traces_dir()
 TRACE = TRACES / "cmu02_05_punch_strike.npz"
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import DetectBackend, DetectConfig, parse_config
+from pipeline.config import DetectBackend, DetectConfig, parse_config, traces_dir
 from pipeline.errors import ConfigError, WouldBlock
 from pipeline.frame import FrameBuffer, end_of_stream_payload
 from pipeline.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
@@ -44,7 +44,7 @@ from stages.detect import (
 from tests.test_capture import RGB, StageRings, config, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACES = traces_dir()
 TRACE = TRACES / "cmu02_05_punch_strike.npz"
 needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 

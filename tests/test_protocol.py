@@ -12,6 +12,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
+from pipeline.config import traces_dir
 from pipeline.errors import ConfigError, ProtocolError, UnsupportedVersionError
 from pipeline.pose import PoseFrame
 from pipeline.protocol import (
@@ -31,10 +32,7 @@ from pipeline.protocol import (
 
 XY_BOUND = 0.5 / 1920  # normalised x/y error bound of the default configuration
 TS0 = 1_760_000_000_000_000_000
-TRACES = Path(
-    os.environ.get("POSEWIRE_TRACES")
-    or Path(__file__).resolve().parents[1].parent / "shared/data/pose-traces"
-)
+TRACES = traces_dir()
 
 
 def trace_paths() -> list[Path]:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import google_crc32c
 import numpy as np
 import pytest
 
+from pipeline.config import traces_dir
 from pipeline.errors import ProtocolError
 from pipeline.pose import PoseFrame
 from pipeline.protocol import (
@@ -39,10 +38,7 @@ from pipeline.protocol import (
 )
 
 TS0 = 1_760_000_000_000_000_000
-TRACES = Path(
-    os.environ.get("POSEWIRE_TRACES")
-    or Path(__file__).resolve().parents[1].parent / "shared/data/pose-traces"
-)
+TRACES = traces_dir()
 
 GOLDEN: dict[str, str] = {
     "cmu01_01_forward_jumps sigma=0.002 world=False packets": "9abc189ceb2531bdff5d618fedbe561a85febeb4f14470df6b1d0f07a783e9bf",

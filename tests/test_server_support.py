@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from pipeline.config import ServerConfig
+from pipeline.config import ServerConfig, traces_dir
 from pipeline.pose import PoseFrame
 from pipeline.protocol import CodecConfig, Encoder, peek_header
 from pipeline.server.app import STATE, ServerState, create_app, serve
@@ -32,7 +32,7 @@ from pipeline.transports.base import Control, Packet, Received
 from pipeline.transports.websocket import WebSocketTransport
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = Path(os.environ.get("POSEWIRE_TRACES", ROOT.parent / "shared" / "data" / "pose-traces"))
+TRACES = traces_dir()
 TRACE = TRACES / "cmu02_05_punch_strike.npz"
 SECRET = "test-secret-" + "x" * 32
 
