@@ -400,12 +400,13 @@ def _fit_features(
 
 
 def fit(clips: Sequence[Clip], sigma: float) -> None:
-    """Least-squares fit of the predictor taps (see pipeline/protocol.py); prints them
-    in 1/256 with the mean squared residual, in-sample and leave-one-clip-out."""
+    """Least-squares fit of the predictor taps (``COEFS`` in pipeline/codec_kernels.py);
+    prints them in 1/256 with the mean squared residual, in-sample and leave-one-clip-out."""
+    from pipeline import codec_kernels
     from pipeline import protocol as proto
 
     group_mean = np.zeros((33, 33))
-    for g in proto._RIGID_GROUPS:
+    for g in codec_kernels.RIGID_GROUPS:
         for a in g:
             group_mean[a, list(g)] = 1.0 / len(g)
     is_grouped = np.array([0 < group_mean[j, j] < 1 for j in range(33)])

@@ -422,113 +422,11 @@ _GUARD = 1.001
 float32 rounding of a decoded value never pushes the error over the bound."""
 _MAX_STEPS_XY = 1 << 14
 _MAX_STEPS_OTHER = 1 << 12
-_FIX = 2.0**-16
-"""Predictor coefficients are integers in units of 2**-16."""
-_MAX_K = 14
-_ZERO_GROUP = 15
-_MAX_Q_BITS = 6
-"""The encoder never writes a unary part of 64 zeros or more."""
 _L = NUM_LANDMARKS
 
-# Parent of each landmark in the keyframe (intra) prediction tree; -1 = root.
-_PARENT: tuple[int, ...] = (
-    -1, 0, 1, 2, 0, 4, 5, 3, 6, 0, 9,  # face: the nose is the root
-    0, 11, 11, 12, 13, 14, 15, 16, 15, 16, 15, 16,  # shoulders, arms, hands
-    11, 23, 23, 24, 25, 26, 27, 28, 27, 28,  # hips, legs, feet
-)  # fmt: skip
-
-# Rigid groups for the inter predictor: points that move together.
-_RIGID_GROUPS: tuple[tuple[int, ...], ...] = (
-    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10),  # head
-    (15, 17, 19, 21),  # left hand
-    (16, 18, 20, 22),  # right hand
-    (27, 29, 31),  # left foot
-    (28, 30, 32),  # right foot
-    (11, 12),  # shoulders
-    (23, 24),  # hips
-)
-
-# Inter prediction coefficients in 1/256, per component class and depth d (the number
-# of frames: h1 = the reference, h2 = its reference, h3 = that one's):
-#   grouped landmark j: pred = h1_j + sum_{i>=2} a_i (h_i,j - h1_j) + sum_{i>=1} b_i (G(h_i) - h1_j)
-#   single landmark j:  pred = h1_j + sum_{i>=2} c_i (h_i,j - h1_j)
-# with G(h) the mean of j's rigid group. Visibility is predicted as h1. Fitted by
-# least squares on the six CMU traces with detector-like noise and validated
-# leave-one-clip-out (python -m bench.codec --fit prints the fit).
-_COEFS: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = {
-    #        d: ((a_2..a_d), (b_1..b_d), (c_2..c_d))
-    "xy": {1: ((), (0,), ()), 2: ((88,), (321, -317), (-144,)),
-           3: ((74, 23), (282, -204, -75), (33, -113))},
-    "z": {1: ((), (115,), ()), 2: ((89,), (94, -19), (113,)),
-          3: ((65, 67), (121, 16, -81), (85, 51))},
-    "world": {1: ((), (0,), ()), 2: ((76,), (295, -293), (-118,)),
-              3: ((71, 7), (250, -185, -63), (30, -101))},
-}  # fmt: skip
-
-
-def _component_predictor(cls: str, depth: int) -> IntArray:
-    """Integer matrix P (33 x 33*depth, units 2**-16): pred = floor(P @ [h1; h2; ..] + 1/2)."""
-    a_taps, b_taps, c_taps = _COEFS[cls][depth]
-    mat = np.zeros((_L, _L * depth), np.int64)
-    group_of: dict[int, tuple[int, ...]] = {}
-    for rigid in _RIGID_GROUPS:
-        for j in rigid:
-            group_of[j] = rigid
-    for j in range(_L):
-        grp = group_of.get(j)
-        if grp is None:
-            own = [256 - sum(c_taps), *c_taps]
-            for i in range(depth):
-                mat[j, i * _L + j] += own[i] * 256
-            continue
-        own = [256 - sum(a_taps) - sum(b_taps), *a_taps]
-        m = len(grp)
-        for i in range(depth):
-            mat[j, i * _L + j] += own[i] * 256
-            share = (2 * b_taps[i] * 256 + m) // (2 * m)  # floor(b * 256 / m + 1/2), exact
-            for member in grp:
-                mat[j, i * _L + member] += share
-    return mat
-
-
-def _block_predictor(classes: tuple[str, ...], depth: int) -> FloatArray:
-    """Per-component predictor matrices [C, 33, 33 * depth], times 2**-16, so that
-    ``pred[c] = floor(M[c] @ H[c] + 1/2)`` with ``H[c]`` the component's reference
-    values (newest frame first, 33 per frame) as a column.
-
-    A batched matrix times a column is faster than a row times the transposed
-    matrices, and the order of the sums does not matter: every product and partial
-    sum is a multiple of 2**-16 far below 2**53, hence exact."""
-    mats = np.zeros((len(classes), _L, _L * depth), np.float64)
-    for c, cls in enumerate(classes):
-        if cls == "vis":
-            mats[c, :, :_L] = np.eye(_L)
-        else:
-            mats[c] = _component_predictor(cls, depth) * _FIX
-    return mats
-
-
-def _intra_matrices() -> tuple[FloatArray, FloatArray]:
-    """(E, A) transposed, per component: residual = q @ E - root, q = residual @ A + root."""
-    diff = np.eye(_L)
-    anc = np.zeros((_L, _L))
-    for j in range(_L):
-        if _PARENT[j] >= 0:
-            diff[j, _PARENT[j]] = -1.0
-        k = j
-        while k >= 0:
-            anc[j, k] = 1.0
-            k = _PARENT[k]
-    return np.ascontiguousarray(diff.T), np.ascontiguousarray(anc.T)
-
-
-_IMG_CLASSES = ("xy", "xy", "z", "vis")
-_WLD_CLASSES = ("world", "world", "world")
-_PRED_IMG = {d: _block_predictor(_IMG_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
-_PRED_WLD = {d: _block_predictor(_WLD_CLASSES, d) for d in range(1, PREDICTOR_DEPTH + 1)}
-
-
-_INTRA = _intra_matrices()
+# The predictor (its coefficients, rigid groups and the intra tree), the Rice coder
+# and the reference history are in pipeline/codec_kernels.py, compiled; loaded
+# on the first Encoder or Decoder (see _load_kernels).
 
 
 class PacketTooLargeError(ProtocolError):
@@ -652,380 +550,44 @@ class _Quant:
         return q, pos + 1
 
 
-@dataclass(frozen=True, slots=True)
-class _QTables:
-    """Per-quantization vectors over a flat image block (component-major, 132 values)."""
-
-    scale: FloatArray
-    inv_scale4: FloatArray
-    root: FloatArray
-    """Intra root prediction added to every landmark when reconstructing."""
-    root_res: FloatArray
-    """The same, at the root landmark only: subtracted when computing intra residuals."""
-    lo: FloatArray
-    hi: FloatArray
-    w_lo: float
-    w_hi: float
-    scale_n: dict[tuple[int, ...], npt.NDArray[Any]]
-    """Caches of full-shape copies of ``scale``, ``lo``, ``hi``, ``inv_scale4`` (see _full)."""
-    lo_n: dict[tuple[int, ...], npt.NDArray[Any]]
-    hi_n: dict[tuple[int, ...], npt.NDArray[Any]]
-    inv_n: dict[tuple[int, ...], npt.NDArray[Any]]
-    dec_n: dict[tuple[int, ...], tuple[FloatArray, FloatArray, FloatArray]]
-    """Per shape: the full-shape ``lo``, ``hi`` and ``inv_scale4`` the decoder uses."""
+_kernels: Any = None
+"""``pipeline.codec_kernels``, once :func:`_load_kernels` ran (importing numba costs
+about 0.2 s, which header-only users such as the room server never pay)."""
 
 
-def _dec_limits(t: _QTables, shape: tuple[int, ...]) -> tuple[FloatArray, FloatArray, FloatArray]:
-    lim = (
-        _full(t.lo_n, shape, t.lo, np.float64),
-        _full(t.hi_n, shape, t.hi, np.float64),
-        _full(t.inv_n, shape, t.inv_scale4[:, None], np.float64),
-    )
-    if len(t.dec_n) > 256:
-        t.dec_n.clear()
-    t.dec_n[shape] = lim
-    return lim
+def _load_kernels() -> Any:
+    global _kernels
+    if _kernels is None:
+        from pipeline import codec_kernels
+
+        _kernels = codec_kernels
+    return _kernels
 
 
-_QTABLES: dict[_Quant, _QTables] = {}
+_KPARAMS: dict[_Quant, FloatArray] = {}
 
 
-def _full(
-    cache: dict[tuple[int, ...], npt.NDArray[Any]],
-    shape: tuple[int, ...],
-    fill: npt.ArrayLike,
-    dtype: type,
-) -> npt.NDArray[Any]:
-    """A read-only array of ``shape`` filled by broadcasting ``fill``, cached in ``cache``
-    (one cache per fill and dtype): ufuncs on these tiny arrays are about twice as fast
-    with operands of equal shapes as with broadcast or scalar operands."""
-    a = cache.get(shape)
-    if a is None:
-        a = np.ascontiguousarray(np.broadcast_to(np.asarray(fill, dtype), shape))
-        a.flags.writeable = False
-        if len(cache) > 256:
-            cache.clear()
-        cache[shape] = a
-    return a
-
-
-_HALF: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-_I1: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-_I63: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-
-
-def _qtables(q: _Quant) -> _QTables:
-    t = _QTABLES.get(q)
-    if t is None:
+def _kernel_params(q: _Quant) -> FloatArray:
+    """The kernels' parameter vector for a quantization (``codec_kernels.KP_*``)."""
+    kp = _KPARAMS.get(q)
+    if kp is None:
+        k = _load_kernels()
         per = np.array([q.n_xy, q.n_xy, q.n_z, q.vis_levels - 1], np.float64)
-        lo4 = np.floor(np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], 0.0]) * per)
-        hi4 = np.ceil(np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], 1.0]) * per)
-        root4 = np.array([q.n_xy // 2, q.n_xy // 2, 0, q.vis_levels - 1], np.float64)
-        t = _QTables(
-            scale=per[:, None],
-            inv_scale4=1.0 / per,
-            root=root4[:, None],
-            root_res=root4[:, None] * np.eye(_L)[0],
-            lo=lo4[:, None],
-            hi=hi4[:, None],
-            w_lo=math.floor(WORLD_RANGE_M[0] * q.n_world),
-            w_hi=math.ceil(WORLD_RANGE_M[1] * q.n_world),
-            scale_n={},
-            lo_n={},
-            hi_n={},
-            inv_n={},
-            dec_n={},
-        )
-        if len(_QTABLES) > 64:
-            _QTABLES.clear()
-        _QTABLES[q] = t
-    return t
-
-
-# --------------------------------------------------------------------------- entropy coding
-
-
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """Everything about a payload's bit section that depends only on its group codes."""
-
-    n_groups: int
-    n_vals: int
-    """Values in the non-zero groups."""
-    nz_idx: IntArray | None
-    """Flat indices of those values among all groups (``None``: every group is non-zero)."""
-    kv: IntArray
-    """Rice parameter of each value."""
-    iota: IntArray
-    """``0 .. n_vals - 1``."""
-    rpos: IntArray
-    """For each bit of the remainder section, in order: its position in the unpacked
-    bits (``np.unpackbits``, most significant bit of each byte first) of the values as
-    little-endian 16-bit words; the k remainder bits of a value are the low k bits of
-    its word. (Little-endian words cast without a byte swap on the usual machines.)"""
-    rlen: int
-    """Bits in the remainder section."""
-
-
-_LAYOUTS: dict[tuple[int, ...], _Layout] = {}
-_U16LE = np.dtype("<u2")
-
-
-def _layout(codes: tuple[int, ...]) -> _Layout:
-    lay = _LAYOUTS.get(codes)
-    if lay is not None:
-        return lay
-    codes_a = np.array(codes, np.int64)
-    nz = codes_a != _ZERO_GROUP
-    ks = codes_a[nz]
-    kv = np.repeat(ks, _L)
-    nz_idx = None if nz.all() else np.flatnonzero(np.repeat(nz, _L)).astype(np.int64)
-    rlen = int(kv.sum())
-    pos_in = np.arange(rlen, dtype=np.int64) - np.repeat(np.cumsum(kv) - kv, kv)
-    weight = np.repeat(kv, kv) - 1 - pos_in  # the bit's weight (log2) in its value
-    # bit b of a little-endian 16-bit word: byte b // 8, then MSB first inside the byte
-    rpos = (
-        np.repeat(np.arange(kv.size, dtype=np.int64) * 16, kv)
-        + (weight // 8) * 8
-        + (7 - weight % 8)
-    )
-    lay = _Layout(
-        n_groups=len(codes),
-        n_vals=int(kv.size),
-        nz_idx=nz_idx,
-        kv=kv,
-        iota=np.arange(kv.size, dtype=np.int64),
-        rpos=rpos,
-        rlen=rlen,
-    )
-    if len(_LAYOUTS) > 512:
-        _LAYOUTS.clear()
-    _LAYOUTS[codes] = lay
-    return lay
-
-
-# Prefix code of a group's Rice code c given the same group's code r in the
-# reference frame (15 when there is none): "0" c = r, "10" c = r + 1, "110"
-# c = r - 1, "111" and 4 bits: c.
-_SAME = [0]
-_UP = [1, 0]
-_DOWN = [1, 1, 0]
-_EXPLICIT = [[1, 1, 1, (c >> 3) & 1, (c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(16)]
-
-
-def _code_bits(codes: tuple[int, ...], ref_codes: tuple[int, ...]) -> list[int]:
-    out: list[int] = []
-    for c, r in zip(codes, ref_codes, strict=True):
-        if c == r:
-            out += _SAME
-        elif c == r + 1:
-            out += _UP
-        elif c == r - 1:
-            out += _DOWN
-        else:
-            out += _EXPLICIT[c]
-    return out
-
-
-_PREFIXES: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[npt.NDArray[np.uint8], _Layout]] = {}
-
-
-def _prefix_bits(
-    codes: tuple[int, ...], ref_codes: tuple[int, ...]
-) -> tuple[npt.NDArray[np.uint8], _Layout]:
-    """The group-code section as an array of bits, and the layout (cached together)."""
-    key = (codes, ref_codes)
-    hit = _PREFIXES.get(key)
-    if hit is None:
-        hit = (np.array(_code_bits(codes, ref_codes), np.uint8), _layout(codes))
-        if len(_PREFIXES) > 1024:
-            _PREFIXES.clear()
-        _PREFIXES[key] = hit
-    return hit
-
-
-def _read_codes(
-    data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]
-) -> tuple[tuple[int, ...], int]:
-    """Parse the group codes at ``data[pos:]``; return them and their length in bits."""
-    n_groups = len(ref_codes)
-    chunk = data[pos : min(end, pos + (7 * n_groups + 7) // 8)]
-    total = 8 * len(chunk)
-    v = int.from_bytes(chunk, "big")
-    if total >= n_groups and not v >> (total - n_groups):
-        return ref_codes, n_groups  # every group keeps its reference's code ("0" each)
-    bit = total
-    codes = []
-    for r in ref_codes:
-        if bit < 1:
-            raise ProtocolError("payload truncated inside the group codes")
-        bit -= 1
-        if not (v >> bit) & 1:
-            codes.append(r)
-            continue
-        if bit < 1:
-            raise ProtocolError("payload truncated inside the group codes")
-        bit -= 1
-        if not (v >> bit) & 1:
-            c = r + 1
-        else:
-            if bit < 1:
-                raise ProtocolError("payload truncated inside the group codes")
-            bit -= 1
-            if not (v >> bit) & 1:
-                c = r - 1
-            else:
-                if bit < 4:
-                    raise ProtocolError("payload truncated inside the group codes")
-                bit -= 4
-                c = (v >> bit) & 15
-        if not 0 <= c <= _ZERO_GROUP:
-            raise ProtocolError(f"group code {c} out of range")
-        codes.append(c)
-    return tuple(codes), total - bit
-
-
-_GROUP_STARTS = [np.arange(0, g * _L, _L, dtype=np.int64) for g in range(7 * MAX_POSES + 1)]
-"""Index of the first value of each group, for 0 .. 56 groups."""
-
-
-_K_OF_MEAN = [max(0, m.bit_length() - 1) for m in range(1024)]
-"""``max(0, floor(log2(m)))`` for small m."""
-
-
-def _est(total: int, k: int) -> float:
-    """Estimated Rice bits of a group of 33 values summing to ``total`` with parameter k."""
-    return total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k))
-
-
-def _rice_encode(u: IntArray, ref_codes: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]]:
-    """Code the groups (rows of 33 unsigned values) of ``u``: see docs/protocol.md.
-
-    Layout, as one bit string, MSB first: the group codes (Rice parameter k = 0..14,
-    or 15 = every value of the group is zero), each as a prefix code relative to
-    ``ref_codes``; then the unary parts (q zeros and a one, q = value >> k) of every
-    value of the non-zero groups; then their k-bit remainders; then zero bits to a
-    byte boundary. Returns the bytes and the codes.
-    """
-    if u.shape[0] == 0:
-        return b"", ()
-    # Rice parameter per group: floor(log2(mean)) (within 0.2 bit per group of the
-    # best k on the traces), raised where needed to keep unary parts under 2**6.
-    # Keep the reference's k when it is a neighbour costing (by the estimate
-    # sum / 2**k + 33 * (k + 1/2 + 2**-k / 2)) at most 1.5 bits more: its code is 1 bit
-    # instead of 2 or 3.
-    codes_l = []
-    flat = u.ravel()
-    starts = _GROUP_STARTS[u.shape[0]]  # (reduceat on the flat values: faster than axis=1)
-    sums = np.add.reduceat(flat, starts).tolist()
-    tops = np.maximum.reduceat(flat, starts).tolist()
-    k_of_mean = _K_OF_MEAN
-    for total, top, r in zip(sums, tops, ref_codes, strict=True):
-        if top == 0:
-            codes_l.append(_ZERO_GROUP)
-            continue
-        kmin = (top >> _MAX_Q_BITS).bit_length()
-        mean = total // _L
-        k = k_of_mean[mean] if mean < 1024 else mean.bit_length() - 1
-        if kmin > k:
-            k = kmin
-        if k > _MAX_K:
-            raise ProtocolError("residual too large to code")
-        if (
-            (r == k + 1 or r == k - 1)
-            and r >= kmin
-            and total / (1 << r) + _L * (r + 0.5 + 0.5 / (1 << r))
-            <= total / (1 << k) + _L * (k + 0.5 + 0.5 / (1 << k)) + 1.5
-        ):  # _est(total, r) <= _est(total, k) + 1.5
-            k = r
-        codes_l.append(k)
-    codes = tuple(codes_l)
-    hit = _PREFIXES.get((codes, ref_codes))
-    prefix, lay = hit if hit is not None else _prefix_bits(codes, ref_codes)
-    n_prefix = prefix.size
-    if lay.n_vals == 0:
-        return np.packbits(prefix).tobytes(), codes
-    vals = u.ravel() if lay.nz_idx is None else u.ravel()[lay.nz_idx]
-    # unary section: value i ends with a one at (sum of q_j for j <= i) + i
-    ends = np.add.accumulate(vals >> lay.kv)
-    ends += lay.iota
-    rstart = n_prefix + int(ends[-1]) + 1
-    bits = np.zeros(rstart + lay.rlen, np.uint8)
-    bits[:n_prefix] = prefix
-    bits[n_prefix:][ends] = 1
-    if lay.rlen:
-        # remainders: the low k bits of each value's 16-bit word
-        bits[rstart:] = np.unpackbits(vals.astype(_U16LE).view(np.uint8))[lay.rpos]
-    return np.packbits(bits).tobytes(), codes
-
-
-def _rice_decode(
-    data: bytes, pos: int, end: int, ref_codes: tuple[int, ...]
-) -> tuple[IntArray, tuple[int, ...]]:
-    """Inverse of :func:`_rice_encode` over ``data[pos:end]`` (which it must fill exactly)."""
-    n_groups = len(ref_codes)
-    if n_groups == 0:
-        if end != pos:
-            raise ProtocolError(f"{end - pos} payload bytes where none are expected")
-        return np.zeros((0, _L), np.int64), ()
-    codes, n_prefix = _read_codes(data, pos, end, ref_codes)
-    lay = _layout(codes)
-    n_bits = 8 * (end - pos)
-    n_vals = lay.n_vals
-    if n_vals == 0:
-        pad = n_bits - n_prefix
-        if pad >= 8 or data[end - 1] & ((1 << pad) - 1):
-            raise ProtocolError("payload has trailing bytes or non-zero padding")
-        return np.zeros((n_groups, _L), np.int64), codes
-    bits = np.unpackbits(np.frombuffer(data, np.uint8, end - pos, pos))
-    # n_prefix >= 1 (every group code has a bit): mark the bit before the unary
-    # section so that the differences of the one positions are the q + 1
-    bits[n_prefix - 1] = 1
-    ones = bits[n_prefix - 1 :].view(np.bool_).nonzero()[0]  # (bool: a faster nonzero)
-    if ones.size <= n_vals:
-        raise ProtocolError("payload truncated inside the unary codes")
-    last = int(ones[n_vals])
-    rstart = n_prefix + last
-    used = rstart + lay.rlen
-    pad = n_bits - used
-    if pad < 0:
-        raise ProtocolError("payload truncated inside the remainders")
-    if pad >= 8 or data[end - 1] & ((1 << pad) - 1):
-        raise ProtocolError("payload has trailing bytes or non-zero padding")
-    vals = ones[1 : n_vals + 1] - ones[:n_vals]  # q + 1
-    vals -= 1
-    vals <<= lay.kv
-    if lay.rlen:
-        words = np.zeros(16 * n_vals, np.uint8)
-        words[lay.rpos] = bits[rstart:used]
-        vals += np.packbits(words).view(_U16LE)
-    if lay.nz_idx is None:
-        out: IntArray = vals.reshape(n_groups, _L)
-        return out, codes
-    out = np.zeros(n_groups * _L, np.int64)
-    out[lay.nz_idx] = vals
-    return out.reshape(n_groups, _L), codes
-
-
-def _ref_codes(ref: _Entry | None, n: int, has_world: bool) -> tuple[int, ...]:
-    """The reference frame's group codes aligned with this frame's groups (15 where the
-    reference has no such group)."""
-    per_pose = 7 if has_world else 4
-    if ref is None:
-        return (_ZERO_GROUP,) * (n * per_pose)
-    rpp = 7 if ref.wstack is not None else 4
-    if ref.n == n and rpp == per_pose:
-        return ref.codes
-    rc = ref.codes
-    out: list[int] = []
-    for p in range(n):
-        if p < ref.n:
-            out += rc[p * rpp : p * rpp + 4]
-            if has_world:
-                out += rc[p * rpp + 4 : p * rpp + 7] if rpp == 7 else [_ZERO_GROUP] * 3
-        else:
-            out += [_ZERO_GROUP] * per_pose
-    return tuple(out)
+        kp = np.zeros(k.KP_SIZE, np.float64)
+        kp[k.KP_SCALE : k.KP_SCALE + 4] = per
+        kp[k.KP_INV : k.KP_INV + 4] = 1.0 / per
+        kp[k.KP_LO : k.KP_LO + 4] = np.floor(_IMG_LO4 * per)
+        kp[k.KP_HI : k.KP_HI + 4] = np.ceil(_IMG_HI4 * per)
+        kp[k.KP_ROOT : k.KP_ROOT + 4] = (q.n_xy // 2, q.n_xy // 2, 0, q.vis_levels - 1)
+        kp[k.KP_NW] = q.n_world
+        kp[k.KP_INVW] = 1.0 / q.n_world
+        kp[k.KP_WLO] = math.floor(WORLD_RANGE_M[0] * q.n_world)
+        kp[k.KP_WHI] = math.ceil(WORLD_RANGE_M[1] * q.n_world)
+        kp.flags.writeable = False
+        if len(_KPARAMS) > 64:
+            _KPARAMS.clear()
+        _KPARAMS[q] = kp
+    return kp
 
 
 # --------------------------------------------------------------------------- reference frames
@@ -1043,159 +605,20 @@ class _Entry:
     epoch: int
     quant: _Quant
     n: int
-    stack: FloatArray
-    """[n, 132 * w]: this frame's quantized image block followed by its references'
-    (newest first), each component-major; float64 holding integers."""
-    depth: tuple[int, ...]
-    """Valid blocks in ``stack`` per pose (1..PREDICTOR_DEPTH)."""
-    wstack: FloatArray | None
-    """Likewise for world blocks ([n, 99 * w]), ``None`` when this frame had none."""
-    wdepth: tuple[int, ...]
+    hist: npt.NDArray[np.int32]
+    """[n, 7, 101]: this frame's quantized values, its references' and its group codes
+    (layout in pipeline/codec_kernels.py); encoder and decoder compute the same."""
+    world: bool
+    """The frame had world landmarks."""
     key_seq: int
     """Sequence number of the keyframe this frame descends from."""
-    codes: tuple[int, ...]
-    """The group codes of this frame's packet (the next packet's code reference)."""
-    tables: _QTables
-    """``_qtables(quant)``."""
+    kp: FloatArray
+    """``_kernel_params(quant)``."""
 
 
-_FULL_DEPTH = [(PREDICTOR_DEPTH,) * n for n in range(MAX_POSES + 1)]
-_KEEP = (PREDICTOR_DEPTH - 1) * _L
-
-
-def _history(
-    q: FloatArray, qw: FloatArray | None, n: int, seq: int, ref: _Entry | None
-) -> tuple[FloatArray, tuple[int, ...], FloatArray | None, tuple[int, ...], int]:
-    """The reference stacks a new frame keeps (image and world) and its keyframe's seq.
-
-    Encoder and decoder run exactly this after each packet, so that both hold
-    the same history: a keyframe starts one, a delta frame stacks on its reference.
-    """
-    if ref is None:
-        return q, (1,) * n, qw, ((1,) * n if qw is not None else ()), seq
-    depth = ref.depth
-    if qw is None and n and depth == _FULL_DEPTH[n]:  # the usual case, as in _stack_on
-        return np.concatenate((q, ref.stack[:, :, :_KEEP]), axis=2), depth, None, (), ref.key_seq
-    stack, depth = _stack_on(q, ref.stack, depth)
-    if qw is None:
-        return stack, depth, None, (), ref.key_seq
-    wstack, wdepth = _stack_on(qw, ref.wstack, ref.wdepth)
-    return stack, depth, wstack, wdepth, ref.key_seq
-
-
-def _stack_on(
-    q: FloatArray, ref_stack: FloatArray | None, ref_depth: tuple[int, ...]
-) -> tuple[FloatArray, tuple[int, ...]]:
-    """A new frame's reference stack [n, C, 33 * w]: its own block, then its reference's."""
-    n = q.shape[0]
-    if ref_stack is None or not ref_depth or n == 0:
-        return q, (1,) * n
-    keep = min(PREDICTOR_DEPTH - 1, max(ref_depth)) * _L
-    m = ref_stack.shape[0]
-    if m == n:
-        stack = np.concatenate((q, ref_stack[:, :, :keep]), axis=2)
-        if ref_depth == _FULL_DEPTH[n]:
-            return stack, ref_depth
-        return stack, tuple(min(PREDICTOR_DEPTH, d + 1) for d in ref_depth)
-    stack = np.zeros((n, q.shape[1], _L + keep), np.float64)
-    stack[:, :, :_L] = q
-    common = min(m, n)
-    stack[:common, :, _L:] = ref_stack[:common, :, :keep]
-    depth = tuple(min(PREDICTOR_DEPTH, ref_depth[p] + 1) if p < m else 1 for p in range(n))
-    return stack, depth
-
-
-def _predict(
-    stack: FloatArray, depth: tuple[int, ...], n: int, mats: dict[int, FloatArray]
-) -> tuple[FloatArray, BoolArray | None]:
-    """Prediction [n, C, 33] of the first ``n`` poses from a reference stack.
-
-    Also returns a mask of the poses without a reference pose (intra coded), or
-    ``None`` when every pose has one.
-    """
-    m = len(depth)
-    d0 = depth[0] if m else 0
-    if (m == n and depth == _FULL_DEPTH[n]) or (m >= n and all(d == d0 for d in depth[:n])):
-        pred = (mats[d0] @ stack[:n, :, : d0 * _L, None])[:, :, :, 0]
-        pred += _full(_HALF, pred.shape, 0.5, np.float64)
-        np.floor(pred, out=pred)
-        return pred, None
-    pred = np.zeros((n, stack.shape[1], _L), np.float64)
-    intra = np.ones(n, bool)
-    for p in range(min(n, m)):
-        d = depth[p]
-        pred[p] = np.floor(mats[d] @ stack[p, :, : d * _L, None] + 0.5)[:, :, 0]
-        intra[p] = False
-    return pred, intra
-
-
-def _residuals(
-    q: FloatArray,
-    ref_stack: FloatArray | None,
-    ref_depth: tuple[int, ...],
-    mats: dict[int, FloatArray],
-    root_res: FloatArray | float,
-) -> FloatArray:
-    """Residuals [n, C, 33] of quantized blocks against their prediction."""
-    if ref_stack is None or not ref_depth:
-        return q @ _INTRA[0] - root_res
-    pred, intra_mask = _predict(ref_stack, ref_depth, q.shape[0], mats)
-    r = q - pred
-    if intra_mask is not None and intra_mask.any():
-        r[intra_mask] = q[intra_mask] @ _INTRA[0] - root_res
-    return r
-
-
-def _reconstruct(
-    r: FloatArray,
-    ref_stack: FloatArray | None,
-    ref_depth: tuple[int, ...],
-    mats: dict[int, FloatArray],
-    root: FloatArray | float,
-) -> FloatArray:
-    """Inverse of :func:`_residuals`."""
-    if ref_stack is None or not ref_depth:
-        return r @ _INTRA[1] + root
-    pred, intra_mask = _predict(ref_stack, ref_depth, r.shape[0], mats)
-    q = pred + r
-    if intra_mask is not None and intra_mask.any():
-        q[intra_mask] = r[intra_mask] @ _INTRA[1] + root
-    return q
-
-
-def _zigzag_np(r: FloatArray) -> IntArray:
-    ri = r.astype(np.int64)
-    zz = ri + ri
-    zz ^= ri >> _full(_I63, ri.shape, 63, np.int64)
-    return zz
-
-
-_UNZIGZAG_TABLE_SIZE = 1 << 16
-_UNZIGZAG_HALF_TABLE: FloatArray = np.array(
-    [_unzigzag(v) + 0.5 for v in range(_UNZIGZAG_TABLE_SIZE)], np.float64
-)
-"""``_unzigzag(v) + 1/2`` for v = 0 .. 2**16 - 1: one gather instead of five ufuncs."""
-
-
-def _unzigzag_half_np(u: IntArray) -> FloatArray:
-    """Zigzag-decode ``u`` (non-negative) to float64 and add 1/2 (exact): the residual
-    plus the rounding term of the prediction, ``q = floor(P + (r + 1/2))``."""
-    try:
-        out: FloatArray = _UNZIGZAG_HALF_TABLE[u]
-        return out
-    except IndexError:  # a value of 2**16 or more (no valid stream of the traces has one)
-        pass
-    one = _full(_I1, u.shape, 1, np.int64)
-    r: IntArray = u >> one
-    r ^= -(u & one)
-    half: FloatArray = r + 0.5
-    return half
-
-
-def _unzigzag_np(u: IntArray) -> FloatArray:
-    """Zigzag-decode ``u`` (non-negative) to float64."""
-    r: FloatArray = _unzigzag_half_np(u) - 0.5
-    return r
+_NO_REF = np.zeros((0, 7, 101), np.int32)
+_NO_WORLD = np.zeros((0, _L, 3), np.float64)
+_NO_WORLD_SCALE = np.ones(1, np.float64)
 
 
 # --------------------------------------------------------------------------- validation
@@ -1237,12 +660,34 @@ def _value_error(
 
 _IMG_LO4 = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
 _IMG_HI4 = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
-_IMG_LO4_32 = _IMG_LO4.astype(np.float32)  # the bounds are exact in float32
-_IMG_HI4_32 = _IMG_HI4.astype(np.float32)
-_IMG_LO_32: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-_IMG_HI_32: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-_IMG_LO_64: dict[tuple[int, ...], npt.NDArray[Any]] = {}
-_IMG_HI_64: dict[tuple[int, ...], npt.NDArray[Any]] = {}
+_WORLD_LO3 = np.full(3, WORLD_RANGE_M[0])
+_WORLD_HI3 = np.full(3, WORLD_RANGE_M[1])
+
+
+def _check_image_values(img: npt.NDArray[Any]) -> None:
+    """Raise the error for the first image value that is NaN, infinite or out of range."""
+    a = img.astype(np.float64)
+    if np.count_nonzero((a >= _IMG_LO4) & (a <= _IMG_HI4)) != a.size:
+        raise _value_error(a, _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
+
+
+def _check_world_values(w: npt.NDArray[Any]) -> None:
+    a = w.astype(np.float64)
+    if np.count_nonzero((a >= _WORLD_LO3) & (a <= _WORLD_HI3)) != a.size:
+        raise _value_error(a, _WORLD_LO3, _WORLD_HI3, ("x", "y", "z"), "world ")
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _kernel_input(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``arr`` as the kernels take it: C-contiguous float32 or float64 (other number
+    types become float64, exactly)."""
+    if arr.dtype not in _KERNEL_DTYPES:
+        return np.ascontiguousarray(arr, np.float64)
+    if not arr.flags.c_contiguous:
+        return np.ascontiguousarray(arr)
+    return arr
 
 
 # --------------------------------------------------------------------------- results
@@ -1338,7 +783,13 @@ class Encoder:
         """Two-bit id of this encoder instance, in every packet (random by default)."""
         self.stats = EncoderStats()
         self._quant = _Quant.from_config(config)
-        self._t = _qtables(self._quant)
+        _load_kernels()
+        self._kp = _kernel_params(self._quant)
+        self._w_scale32 = np.array([self._quant.n_world], np.float32)
+        self._w_scale64 = np.array([self._quant.n_world], np.float64)
+        """World steps per metre in the dtype of the world landmarks: the product is
+        rounded in that dtype (as numpy rounds ``float32 array * float``)."""
+        self._out = np.zeros(_kernels.max_payload_bytes(config.max_poses), np.uint8)
         self._heads: dict[tuple[int, bool, int, int], bytes] = {}
         """Delta packet header starts (magic, flags, stream id) per (pose count, world,
         epoch, stream id)."""
@@ -1379,31 +830,18 @@ class Encoder:
 
     # -- encoding
 
-    def _quantize(self, frame: PoseFrame) -> tuple[FloatArray, FloatArray | None]:
+    def _inputs(self, frame: PoseFrame) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+        """The frame's image (and world) landmarks, checked for shape and type."""
         cfg = self.config
-        img = _check_block(frame.image, 4, "image", cfg.max_poses, None)
-        n = img.shape[0]
-        shape = img.shape
-        if img.dtype == np.float32:
-            lo4 = _full(_IMG_LO_32, shape, _IMG_LO4_32, np.float32)
-            hi4 = _full(_IMG_HI_32, shape, _IMG_HI4_32, np.float32)
-        else:
-            lo4 = _full(_IMG_LO_64, shape, _IMG_LO4, np.float64)
-            hi4 = _full(_IMG_HI_64, shape, _IMG_HI4, np.float64)
-        if np.count_nonzero((img >= lo4) & (img <= hi4)) != img.size:  # NaN fails both
-            raise _value_error(img.astype(np.float64), _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
-        q = np.rint(
-            img.transpose(0, 2, 1) * _full(self._t.scale_n, (n, 4, _L), self._t.scale, np.float64)
-        )
-        qw = None
-        if cfg.world and frame.world is not None:
-            w = _check_block(frame.world, 3, "world", cfg.max_poses, n)
-            if np.count_nonzero((w >= WORLD_RANGE_M[0]) & (w <= WORLD_RANGE_M[1])) != w.size:
-                lo = np.full(3, WORLD_RANGE_M[0])
-                hi = np.full(3, WORLD_RANGE_M[1])
-                raise _value_error(w.astype(np.float64), lo, hi, ("x", "y", "z"), "world ")
-            qw = np.rint(w.transpose(0, 2, 1) * float(self._quant.n_world))
-        return q, qw
+        img = _kernel_input(_check_block(frame.image, 4, "image", cfg.max_poses, None))
+        if not cfg.world or frame.world is None:
+            return img, None
+        try:
+            w = _check_block(frame.world, 3, "world", cfg.max_poses, img.shape[0])
+        except ProtocolError:
+            _check_image_values(img)  # a bad image value is reported first
+            raise
+        return img, _kernel_input(w)
 
     def _choose_ref(self, seq: int, keyframe: bool) -> _Entry | None:
         prev = self._prev
@@ -1441,14 +879,14 @@ class Encoder:
             raise ProtocolError(f"capture timestamp {ts!r} not an int64")
         seq = int(seq)
         ts = int(ts)
-        q, qw = self._quantize(frame)
+        img, world = self._inputs(frame)
         ref = self._choose_ref(seq, keyframe)
         try:
-            packet, entry = self._build(seq, ts, q, qw, ref)
+            packet, entry = self._build(seq, ts, img, world, ref)
         except PacketTooLargeError:
-            if qw is None:
+            if world is None:
                 raise
-            packet, entry = self._build(seq, ts, q, None, ref)
+            packet, entry = self._build(seq, ts, img, None, ref)
             self.stats.world_dropped += 1
         # commit the new state
         if ref is None:
@@ -1480,23 +918,39 @@ class Encoder:
         self,
         seq: int,
         ts: int,
-        q: FloatArray,
-        qw: FloatArray | None,
+        img: npt.NDArray[Any],
+        world: npt.NDArray[Any] | None,
         ref: _Entry | None,
     ) -> tuple[bytes, _Entry]:
-        n = q.shape[0]
-        t = self._t
-        if ref is None:
-            r = q @ _INTRA[0] - t.root_res
-            rw = None if qw is None else qw @ _INTRA[0]
+        n = img.shape[0]
+        has_world = world is not None
+        w: npt.NDArray[Any]
+        w_scale: npt.NDArray[Any]
+        if world is None:
+            w, w_scale = _NO_WORLD, _NO_WORLD_SCALE
         else:
-            r = _residuals(q, ref.stack, ref.depth, _PRED_IMG, t.root_res)
-            rw = None if qw is None else _residuals(qw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
-        if rw is None:
-            groups = r.reshape(n * 4, _L)
-        else:
-            groups = np.concatenate((r, rw), axis=1).reshape(n * 7, _L)
-        payload, codes = _rice_encode(_zigzag_np(groups), _ref_codes(ref, n, qw is not None))
+            w = world
+            w_scale = self._w_scale32 if world.dtype == np.float32 else self._w_scale64
+        status, nbytes, hist = _kernels.encode_payload(
+            img,
+            w,
+            w_scale,
+            has_world,
+            self._kp,
+            _NO_REF if ref is None else ref.hist,
+            -1 if ref is None else ref.n,
+            ref is not None and ref.world,
+            self._out,
+        )
+        if status:
+            if status == _kernels.ST_BAD_IMAGE:
+                _check_image_values(img)
+            elif status == _kernels.ST_BAD_WORLD and world is not None:
+                _check_world_values(world)
+            elif status == _kernels.ST_RESIDUAL_TOO_LARGE:
+                raise ProtocolError("residual too large to code")
+            raise ProtocolError(f"encoder kernel status {status}")  # not reached
+        payload = self._out[:nbytes].tobytes()
         out = bytearray()
         gap = 0
         if ref is None:
@@ -1518,7 +972,7 @@ class Encoder:
                 stream_id=self.stream_id,
                 seq=seq,
                 keyframe=ref is None,
-                has_world=qw is not None,
+                has_world=has_world,
                 num_poses=n,
                 ts_field=ts_field,
                 ref_seq=None if ref is None else ref.seq,
@@ -1531,12 +985,12 @@ class Encoder:
             # reference by _choose_ref)
             if not -_TS_RESIDUAL_LIMIT < ts_field < _TS_RESIDUAL_LIMIT:
                 raise ProtocolError("capture timestamp too far from the reference's")
-            key = (n, qw is not None, self.epoch, self.stream_id)
+            key = (n, has_world, self.epoch, self.stream_id)
             head = self._heads.get(key)
             if head is None:
                 flags = (
                     (n << _POSES_SHIFT)
-                    | (FLAG_WORLD if qw is not None else 0)
+                    | (FLAG_WORLD if has_world else 0)
                     | ((self.epoch & _EPOCH_MASK) << _EPOCH_SHIFT)
                 )
                 h = bytearray(((MAGIC_NIBBLE << 4) | PROTOCOL_VERSION, flags))
@@ -1550,20 +1004,34 @@ class Encoder:
         out += payload
         if len(out) + CHECKSUM_BYTES >= MAX_PACKET_BYTES:
             raise PacketTooLargeError(
-                f"frame {seq} with {n} poses{' and world landmarks' if qw is not None else ''}"
+                f"frame {seq} with {n} poses{' and world landmarks' if has_world else ''}"
                 f" needs {len(out) + CHECKSUM_BYTES} bytes; packets must stay under "
                 f"{MAX_PACKET_BYTES} (send fewer poses, or no world landmarks)"
             )
         packet = _finish_packet(out)
-        stack, depth, wstack, wdepth, key_seq = _history(q, qw, n, seq, ref)
+        key_seq = seq if ref is None else ref.key_seq
         entry = _Entry(
-            seq, entry_ts, step_us, self.epoch, self._quant, n, stack, depth, wstack, wdepth,
-            key_seq, codes, t,
-        )  # fmt: skip
+            seq, entry_ts, step_us, self.epoch, self._quant, n, hist, has_world, key_seq, self._kp
+        )
         return packet, entry
 
 
 # --------------------------------------------------------------------------- decoder
+
+
+def _decode_error(status: int, aux: int) -> str:
+    k = _kernels
+    messages = {
+        k.ST_PAYLOAD_NOT_EMPTY: f"{aux} payload bytes where none are expected",
+        k.ST_CODES_TRUNCATED: "payload truncated inside the group codes",
+        k.ST_CODE_RANGE: f"group code {aux} out of range",
+        k.ST_UNARY_TRUNCATED: "payload truncated inside the unary codes",
+        k.ST_REMAINDER_TRUNCATED: "payload truncated inside the remainders",
+        k.ST_PADDING: "payload has trailing bytes or non-zero padding",
+        k.ST_IMAGE_RANGE: "decoded image landmarks out of range: corrupt payload",
+        k.ST_WORLD_RANGE: "decoded world landmarks out of range: corrupt payload",
+    }
+    return messages.get(status, f"decoder kernel status {status}")
 
 
 class _Stream:
@@ -1600,6 +1068,7 @@ class Decoder:
         self.config = config if config is not None else CodecConfig()
         self.max_streams = max_streams
         self.stats = DecoderStats()
+        _load_kernels()
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
 
     def decode(self, packet: bytes | bytearray | memoryview) -> Decoded | NeedKeyframe:
@@ -1627,7 +1096,7 @@ class Decoder:
         ref: _Entry | None
         if keyframe:
             quant, pos = _Quant.parse(buf, pos, end)
-            t = _qtables(quant)
+            kp = _kernel_params(quant)
             ref = None
             ts = ts_field
             step_us = 0
@@ -1638,52 +1107,26 @@ class Decoder:
                 self.stats.need_keyframe += 1
                 return NeedKeyframe(sid, seq, ref_seq)
             quant = ref.quant
-            t = ref.tables
+            kp = ref.kp
             gap = seq - ref_seq
             d_us = ts_field + ref.step_us * gap
             ts = ref.ts + d_us * 1000
             if not -(2**63) <= ts < 2**63:
                 raise ProtocolError("capture timestamp out of range")
             step_us = d_us // gap
-        per_pose = 7 if has_world else 4
-        u, codes = _rice_decode(buf, pos, end, _ref_codes(ref, n, has_world))
-        if (
-            ref is not None
-            and not has_world
-            and n
-            and (
-                ref.depth == _FULL_DEPTH[n]
-                or (len(ref.depth) >= n and all(d == ref.depth[0] for d in ref.depth[:n]))
-            )
-        ):
-            # every pose predicted at one depth: q = floor(P + 1/2) + r = floor(P + (r + 1/2))
-            # (exact: every term is a multiple of 2**-16 far below 2**53)
-            d0 = ref.depth[0]
-            q = (_PRED_IMG[d0] @ ref.stack[:n, :, : d0 * _L, None])[:, :, :, 0]
-            q += _unzigzag_half_np(u.reshape(n, per_pose, _L))
-            np.floor(q, out=q)
-            qw = None
-        else:
-            r = _unzigzag_np(u.reshape(n, per_pose, _L))
-            rw = None
-            if has_world:
-                rw = r[:, 4:]
-                r = r[:, :4]
-            if ref is None:
-                q = r @ _INTRA[1] + t.root
-                qw = None if rw is None else rw @ _INTRA[1]
-            else:
-                q = _reconstruct(r, ref.stack, ref.depth, _PRED_IMG, t.root)
-                qw = (
-                    None if rw is None else _reconstruct(rw, ref.wstack, ref.wdepth, _PRED_WLD, 0.0)
-                )
-        lim = t.dec_n.get(q.shape)
-        if lim is None:
-            lim = _dec_limits(t, q.shape)
-        if n and np.count_nonzero((q >= lim[0]) & (q <= lim[1])) != q.size:
-            raise ProtocolError("decoded image landmarks out of range: corrupt payload")
-        if qw is not None and n and np.count_nonzero((qw >= t.w_lo) & (qw <= t.w_hi)) != qw.size:
-            raise ProtocolError("decoded world landmarks out of range: corrupt payload")
+        status, aux, hist, image, world = _kernels.decode_payload(
+            buf,
+            pos,
+            end,
+            n,
+            has_world,
+            kp,
+            _NO_REF if ref is None else ref.hist,
+            -1 if ref is None else ref.n,
+            ref is not None and ref.world,
+        )
+        if status:
+            raise ProtocolError(_decode_error(status, aux))
         # the packet is good: update the stream state
         if st is None:
             st = _Stream(epoch)
@@ -1701,21 +1144,15 @@ class Decoder:
                 for s in [s for s in st.entries if s >= seq]:
                     del st.entries[s]
                 st.max_seq = seq
-        stack, depth, wstack, wdepth, key_seq = _history(q, qw, n, seq, ref)
         st.entries.pop(seq, None)
         st.entries[seq] = _Entry(
-            seq, ts, step_us, epoch, quant, n, stack, depth, wstack, wdepth, key_seq, codes, t
-        )
+            seq, ts, step_us, epoch, quant, n, hist, has_world,
+            seq if ref is None else ref.key_seq, kp,
+        )  # fmt: skip
         while len(st.entries) > HISTORY:
             del st.entries[next(iter(st.entries))]
         if seq > st.max_seq:
             st.max_seq = seq
-        # q / n in float64, rounded to float32 (a contiguous product, then one copy)
-        image = (q * lim[2]).transpose(0, 2, 1)
-        image = image.astype(np.float32, order="C")
-        world = None
-        if qw is not None:
-            world = (qw * (1.0 / quant.n_world)).transpose(0, 2, 1).astype(np.float32, order="C")
         header = _packet_header(
             sid,
             seq,
@@ -1731,7 +1168,7 @@ class Decoder:
             epoch,
         )
         self.stats.decoded += 1
-        return Decoded(PoseFrame(seq, ts, image, world), header)
+        return Decoded(PoseFrame(seq, ts, image, world if has_world else None), header)
 
     def ack_for(self, result: Decoded | NeedKeyframe) -> Feedback:
         """The :class:`Feedback` to send back (reliably) for a decode result.
