@@ -3,16 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels-compiled
 
 .PHONY: install run test lint typecheck unit bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNELS)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# compile the codec's numba kernels once, not in the first run or test that needs them
+$(KERNELS): $(STAMP) pipeline/codec_kernels.py
+	$(PY) -c 'from pipeline.protocol import warm_kernels; warm_kernels()'
+	touch $(KERNELS)
 
 run: install
 	$(PY) -m pipeline pipeline.yaml

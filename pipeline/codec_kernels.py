@@ -19,7 +19,7 @@ machine code beside this file, so a process pays about 0.1 s to load it, once;
 so the room server (which only reads headers) never loads numba.
 
 The output is byte for byte the output of the numpy implementation
-(tests/test_protocol_golden.py holds 122 digests recorded from it).
+(tests/test_protocol_golden.py holds 127 digests recorded from it).
 
 History layout (``hist``, int32 ``[n, 7, 101]`` per decoded frame): channels 0-3
 are the image components x, y, z, visibility, 4-6 the world x, y, z; columns
