@@ -535,3 +535,32 @@ def test_custom_precision_travels_in_the_keyframe() -> None:
         res = dec.decode(pkt)
         assert isinstance(res, Decoded)
         assert_close(res.frame, f, config)
+
+
+def test_finest_precision_with_wild_poses_decodes_or_is_refused() -> None:
+    """At 0.06 px (16,016 steps per unit) random poses need Rice parameters of 14 and
+    more. Every packet the encoder writes must decode within the bound; frames it
+    cannot code are refused. (The reference code 15 means "no such group": the
+    encoder once took it as k = 14 + 1 and wrote a group as all-zero.)"""
+    config = CodecConfig(precision_px=0.06)
+    rng = np.random.default_rng(1)
+    enc = Encoder(config, 1, epoch=0)
+    dec = Decoder()
+    sent = refused = 0
+    for i in range(200):
+        img = np.empty((1, 33, 4), np.float32)
+        img[..., :2] = rng.uniform(-1.0, 2.0, (1, 33, 2))
+        img[..., 2] = rng.uniform(-4.0, 4.0, (1, 33))
+        img[..., 3] = rng.uniform(0.0, 1.0, (1, 33))
+        frame = PoseFrame(i, TS0 + i * 33_000_000, img)
+        try:
+            pkt = enc.encode(frame, keyframe=True)
+        except ProtocolError as exc:
+            assert "residual too large to code" in str(exc)
+            refused += 1
+            continue
+        res = dec.decode(pkt)
+        assert isinstance(res, Decoded)
+        assert_close(res.frame, frame, config)
+        sent += 1
+    assert sent >= 50 and refused >= 50  # both paths ran
