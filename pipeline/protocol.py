@@ -572,8 +572,8 @@ def warm_kernels() -> None:
     for dtype in (np.float32, np.float64):
         enc = Encoder(CodecConfig(world=True), 0, epoch=0)
         dec = Decoder()
-        image = np.full((1, _L, 4), 0.5, dtype)
-        world = np.zeros((1, _L, 3), dtype)
+        image: Any = np.full((1, _L, 4), 0.5, dtype)  # float64 too: the encoder takes it
+        world: Any = np.zeros((1, _L, 3), dtype)
         for seq in range(3):
             dec.decode(enc.encode(PoseFrame(seq, seq * 33_000_000, image, world)))
             dec.decode(enc.encode(PoseFrame(seq + 10, seq * 33_000_000, image)))
