@@ -5,7 +5,10 @@ A stage is a module in ``stages/`` with one entry function
 process (``multiprocessing`` *spawn*: nothing is inherited but stdio), where
 :func:`stage_main` does the per-process setup (title ``posewire:<stage>``,
 logging with the stage name on every line, faulthandler, parent-death signal)
-and then calls the entry function with a :class:`StageContext`.
+and then calls the entry function with a :class:`StageContext`. A stage module
+may also define ``prepare() -> None``: slow set-up that must be done before the
+stage counts as started (its first heartbeat), for the supervisor starts the
+producers of the data path only once their consumers sent one.
 
 The context owns a heartbeat thread with the stage's only ZeroMQ socket (a
 DEALER whose identity is the stage name). It sends a heartbeat with the
@@ -314,9 +317,16 @@ def stage_main(spec: StageSpec) -> None:
     code = 1
     err = error_file(spec.run_dir, spec.name)
     try:
-        entry = importlib.import_module(spec.module).run
+        module = importlib.import_module(spec.module)
+        prepare: Callable[[], None] | None = getattr(module, "prepare", None)
+        if prepare is not None:
+            prepare()
+        entry = module.run
+        if _fault(spec.name) == "slow_start":
+            time.sleep(2.0)
         ctx.start()
-        _inject_fault(spec.name)
+        if _fault(spec.name) == "crash":
+            raise RuntimeError(f"injected fault: {spec.name} crashes at start (POSEWIRE_FAULT)")
         code = int(entry(ctx))
     except (SourceError, ConfigError) as exc:
         log.error("%s", exc)
@@ -340,16 +350,15 @@ def stage_main(spec: StageSpec) -> None:
     os._exit(code)
 
 
-def _inject_fault(stage: str) -> None:
-    """Fault injection for supervision tests: ``POSEWIRE_FAULT=<stage>:crash``.
+def _fault(stage: str) -> str:
+    """Fault injection for supervision tests: ``POSEWIRE_FAULT=<stage>:<kind>``.
 
-    ``crash`` makes that stage raise at start, every time it is started: the
-    way to show the restart intensity at work on a real pipeline.
+    ``crash`` makes that stage raise at start, every time it is started (the way
+    to show the restart intensity at work on a real pipeline); ``slow_start``
+    delays its first heartbeat by 2 s (a consumer that is slow to start).
     """
-    fault = os.environ.get("POSEWIRE_FAULT", "")
-    target, _, kind = fault.partition(":")
-    if target == stage and kind == "crash":
-        raise RuntimeError(f"injected fault: {stage} crashes at start (POSEWIRE_FAULT)")
+    target, _, kind = os.environ.get("POSEWIRE_FAULT", "").partition(":")
+    return kind if target == stage else ""
 
 
 def _write_error(path: Path, text: str) -> None:

@@ -148,6 +148,9 @@ class Supervisor:
         self._cmd_id = 0
         self._owned_run_dir = False
         self.monitor: Monitor | None = None  # performance monitor (issue 6)
+        self._held: list[str] = []
+        """The head of the data path while it waits for the other stages (see run)."""
+        self._hold_until = 0.0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -166,8 +169,15 @@ class Supervisor:
                 ", ".join(self.stages),
                 self.run_dir,
             )
-            for st in self.stages.values():
-                self._start(st)
+            # the head of the data path (capture, or detect replaying a trace) starts
+            # once every other stage has sent its first heartbeat (or after
+            # supervisor.startup_timeout_ms): no frame waits in a ring for a consumer
+            # that is still starting
+            self._held = [n for n in PIPELINE_ORDER if n in self.stages][:1]
+            self._hold_until = time.monotonic() + self.cfg.supervisor.startup_timeout_ms / 1000
+            for name, st in self.stages.items():
+                if name not in self._held:
+                    self._start(st)
             self._loop()
         finally:
             self._shutdown()
@@ -326,6 +336,8 @@ class Supervisor:
             if self.exit_code is not None:
                 break
             now = time.monotonic()
+            if self._held:
+                self._release_producers(now)
             self._check_hung(now)
             self._check_drain()
             if self._signal is not None:
@@ -341,6 +353,23 @@ class Supervisor:
             if now >= next_status:
                 next_status = now + 5.0
                 log.info("%s", self.status_line())
+
+    def _release_producers(self, now: float) -> None:
+        """Start the held head stage once every other stage has reported (or on timeout)."""
+        waiting = [
+            n
+            for n, st in self.stages.items()
+            if n not in self._held and st.last_seen is None and not st.done
+        ]
+        if waiting and now < self._hold_until:
+            return
+        if waiting:
+            log.warning(
+                "starting %s although %s sent no heartbeat yet", ", ".join(self._held), waiting
+            )
+        for name in self._held:
+            self._start(self.stages[name])
+        self._held = []
 
     def _finish(self, code: int, reason: str, message: str | None = None) -> None:
         if self.exit_code is None:

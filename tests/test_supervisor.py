@@ -114,6 +114,29 @@ def test_stage_crashing_at_start_exceeds_intensity_exit_3(tmp_path: Path) -> Non
     assert shm_segments(run_id) == []
 
 
+def test_head_of_the_data_path_waits_for_a_slow_consumer(tmp_path: Path) -> None:
+    """The encode stage takes 2 s to send its first heartbeat: the trace replay (the
+    head of the data path) starts only then, so no pose waits in the ring for it.
+    (Started at once, 2 s of poses at 30 fps would pile up in the 64-slot ring.)"""
+    report = tmp_path / "report.json"
+    proc = start(
+        trace_config(tmp_path),
+        "--duration",
+        "6",
+        "--report",
+        str(report),
+        env={"POSEWIRE_FAULT": "encode:slow_start"},
+    )
+    _out, err = proc.communicate(timeout=40)
+    assert proc.returncode == 0, err[-3000:]
+    assert "although" not in err  # released by the heartbeat, not by the timeout
+    data = json.loads(report.read_text())
+    poses = data["rings"]["poses"]
+    assert poses["written"] > 60, poses  # frames flowed
+    assert poses["dropped"] == 0 and poses["peak_occupancy"] <= 4, poses
+    assert data["stages"]["encode"]["restarts"] == 0
+
+
 def test_sigint_stops_within_5s_and_leaves_no_segment(tmp_path: Path) -> None:
     run_id = f"int{os.getpid()}"
     proc = start(trace_config(tmp_path), "--run-id", run_id)
