@@ -135,12 +135,20 @@ def test_mutated_packets_only_protocol_error(packet: bytes) -> None:
 
 def test_fuzz_harness_runs_briefly(tmp_path: Path) -> None:
     """The atheris harness for ~20 s on a copy of the seed corpus (the hypothesis
-    fallback when atheris is not installed). Longer by hand:
+    fallback when atheris is not installed), with the codec kernels compiled with
+    bounds checks (a fresh numba cache): an out-of-bounds index inside them becomes
+    an IndexError, which the decoder reports as "malformed packet", which the
+    harness counts as a crash. Longer by hand:
     ``python tests/fuzz_protocol.py -max_total_time=600 tests/fuzz_corpus``."""
     seconds = os.environ.get("POSEWIRE_FUZZ_SECONDS", "20")
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "tests" / "fuzz_corpus", corpus)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "NUMBA_BOUNDSCHECK": "1",
+        "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
+    }
     proc = subprocess.run(
         [
             sys.executable,
