@@ -402,13 +402,7 @@ def encode_payload(
     if nacc:
         out[o] = (acc << (8 - nacc)) & 0xFF
         o += 1
-    if has_ref:
-        _stack_history(hist, ref, m, ref_world, use_world)
-    else:
-        for p in range(n):
-            hist[p, 0, COL_DEPTH] = 1
-            if use_world:
-                hist[p, WORLD, COL_DEPTH] = 1
+    _stack_history(hist, ref, m, ref_world, use_world)  # m = 0 for a keyframe
     return ST_OK, o, hist
 
 
@@ -570,11 +564,5 @@ def decode_payload(
             if has_world:
                 for c in range(3):
                     world[p, j, c] = np.float32(np.float64(hist[p, WORLD + c, j]) * kp[KP_INVW])
-    if has_ref:
-        _stack_history(hist, ref, m, ref_world, has_world)
-    else:
-        for p in range(n):
-            hist[p, 0, COL_DEPTH] = 1
-            if has_world:
-                hist[p, WORLD, COL_DEPTH] = 1
+    _stack_history(hist, ref, m, ref_world, has_world)  # m = 0 for a keyframe
     return ST_OK, 0, hist, image, world
