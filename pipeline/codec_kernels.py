@@ -102,6 +102,12 @@ def _jit(fn: F) -> F:
     return cast(F, numba.njit(cache=True, nogil=True)(fn))
 
 
+def _jit_inline(fn: F) -> F:
+    """For the small helpers of the per-value loops: inlined into their callers (numba's
+    own inlining), which keeps the loops as fast as if they were written out."""
+    return cast(F, numba.njit(cache=True, nogil=True, inline="always")(fn))
+
+
 Int32Array = npt.NDArray[np.int32]
 Float32Array = npt.NDArray[np.float32]
 FloatArray = npt.NDArray[np.float64]
@@ -210,8 +216,8 @@ _IN_WORLD_LO, _IN_WORLD_HI = WORLD_RANGE_M
 # --------------------------------------------------------------------------- shared pieces
 
 
-@_jit
-def _predict(h: Int32Array, p: int, ch: int, s: int, c: int, d: int, j: int) -> int:
+@_jit_inline
+def _inter(h: Int32Array, p: int, ch: int, s: int, c: int, d: int, j: int) -> int:
     """floor(P @ H + 1/2) for landmark j of channel ch of pose p of history h."""
     acc = 0
     for e in range(_PTR[s, d, c, j], _PTR[s, d, c, j + 1]):
@@ -219,7 +225,47 @@ def _predict(h: Int32Array, p: int, ch: int, s: int, c: int, d: int, j: int) -> 
     return (acc + 32768) >> 16
 
 
-@_jit
+@_jit_inline
+def _group_model(
+    ref: Int32Array, ref_n: int, ref_world: bool, kp: FloatArray, p: int, ch: int
+) -> tuple[bool, int, int, int, int]:
+    """How channel ch of pose p is predicted: (inter, predictor set s, component c,
+    depth d, intra root value). Inter from the reference when it has the pose (and,
+    for a world channel, world landmarks); else intra along the skeleton tree."""
+    is_world = ch >= WORLD
+    inter = p < ref_n and (not is_world or ref_world)
+    c = ch - WORLD if is_world else ch
+    d = int(ref[p, WORLD if is_world else 0, COL_DEPTH]) if inter else 0
+    root = 0 if is_world else int(kp[KP_ROOT + c])
+    return inter, 1 if is_world else 0, c, d, root
+
+
+@_jit_inline
+def _prediction(
+    hist: Int32Array,
+    ref: Int32Array,
+    p: int,
+    ch: int,
+    model: tuple[bool, int, int, int, int],
+    j: int,
+) -> int:
+    """The prediction of landmark j (``hist`` holds this frame's landmarks before j:
+    the intra parent of j always comes before it)."""
+    inter, s, c, d, root = model
+    if inter:
+        return _inter(ref, p, ch, s, c, d, j)
+    if j == 0:
+        return root
+    return int(hist[p, ch, _PARENT[j]])
+
+
+@_jit_inline
+def _bit(buf: bytes, pos: int, bit: int) -> int:
+    """Bit ``bit`` (most significant first) of ``buf[pos:]``."""
+    return (buf[pos + (bit >> 3)] >> (7 - (bit & 7))) & 1
+
+
+@_jit_inline
 def _ref_code(ref: Int32Array, ref_n: int, ref_world: bool, p: int, ch: int) -> int:
     """The Rice code of the same group in the reference packet (15 where it has none)."""
     if p >= ref_n or (ch >= WORLD and not ref_world):
@@ -250,7 +296,7 @@ def _stack_history(
                 hist[p, ch, col] = ref[p, ch, col - L]
 
 
-@_jit
+@_jit_inline
 def _put(
     out: UInt8Array, o: int, acc: int, nacc: int, value: int, bits: int
 ) -> tuple[int, int, int]:
@@ -320,31 +366,23 @@ def encode_payload(
     n_groups = n * per_pose
     u = np.empty(n_groups * L, np.int64)
     codes = np.empty(n_groups, np.int64)
+    ref_codes = np.empty(n_groups, np.int64)
     # residuals (zigzagged) and each group's Rice code
     for p in range(n):
         for ch in range(per_pose):
-            is_world = ch >= WORLD
-            inter = p < m and (not is_world or ref_world)
-            s = 1 if is_world else 0
-            c = ch - WORLD if is_world else ch
-            d = ref[p, WORLD if is_world else 0, COL_DEPTH] if inter else 0
+            model = _group_model(ref, m, ref_world, kp, p, ch)
             g = p * per_pose + ch
             total = np.int64(0)
             top = np.int64(0)
             for j in range(L):
-                q = np.int64(hist[p, ch, j])
-                if inter:
-                    r = q - _predict(ref, p, ch, s, c, d, j)
-                elif j == 0:
-                    r = q - (0 if is_world else int(kp[KP_ROOT + c]))
-                else:
-                    r = q - np.int64(hist[p, ch, _PARENT[j]])
+                r = np.int64(hist[p, ch, j]) - _prediction(hist, ref, p, ch, model, j)
                 z = (r << 1) ^ (r >> 63)
                 u[g * L + j] = z
                 total += z
                 if z > top:
                     top = z
             rc = _ref_code(ref, m, ref_world, p, ch)
+            ref_codes[g] = rc
             if top == 0:
                 k = ZERO_GROUP
             else:
@@ -369,19 +407,18 @@ def encode_payload(
     acc = 0
     nacc = 0
     o = 0
-    for p in range(n):
-        for ch in range(per_pose):
-            k = codes[p * per_pose + ch]
-            rc = _ref_code(ref, m, ref_world, p, ch)
-            if k == rc:
-                value, bits = 0, 1
-            elif k == rc + 1:
-                value, bits = 2, 2
-            elif k == rc - 1:
-                value, bits = 6, 3
-            else:
-                value, bits = 0x70 | k, 7
-            acc, nacc, o = _put(out, o, acc, nacc, value, bits)
+    for g in range(n_groups):
+        k = codes[g]
+        rc = ref_codes[g]
+        if k == rc:
+            value, bits = 0, 1
+        elif k == rc + 1:
+            value, bits = 2, 2
+        elif k == rc - 1:
+            value, bits = 6, 3
+        else:
+            value, bits = 0x70 | k, 7
+        acc, nacc, o = _put(out, o, acc, nacc, value, bits)
     for g in range(n_groups):
         k = codes[g]
         if k == ZERO_GROUP:
@@ -455,7 +492,7 @@ def decode_payload(
             while ones < 3:
                 if bit >= n_bits:
                     return ST_CODES_TRUNCATED, 0, hist, image, world
-                b = (buf[pos + (bit >> 3)] >> (7 - (bit & 7))) & 1
+                b = _bit(buf, pos, bit)
                 bit += 1
                 if not b:
                     break
@@ -471,7 +508,7 @@ def decode_payload(
                     return ST_CODES_TRUNCATED, 0, hist, image, world
                 c = 0
                 for _ in range(4):
-                    c = (c << 1) | ((buf[pos + (bit >> 3)] >> (7 - (bit & 7))) & 1)
+                    c = (c << 1) | _bit(buf, pos, bit)
                     bit += 1
             if c < 0 or c > ZERO_GROUP:
                 return ST_CODE_RANGE, c, hist, image, world
@@ -525,7 +562,7 @@ def decode_payload(
         for i in range(g * L, g * L + L):
             v = 0
             for _ in range(k):
-                v = (v << 1) | ((buf[pos + (bit >> 3)] >> (7 - (bit & 7))) & 1)
+                v = (v << 1) | _bit(buf, pos, bit)
                 bit += 1
             u[i] += v
     # reconstruction (image values out of range fail at once; world values only
@@ -533,21 +570,13 @@ def decode_payload(
     world_bad = False
     for p in range(n):
         for ch in range(per_pose):
+            model = _group_model(ref, m, ref_world, kp, p, ch)
+            c = model[2]
             is_world = ch >= WORLD
-            inter = p < m and (not is_world or ref_world)
-            s = 1 if is_world else 0
-            c = ch - WORLD if is_world else ch
-            d = ref[p, WORLD if is_world else 0, COL_DEPTH] if inter else 0
             base = (p * per_pose + ch) * L
             for j in range(L):
                 z = u[base + j]
-                r = (z >> 1) ^ -(z & 1)
-                if inter:
-                    q = _predict(ref, p, ch, s, c, d, j) + r
-                elif j == 0:
-                    q = r + (0 if is_world else int(kp[KP_ROOT + c]))
-                else:
-                    q = np.int64(hist[p, ch, _PARENT[j]]) + r
+                q = _prediction(hist, ref, p, ch, model, j) + ((z >> 1) ^ -(z & 1))
                 if is_world:
                     if not (kp[KP_WLO] <= q <= kp[KP_WHI]):
                         world_bad = True

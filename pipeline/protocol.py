@@ -660,15 +660,19 @@ def _check_block(
     return arr
 
 
-def _value_error(
-    a: FloatArray, lo: FloatArray, hi: FloatArray, names: tuple[str, ...], what: str
-) -> ProtocolError:
-    """The error for the first value of ``a`` ([n, 33, c]) outside [lo, hi] (or NaN)."""
-    bad = ~((a >= lo) & (a <= hi))
-    p, j, c = (int(i) for i in np.argwhere(bad)[0])
+def _check_values(
+    arr: npt.NDArray[Any], lo: FloatArray, hi: FloatArray, names: tuple[str, ...], what: str
+) -> None:
+    """Raise the error naming the first value of ``arr`` ([n, 33, c]) outside [lo, hi]
+    per component (or NaN). The kernels check the same; this finds which value."""
+    a = arr.astype(np.float64)
+    bad = np.argwhere(~((a >= lo) & (a <= hi)))
+    if not bad.size:
+        return
+    p, j, c = (int(i) for i in bad[0])
     v = float(a[p, j, c])
     why = "not finite" if not math.isfinite(v) else f"outside [{lo[c]:g}, {hi[c]:g}]"
-    return ProtocolError(
+    raise ProtocolError(
         f"pose {p} landmark {j} ({LANDMARK_NAMES[j]}) {what}{names[c]} = {v!r} is {why}"
     )
 
@@ -680,16 +684,11 @@ _WORLD_HI3 = np.full(3, WORLD_RANGE_M[1])
 
 
 def _check_image_values(img: npt.NDArray[Any]) -> None:
-    """Raise the error for the first image value that is NaN, infinite or out of range."""
-    a = img.astype(np.float64)
-    if np.count_nonzero((a >= _IMG_LO4) & (a <= _IMG_HI4)) != a.size:
-        raise _value_error(a, _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
+    _check_values(img, _IMG_LO4, _IMG_HI4, _COMPONENTS, "")
 
 
 def _check_world_values(w: npt.NDArray[Any]) -> None:
-    a = w.astype(np.float64)
-    if np.count_nonzero((a >= _WORLD_LO3) & (a <= _WORLD_HI3)) != a.size:
-        raise _value_error(a, _WORLD_LO3, _WORLD_HI3, ("x", "y", "z"), "world ")
+    _check_values(w, _WORLD_LO3, _WORLD_HI3, ("x", "y", "z"), "world ")
 
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
