@@ -337,7 +337,7 @@ class Supervisor:
                 break
             now = time.monotonic()
             if self._held:
-                self._release_producers(now)
+                self._release_head(now)
             self._check_hung(now)
             self._check_drain()
             if self._signal is not None:
@@ -354,7 +354,7 @@ class Supervisor:
                 next_status = now + 5.0
                 log.info("%s", self.status_line())
 
-    def _release_producers(self, now: float) -> None:
+    def _release_head(self, now: float) -> None:
         """Start the held head stage once every other stage has reported (or on timeout)."""
         waiting = [
             n
