@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # compile the codec's numba kernels once, not in the first run or test that needs them
-$(KERNELS): $(STAMP) pipeline/codec_kernels.py
-	$(PY) -c 'from pipeline.protocol import warm_kernels; warm_kernels()'
+$(KERNELS): $(STAMP) pipeline/codec/kernels.py
+	$(PY) -c 'from pipeline.codec.protocol import warm_kernels; warm_kernels()'
 	touch $(KERNELS)
 
 run: install

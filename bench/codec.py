@@ -1,12 +1,12 @@
 """bench/codec: bytes, error and speed of the pose codec against the usual encodings.
 
-For every clip in ``../shared/data/pose-traces`` (override the directory with
+For every clip in ``data/pose-traces`` (override the directory with
 ``POSEWIRE_TRACES``) and every ``--trace FILE.npz``, with detector-like noise
 (Gaussian, sigma ``--noise`` on x and y, default 0.002, and 0.01 on z, seeded)
 and without, one pose per frame at the trace's 30 fps, capture timestamps with
 0.5 ms of seeded jitter:
 
-* ``posewire``: :mod:`pipeline.protocol` with its default configuration (every
+* ``posewire``: :mod:`pipeline.codec.protocol` with its default configuration (every
   frame predicted from the previous one, a keyframe every 30 frames), bytes per
   frame *including the header*, maximum x/y error in pixels at 1920 px, encode
   and decode microseconds per frame;
@@ -54,9 +54,7 @@ from bench.common import (
     targets_table,
 )
 from bench.common import percentile as pct
-from pipeline.config import traces_dir
-from pipeline.pose import LANDMARK_NAMES, PoseFrame
-from pipeline.protocol import (
+from pipeline.codec.protocol import (
     CodecConfig,
     Decoded,
     Decoder,
@@ -65,6 +63,8 @@ from pipeline.protocol import (
     NeedKeyframe,
     peek_header,
 )
+from pipeline.config import traces_dir
+from pipeline.model.pose import LANDMARK_NAMES, PoseFrame
 
 F32 = npt.NDArray[np.float32]
 REF_WIDTH = 1920
@@ -400,10 +400,10 @@ def _fit_features(
 
 
 def fit(clips: Sequence[Clip], sigma: float) -> None:
-    """Least-squares fit of the predictor taps (``COEFS`` in pipeline/codec_kernels.py);
+    """Least-squares fit of the predictor taps (``COEFS`` in pipeline/codec/kernels.py);
     prints them in 1/256 with the mean squared residual, in-sample and leave-one-clip-out."""
-    from pipeline import codec_kernels
-    from pipeline import protocol as proto
+    from pipeline.codec import kernels as codec_kernels
+    from pipeline.codec import protocol as proto
 
     group_mean = np.zeros((33, 33))
     for g in codec_kernels.RIGID_GROUPS:

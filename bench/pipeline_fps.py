@@ -6,7 +6,7 @@ once into a temporary directory, ``--frames`` frames, looped).
 ``sequential``
     One loop in this process: read and convert a frame (``FileSource``),
     detect (MediaPipe Pose, the configured model, video mode), encode
-    (:class:`pipeline.protocol.Encoder`, as the encode stage does), one after
+    (:class:`pipeline.codec.protocol.Encoder`, as the encode stage does), one after
     the other.
 ``pipeline``
     ``python -m pipeline`` with ``source.as_fast_as_possible: true`` and the
@@ -45,7 +45,7 @@ from typing import Any
 import psutil
 
 from bench.common import add_json_flag, at_least, percentile, report
-from pipeline.stage import stage_processes
+from pipeline.runtime.stage import stage_processes
 
 NAME = "pipeline_fps"
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,9 @@ def _cpu_s(proc: psutil.Process) -> float:
 
 def sequential(video: Path, seconds: float, warmup: int = 10) -> dict[str, Any]:
     """Capture, detection and encoding one after the other in this process."""
+    from pipeline.codec.protocol import CodecConfig, Encoder
     from pipeline.config import parse_config
     from pipeline.errors import ProtocolError
-    from pipeline.protocol import CodecConfig, Encoder
     from stages.capture import FileSource
     from stages.detect import create_detector
 
@@ -121,7 +121,7 @@ def sequential(video: Path, seconds: float, warmup: int = 10) -> dict[str, Any]:
 def pipeline(video: Path, seconds: float, workdir: Path, workers: int) -> list[dict[str, Any]]:
     """The sender under its supervisor; figures over ``seconds`` after a warm-up."""
     from pipeline.errors import RingError
-    from pipeline.ring import Ring, segment_name
+    from pipeline.runtime.ring import Ring, segment_name
 
     run_id = f"bfps{os.getpid()}w{workers}"
     run_base = workdir / "run"

@@ -3,7 +3,7 @@
 Two real processes (multiprocessing ``spawn``): this process sends frames, a
 child receives them. Transports, all in the same run:
 
-* ``ring``: :class:`pipeline.ring.Ring` (LATEST mode, 3 slots): ``send``
+* ``ring``: :class:`pipeline.runtime.ring.Ring` (LATEST mode, 3 slots): ``send``
   copies the frame in, the receiver ``recv_into`` a preallocated array (two
   copies);
 * ``ring zero-copy view``: ``send`` copies in, the receiver takes
@@ -38,7 +38,7 @@ Targets (1280x720x3, paced at 30 fps, p50): the ring at least 10x faster than
 memcpy floor.
 
 ``--doorbells`` measures the reader wake-up options instead (FIFO, eventfd,
-ZeroMQ PUSH/PULL, polling with 0.5 ms sleeps): see ``pipeline/ring.py``.
+ZeroMQ PUSH/PULL, polling with 0.5 ms sleeps): see ``pipeline/runtime/ring.py``.
 
 Run: ``python -m bench.ring [--quick] [--json] [--doorbells]``.
 """
@@ -156,7 +156,7 @@ def _receiver(kind: str, ctrl: Connection, chan: Any, endpoint: str) -> None:
 class _RingRecv:
     def __init__(self, name: str, run_dir: str, buf: np.ndarray[Any, Any]) -> None:
         from pipeline.errors import WouldBlock
-        from pipeline.ring import Ring
+        from pipeline.runtime.ring import Ring
 
         self.ring = Ring.attach(name, run_dir=Path(run_dir))
         self.buf = buf
@@ -289,7 +289,7 @@ def _run_transport(
 ) -> list[dict[str, Any]]:
     import zmq
 
-    from pipeline.ring import Ring, RingMode, segment_name
+    from pipeline.runtime.ring import Ring, RingMode, segment_name
 
     ctx_mp = mp.get_context("spawn")
     ctrl, child_ctrl = ctx_mp.Pipe()

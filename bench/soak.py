@@ -4,7 +4,7 @@ One room server (``python -m pipeline serve``, or ``--server embedded``: a
 stage of the sender's supervisor), ``--receivers`` receivers (``python -m
 pipeline receive``, 2 by default) joined to one room, then a camera-free
 sender pipeline (``detect.backend: trace`` replaying a clip of
-``../shared/data/pose-traces`` at its own 30 fps, looped) publishing into that
+``data/pose-traces`` at its own 30 fps, looped) publishing into that
 room through the WebSocket transport. Every ``--interval`` seconds this
 process samples, per process (supervisor, every stage, server, receivers):
 resident memory (RSS) and open file descriptors (psutil), plus the number of
@@ -219,7 +219,7 @@ def shm_count(run_id: str) -> int:
 
 def stage_pids(sup_pid: int) -> dict[str, int]:
     """Stage name -> pid, from the process titles ``posewire:<stage>``."""
-    from pipeline.stage import stage_processes
+    from pipeline.runtime.stage import stage_processes
 
     return {name: proc.pid for name, proc in stage_processes(sup_pid).items()}
 

@@ -23,9 +23,9 @@ TRACES_ENV = "POSEWIRE_TRACES"
 
 
 def traces_dir() -> Path:
-    """The shared CMU pose traces: ``$POSEWIRE_TRACES``, else ``../shared/data/pose-traces``."""
+    """The CMU pose traces vendored in ``data/pose-traces``; ``$POSEWIRE_TRACES`` overrides."""
     env = os.environ.get(TRACES_ENV)
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "pose-traces"
+    return Path(env) if env else REPO_ROOT / "data" / "pose-traces"
 
 
 class _Model(BaseModel):

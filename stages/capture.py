@@ -27,7 +27,7 @@ exception is a ``url`` stream, which may simply not be up yet: it is retried
 with backoff (and logged) like a stream that went down.
 
 The end of a non-looping file or folder sends an end-of-stream marker
-(:data:`pipeline.frame.FLAG_END_OF_STREAM`) on the ring and returns 0.
+(:data:`pipeline.model.frame.FLAG_END_OF_STREAM`) on the ring and returns 0.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ import numpy.typing as npt
 
 from pipeline.config import Config, SourceConfig, SourceKind, resolve_path
 from pipeline.errors import SourceError
-from pipeline.frame import FrameBuffer, end_of_stream_payload
-from pipeline.stats import Rate
+from pipeline.model.frame import FrameBuffer, end_of_stream_payload
+from pipeline.model.stats import Rate
 
 if TYPE_CHECKING:
-    from pipeline.stage import StageContext
+    from pipeline.runtime.stage import StageContext
 
 RGBFrame = npt.NDArray[np.uint8]
 """An RGB ``uint8 [h, w, 3]`` image."""

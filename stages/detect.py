@@ -1,4 +1,4 @@
-"""The detect stage: newest frame in, :class:`~pipeline.pose.PoseFrame` out.
+"""The detect stage: newest frame in, :class:`~pipeline.model.pose.PoseFrame` out.
 
 Backends (``detect.backend``), all behind the small :class:`Detector` base:
 
@@ -13,7 +13,7 @@ Backends (``detect.backend``), all behind the small :class:`Detector` base:
     (``detect.task_model``), ``num_poses`` people per frame.
 ``trace``
     Replays a pose trace ``.npz`` (``image`` ``[T,33,4]``, ``world``
-    ``[T,33,3]``, ``fps``; see ``../shared/data/pose-traces``) at the trace's
+    ``[T,33,3]``, ``fps``; see ``data/pose-traces``) at the trace's
     own fps, timed by the frames' capture timestamps: everything downstream
     runs without a model.
 
@@ -51,13 +51,19 @@ import numpy.typing as npt
 
 from pipeline.config import Config, DetectBackend, DetectConfig, resolve_path
 from pipeline.errors import ConfigError, SourceError, WouldBlock
-from pipeline.frame import frame_from_slot, frame_slot_size
-from pipeline.pose import LANDMARK_NAMES, MAX_POSES, NUM_LANDMARKS, POSE_CONNECTIONS, PoseFrame
-from pipeline.stats import Rate, Window
+from pipeline.model.frame import frame_from_slot, frame_slot_size
+from pipeline.model.pose import (
+    LANDMARK_NAMES,
+    MAX_POSES,
+    NUM_LANDMARKS,
+    POSE_CONNECTIONS,
+    PoseFrame,
+)
+from pipeline.model.stats import Rate, Window
 from stages.capture import IMAGE_SUFFIXES, FileSource
 
 if TYPE_CHECKING:
-    from pipeline.stage import StageContext
+    from pipeline.runtime.stage import StageContext
 
 RGBFrame = npt.NDArray[np.uint8]
 FloatArray = npt.NDArray[np.float32]

@@ -1,7 +1,7 @@
 """The encode stage: poses ring -> pose codec -> packets ring.
 
-Reads :class:`~pipeline.pose.PoseFrame` records in order (a bounded queue),
-encodes each with the stateful :class:`~pipeline.protocol.Encoder`, and
+Reads :class:`~pipeline.model.pose.PoseFrame` records in order (a bounded queue),
+encodes each with the stateful :class:`~pipeline.codec.protocol.Encoder`, and
 queues the packet for the transmit stage with the capture timestamp. The
 ``feedback`` ring brings acknowledgements and keyframe requests back from the
 transmit stage; the supervisor's ``keyframe`` command forces one too. After a
@@ -25,10 +25,8 @@ import zlib
 
 import numpy as np
 
-from pipeline import feedback
-from pipeline.errors import ProtocolError, WouldBlock
-from pipeline.pose import PoseFrame
-from pipeline.protocol import (
+from pipeline.codec import feedback
+from pipeline.codec.protocol import (
     VISIBILITY_RANGE,
     XY_RANGE,
     Z_RANGE,
@@ -36,8 +34,10 @@ from pipeline.protocol import (
     Encoder,
     warm_kernels,
 )
-from pipeline.stage import StageContext
-from pipeline.stats import Rate, Window
+from pipeline.errors import ProtocolError, WouldBlock
+from pipeline.model.pose import PoseFrame
+from pipeline.model.stats import Rate, Window
+from pipeline.runtime.stage import StageContext
 
 RAW_FLOAT32_BYTES = 33 * 4 * 4
 
@@ -150,7 +150,7 @@ def run(ctx: StageContext) -> int:
 
 
 def _is_keyframe(packet: bytes) -> bool:
-    from pipeline.protocol import peek_header
+    from pipeline.codec.protocol import peek_header
 
     try:
         return peek_header(packet).keyframe

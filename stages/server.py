@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 
 from pipeline.errors import ConfigError, TransportError
+from pipeline.runtime.stage import StageContext
 from pipeline.server.app import STATE, create_app, serve
-from pipeline.stage import StageContext
 
 TICK_S = 0.1
 

@@ -39,11 +39,11 @@ import os
 import time
 from typing import Any
 
-from pipeline import feedback
+from pipeline.codec import feedback
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import ConfigError, RingError, TokenError, TransportError, WouldBlock
-from pipeline.stage import StageContext
-from pipeline.stats import Rate, Window
+from pipeline.model.stats import Rate, Window
+from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import Control, StateChange, Transport, TransportClosed
 from pipeline.transports.file import FileTransport
 

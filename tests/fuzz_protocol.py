@@ -5,7 +5,7 @@ directory you pass; pass a copy to keep ``tests/fuzz_corpus`` as committed)::
 
     python tests/fuzz_protocol.py -max_total_time=600 tests/fuzz_corpus
 
-The payload is decoded by compiled kernels (pipeline/codec_kernels.py), which
+The payload is decoded by compiled kernels (pipeline/codec/kernels.py), which
 libFuzzer's coverage does not see; ``NUMBA_DISABLE_JIT=1`` runs them as
 instrumented Python instead (about 50x slower per input, coverage-guided inside
 the bit decoder). Run both.
@@ -40,9 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.errors import ProtocolError  # noqa: E402
-from pipeline.pose import PoseFrame  # noqa: E402
-from pipeline.protocol import (  # noqa: E402
+from pipeline.codec.protocol import (  # noqa: E402
     WORLD_RANGE_M,
     XY_RANGE,
     Z_RANGE,
@@ -52,6 +50,8 @@ from pipeline.protocol import (  # noqa: E402
     Encoder,
     peek_header,
 )
+from pipeline.errors import ProtocolError  # noqa: E402
+from pipeline.model.pose import PoseFrame  # noqa: E402
 
 CORPUS = ROOT / "tests" / "fuzz_corpus"
 

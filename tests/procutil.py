@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import traces_dir
-from pipeline.stage import stage_processes
+from pipeline.runtime.stage import stage_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = traces_dir()
@@ -123,7 +123,7 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> tuple[int, str, 
 
 
 def packet_seqs(path: Path) -> list[int]:
-    from pipeline.protocol import peek_header
+    from pipeline.codec.protocol import peek_header
     from pipeline.transports.file import read_packets
 
     if not path.exists():

@@ -26,7 +26,7 @@ import pytest
 
 from pipeline.config import Config, parse_config
 from pipeline.errors import ProtocolError, SourceError, WouldBlock
-from pipeline.frame import (
+from pipeline.model.frame import (
     FLAG_END_OF_STREAM,
     FLAG_RGB,
     FRAME_HEADER_SIZE,
@@ -37,8 +37,8 @@ from pipeline.frame import (
     frame_slot_size,
     pack_frame_header,
 )
-from pipeline.ring import Ring, RingMode, segment_name
-from pipeline.stage import StageContext, StageSpec, stage_main
+from pipeline.runtime.ring import Ring, RingMode, segment_name
+from pipeline.runtime.stage import StageContext, StageSpec, stage_main
 from stages import capture
 from stages.capture import (
     END,

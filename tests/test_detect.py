@@ -27,8 +27,8 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.config import DetectBackend, DetectConfig, parse_config, traces_dir
 from pipeline.errors import ConfigError, WouldBlock
-from pipeline.frame import FrameBuffer, end_of_stream_payload
-from pipeline.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
+from pipeline.model.frame import FrameBuffer, end_of_stream_payload
+from pipeline.model.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
 from stages import detect
 from stages.capture import DemoSource
 from stages.detect import (

@@ -112,7 +112,7 @@ def test_sender_pipeline_to_receivers_rooms_and_late_joiner(tmp_path: Path) -> N
 
 
 def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> None:
-    from pipeline.receive_cmd import Receiver
+    from pipeline.cli.receive import Receiver
     from tests.procutil import stage_pids
 
     port = _free_port()

@@ -1,4 +1,4 @@
-"""Tests of the pose wire protocol (pipeline/protocol.py): format, codec, loss, validation."""
+"""Tests of the pose wire protocol (pipeline/codec/protocol.py): format, codec, loss, validation."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from pipeline.config import traces_dir
-from pipeline.errors import ConfigError, ProtocolError, UnsupportedVersionError
-from pipeline.pose import PoseFrame
-from pipeline.protocol import (
+from pipeline.codec.protocol import (
     HISTORY,
     MAX_PACKET_BYTES,
     PROTOCOL_VERSION,
@@ -29,6 +26,9 @@ from pipeline.protocol import (
     PacketTooLargeError,
     peek_header,
 )
+from pipeline.config import traces_dir
+from pipeline.errors import ConfigError, ProtocolError, UnsupportedVersionError
+from pipeline.model.pose import PoseFrame
 
 XY_BOUND = 0.5 / 1920  # normalised x/y error bound of the default configuration
 TS0 = 1_760_000_000_000_000_000

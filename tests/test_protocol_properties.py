@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.pose import PoseFrame
-from pipeline.protocol import (
+from pipeline.codec.protocol import (
     MAX_PACKET_BYTES,
     WORLD_RANGE_M,
     XY_RANGE,
@@ -34,6 +33,7 @@ from pipeline.protocol import (
     PacketTooLargeError,
     peek_header,
 )
+from pipeline.model.pose import PoseFrame
 from tests.fuzz_protocol import fix_crc, one_input, seed_packets
 
 ROOT = Path(__file__).resolve().parents[1]

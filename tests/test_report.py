@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report_cmd import PLOTS
+from pipeline.cli.report import PLOTS
 from tests.procutil import ROOT, TRACE, start, trace_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

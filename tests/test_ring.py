@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import BrokenResourceError, ClosedResourceError, RingError, WouldBlock
-from pipeline.ring import Item, Ring, RingMode, RingStats, segment_name, sweep_stale
-from pipeline.shm import SHM_DIR, read_owner, segment_path
+from pipeline.runtime.ring import Item, Ring, RingMode, RingStats, segment_name, sweep_stale
+from pipeline.runtime.shm import SHM_DIR, read_owner, segment_path
 
 SPAWN = mp.get_context("spawn")
 END = -1

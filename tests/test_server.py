@@ -17,11 +17,11 @@ import aiohttp
 import numpy as np
 import pytest
 
+from pipeline.cli.receive import Receiver
+from pipeline.codec.protocol import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
-from pipeline.pose import PoseFrame
-from pipeline.protocol import CodecConfig, Encoder, peek_header
-from pipeline.receive_cmd import Receiver
+from pipeline.model.pose import PoseFrame
 from pipeline.server.app import create_app
 from pipeline.transports.base import Control, Packet, StateChange, TransportBroken
 from tests.test_server_support import (

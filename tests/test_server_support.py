@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from pipeline.codec.protocol import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig, traces_dir
-from pipeline.pose import PoseFrame
-from pipeline.protocol import CodecConfig, Encoder, peek_header
+from pipeline.model.pose import PoseFrame
 from pipeline.server.app import STATE, ServerState, create_app, serve
 from pipeline.server.tokens import mint_token
 from pipeline.transports.base import Control, Packet, Received

@@ -50,7 +50,7 @@ Server -> client, text::
     kicked     {"member": ID}           reply to a successful kick
     error      {"code", "reason", "message"}   before a close, or a refused request
 
-Binary messages are pose packets (:mod:`pipeline.protocol`) in both
+Binary messages are pose packets (:mod:`pipeline.codec.protocol`) in both
 directions: the server validates each header with ``peek_header`` and relays
 the bytes unchanged; the stream id in the header identifies the publisher
 (``streams`` in its member record). Acknowledgements: the server acknowledges
@@ -72,9 +72,9 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from pipeline.codec.protocol import peek_header
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, ProtocolError, TokenError, TransportError
-from pipeline.protocol import peek_header
 from pipeline.server.limits import (
     MAX_STREAMS_PER_MEMBER,
     TOKEN_CLOSE_CODES,

@@ -66,9 +66,9 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from pipeline import control
 from pipeline.config import MonitorConfig
 from pipeline.errors import SupervisorError
+from pipeline.runtime import control
 
 log = logging.getLogger("posewire.monitor")
 

@@ -28,13 +28,13 @@ class _Command(Protocol):
 
 #: command name -> module implementing it
 COMMANDS: dict[str, str] = {
-    "run": "pipeline.run_cmd",
-    "validate": "pipeline.validate_cmd",
-    "detect": "pipeline.detect_cmd",
-    "serve": "pipeline.server.cli",
-    "token": "pipeline.token_cmd",
-    "receive": "pipeline.receive_cmd",
-    "report": "pipeline.report_cmd",
+    "run": "pipeline.cli.run",
+    "validate": "pipeline.cli.validate",
+    "detect": "pipeline.cli.detect",
+    "serve": "pipeline.cli.serve",
+    "token": "pipeline.cli.token",
+    "receive": "pipeline.cli.receive",
+    "report": "pipeline.cli.report",
 }
 
 EXIT_USAGE = 2

@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import ConfigError, ProtocolError, UnsupportedVersionError
-from pipeline.pose import LANDMARK_NAMES, MAX_POSES, NUM_LANDMARKS, PoseFrame
+from pipeline.model.pose import LANDMARK_NAMES, MAX_POSES, NUM_LANDMARKS, PoseFrame
 
 PROTOCOL_VERSION: int = 1
 """The packet format version this build writes and reads."""
@@ -66,7 +66,7 @@ _POSES_MASK = 0x0F
 _EPOCH_SHIFT = 6
 _EPOCH_MASK = 0x03
 MAX_WIRE_POSES = 8
-"""At most this many poses in one packet (``pipeline.pose.MAX_POSES``)."""
+"""At most this many poses in one packet (``pipeline.model.pose.MAX_POSES``)."""
 
 MAX_STREAM_ID = 2**32 - 1
 MAX_SEQ = 2**63 - 1
@@ -425,7 +425,7 @@ _MAX_STEPS_OTHER = 1 << 12
 _L = NUM_LANDMARKS
 
 # The predictor (its coefficients, rigid groups and the intra tree), the Rice coder
-# and the reference history are in pipeline/codec_kernels.py, compiled; loaded
+# and the reference history are in pipeline/codec/kernels.py, compiled; loaded
 # on the first Encoder or Decoder (see _load_kernels).
 
 
@@ -551,14 +551,14 @@ class _Quant:
 
 
 _kernels: Any = None
-"""``pipeline.codec_kernels``, once :func:`_load_kernels` ran (importing numba costs
+"""``pipeline.codec.kernels``, once :func:`_load_kernels` ran (importing numba costs
 about 0.2 s, which header-only users such as the room server never pay)."""
 
 
 def _load_kernels() -> Any:
     global _kernels
     if _kernels is None:
-        from pipeline import codec_kernels
+        from pipeline.codec import kernels as codec_kernels
 
         _kernels = codec_kernels
     return _kernels
@@ -622,7 +622,7 @@ class _Entry:
     n: int
     hist: npt.NDArray[np.int32]
     """[n, 7, 101]: this frame's quantized values, its references' and its group codes
-    (layout in pipeline/codec_kernels.py); encoder and decoder compute the same."""
+    (layout in pipeline/codec/kernels.py); encoder and decoder compute the same."""
     world: bool
     """The frame had world landmarks."""
     key_seq: int

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary_line(res: Any) -> str:
-    from pipeline.pose import LANDMARK_NAMES
+    from pipeline.model.pose import LANDMARK_NAMES
 
     frames = res.frames
     found = sum(1 for f in frames if f.pose.present)

@@ -1,7 +1,7 @@
 """Shared-memory rings: single producer, single consumer, fixed slots, no lock on the hot path.
 
 A :class:`Ring` moves frames (or any bytes) between two processes through a
-segment in ``/dev/shm`` (:mod:`pipeline.shm`). The supervisor creates every
+segment in ``/dev/shm`` (:mod:`pipeline.runtime.shm`). The supervisor creates every
 ring (:meth:`Ring.create`) and unlinks it (:meth:`Ring.unlink`); stages only
 :meth:`Ring.attach` and :meth:`Ring.close`. All ring state (the write and read
 counters, statistics) lives in the segment, so a restarted writer or reader
@@ -131,7 +131,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import BrokenResourceError, ClosedResourceError, RingError, WouldBlock
-from pipeline.shm import (
+from pipeline.runtime.shm import (
     PAGE,
     PREAMBLE_SIZE,
     Segment,

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import control
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ControlError, PosewireError, SourceError
+from pipeline.runtime import control
 
 _FAULT_FILE: Any = None
 
@@ -136,7 +136,7 @@ class StageContext:
     def ring(self, name: str) -> Any:
         """The ring ``name`` (frames, poses, packets, feedback), attached once."""
         if name not in self._rings:
-            from pipeline.ring import Ring
+            from pipeline.runtime.ring import Ring
 
             segment = self.spec.rings.get(name)
             if segment is None:

@@ -1,6 +1,6 @@
 """Compiled inner loops of the pose codec (numba): one call per packet and direction.
 
-:mod:`pipeline.protocol` owns the packet, the stream state and every message; this
+:mod:`pipeline.codec.protocol` owns the packet, the stream state and every message; this
 module owns the per-value work of a payload, for the encoder and the decoder alike:
 quantization with validation, prediction (inter from the reference history, intra
 along the skeleton tree), zigzag, the choice of each group's Rice parameter, the
@@ -14,8 +14,8 @@ passes (docs/protocol.md, "Speed"). Per-value bit manipulation is what numpy is
 worst at and what a compiled loop does in a few hundred nanoseconds. numba keeps
 the code Python (no C toolchain, no build step: wheels from PyPI) and caches the
 machine code beside this file, so a process pays about 0.1 s to load it, once;
-:mod:`pipeline.protocol` imports this module only when the first
-:class:`~pipeline.protocol.Encoder` or :class:`~pipeline.protocol.Decoder` is made,
+:mod:`pipeline.codec.protocol` imports this module only when the first
+:class:`~pipeline.codec.protocol.Encoder` or :class:`~pipeline.codec.protocol.Decoder` is made,
 so the room server (which only reads headers) never loads numba.
 
 The output is byte for byte the output of the numpy implementation
@@ -44,14 +44,14 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.pose import NUM_LANDMARKS
-from pipeline.protocol import (
+from pipeline.codec.protocol import (
     PREDICTOR_DEPTH,
     VISIBILITY_RANGE,
     WORLD_RANGE_M,
     XY_RANGE,
     Z_RANGE,
 )
+from pipeline.model.pose import NUM_LANDMARKS
 
 L = NUM_LANDMARKS
 DEPTH = PREDICTOR_DEPTH

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.server.cli import server_config
+from pipeline.cli.serve import server_config
 from pipeline.server.tokens import (
     DEFAULT_TTL_S,
     PERMISSIONS,

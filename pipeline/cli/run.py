@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.stage import setup_logging
+from pipeline.runtime.stage import setup_logging
 
 HELP = "Run the pipeline described by a YAML file (capture, detect, encode, transmit)."
 
@@ -31,6 +31,6 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.duration is not None and args.duration <= 0:
         raise SystemExit("--duration must be positive")
-    from pipeline.supervisor import run_pipeline
+    from pipeline.runtime.supervisor import run_pipeline
 
     return run_pipeline(cfg, duration_s=args.duration, report_path=args.report, run_id=args.run_id)

@@ -2,7 +2,7 @@
 
 :class:`Receiver` is the reusable part (tests, benchmarks and the monitor use
 it): it joins a room over :class:`~pipeline.transports.websocket.WebSocketTransport`,
-decodes every publisher stream with its own :class:`~pipeline.protocol.Decoder`,
+decodes every publisher stream with its own :class:`~pipeline.codec.protocol.Decoder`,
 asks for a keyframe when a packet cannot be decoded, and keeps per stream
 the frames received, decoded and lost (gaps in the sequence numbers) and the
 latency from capture to decode.
@@ -30,9 +30,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from pipeline.codec.protocol import Decoded, Decoder, NeedKeyframe, peek_header
 from pipeline.errors import ProtocolError, TransportError
-from pipeline.pose import NUM_LANDMARKS, PoseFrame
-from pipeline.protocol import Decoded, Decoder, NeedKeyframe, peek_header
+from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 from pipeline.transports.base import Control, Packet, StateChange, TransportBroken
 from pipeline.transports.websocket import WebSocketTransport
 

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
+
+
+def percentiles(values: Sequence[float] | np.ndarray, qs: Sequence[float]) -> list[float]:
+    """The ``qs`` percentiles (0..100, linear interpolation) of ``values``; [] when empty.
+
+    The one percentile implementation of posewire: stage windows, the monitor's
+    samples, receivers and benchmarks all call this.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return []
+    return [float(v) for v in np.percentile(arr, list(qs))]
 
 
 class Window:
@@ -24,7 +37,7 @@ class Window:
         """The q-th percentile (0..100) of the window; 0.0 when empty."""
         if not self._values:
             return 0.0
-        return float(np.percentile(np.fromiter(self._values, float), q))
+        return percentiles(self._values, (q,))[0]
 
     def mean(self) -> float:
         return float(np.mean(np.fromiter(self._values, float))) if self._values else 0.0
@@ -33,11 +46,11 @@ class Window:
         """``{prefix_p50: .., prefix_p95: .., prefix_p99: ..}`` for a metrics dict."""
         if not self._values:
             return {}
-        p50, p95, p99 = np.percentile(np.fromiter(self._values, float), [50, 95, 99])
+        p50, p95, p99 = percentiles(self._values, (50, 95, 99))
         return {
-            f"{prefix}_p50": float(p50),
-            f"{prefix}_p95": float(p95),
-            f"{prefix}_p99": float(p99),
+            f"{prefix}_p50": p50,
+            f"{prefix}_p95": p95,
+            f"{prefix}_p99": p99,
         }
 
 

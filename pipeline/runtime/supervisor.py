@@ -15,7 +15,7 @@ It follows the Erlang/OTP model:
 * a stage silent for ``heartbeat_timeout_ms`` is **hung**: SIGTERM (and
   SIGCONT, so a stopped process can act on it), SIGKILL after
   ``kill_grace_s``, then restarted like a crash.
-* a stage that exits with :data:`~pipeline.stage.EXIT_CONFIG` met a user
+* a stage that exits with :data:`~pipeline.runtime.stage.EXIT_CONFIG` met a user
   error (a source that cannot exist): no retry, the run stops with exit 2.
 
 The supervisor owns every shared-memory segment: it sweeps stale ones of
@@ -48,11 +48,11 @@ from typing import Any
 
 import zmq
 
-from pipeline import control
 from pipeline.config import Config, DetectBackend
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
-from pipeline.monitor import Monitor, merge_report
-from pipeline.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
+from pipeline.monitor.figures import Monitor, merge_report
+from pipeline.runtime import control
+from pipeline.runtime.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
 
 log = logging.getLogger("posewire.supervisor")
 
@@ -193,7 +193,7 @@ class Supervisor:
         self._signal = signum
 
     def _setup(self) -> None:
-        from pipeline.ring import Ring, RingMode, segment_name, sweep_stale
+        from pipeline.runtime.ring import Ring, RingMode, segment_name, sweep_stale
 
         self._claim_run_dir()
         swept = sweep_stale()
@@ -277,9 +277,9 @@ class Supervisor:
 
     def _ring_plan(self) -> dict[str, tuple[int, int, str]]:
         """Ring name -> (slot size, slots, mode)."""
-        from pipeline.frame import frame_slot_size
-        from pipeline.pose import pose_record_size
-        from pipeline.protocol import MAX_PACKET_BYTES
+        from pipeline.codec.protocol import MAX_PACKET_BYTES
+        from pipeline.model.frame import frame_slot_size
+        from pipeline.model.pose import pose_record_size
 
         r = self.cfg.rings
         plan: dict[str, tuple[int, int, str]] = {}

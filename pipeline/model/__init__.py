@@ -1,0 +1,1 @@
+"""Data types every layer shares: pose records, frame slots, statistics."""

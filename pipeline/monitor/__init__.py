@@ -1,0 +1,1 @@
+"""Figures, alerts, the metrics endpoint and the live status of a running pipeline."""
