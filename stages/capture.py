@@ -908,6 +908,14 @@ class FramePacker:
 
 
 def run(ctx: StageContext) -> int:
+    """Capture stage (see :func:`_capture`); a source that cannot exist is refused."""
+    try:
+        return _capture(ctx)
+    except SourceError as exc:
+        return ctx.refuse(str(exc))
+
+
+def _capture(ctx: StageContext) -> int:
     """Capture stage: source -> ``frames`` ring (latest-wins). Returns 0 at end of file.
 
     With ``as_fast_as_possible`` a file, folder or demo is read *on demand*:

@@ -489,6 +489,14 @@ def create_detector(cfg: Config, *, video: bool = True) -> Detector:
 
 
 def run(ctx: StageContext) -> int:
+    """Detect stage (see :func:`_detect`); a detector that cannot be made is refused."""
+    try:
+        return _detect(ctx)
+    except (ConfigError, SourceError) as exc:
+        return ctx.refuse(str(exc))
+
+
+def _detect(ctx: StageContext) -> int:
     """Detect stage: ``frames`` ring (latest-wins) -> detector(s) -> ``poses`` ring.
 
     With the ``trace`` backend there is no capture stage and no frames ring

@@ -19,7 +19,10 @@ TICK_S = 0.1
 
 
 def run(ctx: StageContext) -> int:
-    return asyncio.run(_main(ctx))
+    try:
+        return asyncio.run(_main(ctx))
+    except ConfigError as exc:  # the address is taken or not ours: a restart cannot fix that
+        return ctx.refuse(str(exc))
 
 
 async def _main(ctx: StageContext) -> int:

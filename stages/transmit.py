@@ -165,7 +165,10 @@ class Throttle:
 
 
 def run(ctx: StageContext) -> int:
-    return asyncio.run(Transmitter(ctx).main())
+    try:
+        return asyncio.run(Transmitter(ctx).main())
+    except (ConfigError, TokenError) as exc:  # no secret, no such transport, a refused token
+        return ctx.refuse(str(exc))
 
 
 class Transmitter:

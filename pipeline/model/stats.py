@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
-def percentiles(values: Sequence[float] | np.ndarray, qs: Sequence[float]) -> list[float]:
+def percentiles(values: Iterable[float] | npt.NDArray[Any], qs: Sequence[float]) -> list[float]:
     """The ``qs`` percentiles (0..100, linear interpolation) of ``values``; [] when empty.
 
     The one percentile implementation of posewire: stage windows, the monitor's
     samples, receivers and benchmarks all call this.
     """
-    arr = np.asarray(values, dtype=np.float64)
+    arr = (
+        np.fromiter(values, np.float64)
+        if not isinstance(values, np.ndarray)
+        else values.astype(np.float64, copy=False)
+    )
     if arr.size == 0:
         return []
     return [float(v) for v in np.percentile(arr, list(qs))]

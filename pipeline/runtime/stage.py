@@ -17,10 +17,14 @@ keeps calling* :meth:`StageContext.tick` (so a wedged main loop is declared
 hung by the supervisor, as is a SIGSTOPped process), receives commands and
 queues them for the main thread, which applies them in ``tick()``.
 
-Exit codes: 0 finished (not restarted), :data:`EXIT_CONFIG` a user error the
-supervisor must not retry (a source that cannot exist, say: it stops the
-pipeline with exit 2), anything else a crash (restarted). The last error is
-written to ``<run_dir>/<stage>.error`` so that the supervisor can name it.
+Whether a stage is restarted is decided by its exit status alone
+(:class:`ExitStatus`), never by the type of an exception: the entry function
+returns ``ExitStatus.DONE`` when its work is finished (not restarted), or
+``ctx.refuse(message)`` (``ExitStatus.CONFIG``) for a user error that a restart
+cannot fix (a source that cannot exist, say: the supervisor stops the pipeline
+with exit 2). An exception escaping the entry function is a crash
+(``ExitStatus.CRASH``, restarted). The last error is written to
+``<run_dir>/<stage>.error`` so that the supervisor can name it.
 """
 
 from __future__ import annotations
@@ -39,17 +43,30 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, ControlError, PosewireError, SourceError
+from pipeline.errors import ControlError, PosewireError
 from pipeline.runtime import control
 
 _FAULT_FILE: Any = None
 
-#: exit code of a stage that met a user error it must not be restarted for (sysexits EX_CONFIG)
-EXIT_CONFIG = 78
+
+class ExitStatus(IntEnum):
+    """A stage process's exit status: the supervisor's only input on restarting it."""
+
+    DONE = 0
+    """Finished its work (end of the source, drained): not restarted."""
+    CRASH = 1
+    """Failed: restarted (one_for_one), within the restart intensity."""
+    CONFIG = 78
+    """A user error no restart can fix (sysexits EX_CONFIG): the run stops with exit 2."""
+
+
+#: exit code of a stage that met a user error it must not be restarted for
+EXIT_CONFIG = ExitStatus.CONFIG
 
 #: process title prefix of every stage: ``posewire:<stage>``
 STAGE_TITLE = "posewire:"
@@ -192,6 +209,16 @@ class StageContext:
         except PosewireError as exc:
             return control.Reply(cmd.id, False, str(exc))
 
+    def refuse(self, message: str) -> ExitStatus:
+        """Record a user error that a restart cannot fix; return the status to exit with.
+
+        Use as ``return ctx.refuse(str(exc))`` from the entry function: the message is
+        logged once (no traceback) and written where the supervisor reads it.
+        """
+        self.log.error("%s", message)
+        _write_error(error_file(self.run_dir, self.name), message)
+        return ExitStatus.CONFIG
+
     def state(self) -> str:
         if self.stopping:
             return "stopping"
@@ -314,7 +341,7 @@ def stage_main(spec: StageSpec) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C for the group
-    code = 1
+    code: int = ExitStatus.CRASH
     err = error_file(spec.run_dir, spec.name)
     try:
         module = importlib.import_module(spec.module)
@@ -328,20 +355,16 @@ def stage_main(spec: StageSpec) -> None:
         if _fault(spec.name) == "crash":
             raise RuntimeError(f"injected fault: {spec.name} crashes at start (POSEWIRE_FAULT)")
         code = int(entry(ctx))
-    except (SourceError, ConfigError) as exc:
-        log.error("%s", exc)
-        _write_error(err, str(exc))
-        code = EXIT_CONFIG
-    except PosewireError as exc:
+    except PosewireError as exc:  # a crash the stage could name: no traceback, restarted
         log.error("%s", exc)
         _write_error(err, f"{type(exc).__name__}: {exc}")
-        code = 1
+        code = ExitStatus.CRASH
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else ExitStatus.CRASH
     except BaseException as exc:  # noqa: BLE001 - a crash: logged with traceback, then restarted
         log.error("crashed:\n%s", traceback.format_exc())
         _write_error(err, f"{type(exc).__name__}: {exc}")
-        code = 1
+        code = ExitStatus.CRASH
     finally:
         ctx.close()
     logging.shutdown()
