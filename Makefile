@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # compile the codec's numba kernels once, not in the first run or test that needs them
 $(KERNELS): $(STAMP) pipeline/codec/kernels.py
-	$(PY) -c 'from pipeline.codec.protocol import warm_kernels; warm_kernels()'
+	$(PY) -c 'from pipeline.codec import warm_kernels; warm_kernels()'
 	touch $(KERNELS)
 
 run: install

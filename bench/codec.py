@@ -6,7 +6,7 @@ For every clip in ``data/pose-traces`` (override the directory with
 and without, one pose per frame at the trace's 30 fps, capture timestamps with
 0.5 ms of seeded jitter:
 
-* ``posewire``: :mod:`pipeline.codec.protocol` with its default configuration (every
+* ``posewire``: :mod:`pipeline.codec` with its default configuration (every
   frame predicted from the previous one, a keyframe every 30 frames), bytes per
   frame *including the header*, maximum x/y error in pixels at 1920 px, encode
   and decode microseconds per frame;
@@ -54,7 +54,7 @@ from bench.common import (
     targets_table,
 )
 from bench.common import percentile as pct
-from pipeline.codec.protocol import (
+from pipeline.codec import (
     CodecConfig,
     Decoded,
     Decoder,
@@ -403,14 +403,14 @@ def fit(clips: Sequence[Clip], sigma: float) -> None:
     """Least-squares fit of the predictor taps (``COEFS`` in pipeline/codec/kernels.py);
     prints them in 1/256 with the mean squared residual, in-sample and leave-one-clip-out."""
     from pipeline.codec import kernels as codec_kernels
-    from pipeline.codec import protocol as proto
+    from pipeline.codec.ranges import PREDICTOR_DEPTH
 
     group_mean = np.zeros((33, 33))
     for g in codec_kernels.RIGID_GROUPS:
         for a in g:
             group_mean[a, list(g)] = 1.0 / len(g)
     is_grouped = np.array([0 < group_mean[j, j] < 1 for j in range(33)])
-    t0 = proto.PREDICTOR_DEPTH + 1
+    t0 = PREDICTOR_DEPTH + 1
     for comp in ("xy", "z", "world"):
         data = []
         for c in clips:
@@ -424,7 +424,7 @@ def fit(clips: Sequence[Clip], sigma: float) -> None:
                 w = c.world.astype(np.float64) + rng.normal(0, 0.005, c.world.shape)
                 q = np.rint(w * 101)
             data.append(q)
-        for d in range(1, proto.PREDICTOR_DEPTH + 1):
+        for d in range(1, PREDICTOR_DEPTH + 1):
             parts = []
             for grouped in (True, False):
                 sel = is_grouped if grouped else ~is_grouped

@@ -142,7 +142,7 @@ class ServerProcess:
 
 
 def _encode_stream(stream_id: int, frames: int, trace: Any) -> list[bytes]:
-    from pipeline.codec.protocol import CodecConfig, Encoder
+    from pipeline.codec import CodecConfig, Encoder
     from pipeline.model.pose import PoseFrame
 
     enc = Encoder(CodecConfig(), stream_id)
@@ -174,7 +174,7 @@ def _worker(
 async def _worker_main(
     rooms: list[str], sc: Scenario, url: str, trace_path: str, ready: Any, go: Any
 ) -> dict[str, Any]:
-    from pipeline.codec.protocol import peek_header
+    from pipeline.codec import peek_header
     from pipeline.server.tokens import mint_token
     from pipeline.transports.base import Packet, StateChange
     from pipeline.transports.websocket import WebSocketTransport

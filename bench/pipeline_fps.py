@@ -58,7 +58,7 @@ def _cpu_s(proc: psutil.Process) -> float:
 
 def sequential(video: Path, seconds: float, warmup: int = 10) -> dict[str, Any]:
     """Capture, detection and encoding one after the other in this process."""
-    from pipeline.codec.protocol import CodecConfig, Encoder
+    from pipeline.codec import CodecConfig, Encoder
     from pipeline.config import parse_config
     from pipeline.errors import ProtocolError
     from stages.capture import FileSource

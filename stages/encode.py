@@ -1,16 +1,16 @@
 """The encode stage: poses ring -> pose codec -> packets ring.
 
 Reads :class:`~pipeline.model.pose.PoseFrame` records in order (a bounded queue),
-encodes each with the stateful :class:`~pipeline.codec.protocol.Encoder`, and
+encodes each with the stateful :class:`~pipeline.codec.Encoder`, and
 queues the packet for the transmit stage with the capture timestamp. The
 ``feedback`` ring brings acknowledgements and keyframe requests back from the
 transmit stage; the supervisor's ``keyframe`` command forces one too. After a
 restart the encoder starts with a keyframe (it has no reference any more).
 
 A detector may place a landmark far outside the picture (MediaPipe puts
-hidden heels at y = 2.01 on small frames); such values are clamped to the
-codec's range (x, y in [-1, 2], z in [-4, 4], visibility in [0, 1]) and
-counted (``landmarks_clamped_total``) rather than losing the whole frame.
+hidden heels below small frames); such values are clamped to the codec's
+ranges (:mod:`pipeline.codec.ranges`) and counted
+(``landmarks_clamped_total``) rather than losing the whole frame.
 NaN and infinities are still refused by the codec, and counted.
 
 The default stream id is derived from the run id and kept below 2**14, so
@@ -23,17 +23,8 @@ from __future__ import annotations
 import time
 import zlib
 
-import numpy as np
-
-from pipeline.codec import feedback
-from pipeline.codec.protocol import (
-    VISIBILITY_RANGE,
-    XY_RANGE,
-    Z_RANGE,
-    CodecConfig,
-    Encoder,
-    warm_kernels,
-)
+from pipeline.codec import CodecConfig, Encoder, feedback, peek_header, warm_kernels
+from pipeline.codec.ranges import clamp_image
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import Rate, Window
@@ -48,26 +39,17 @@ def stream_id_for(ctx: StageContext) -> int:
     return sid if sid is not None else zlib.crc32(ctx.spec.run_id.encode()) & 0x3FFF
 
 
-_LO = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]], np.float32)
-_HI = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]], np.float32)
-
-
 def clamp_to_codec_range(frame: PoseFrame) -> int:
     """Clamp image landmarks into the codec's range in place; return how many moved."""
     if not frame.present:
         return 0
-    img = frame.image
-    outside = int(np.count_nonzero((img < _LO) | (img > _HI)))
-    if outside:
-        if not img.flags.writeable:
-            frame.image = img = img.copy()
-        np.clip(img, _LO, _HI, out=img)
+    frame.image, outside = clamp_image(frame.image)
     return outside
 
 
 def prepare() -> None:
-    """Load the codec's compiled kernels (about 0.35 s) before the first heartbeat, so
-    that the detect stage, started after it, never waits on it."""
+    """Load the codec's compiled kernels before the first heartbeat, so that the
+    detect stage, started after it, never waits on it."""
     warm_kernels()
 
 
@@ -92,10 +74,7 @@ def run(ctx: StageContext) -> int:
     encoded = rejected = keyframes = acks = clamped = 0
     bytes_total = 0
     while not ctx.stopping:
-        ctx.tick()
-        if ctx.keyframe_requested:
-            ctx.keyframe_requested = False
-            encoder.request_keyframe()
+        ctx.tick()  # runs the "keyframe" handler registered above
         while True:
             try:
                 kind, seq = feedback.parse(fb.recv(timeout=0).data)
@@ -150,8 +129,6 @@ def run(ctx: StageContext) -> int:
 
 
 def _is_keyframe(packet: bytes) -> bool:
-    from pipeline.codec.protocol import peek_header
-
     try:
         return peek_header(packet).keyframe
     except ProtocolError:

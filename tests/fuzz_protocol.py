@@ -7,8 +7,8 @@ directory you pass; pass a copy to keep ``tests/fuzz_corpus`` as committed)::
 
 The payload is decoded by compiled kernels (pipeline/codec/kernels.py), which
 libFuzzer's coverage does not see; ``NUMBA_DISABLE_JIT=1`` runs them as
-instrumented Python instead (about 50x slower per input, coverage-guided inside
-the bit decoder). Run both.
+instrumented Python instead (much slower per input, see docs/codec.md, but
+coverage-guided inside the bit decoder). Run both.
 
 ``tests/test_protocol_properties.py`` runs it for about 20 seconds. Regenerate the
 seed corpus with ``python tests/fuzz_protocol.py --make-corpus``.
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.codec.protocol import (  # noqa: E402
+from pipeline.codec import (  # noqa: E402
     WORLD_RANGE_M,
     XY_RANGE,
     Z_RANGE,

@@ -123,7 +123,7 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15.0) -> tuple[int, str, 
 
 
 def packet_seqs(path: Path) -> list[int]:
-    from pipeline.codec.protocol import peek_header
+    from pipeline.codec import peek_header
     from pipeline.transports.file import read_packets
 
     if not path.exists():

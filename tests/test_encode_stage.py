@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.codec.protocol import CodecConfig, Decoded, Decoder, Encoder
+from pipeline.codec import CodecConfig, Decoded, Decoder, Encoder
 from pipeline.errors import ProtocolError
 from pipeline.model.pose import PoseFrame
 from stages.encode import clamp_to_codec_range

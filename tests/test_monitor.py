@@ -61,7 +61,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 @needs_trace
 def test_report_figures_agree_with_the_receiver(tmp_path: Path) -> None:
     """A few seconds of pipeline: the report's counts and sizes are the packet file's own."""
-    from pipeline.codec.protocol import Decoded, Decoder, peek_header
+    from pipeline.codec import Decoded, Decoder, peek_header
     from pipeline.transports.file import read_packets
 
     report = tmp_path / "report.json"

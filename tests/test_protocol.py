@@ -1,4 +1,4 @@
-"""Tests of the pose wire protocol (pipeline/codec/protocol.py): format, codec, loss, validation."""
+"""Tests of the pose wire protocol (pipeline/codec/): format, codec, loss, validation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from pipeline.codec.protocol import (
+from pipeline.codec import (
     HISTORY,
     MAX_PACKET_BYTES,
     PROTOCOL_VERSION,

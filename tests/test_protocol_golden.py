@@ -7,7 +7,7 @@ keyframe requests and refresh requests interleaved under seeded loss, random pos
 invalid encoder inputs, and compares SHA-256 digests of every packet, every decoded
 frame and every error against digests recorded from the reference implementation.
 
-Any change to ``pipeline/codec/protocol.py`` must keep these digests: the wire format and
+Any change to ``pipeline/codec/`` must keep these digests: the wire format and
 the decoded values are part of protocol version 1. Regenerate (only for a deliberate
 format change, i.e. a new version) with ``python -m tests.test_protocol_golden``.
 """
@@ -24,7 +24,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from pipeline.codec.protocol import (
+from pipeline.codec import (
     CodecConfig,
     Decoded,
     Decoder,

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.codec.protocol import (
+from pipeline.codec import (
     MAX_PACKET_BYTES,
     WORLD_RANGE_M,
     XY_RANGE,

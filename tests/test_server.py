@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli.receive import Receiver
-from pipeline.codec.protocol import CodecConfig, Encoder, peek_header
+from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.pose import PoseFrame

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from pipeline.codec.protocol import CodecConfig, Encoder, peek_header
+from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig, traces_dir
 from pipeline.model.pose import PoseFrame
 from pipeline.server.app import STATE, ServerState, create_app, serve

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.codec.protocol import Decoded, Decoder, NeedKeyframe, peek_header
+from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header
 from pipeline.errors import ProtocolError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 from pipeline.transports.base import Control, Packet, StateChange, TransportBroken

@@ -1,23 +1,54 @@
-"""Messages on the ``feedback`` ring (transmit -> encode): acknowledgements and keyframe requests.
+"""Feedback from a receiver to the encoder of a stream.
 
-One message per slot: ``b"A" + seq (8 bytes LE)`` acknowledges that the
-receiving side decoded packet ``seq``; ``b"K"`` asks for a keyframe.
+:class:`Feedback` is what a receiver sends back on the reliable channel after a
+decode (:meth:`~pipeline.codec.decoder.Decoder.ack_for` makes it,
+:meth:`~pipeline.codec.encoder.Encoder.on_feedback` applies it).
+
+On the sender host, acknowledgements and keyframe requests travel from the
+transmit stage to the encode stage on the ``feedback`` ring, one message per
+slot: ``b"A" + seq (8 bytes LE)`` acknowledges that the receiving side decoded
+packet ``seq``; ``b"K"`` asks for a keyframe (:func:`pack_ack`,
+:func:`pack_keyframe_request`, :func:`parse`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pipeline.errors import ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What a receiver sends back on the reliable channel after a decode.
+
+    :meth:`Decoder.ack_for` makes it; :meth:`Encoder.on_feedback` applies it.
+    """
+
+    stream_id: int
+    """The publisher stream this is about."""
+    ack_seq: int | None = None
+    """A frame the receiver decoded (the publisher may predict from it), or ``None``."""
+    keyframe_request: bool = False
+    """The receiver cannot decode the stream: it needs a keyframe or a refresh."""
+    failed_seq: int | None = None
+    """With ``keyframe_request``: the packet that could not be decoded (lets the
+    encoder ignore a request it already answered)."""
+
+
+# --------------------------------------------------------------------------- feedback ring
 
 _ACK = struct.Struct("<cQ")
 
 
 def pack_ack(seq: int) -> bytes:
+    """The ring message acknowledging packet ``seq``."""
     return _ACK.pack(b"A", seq)
 
 
 def pack_keyframe_request() -> bytes:
+    """The ring message asking for a keyframe."""
     return b"K"
 
 

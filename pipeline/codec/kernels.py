@@ -1,24 +1,23 @@
 """Compiled inner loops of the pose codec (numba): one call per packet and direction.
 
-:mod:`pipeline.codec.protocol` owns the packet, the stream state and every message; this
-module owns the per-value work of a payload, for the encoder and the decoder alike:
-quantization with validation, prediction (inter from the reference history, intra
-along the skeleton tree), zigzag, the choice of each group's Rice parameter, the
-bit-exact Rice layout of docs/protocol.md, and the reference history a frame
-leaves for the next one.
+:mod:`pipeline.codec.encoder` and :mod:`pipeline.codec.decoder` own the packet, the
+stream state and every message; this module owns the per-value work of a payload,
+for the encoder and the decoder alike: quantization with validation, prediction
+(inter from the reference history, intra along the skeleton tree), zigzag, the
+choice of each group's Rice parameter, the bit-exact Rice layout of
+docs/protocol.md, and the reference history a frame leaves for the next one.
+docs/codec.md explains why this is compiled code and what it costs.
 
-Why compiled code: the issue asks for encode plus decode of one pose in at most
-30 us. The vectorised numpy implementation this replaces needed about 60 numpy
-calls per packet at 0.3-1 us each and stopped at 64-70 us after two optimisation
-passes (docs/protocol.md, "Speed"). Per-value bit manipulation is what numpy is
-worst at and what a compiled loop does in a few hundred nanoseconds. numba keeps
-the code Python (no C toolchain, no build step: wheels from PyPI) and caches the
-machine code beside this file, so a process pays about 0.1 s to load it, once;
-:mod:`pipeline.codec.protocol` imports this module only when the first
-:class:`~pipeline.codec.protocol.Encoder` or :class:`~pipeline.codec.protocol.Decoder` is made,
-so the room server (which only reads headers) never loads numba.
+It imports only the value ranges (:mod:`pipeline.codec.ranges`) and the pose
+model, never the codec modules, which load it on the first
+:class:`~pipeline.codec.encoder.Encoder` or :class:`~pipeline.codec.decoder.Decoder`
+(:func:`pipeline.codec.quant.load_kernels`), so header-only users such as the room
+server never load numba. numba caches the machine code in this package's
+``__pycache__``, keyed on this file's source: :func:`pipeline.codec.warm_kernels`
+fills the cache once (``make install``). The ranges are compiled in as constants,
+so a change to them needs a fresh cache (see :mod:`pipeline.codec.ranges`).
 
-The output is byte for byte the output of the numpy implementation
+The output is byte for byte the output of the numpy implementation this replaced
 (tests/test_protocol_golden.py holds 127 digests recorded from it).
 
 History layout (``hist``, int32 ``[n, 7, 101]`` per decoded frame): channels 0-3
@@ -44,13 +43,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.codec.protocol import (
-    PREDICTOR_DEPTH,
-    VISIBILITY_RANGE,
-    WORLD_RANGE_M,
-    XY_RANGE,
-    Z_RANGE,
-)
+from pipeline.codec.ranges import IMAGE_HI, IMAGE_LO, PREDICTOR_DEPTH, WORLD_RANGE_M
 from pipeline.model.pose import NUM_LANDMARKS
 
 L = NUM_LANDMARKS
@@ -66,7 +59,7 @@ HIST_WIDTH = COL_DEPTH + 1
 WORLD = 4
 """First world channel."""
 
-# kernel parameter vector (``kp``, float64), built by protocol._qtables
+# kernel parameter vector (``kp``, float64), built by pipeline.codec.quant.kernel_params
 KP_SCALE = 0  # 4: quantization steps per unit of x, y, z, visibility
 KP_INV = 4  # 4: their inverses
 KP_LO = 8  # 4: smallest valid quantized value per image component
@@ -207,9 +200,9 @@ def _sparse_predictors() -> tuple[IntArray, IntArray, IntArray]:
 
 _PTR, _COL, _VAL = _sparse_predictors()
 _PARENT = np.array(PARENT, np.int64)
-_IN_LO = np.array([XY_RANGE[0], XY_RANGE[0], Z_RANGE[0], VISIBILITY_RANGE[0]])
-"""Accepted input values per image component."""
-_IN_HI = np.array([XY_RANGE[1], XY_RANGE[1], Z_RANGE[1], VISIBILITY_RANGE[1]])
+_IN_LO = np.array(IMAGE_LO)
+"""Accepted input values per image component (compiled in as constants)."""
+_IN_HI = np.array(IMAGE_HI)
 _IN_WORLD_LO, _IN_WORLD_HI = WORLD_RANGE_M
 
 
@@ -352,7 +345,7 @@ def encode_payload(
                     return ST_BAD_IMAGE, 0, hist
                 hist[p, c, j] = np.int32(np.rint(v * kp[KP_SCALE + c]))
     if use_world:
-        nw = world_scale[0]  # steps per metre in the dtype of ``world`` (see protocol)
+        nw = world_scale[0]  # steps per metre in the dtype of ``world`` (see the encoder)
         for p in range(n):
             for j in range(L):
                 for c in range(3):

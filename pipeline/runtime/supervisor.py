@@ -277,7 +277,7 @@ class Supervisor:
 
     def _ring_plan(self) -> dict[str, tuple[int, int, str]]:
         """Ring name -> (slot size, slots, mode)."""
-        from pipeline.codec.protocol import MAX_PACKET_BYTES
+        from pipeline.codec import MAX_PACKET_BYTES
         from pipeline.model.frame import frame_slot_size
         from pipeline.model.pose import pose_record_size
 

@@ -72,7 +72,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from pipeline.codec.protocol import peek_header
+from pipeline.codec import peek_header
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, ProtocolError, TokenError, TransportError
 from pipeline.server.limits import (
