@@ -44,3 +44,19 @@ def test_in_range_frames_are_untouched_and_nan_is_still_refused() -> None:
 
 def _copy(frame: PoseFrame) -> PoseFrame:
     return PoseFrame(frame.seq, frame.capture_ts_ns, frame.image.copy())
+
+
+def test_read_only_frames_are_clamped_into_a_copy() -> None:
+    frame = _frame(3)
+    frame.image[0, 29, 1] = 2.01
+    frame.image.flags.writeable = False
+    original = frame.image
+    assert clamp_to_codec_range(frame) == 1
+    assert frame.image is not original and frame.image.flags.writeable
+    assert original[0, 29, 1] == np.float32(2.01)  # the ring's bytes are not written
+    assert frame.image[0, 29, 1] == np.float32(2.0)
+    untouched = _frame(4)
+    untouched.image.flags.writeable = False
+    kept = untouched.image
+    assert clamp_to_codec_range(untouched) == 0
+    assert untouched.image is kept
