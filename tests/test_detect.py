@@ -64,7 +64,7 @@ def astronaut() -> RGB:
 
 @pytest.fixture(scope="module")
 def still() -> Iterator[MediaPipeDetector]:
-    det = MediaPipeDetector(MediaPipeSettings(), static_image_mode=True)
+    det = MediaPipeDetector(MediaPipeSettings(), static_image_mode=True)  # type: ignore[call-arg]
     yield det
     det.close()
 
@@ -164,14 +164,14 @@ def test_unbundled_model_complexity_is_refused_clearly() -> None:
         if (MP_MODULES / f"pose_landmark/pose_landmark_{name}.tflite").exists():
             continue  # bundled in this wheel after all: accepted
         with pytest.raises(ConfigError, match=rf"{complexity} \({name}\) is not bundled"):
-            MediaPipeDetector(MediaPipeSettings(model_complexity=complexity))
+            MediaPipeDetector(MediaPipeSettings(model_complexity=complexity))  # type: ignore[call-arg]
 
 
 # --------------------------------------------------------------------------- tasks
 
 
 def test_tasks_backend_refuses_bad_model_files(tmp_path: Path) -> None:
-    cfg = TasksSettings(task_model=tmp_path / "x.task", num_poses=2)
+    cfg = TasksSettings(task_model=tmp_path / "x.task", num_poses=2)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="task model not found"):
         TasksDetector(tmp_path / "missing.task", cfg)
     junk = tmp_path / "junk.task"

@@ -29,12 +29,12 @@ from pipeline.config import (
     FrameSourceSettings,
     SourceSettings,
 )
-from pipeline.detectors import Detector, RGBFrame
+from pipeline.detectors import Detector, FloatArray, RGBFrame
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 from pipeline.sources import PoseSource, Source
 
 
-def toy_landmarks(nose_x: float) -> np.ndarray:
+def toy_landmarks(nose_x: float) -> FloatArray:
     """``[1, 33, 4]`` landmarks in the codec's range, landmark 0 at ``nose_x``."""
     image = np.full((1, NUM_LANDMARKS, 4), 0.5, np.float32)
     image[0, :, 0] = np.linspace(0.3, 0.7, NUM_LANDMARKS)
