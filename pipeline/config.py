@@ -4,6 +4,13 @@ Every model forbids unknown keys, every field is constrained and described.
 :func:`load_config` reports *every* problem at once, each with its YAML path
 and line (``source.fps (line 4): Input should be greater than 0``), and raises
 :class:`~pipeline.errors.ConfigError`; nothing starts on an invalid file.
+
+The ``source`` and ``detect`` sections are plugin sections: their ``kind`` /
+``backend`` selects a settings model registered in :data:`SOURCES` /
+:data:`DETECTORS` (one module of :mod:`pipeline.sources` / :mod:`pipeline.detectors`
+each, or a plugin), and the section is validated by that model at validation
+time, so a plugin registered later validates like a built-in one. Checks that
+need the file system are each settings model's own :meth:`PluginSettings.file_problems`.
 """
 
 from __future__ import annotations
