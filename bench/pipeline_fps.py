@@ -60,9 +60,9 @@ def sequential(video: Path, seconds: float, warmup: int = 10) -> dict[str, Any]:
     """Capture, detection and encoding one after the other in this process."""
     from pipeline.codec import CodecConfig, Encoder
     from pipeline.config import parse_config
+    from pipeline.detectors import create_detector
     from pipeline.errors import ProtocolError
-    from stages.capture import FileSource
-    from stages.detect import create_detector
+    from pipeline.sources.file import FileSource
 
     cfg = parse_config("", name="<defaults>")
     enc_cfg = cfg.encode
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     add_json_flag(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from stages.capture import write_demo_video
+    from pipeline.sources.demo import write_demo_video
 
     with tempfile.TemporaryDirectory(prefix="posewire-bench-") as tmp:
         workdir = Path(tmp)

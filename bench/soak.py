@@ -3,7 +3,7 @@
 One room server (``python -m pipeline serve``, or ``--server embedded``: a
 stage of the sender's supervisor), ``--receivers`` receivers (``python -m
 pipeline receive``, 2 by default) joined to one room, then a camera-free
-sender pipeline (``detect.backend: trace`` replaying a clip of
+sender pipeline (``source.kind: trace`` replaying a clip of
 ``data/pose-traces`` at its own 30 fps, looped) publishing into that
 room through the WebSocket transport. Every ``--interval`` seconds this
 process samples, per process (supervisor, every stage, server, receivers):
@@ -272,10 +272,10 @@ def write_config(soak: Soak, trace: Path) -> Path:
         else "server:\n  embedded: false\n"
     )
     body = f"""# written by bench/soak.py
-detect:
-  backend: trace
-  trace: {trace}
-  trace_loop: true
+source:
+  kind: trace
+  path: {trace}
+  loop: true
 transmit:
   primary: websocket
   server_url: {soak.url}
@@ -370,7 +370,7 @@ def start_sender(soak: Soak, config: Path) -> None:
         "sender", ["-m", "pipeline", str(config), "--report", str(soak.workdir / "report.json")]
     )
     sender = soak.sender
-    names = {"detect", "encode", "transmit"} | ({"server"} if soak.embedded else set())
+    names = {"capture", "encode", "transmit"} | ({"server"} if soak.embedded else set())
 
     def up() -> bool:
         if sender.poll() is not None:

@@ -4,19 +4,38 @@ Every model forbids unknown keys, every field is constrained and described.
 :func:`load_config` reports *every* problem at once, each with its YAML path
 and line (``source.fps (line 4): Input should be greater than 0``), and raises
 :class:`~pipeline.errors.ConfigError`; nothing starts on an invalid file.
+
+The ``source`` and ``detect`` sections are plugin sections: their ``kind`` /
+``backend`` selects a settings model registered in :data:`SOURCES` /
+:data:`DETECTORS` (one module of :mod:`pipeline.sources` / :mod:`pipeline.detectors`
+each, or a plugin), and the section is validated by that model at validation
+time, so a plugin registered later validates like a built-in one. Checks that
+need the file system are each settings model's own :meth:`PluginSettings.file_problems`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACES_ENV = "POSEWIRE_TRACES"
@@ -32,41 +51,68 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
 
 
-class SourceKind(StrEnum):
-    AUTO = "auto"
-    CAMERA = "camera"
-    FILE = "file"
-    URL = "url"
-    IMAGES = "images"
-    DEMO = "demo"
+SOURCES: Registry[Callable[..., Any]] = Registry(
+    "source kind", package="pipeline.sources", entry_points="posewire.sources"
+)
+"""Source kinds (``source.kind``): one module of :mod:`pipeline.sources` each, or a plugin."""
+DETECTORS: Registry[Callable[..., Any]] = Registry(
+    "detector backend", package="pipeline.detectors", entry_points="posewire.detectors"
+)
+"""Detector backends (``detect.backend``): one module of :mod:`pipeline.detectors` each."""
+
+DEFAULT_SOURCE = "auto"
+DEFAULT_DETECTOR = "mediapipe"
+
+FileProblem = tuple[str, str]
+"""``(field, message)``: a problem found on the file system, reported at that field."""
 
 
-class SourceConfig(_Model):
-    """Where frames come from (the capture stage)."""
+def missing_path(base_dir: Path, path: Path | None, what: str) -> str | None:
+    """``"<what> not found: <path>"`` when ``path`` (relative to ``base_dir``) does not exist.
 
-    kind: SourceKind = Field(
-        SourceKind.AUTO,
-        description="auto (a camera if one exists, else demo), camera, file, url, images or demo.",
+    Globs (``*``, ``?``, ``[``) are not checked here: the plugin checks them when it opens.
+    """
+    if path is None or any(ch in str(path) for ch in "*?["):
+        return None
+    full = path if path.is_absolute() else base_dir / path
+    return None if full.exists() else f"{what} not found: {full}"
+
+
+class PluginSettings(_Model):
+    """Common part of a plugin's settings: a hook for checks that need the file system."""
+
+    def file_problems(self, base_dir: Path) -> list[FileProblem]:
+        """Paths that must exist but do not, as ``(field, message)``; none by default."""
+        return []
+
+
+class SourceSettings(PluginSettings):
+    """Where the pipeline's input comes from (the capture stage).
+
+    Every source kind subclasses this with ``kind: Literal["<key>"]`` and its own
+    fields; ``produces`` says whether it yields video frames (detected by the detect
+    stage) or poses (written straight to the ``poses`` ring: no detect stage).
+    """
+
+    produces: ClassVar[Literal["frames", "poses"]] = "frames"
+
+    kind: str = Field(DEFAULT_SOURCE, description="The source kind (a registered key).")
+    as_fast_as_possible: bool = Field(
+        False,
+        description="Do not pace files, image folders, the demo and traces to real time: read "
+        "each next item as soon as the next stage has taken the last one (benchmarks, batch runs).",
     )
-    device: int | str = Field(0, description="Camera index or /dev/videoN path (kind=camera).")
-    path: Path | None = Field(
-        None, description="Video file (kind=file), or a directory or glob of images (kind=images)."
-    )
-    url: str | None = Field(None, description="rtsp://, http:// or https:// stream (kind=url).")
-    loop: bool = Field(False, description="Replay a file or image folder forever.")
+
+
+class FrameSourceSettings(SourceSettings):
+    """Settings shared by every source of video frames."""
+
     fps: float | None = Field(
         None, gt=0, le=240, description="Pacing fps; default: the source's own fps (30 for demo)."
     )
-    width: int | None = Field(None, ge=16, le=7680, description="Requested camera width (px).")
-    height: int | None = Field(None, ge=16, le=4320, description="Requested camera height (px).")
     resize: (
         tuple[Annotated[int, Field(ge=16, le=7680)], Annotated[int, Field(ge=16, le=4320)]] | None
     ) = Field(None, description="Resize every frame to [width, height] before detection.")
-    as_fast_as_possible: bool = Field(
-        False,
-        description="Do not pace files, image folders and the demo to real time: read each "
-        "next frame as soon as detection has taken the last one (benchmarks, batch runs).",
-    )
     stall_timeout_s: float = Field(
         5.0, gt=0, le=300, description="No frame for this long: the source is reopened."
     )
@@ -74,37 +120,11 @@ class SourceConfig(_Model):
         10.0, gt=0, le=600, description="Cap of the exponential backoff between reopen attempts."
     )
 
-    @model_validator(mode="after")
-    def _needs(self) -> SourceConfig:
-        if self.kind in (SourceKind.FILE, SourceKind.IMAGES) and self.path is None:
-            raise ValueError(f"source.path is required when kind is {self.kind.value}")
-        if self.kind == SourceKind.URL and not self.url:
-            raise ValueError("source.url is required when kind is url")
-        return self
 
+class DetectorSettings(PluginSettings):
+    """The detector (the detect stage); each backend subclasses this with ``backend``."""
 
-class DetectBackend(StrEnum):
-    MEDIAPIPE = "mediapipe"
-    TASKS = "tasks"
-    TRACE = "trace"
-
-
-class DetectConfig(_Model):
-    """The detector (the detect stage)."""
-
-    backend: DetectBackend = Field(
-        DetectBackend.MEDIAPIPE,
-        description="mediapipe (mp.solutions.pose), tasks (PoseLandmarker, needs task_model) "
-        "or trace (replays a pose trace .npz).",
-    )
-    model_complexity: Literal[0, 1, 2] = Field(
-        1, description="MediaPipe Pose model: 0 lite, 1 full (bundled), 2 heavy."
-    )
-    min_detection_confidence: float = Field(0.5, ge=0, le=1, description="Person detection.")
-    min_tracking_confidence: float = Field(0.5, ge=0, le=1, description="Landmark tracking.")
-    smooth_landmarks: bool = Field(True, description="Temporal smoothing (video sources).")
-    task_model: Path | None = Field(None, description="PoseLandmarker .task file (backend=tasks).")
-    num_poses: int = Field(1, ge=1, le=8, description="People per frame (backend=tasks).")
+    backend: str = Field(DEFAULT_DETECTOR, description="The detector backend (a registered key).")
     workers: int = Field(
         1,
         ge=1,
@@ -113,17 +133,73 @@ class DetectConfig(_Model):
         "(MediaPipe releases the GIL). 2 raises throughput on 2+ cores when the source is "
         "faster than one detector; each instance tracks and smooths its own share of frames.",
     )
-    trace: Path | None = Field(None, description="Pose trace .npz to replay (backend=trace).")
-    trace_loop: bool = Field(True, description="Replay the trace forever.")
     world_landmarks: bool = Field(True, description="Also output world landmarks (metres).")
 
-    @model_validator(mode="after")
-    def _needs(self) -> DetectConfig:
-        if self.backend == DetectBackend.TASKS and self.task_model is None:
-            raise ValueError("detect.task_model is required when backend is tasks")
-        if self.backend == DetectBackend.TRACE and self.trace is None:
-            raise ValueError("detect.trace is required when backend is trace")
-        return self
+
+def _as_details(exc: ValidationError, *, skip_extra: bool = False) -> list[InitErrorDetails]:
+    out: list[InitErrorDetails] = []
+    for err in exc.errors():
+        if skip_extra and err["type"] == "extra_forbidden":
+            continue
+        out.append(_detail(err["loc"], err["msg"], err["input"], err["type"]))
+    return out
+
+
+def _detail(loc: tuple[Any, ...], message: str, value: Any, kind: str) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError(kind, "{message}", {"message": message}),
+        loc=tuple(loc),
+        input=value,
+    )
+
+
+def _moved_trace(data: dict[str, Any]) -> str:
+    """The message for the old ``detect: {backend: trace, ...}`` form."""
+    path = data.get("trace", "PATH")
+    loop = "true" if data.get("trace_loop", True) else "false"
+    return (
+        "the trace replay is a source now: write "
+        f"`source: {{kind: trace, path: {path}, loop: {loop}}}` instead of "
+        "`detect: {backend: trace, trace: ..., trace_loop: ...}`"
+    )
+
+
+def _plugin_section(
+    value: Any,
+    handler: ValidatorFunctionWrapHandler,
+    *,
+    registry: Registry[Callable[..., Any]],
+    key: str,
+    default: str,
+    base: type[PluginSettings],
+) -> Any:
+    """Validate a plugin section with the settings model its ``key`` field selects.
+
+    Errors keep their path inside the section (``source.path``, no tag segment); an
+    unknown key names the known ones, and the section's other fields are still checked
+    against ``base`` (the fields most kinds share) so that every problem is reported at once.
+    """
+    if not isinstance(value, dict):
+        return handler(value)  # an already-built settings instance, or a type error
+    name = value.get(key, default)
+    if registry is DETECTORS and name == "trace" and name not in registry:
+        raise ValidationError.from_exception_data(
+            base.__name__, [_detail((key,), _moved_trace(value), name, "moved")]
+        )
+    if not isinstance(name, str) or name not in registry:
+        known = ", ".join(repr(p.key) for p in registry)
+        details = [
+            _detail(
+                (key,), f"unknown {registry.what} {name!r}; known: {known}", name, "unknown_plugin"
+            )
+        ]
+        try:
+            base.model_validate({k: v for k, v in value.items() if k != key})
+        except ValidationError as exc:
+            details += _as_details(exc, skip_extra=True)
+        raise ValidationError.from_exception_data(base.__name__, details)
+    settings: type[PluginSettings] = registry.get(name).settings
+    return settings.model_validate({**value, key: name})
 
 
 class EncodeConfig(_Model):
@@ -364,8 +440,8 @@ class RingsConfig(_Model):
 class Config(_Model):
     """The whole of ``pipeline.yaml``."""
 
-    source: SourceConfig = Field(default_factory=SourceConfig)  # type: ignore[arg-type]
-    detect: DetectConfig = Field(default_factory=DetectConfig)  # type: ignore[arg-type]
+    source: SerializeAsAny[SourceSettings] = Field(default_factory=dict)  # type: ignore[assignment]
+    detect: SerializeAsAny[DetectorSettings] = Field(default_factory=dict)  # type: ignore[assignment]
     encode: EncodeConfig = Field(default_factory=EncodeConfig)  # type: ignore[arg-type]
     transmit: TransmitConfig = Field(default_factory=TransmitConfig)  # type: ignore[arg-type]
     audio: AudioConfig = Field(default_factory=AudioConfig)  # type: ignore[arg-type]
@@ -377,6 +453,30 @@ class Config(_Model):
     base_dir: Path = Field(
         Path("."), exclude=True, description="Directory relative paths resolve against."
     )
+
+    @field_validator("source", mode="wrap")
+    @classmethod
+    def _source(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _plugin_section(
+            value,
+            handler,
+            registry=SOURCES,
+            key="kind",
+            default=DEFAULT_SOURCE,
+            base=FrameSourceSettings,
+        )
+
+    @field_validator("detect", mode="wrap")
+    @classmethod
+    def _detect(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _plugin_section(
+            value,
+            handler,
+            registry=DETECTORS,
+            key="backend",
+            default=DEFAULT_DETECTOR,
+            base=DetectorSettings,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -409,24 +509,13 @@ def _where(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> str:
 def _file_problems(cfg: Config, lines: dict[tuple[Any, ...], int]) -> list[str]:
     """Checks that need the file system: paths that must exist."""
     problems: list[str] = []
-
-    def must_exist(loc: tuple[str, ...], p: Path | None, what: str) -> None:
-        if p is None:
-            return
-        full = p if p.is_absolute() else cfg.base_dir / p
-        if any(ch in str(p) for ch in "*?["):
-            return  # a glob: checked when the source opens
-        if not full.exists():
-            problems.append(f"{_where(loc, lines)}: {what} not found: {full}")
-
-    if cfg.source.kind in (SourceKind.FILE, SourceKind.IMAGES):
-        must_exist(("source", "path"), cfg.source.path, "source")
-    if cfg.detect.backend == DetectBackend.TRACE:
-        must_exist(("detect", "trace"), cfg.detect.trace, "trace file")
-    if cfg.detect.backend == DetectBackend.TASKS:
-        must_exist(("detect", "task_model"), cfg.detect.task_model, "task model")
+    for section, settings in (("source", cfg.source), ("detect", cfg.detect)):
+        for name, message in settings.file_problems(cfg.base_dir):
+            problems.append(f"{_where((section, name), lines)}: {message}")
     if cfg.audio.enabled and cfg.audio.source == "file":
-        must_exist(("audio", "path"), cfg.audio.path, "audio file")
+        missing = missing_path(cfg.base_dir, cfg.audio.path, "audio file")
+        if missing:
+            problems.append(f"{_where(('audio', 'path'), lines)}: {missing}")
     if cfg.supervisor.run_dir is not None:
         rd = cfg.supervisor.run_dir
         probe = rd

@@ -7,10 +7,21 @@ builds it. Plugin modules register themselves when imported::
     SOURCES.add("file", FileSettings, FileSource)
 
 and the registry finds them: on first use it imports every module of its
-``package`` (``pipeline.sources``), then the modules named by the entry-point
-group (``posewire.sources``) of installed distributions. So adding a plugin is
-adding one module; a test may also register a toy plugin from its own module,
-after which configurations may name it like any built-in one.
+``package`` (``pipeline.sources``; modules whose name starts with ``_`` are
+helpers and are skipped), then the modules named by the entry-point group
+(``posewire.sources``) of installed distributions, then the modules listed in
+``$POSEWIRE_PLUGINS`` (comma-separated module names, importable from
+``sys.path``). So adding a plugin is adding one module; a test may also
+register a toy plugin from its own module, after which configurations may name
+it like any built-in one.
+
+Stage processes are *spawned*: they import nothing of their parent, so a plugin
+registered only by an import in the parent is unknown there. Two ways reach
+them: an installed distribution's entry point, or ``$POSEWIRE_PLUGINS``, which
+spawned children inherit with the environment (``POSEWIRE_PLUGINS=tests.toy_plugin
+python -m pipeline run.yaml``). (A child also imports a settings model's module
+when it unpickles the validated configuration, which registers that module's
+plugins as a side effect; do not rely on it alone.)
 
 The registries live in the bottom layer (beside the configuration, which
 validates each section with the settings model its key selects); discovery
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import pkgutil
 import threading
 from collections.abc import Callable, Iterator
@@ -31,6 +43,9 @@ from typing import Any, Generic, TypeVar
 from pipeline.errors import PosewireError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+PLUGINS_ENV = "POSEWIRE_PLUGINS"
+"""Comma-separated modules every registry imports on discovery (plugins outside packages)."""
 
 
 class RegistryError(PosewireError):
@@ -98,6 +113,9 @@ class Registry(Generic[F]):
             if self.entry_points:
                 for ep in importlib.metadata.entry_points(group=self.entry_points):
                     ep.load()
+            for name in os.environ.get(PLUGINS_ENV, "").split(","):
+                if name.strip():
+                    importlib.import_module(name.strip())
 
     def get(self, key: str) -> Plugin[F]:
         """The plugin registered under ``key``; :class:`RegistryError` naming the known keys."""

@@ -32,10 +32,10 @@ def trace_config(
     return write_config(
         tmp_path,
         f"""
-detect:
-  backend: trace
-  trace: {TRACE}
-  trace_loop: {"true" if loop else "false"}
+source:
+  kind: trace
+  path: {TRACE}
+  loop: {"true" if loop else "false"}
 transmit:
   primary: file
   file: {tmp_path / "packets.bin"}

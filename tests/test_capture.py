@@ -1,4 +1,4 @@
-"""The capture stage and the frame slot, with real OpenCV, real files and real rings.
+"""The sources, the capture stage and the frame slot, with real OpenCV, files and rings.
 
 Videos are written by the tests with ``cv2.VideoWriter`` into ``tmp_path``;
 a stalling network stream is a real HTTP server serving MJPEG that stops
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from pipeline.config import Config, parse_config
+from pipeline.config import Config, parse_config, traces_dir
 from pipeline.errors import ProtocolError, SourceError, WouldBlock
 from pipeline.model.frame import (
     FLAG_END_OF_STREAM,
@@ -37,24 +37,24 @@ from pipeline.model.frame import (
     frame_slot_size,
     pack_frame_header,
 )
+from pipeline.model.pose import PoseFrame
 from pipeline.runtime.ring import Ring, RingMode, segment_name
-from pipeline.runtime.stage import StageContext, StageSpec, stage_main
+from pipeline.runtime.stage import ExitStatus, StageContext, StageSpec, stage_main
+from pipeline.sources import Source, create_source
+from pipeline.sources.camera import CameraSource
+from pipeline.sources.demo import DemoSource
+from pipeline.sources.feed import END, Captured, FrameFeed
+from pipeline.sources.file import FileSource
+from pipeline.sources.images import ImagesSource
+from pipeline.sources.trace import PoseTrace, TraceSource
+from pipeline.sources.url import UrlSource
 from stages import capture
-from stages.capture import (
-    END,
-    Captured,
-    DemoSource,
-    FileSource,
-    FrameFeed,
-    FramePacker,
-    ImagesSource,
-    Source,
-    UrlSource,
-    create_source,
-)
+from stages.capture import FramePacker
 
 RGB = npt.NDArray[np.uint8]
 LOG = logging.getLogger("test.capture")
+TRACE = traces_dir() / "cmu02_05_punch_strike.npz"
+needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -257,7 +257,7 @@ def _make_bad(tmp_path: Path, spec: str) -> Source:
     if kind == "file":
         return FileSource(tmp_path / arg)
     if kind == "camera":
-        return capture.CameraSource(int(arg) if arg.isdigit() else arg)
+        return CameraSource(int(arg) if arg.isdigit() else arg)
     if kind == "url":
         return UrlSource(arg)
     return ImagesSource(tmp_path / arg)
@@ -613,3 +613,108 @@ def test_capture_stage_sends_rgb_frames_with_capture_timestamps(tmp_path: Path) 
         assert ctx.metrics["frames_captured_total"] >= 5
     finally:
         rings.close()
+
+
+# --------------------------------------------------------------------------- trace (poses)
+
+
+@needs_trace
+def test_trace_source_gives_the_trace_frames_in_order() -> None:
+    trace = PoseTrace.load(TRACE)
+    assert trace.fps == 30 and trace.image.shape[1:] == (33, 4) and trace.world is not None
+    src = TraceSource(trace, loop=True)
+    assert src.fps == trace.fps
+    t0 = 1_000_000_000_000
+    for i in range(5):
+        pose = src.pose(i, i + 1, t0 + i)
+        assert pose is not None and pose.seq == i + 1 and pose.capture_ts_ns == t0 + i
+        assert np.array_equal(pose.image[0], trace.image[i])
+        assert pose.world is not None and np.array_equal(pose.world[0], trace.world[i])
+    # looping wraps around; a non-looping trace ends
+    wrapped = src.pose(trace.frames, 0, t0)
+    assert wrapped is not None and np.array_equal(wrapped.image[0], trace.image[0])
+    once = TraceSource(trace, loop=False, world=False)
+    last = once.pose(trace.frames - 1, 0, t0)
+    assert last is not None and last.world is None
+    assert once.pose(trace.frames, 0, t0) is None
+
+
+def test_bad_trace_files_are_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="trace file not found"):
+        PoseTrace.load(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SourceError, match=r"cannot read .*junk\.npz"):
+        PoseTrace.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "nofps.npz", image=np.zeros((3, 33, 4), np.float32))
+    with pytest.raises(SourceError, match="no fps"):
+        PoseTrace.load(tmp_path / "nofps.npz")
+    np.savez(tmp_path / "shape.npz", image=np.zeros((3, 17, 4), np.float32), fps=30.0)
+    with pytest.raises(SourceError, match=r"image must be \[T, 33, 4\]"):
+        PoseTrace.load(tmp_path / "shape.npz")
+
+
+@needs_trace
+def test_trace_source_replays_into_the_poses_ring(tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"source: {{kind: trace, path: '{TRACE}', loop: false}}")
+    assert cfg.source.produces == "poses"
+    rings = StageRings(tmp_path, cfg, frames=False)  # no frames ring for a pose source
+    out: list[int] = []
+    try:
+        ctx = rings.context("capture")
+        th = threading.Thread(target=lambda: out.append(capture.run(ctx)))
+        th.start()
+        poses = rings.rings["poses"]
+        got: list[PoseFrame] = []
+        while len(got) < 12:
+            try:
+                item = poses.recv(timeout=2)
+            except WouldBlock:
+                raise AssertionError("no poses from the trace replay") from None
+            pose = PoseFrame.from_bytes(item.data)
+            assert item.meta == pose.seq == item.seq and item.ts_ns == pose.capture_ts_ns
+            got.append(pose)
+        ctx.stopping = True
+        th.join(5)
+        assert out == [0]
+        trace = PoseTrace.load(TRACE)
+        assert all(np.array_equal(p.image[0], trace.image[i]) for i, p in enumerate(got))
+        assert [p.seq for p in got] == list(range(1, 13))
+        span_s = (got[-1].capture_ts_ns - got[0].capture_ts_ns) / 1e9
+        assert span_s >= 11 / trace.fps * 0.9, f"12 frames at 30 fps need 0.37 s: {span_s:.3f}"
+        assert ctx.metrics["frames_captured_total"] >= 12
+    finally:
+        rings.close()
+
+
+def test_short_trace_as_fast_as_possible_ends_the_stage_with_0(tmp_path: Path) -> None:
+    image = np.random.default_rng(3).uniform(0.2, 0.8, (5, 33, 4)).astype(np.float32)
+    np.savez(tmp_path / "short.npz", image=image, fps=2.0)  # 2 fps: paced would take 2 s
+    cfg = config(
+        tmp_path, "source: {kind: trace, path: short.npz, loop: false, as_fast_as_possible: true}"
+    )
+    rings = StageRings(tmp_path, cfg, frames=False)
+    try:
+        ctx = rings.context("capture")
+        t0 = time.monotonic()
+        assert capture.run(ctx) == 0
+        assert time.monotonic() - t0 < 1.5
+        got = [PoseFrame.from_bytes(rings.rings["poses"].recv(timeout=0).data) for _ in range(5)]
+        assert all(np.array_equal(p.image[0], image[i]) for i, p in enumerate(got))
+        assert got[0].world is None  # the file has no world landmarks
+        assert ctx.metrics["frames_captured_total"] == 5
+        with pytest.raises(WouldBlock):
+            rings.rings["poses"].recv(timeout=0)
+    finally:
+        rings.close()
+
+
+def test_trace_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    cfg = config(tmp_path, "source: {kind: trace, path: junk.npz}")
+    rings = StageRings(tmp_path, cfg, frames=False)
+    try:
+        ctx = rings.context("capture")
+        assert capture.run(ctx) == ExitStatus.CONFIG
+    finally:
+        rings.close()
+    assert "cannot read" in (rings.run_dir / "capture.error").read_text()

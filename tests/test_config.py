@@ -35,8 +35,8 @@ BROKEN: list[tuple[str, str, list[str]]] = [
     ),
     (
         "missing trace",
-        "detect:\n  backend: trace\n  trace: nope.npz\n",
-        ["detect.trace (line 3)", "not found"],
+        "source:\n  kind: trace\n  path: nope.npz\n",
+        ["source.path (line 3)", "not found"],
     ),
     ("ring too small", "rings:\n  frames:\n    slots: 1\n", ["rings.frames.slots (line 3)"]),
     (
@@ -53,7 +53,29 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         ["supervisor", "heartbeat_timeout_ms must exceed"],
     ),
     ("bad run id", "supervisor:\n  run_id: 'a/b'\n", ["supervisor.run_id (line 2)", "pattern"]),
-    ("file without path", "source:\n  kind: file\n", ["source", "source.path is required"]),
+    ("file without path", "source:\n  kind: file\n", ["source.path (line 1)", "Field required"]),
+    ("url without url", "source:\n  kind: url\n", ["source.url (line 1)", "Field required"]),
+    (
+        "tasks without model",
+        "detect:\n  backend: tasks\n",
+        ["detect.task_model (line 1)", "Field required"],
+    ),
+    (
+        "missing task model",
+        "detect:\n  backend: tasks\n  task_model: none.task\n",
+        ["detect.task_model (line 3)", "task model not found"],
+    ),
+    ("bad backend", "detect:\n  backend: openpose\n", ["detect.backend (line 2)", "'mediapipe'"]),
+    (
+        "field of another kind",
+        "source:\n  kind: demo\n  path: x.mp4\n",
+        ["source.path (line 3)", "Extra"],
+    ),
+    (
+        "old trace form",
+        "detect:\n  backend: trace\n  trace: t.npz\n  trace_loop: false\n",
+        ["detect.backend (line 2)", "source: {kind: trace, path: t.npz, loop: false}"],
+    ),
     (
         "run dir not writable",
         "supervisor:\n  run_dir: /etc/hostname/run\n",
@@ -82,7 +104,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_default_pipeline_yaml_is_valid() -> None:
     cfg = load_config(ROOT / "pipeline.yaml")
     assert isinstance(cfg, Config)
-    assert cfg.source.kind.value == "auto"
+    assert cfg.source.kind == "auto" and cfg.source.produces == "frames"
 
 
 def test_empty_file_gives_defaults() -> None:
@@ -127,3 +149,20 @@ def test_run_refuses_invalid_config_and_starts_nothing(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "rings.poses.slots (line 2)" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_sections_are_validated_by_the_model_their_key_selects() -> None:
+    from pipeline.config import DetectorSettings, SourceSettings
+
+    cfg = parse_config(
+        "source: {kind: trace, path: data/pose-traces/cmu02_05_punch_strike.npz, loop: false}\n"
+        "detect: {backend: mediapipe, model_complexity: 1, workers: 2}\n",
+        base_dir=ROOT,
+    )
+    assert isinstance(cfg.source, SourceSettings) and type(cfg.source).__name__ == "TraceSettings"
+    assert cfg.source.produces == "poses" and cfg.source.model_dump()["loop"] is False
+    assert isinstance(cfg.detect, DetectorSettings) and cfg.detect.workers == 2
+    assert cfg.model_dump()["detect"]["model_complexity"] == 1  # subclass fields serialised
+    with pytest.raises(ConfigError) as info:
+        parse_config("source: {kind: trace}\n")
+    assert info.value.problems == ["source.path (line 1): Field required"]  # no tag segment

@@ -1,4 +1,4 @@
-"""The detect stage with the real MediaPipe model on real images, and the trace backend.
+"""The detectors and the detect stage with the real MediaPipe model on real images.
 
 Reference values (recorded once on ``skimage.data.astronaut()``, 512x512,
 MediaPipe 0.10.21 full model, static image mode) are in :data:`ASTRONAUT`;
@@ -25,28 +25,23 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import DetectBackend, DetectConfig, parse_config, traces_dir
+from pipeline.config import parse_config
+from pipeline.detectors import create_detector
+from pipeline.detectors.media import draw_pose, iter_video
+from pipeline.detectors.mediapipe import (
+    MediaPipeDetector,
+    MediaPipeSettings,
+    check_model_complexity,
+)
+from pipeline.detectors.tasks import TasksDetector, TasksSettings
 from pipeline.errors import ConfigError, WouldBlock
 from pipeline.model.frame import FrameBuffer, end_of_stream_payload
 from pipeline.model.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
+from pipeline.sources.demo import DemoSource
 from stages import detect
-from stages.capture import DemoSource
-from stages.detect import (
-    MediaPipeDetector,
-    PoseTrace,
-    TasksDetector,
-    TraceDetector,
-    check_model_complexity,
-    create_detector,
-    draw_pose,
-    iter_video,
-)
 from tests.test_capture import RGB, StageRings, config, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = traces_dir()
-TRACE = TRACES / "cmu02_05_punch_strike.npz"
-needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
 #: landmark -> (x, y) recorded on the astronaut photo (static image mode)
 ASTRONAUT = {
@@ -69,7 +64,7 @@ def astronaut() -> RGB:
 
 @pytest.fixture(scope="module")
 def still() -> Iterator[MediaPipeDetector]:
-    det = MediaPipeDetector(DetectConfig(), static_image_mode=True)  # type: ignore[call-arg]
+    det = MediaPipeDetector(MediaPipeSettings(), static_image_mode=True)  # type: ignore[call-arg]
     yield det
     det.close()
 
@@ -169,14 +164,14 @@ def test_unbundled_model_complexity_is_refused_clearly() -> None:
         if (MP_MODULES / f"pose_landmark/pose_landmark_{name}.tflite").exists():
             continue  # bundled in this wheel after all: accepted
         with pytest.raises(ConfigError, match=rf"{complexity} \({name}\) is not bundled"):
-            MediaPipeDetector(DetectConfig(model_complexity=complexity))  # type: ignore[call-arg]
+            MediaPipeDetector(MediaPipeSettings(model_complexity=complexity))  # type: ignore[call-arg]
 
 
 # --------------------------------------------------------------------------- tasks
 
 
 def test_tasks_backend_refuses_bad_model_files(tmp_path: Path) -> None:
-    cfg = DetectConfig(backend=DetectBackend.TASKS, task_model=tmp_path / "x.task", num_poses=2)  # type: ignore[call-arg]
+    cfg = TasksSettings(task_model=tmp_path / "x.task", num_poses=2)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="task model not found"):
         TasksDetector(tmp_path / "missing.task", cfg)
     junk = tmp_path / "junk.task"
@@ -199,78 +194,6 @@ def test_tasks_backend_refuses_bad_model_files(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match=r"MediaPipe cannot load .*fake\.task"):
         TasksDetector(fake, cfg)
-
-
-# --------------------------------------------------------------------------- trace
-
-
-@needs_trace
-def test_trace_replays_at_its_fps() -> None:
-    trace = PoseTrace.load(TRACE)
-    assert trace.fps == 30 and trace.image.shape[1:] == (33, 4) and trace.world is not None
-    det = TraceDetector(trace, loop=True)
-    t0 = 1_000_000_000_000
-    frame = np.zeros((1, 1, 3), np.uint8)
-    # a 30 fps source sees every trace frame; a 15 fps source every second one
-    for i in range(5):
-        pose = det.detect(frame, i, t0 + round(i * 1e9 / 30))
-        assert np.array_equal(pose.image[0], trace.image[i]) and pose.seq == i
-        assert pose.world is not None and np.array_equal(pose.world[0], trace.world[i])
-    det15 = TraceDetector(trace, loop=True)
-    got = [det15.detect(frame, i, t0 + round(i * 1e9 / 15)).image[0] for i in range(4)]
-    assert all(np.array_equal(g, trace.image[2 * i]) for i, g in enumerate(got))
-    # looping wraps around; a non-looping trace finishes with "no person"
-    assert det.index_at(trace.frames / trace.fps) == 0
-    once = TraceDetector(trace, loop=False)
-    once.detect(frame, 0, t0)
-    end = once.detect(frame, 1, t0 + round((trace.frames + 1) / trace.fps * 1e9))
-    assert once.finished and end.num_poses == 0
-
-
-def test_bad_trace_files_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="trace file not found"):
-        PoseTrace.load(tmp_path / "none.npz")
-    (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ConfigError, match=r"cannot read .*junk\.npz"):
-        PoseTrace.load(tmp_path / "junk.npz")
-    np.savez(tmp_path / "nofps.npz", image=np.zeros((3, 33, 4), np.float32))
-    with pytest.raises(ConfigError, match="no fps"):
-        PoseTrace.load(tmp_path / "nofps.npz")
-    np.savez(tmp_path / "shape.npz", image=np.zeros((3, 17, 4), np.float32), fps=30.0)
-    with pytest.raises(ConfigError, match=r"image must be \[T, 33, 4\]"):
-        PoseTrace.load(tmp_path / "shape.npz")
-
-
-@needs_trace
-def test_trace_stage_replays_into_the_poses_ring(tmp_path: Path) -> None:
-    cfg = config(tmp_path, f"detect: {{backend: trace, trace: '{TRACE}', trace_loop: false}}")
-    rings = StageRings(tmp_path, cfg, frames=False)
-    out: list[int] = []
-    try:
-        ctx = rings.context("detect")
-        th = threading.Thread(target=lambda: out.append(detect.run(ctx)))
-        th.start()
-        poses = rings.rings["poses"]
-        got: list[PoseFrame] = []
-        while len(got) < 12:
-            try:
-                item = poses.recv(timeout=2)
-            except WouldBlock:
-                raise AssertionError("no poses from the trace replay") from None
-            pose = PoseFrame.from_bytes(item.data)
-            assert item.meta == pose.seq == item.seq and item.ts_ns == pose.capture_ts_ns
-            got.append(pose)
-        ctx.stopping = True
-        th.join(5)
-        assert out == [0]
-        trace = PoseTrace.load(TRACE)
-        assert all(np.array_equal(p.image[0], trace.image[i]) for i, p in enumerate(got))
-        assert [p.seq for p in got] == list(range(1, 13))
-        span_s = (got[-1].capture_ts_ns - got[0].capture_ts_ns) / 1e9
-        assert span_s >= 11 / trace.fps * 0.9, f"12 frames at 30 fps need 0.37 s: {span_s:.3f}"
-        assert ctx.metrics["frames_replayed_total"] >= 12
-    finally:
-        rings.close()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -381,6 +304,7 @@ def test_detect_command_bad_inputs(tmp_path: Path, astronaut_png: Path) -> None:
     assert cli_main(["detect", str(astronaut_png), "--overlay", str(tmp_path / "o.gif")]) == 2
     both = [str(astronaut_png), str(astronaut_png)]
     assert cli_main(["detect", *both, "--overlay", str(tmp_path / "o.png")]) == 1
+    # the old trace "backend" is refused with the new form named (exit 2, config error)
     bad_cfg = tmp_path / "trace.yaml"
     bad_cfg.write_text(f"detect: {{backend: trace, trace: '{junk}'}}\n")
     assert cli_main(["detect", str(astronaut_png), "--config", str(bad_cfg)]) == 2
@@ -574,6 +498,7 @@ def test_pipeline_with_a_source_that_cannot_exist_exits_2(tmp_path: Path) -> Non
         proc.stderr
     )
     assert "stages/capture.py" not in proc.stderr  # a message, not a traceback
+    assert "Traceback" not in proc.stderr
     print(f"bad source: exit 2 after {elapsed:.2f} s")
 
 
@@ -581,7 +506,7 @@ def test_native_log_filter_drops_absl_chatter_and_keeps_the_rest() -> None:
     """In a fresh process (fd 2 is process-wide; other tests' detectors may hold it)."""
     script = """
 import os
-from stages.detect import NativeLogFilter
+from pipeline.detectors.mediapipe import NativeLogFilter
 NativeLogFilter.hold()
 NativeLogFilter.hold()  # two detectors (detect.workers: 2) share fd 2
 os.write(2, b"W0000 00:00:1795388650.054808    4184 feedback.cc:114] chatter\\n")

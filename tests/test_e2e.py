@@ -34,9 +34,9 @@ def _sender_config(tmp_path: Path, port: int) -> Path:
     return write_config(
         tmp_path,
         f"""
-detect:
-  backend: trace
-  trace: {TRACE}
+source:
+  kind: trace
+  path: {TRACE}
 transmit:
   primary: websocket
   server_url: http://127.0.0.1:{port}
@@ -87,7 +87,7 @@ def test_sender_pipeline_to_receivers_rooms_and_late_joiner(tmp_path: Path) -> N
     port = _free_port()
     sender = start(_sender_config(tmp_path, port), env={"POSEWIRE_SECRET": SECRET})
     try:
-        wait_stages(sender.pid, {"detect", "encode", "transmit", "server"})
+        wait_stages(sender.pid, {"capture", "encode", "transmit", "server"})
         a1 = _receive(port, "A", "a1", 6, tmp_path)
         a2 = _receive(port, "A", "a2", 6, tmp_path)
         b = _receive(port, "B", "b", 6, tmp_path)
@@ -121,7 +121,7 @@ def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> Non
         _sender_config(tmp_path, port), "--report", str(report), env={"POSEWIRE_SECRET": SECRET}
     )
     try:
-        pids = wait_stages(sender.pid, {"detect", "encode", "transmit", "server"})
+        pids = wait_stages(sender.pid, {"capture", "encode", "transmit", "server"})
 
         async def scenario() -> float:
             token = mint_token(SECRET, room="A", role="subscriber", subject="watcher")

@@ -94,7 +94,7 @@ def test_report_figures_agree_with_the_receiver(tmp_path: Path) -> None:
 
     # the schema the README documents
     assert data["duration_s"] > 0
-    for name in ("detect", "encode", "transmit"):
+    for name in ("capture", "encode", "transmit"):
         st = data["stages"][name]
         assert st["restarts"] == 0
         assert st["cpu_percent"] is not None and st["cpu_percent"] >= 0
@@ -125,7 +125,7 @@ def test_report_figures_agree_with_the_receiver(tmp_path: Path) -> None:
         assert series[group], group
         columns.extend(series[group].values())
     assert all(len(col) == n for col in columns)
-    assert set(series["fps"]) == {"detect", "encode", "transmit"}
+    assert set(series["fps"]) == {"capture", "encode", "transmit"}
     assert any(v for v in series["latency_ms"]["capture_to_send_p50"])
 
 
@@ -185,7 +185,7 @@ def test_forced_alert_is_raised_and_cleared_in_metrics_and_report(tmp_path: Path
         after = raised[-1]
         assert _sample(after, "posewire_alerts_raised_total", alert="drop_rate") == 1
         status_json = json.loads(_get(f"{base}/status"))
-        assert set(status_json["stages"]) == {"detect", "encode", "transmit"}
+        assert set(status_json["stages"]) == {"capture", "encode", "transmit"}
     finally:
         code, out, err = stop(proc)
     assert code == 0, err[-3000:]

@@ -53,7 +53,7 @@ def test_rendered_report_of_a_real_run(tmp_path: Path) -> None:
     page = _check_rendered(out)
     data = json.loads(report.read_text())
     assert data["run_id"] in page
-    for stage in ("detect", "encode", "transmit"):
+    for stage in ("capture", "encode", "transmit"):
         assert f"<td>{stage}</td>" in page
     assert "capture_to_send" in page
 

@@ -21,7 +21,7 @@ from tests.procutil import ROOT, TRACE
 
 pytestmark = pytest.mark.slow
 
-PROCESSES = {"supervisor", "detect", "encode", "transmit", "server", "receiver0", "receiver1"}
+PROCESSES = {"supervisor", "capture", "encode", "transmit", "server", "receiver0", "receiver1"}
 
 
 @pytest.mark.timeout(240)

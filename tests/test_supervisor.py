@@ -32,14 +32,14 @@ from tests.procutil import (
 
 pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
-TRACE_STAGES = {"detect", "encode", "transmit"}
+TRACE_STAGES = {"capture", "encode", "transmit"}
 
 
 def _strictly_increasing(seqs: list[int]) -> bool:
     return all(b > a for a, b in itertools.pairwise(seqs))
 
 
-@pytest.mark.parametrize("victim", ["detect", "encode", "transmit"])
+@pytest.mark.parametrize("victim", ["capture", "encode", "transmit"])
 def test_kill9_stage_is_restarted_and_sequence_keeps_increasing(
     tmp_path: Path, victim: str
 ) -> None:

@@ -64,7 +64,7 @@ def _summary_line(res: Any) -> str:
 
 
 def _result_json(res: Any) -> dict[str, Any]:
-    from stages.detect import pose_json
+    from pipeline.detectors.media import pose_json
 
     return {
         "path": str(res.path),
@@ -85,7 +85,11 @@ def _result_json(res: Any) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stages.detect import IMAGE_OVERLAY_SUFFIXES, VIDEO_OVERLAY_SUFFIXES, detect_media
+    from pipeline.detectors.media import (
+        IMAGE_OVERLAY_SUFFIXES,
+        VIDEO_OVERLAY_SUFFIXES,
+        detect_media,
+    )
 
     cfg = (
         load_config(args.config) if args.config is not None else parse_config("", name="<defaults>")
@@ -113,8 +117,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "detector": {
-                "backend": cfg.detect.backend.value,
-                "model_complexity": cfg.detect.model_complexity,
+                "backend": cfg.detect.backend,
+                "model_complexity": getattr(cfg.detect, "model_complexity", None),
             },
             "inputs": [_result_json(r) for r in results],
         }

@@ -48,7 +48,7 @@ from typing import Any
 
 import zmq
 
-from pipeline.config import Config, DetectBackend
+from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
 from pipeline.monitor.figures import Monitor, merge_report
 from pipeline.runtime import control
@@ -107,8 +107,8 @@ class StageState:
 def stage_plan(cfg: Config) -> list[str]:
     """The stages this configuration runs, in data-path order (plus the embedded server)."""
     names = list(PIPELINE_ORDER)
-    if cfg.detect.backend == DetectBackend.TRACE:
-        names.remove("capture")  # the trace replaces camera and model
+    if cfg.source.produces == "poses":
+        names.remove("detect")  # a pose source (a trace) writes the poses ring itself
     if cfg.server.embedded:
         names.append("server")
     return names
@@ -169,7 +169,7 @@ class Supervisor:
                 ", ".join(self.stages),
                 self.run_dir,
             )
-            # the head of the data path (capture, or detect replaying a trace) starts
+            # the head of the data path (capture, whatever its source produces) starts
             # once every other stage has sent its first heartbeat (or after
             # supervisor.startup_timeout_ms): no frame waits in a ring for a consumer
             # that is still starting
@@ -283,7 +283,7 @@ class Supervisor:
 
         r = self.cfg.rings
         plan: dict[str, tuple[int, int, str]] = {}
-        if "capture" in self.stages:
+        if "detect" in self.stages:
             plan["frames"] = (
                 frame_slot_size(r.max_frame_width, r.max_frame_height),
                 r.frames.slots,
@@ -610,10 +610,8 @@ class Supervisor:
     def frames(self) -> dict[str, int]:
         rs = self.ring_stats()
         transmit = self.stages.get("transmit")
-        detect = self.stages.get("detect")
-        captured = rs.get("frames", {}).get("written")
-        if captured is None and detect is not None:
-            captured = int(detect.counter("frames_replayed_total"))
+        # a pose source (no frames ring) captures straight into the poses ring
+        captured = rs.get("frames", rs.get("poses", {})).get("written")
         return {
             "captured": int(captured or 0),
             "detected": rs.get("poses", {}).get("written", 0),
