@@ -6,7 +6,7 @@ once into a temporary directory, ``--frames`` frames, looped).
 ``sequential``
     One loop in this process: read and convert a frame (``FileSource``),
     detect (MediaPipe Pose, the configured model, video mode), encode
-    (:class:`pipeline.codec.protocol.Encoder`, as the encode stage does), one after
+    (:class:`pipeline.codec.Encoder`, as the encode stage does), one after
     the other.
 ``pipeline``
     ``python -m pipeline`` with ``source.as_fast_as_possible: true`` and the

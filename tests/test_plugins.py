@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.codec.protocol import Decoded, Decoder
+from pipeline.codec import Decoded, Decoder
 from pipeline.config import DETECTORS, SOURCES, parse_config
 from pipeline.detectors import create_detector
 from pipeline.errors import ConfigError

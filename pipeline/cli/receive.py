@@ -2,7 +2,7 @@
 
 :class:`Receiver` is the reusable part (tests, benchmarks and the monitor use
 it): it joins a room over :class:`~pipeline.transports.websocket.WebSocketTransport`,
-decodes every publisher stream with its own :class:`~pipeline.codec.protocol.Decoder`,
+decodes every publisher stream with its own :class:`~pipeline.codec.Decoder`,
 asks for a keyframe when a packet cannot be decoded, and keeps per stream
 the frames received, decoded and lost (gaps in the sequence numbers) and the
 latency from capture to decode.

@@ -50,7 +50,7 @@ Server -> client, text::
     kicked     {"member": ID}           reply to a successful kick
     error      {"code", "reason", "message"}   before a close, or a refused request
 
-Binary messages are pose packets (:mod:`pipeline.codec.protocol`) in both
+Binary messages are pose packets (:mod:`pipeline.codec`) in both
 directions: the server validates each header with ``peek_header`` and relays
 the bytes unchanged; the stream id in the header identifies the publisher
 (``streams`` in its member record). Acknowledgements: the server acknowledges
