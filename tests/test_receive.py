@@ -13,8 +13,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from pipeline.server.tokens import mint_token
 from pipeline.transports.websocket import WebSocketTransport
+from pipeline.wire.tokens import mint_token
 from tests.test_server_support import (
     ROOT,
     SECRET,

@@ -17,13 +17,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from pipeline.cli.receive import Receiver
+from pipeline.client.receiver import Receiver
 from pipeline.codec.protocol import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig
-from pipeline.errors import ConfigError, TransportError
+from pipeline.errors import BrokenResourceError, ConfigError, TransportError
 from pipeline.model.pose import PoseFrame
 from pipeline.server.app import create_app
-from pipeline.transports.base import Control, Packet, StateChange, TransportBroken
+from pipeline.transports.base import Control, Packet, StateChange
 from tests.test_server_support import (
     PoseSource,
     RawWS,
@@ -383,7 +383,7 @@ def test_rooms_api_and_closed_room() -> None:
                 assert r.status == 401
                 r = await http.post(f"{srv.url}/api/rooms", json={"name": "A"}, headers=sub)
                 assert r.status == 403 and (await r.json())["error"] == "missing_permission"
-                with pytest.raises(TransportBroken) as nf:
+                with pytest.raises(BrokenResourceError) as nf:
                     await member(srv, "A").connect()
                 assert nf.value.reason == "room_not_found"
                 r = await http.post(f"{srv.url}/api/rooms", json={"name": "A"}, headers=mod)
@@ -403,13 +403,13 @@ def test_rooms_api_and_closed_room() -> None:
                 assert controls(got, "broadcast")[0]["data"] == "hi"
                 r = await http.delete(f"{srv.url}/api/rooms/A", headers=mod)
                 assert r.status == 200
-                with pytest.raises(TransportBroken) as closed:
+                with pytest.raises(BrokenResourceError) as closed:
                     async with asyncio.timeout(5):
                         while True:
                             await t.recv()
                 assert closed.value.reason == "room_closed"
                 await t.close()
-                with pytest.raises(TransportBroken) as again:
+                with pytest.raises(BrokenResourceError) as again:
                     await member(srv, "A").connect()
                 assert again.value.reason == "room_closed"
                 r = await http.get(f"{srv.url}/api/rooms/A", headers=mod)
