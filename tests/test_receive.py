@@ -231,14 +231,14 @@ def test_late_joiner_reports_live_latency_apart_from_backfill(
     """A receiver joining a running room: the server's stored history (keyframe + packets
     after it: one keyframe every 90 frames, so up to 3 s old) is reported as backfill, not as
     live latency, and the join boundary is not a loss."""
-    rep_path = tmp_path / "late.json"
+    rep_path, poses_path = tmp_path / "late.json", tmp_path / "late.jsonl"
 
     async def main() -> tuple[int, str, str]:
         pub = asyncio.create_task(_publish(server.url, 9.0, keyframe_interval=90))
         await asyncio.sleep(2.5)  # history builds up: ~75 packets since the first keyframe
         result = await _receive(
             "--server", server.url, "--room", "A", "--token", token("A", "subscriber"),
-            "--duration", "5", "--report", str(rep_path),
+            "--duration", "5", "--report", str(rep_path), "--out", str(poses_path),
         )  # fmt: skip
         await pub
         return result
@@ -248,12 +248,17 @@ def test_late_joiner_reports_live_latency_apart_from_backfill(
     rep = json.loads(rep_path.read_text())
     s = rep["publishers"]["42"]
     bf = rep["backfill"]
+    poses = [json.loads(x) for x in poses_path.read_text().splitlines()]
+    assert sum(p["backfill"] for p in poses) == bf["count"]
+    assert all(p["backfill"] for p in poses[: bf["count"]])  # the history comes first
+    mixed = np.percentile([p["latency_ms"] for p in poses], [95, 99])
     print(
         f"late joiner: live p50 {rep['latency_ms']['p50']:.2f} ms, "
         f"p95 {rep['latency_ms']['p95']:.2f} ms, p99 {rep['latency_ms']['p99']:.2f} ms "
         f"({rep['frames_live']} live frames); backfill {bf['count']} frames, "
         f"age p50 {bf['age_ms']['p50']:.1f} ms, max {bf['age_ms']['max']:.1f} ms; "
-        f"lost {rep['frames_lost']}, join gap {rep['join_gap_frames']}"
+        f"lost {rep['frames_lost']}, join gap {rep['join_gap_frames']}; "
+        f"backfill and live mixed: p95 {mixed[0]:.1f} ms, p99 {mixed[1]:.1f} ms"
     )
     assert bf["count"] > 0 and s["backfill"]["count"] == bf["count"]
     assert bf["age_ms"]["max"] > 500  # the history is old: it must not count as live
