@@ -235,7 +235,9 @@ def test_late_joiner_reports_live_latency_apart_from_backfill(
 
     async def main() -> tuple[int, str, str]:
         pub = asyncio.create_task(_publish(server.url, 9.0, keyframe_interval=90))
-        await asyncio.sleep(2.5)  # history builds up: ~75 packets since the first keyframe
+        # history builds up; the receive process joins ~1.5-2.5 s after the first keyframe,
+        # before the second one (at 3 s)
+        await asyncio.sleep(1.0)
         result = await _receive(
             "--server", server.url, "--room", "A", "--token", token("A", "subscriber"),
             "--duration", "5", "--report", str(rep_path), "--out", str(poses_path),
