@@ -175,9 +175,9 @@ async def _worker_main(
     rooms: list[str], sc: Scenario, url: str, trace_path: str, ready: Any, go: Any
 ) -> dict[str, Any]:
     from pipeline.codec import peek_header
-    from pipeline.server.tokens import mint_token
     from pipeline.transports.base import Packet, StateChange
     from pipeline.transports.websocket import WebSocketTransport
+    from pipeline.wire.tokens import mint_token
 
     fds_before = len(os.listdir("/proc/self/fd"))
     with np.load(trace_path) as d:

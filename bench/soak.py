@@ -325,7 +325,7 @@ def start_server(soak: Soak, config: Path) -> None:
 
 
 def start_receivers(soak: Soak, count: int) -> None:
-    from pipeline.server.tokens import mint_token
+    from pipeline.wire.tokens import mint_token
 
     for i in range(count):
         token = mint_token(

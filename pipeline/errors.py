@@ -36,15 +36,36 @@ class RingError(PosewireError):
     """Base of shared-memory ring errors."""
 
 
-class ClosedResourceError(RingError):
-    """You closed this end (or the ring) and then used it (like trio's)."""
+class TransportError(PosewireError):
+    """Base of transport errors; raised itself when a transport cannot connect (yet)."""
 
 
-class BrokenResourceError(RingError):
-    """The other side is gone or the segment vanished (like trio's)."""
+# The channel vocabulary (like trio's), shared by rings and transports: each of the
+# three is both a RingError and a TransportError, so code that catches the category
+# of the channel it uses (``except RingError`` around a ring, ``except TransportError``
+# around a transport) catches them, and code that cares about the meaning catches
+# the meaning, whichever the channel.
 
 
-class WouldBlock(RingError):
+class ClosedResourceError(RingError, TransportError):
+    """You closed this end (a ring, a transport) and then used it."""
+
+
+class BrokenResourceError(RingError, TransportError):
+    """The other side is gone or refused us for good: a ring's segment vanished, a
+    server closed the connection with a final close code.
+
+    ``code`` and ``reason`` carry the far side's close code and its short reason
+    (see :mod:`pipeline.wire.close`) when there is one.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, reason: str = "") -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(message)
+
+
+class WouldBlock(RingError, TransportError):
     """A non-blocking operation found nothing to do."""
 
 
@@ -64,5 +85,23 @@ class TokenError(PosewireError):
         super().__init__(message)
 
 
-class TransportError(PosewireError):
-    """A transport failed to connect or broke while sending."""
+class CommandError(PosewireError):
+    """A control command with a bad argument (``set``, ``switch_transport``...)."""
+
+
+class RefusedError(PosewireError):
+    """The room server refuses a member's or a REST client's request.
+
+    ``reason`` is the short machine-readable code (the reason of a close code,
+    see :mod:`pipeline.wire.close`), ``code`` the WebSocket close code the
+    member is closed with (None for a REST-only refusal), ``status`` the HTTP
+    status of the REST API's answer.
+    """
+
+    def __init__(
+        self, reason: str, message: str, *, code: int | None = None, status: int = 400
+    ) -> None:
+        self.reason = reason
+        self.code = code
+        self.status = status
+        super().__init__(message)

@@ -21,8 +21,10 @@ TICK_S = 0.1
 def run(ctx: StageContext) -> int:
     try:
         return asyncio.run(_main(ctx))
-    except ConfigError as exc:  # the address is taken or not ours: a restart cannot fix that
+    except ConfigError as exc:  # no secret, dev mode on a public address
         return ctx.refuse(str(exc))
+    except TransportError as exc:  # the address is taken or not ours: a restart cannot fix that
+        return ctx.refuse(f"server.port: {exc}")
 
 
 async def _main(ctx: StageContext) -> int:
@@ -59,9 +61,6 @@ async def _main(ctx: StageContext) -> int:
     tick_task = asyncio.get_running_loop().create_task(ticker(), name="posewire-server-tick")
     try:
         await serve(cfg, host=cfg.host, port=cfg.port, ready_cb=ready, stop=stop, app=app)
-    except TransportError as exc:
-        # the address is taken or not ours: restarting cannot fix that
-        raise ConfigError([f"server.port: {exc}"]) from exc
     finally:
         tick_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -13,8 +13,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from pipeline.server.tokens import mint_token
 from pipeline.transports.websocket import WebSocketTransport
+from pipeline.wire.tokens import mint_token
 from tests.test_server_support import (
     ROOT,
     SECRET,
@@ -32,13 +32,13 @@ def server() -> Any:
     assert srv.stop() == 0  # an orderly SIGTERM shutdown exits 0
 
 
-async def _publish(url: str, seconds: float, stop: Any = None) -> None:
+async def _publish(url: str, seconds: float, stop: Any = None, **codec: Any) -> None:
     """A publisher (stream 42, subject "cam") at 30 fps for ``seconds``."""
     pub = WebSocketTransport(
         url, "A", token("A", "publisher", subject="cam"), publish=True, subscribe=False
     )
     await pub.connect()
-    src = PoseSource(42)
+    src = PoseSource(42, **codec)
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end and not (stop is not None and stop()):
         while pub.recv_nowait() is not None:
@@ -223,3 +223,50 @@ def test_processes_two_receivers_in_a_one_in_b_and_a_late_joiner(
     assert b["frames_received"] == 0 and b["publishers"] == {}
     s = late["publishers"]["42"]
     assert s["first_decoded_at"] == 1 and s["need_keyframe"] == 0 and s["decoded"] > 0
+
+
+def test_late_joiner_reports_live_latency_apart_from_backfill(
+    server: ServeProcess, tmp_path: Path
+) -> None:
+    """A receiver joining a running room: the server's stored history (keyframe + packets
+    after it: one keyframe every 90 frames, so up to 3 s old) is reported as backfill, not as
+    live latency, and the join boundary is not a loss."""
+    rep_path, poses_path = tmp_path / "late.json", tmp_path / "late.jsonl"
+
+    async def main() -> tuple[int, str, str]:
+        pub = asyncio.create_task(_publish(server.url, 9.0, keyframe_interval=90))
+        # history builds up; the receive process joins ~1.5-2.5 s after the first keyframe,
+        # before the second one (at 3 s)
+        await asyncio.sleep(1.0)
+        result = await _receive(
+            "--server", server.url, "--room", "A", "--token", token("A", "subscriber"),
+            "--duration", "5", "--report", str(rep_path), "--out", str(poses_path),
+        )  # fmt: skip
+        await pub
+        return result
+
+    rc, stdout, stderr = asyncio.run(main())
+    assert rc == 0, stderr
+    rep = json.loads(rep_path.read_text())
+    s = rep["publishers"]["42"]
+    bf = rep["backfill"]
+    poses = [json.loads(x) for x in poses_path.read_text().splitlines()]
+    assert sum(p["backfill"] for p in poses) == bf["count"]
+    assert all(p["backfill"] for p in poses[: bf["count"]])  # the history comes first
+    mixed = np.percentile([p["latency_ms"] for p in poses], [95, 99])
+    print(
+        f"late joiner: live p50 {rep['latency_ms']['p50']:.2f} ms, "
+        f"p95 {rep['latency_ms']['p95']:.2f} ms, p99 {rep['latency_ms']['p99']:.2f} ms "
+        f"({rep['frames_live']} live frames); backfill {bf['count']} frames, "
+        f"age p50 {bf['age_ms']['p50']:.1f} ms, max {bf['age_ms']['max']:.1f} ms; "
+        f"lost {rep['frames_lost']}, join gap {rep['join_gap_frames']}; "
+        f"backfill and live mixed: p95 {mixed[0]:.1f} ms, p99 {mixed[1]:.1f} ms"
+    )
+    assert bf["count"] > 0 and s["backfill"]["count"] == bf["count"]
+    assert bf["age_ms"]["max"] > 500  # the history is old: it must not count as live
+    assert s["first_decoded_at"] == 1 and s["need_keyframe"] == 0
+    assert s["decoded"] == s["received"] == bf["count"] + rep["frames_live"]
+    assert rep["frames_live"] > 100
+    assert rep["frames_lost"] == 0 and s["lost"] == 0
+    assert rep["latency_ms"]["p95"] < 60.0, rep["latency_ms"]
+    assert "backfill" in stdout

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 
-from pipeline.cli.receive import Receiver
+from pipeline.client.receiver import Receiver
 from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig
-from pipeline.errors import ConfigError, TransportError
+from pipeline.errors import BrokenResourceError, ConfigError, TransportError
 from pipeline.model.pose import PoseFrame
 from pipeline.server.app import create_app
-from pipeline.transports.base import Control, Packet, StateChange, TransportBroken
+from pipeline.transports.base import Control, Packet, StateChange
 from tests.test_server_support import (
     PoseSource,
     RawWS,
@@ -383,7 +384,7 @@ def test_rooms_api_and_closed_room() -> None:
                 assert r.status == 401
                 r = await http.post(f"{srv.url}/api/rooms", json={"name": "A"}, headers=sub)
                 assert r.status == 403 and (await r.json())["error"] == "missing_permission"
-                with pytest.raises(TransportBroken) as nf:
+                with pytest.raises(BrokenResourceError) as nf:
                     await member(srv, "A").connect()
                 assert nf.value.reason == "room_not_found"
                 r = await http.post(f"{srv.url}/api/rooms", json={"name": "A"}, headers=mod)
@@ -403,13 +404,13 @@ def test_rooms_api_and_closed_room() -> None:
                 assert controls(got, "broadcast")[0]["data"] == "hi"
                 r = await http.delete(f"{srv.url}/api/rooms/A", headers=mod)
                 assert r.status == 200
-                with pytest.raises(TransportBroken) as closed:
+                with pytest.raises(BrokenResourceError) as closed:
                     async with asyncio.timeout(5):
                         while True:
                             await t.recv()
                 assert closed.value.reason == "room_closed"
                 await t.close()
-                with pytest.raises(TransportBroken) as again:
+                with pytest.raises(BrokenResourceError) as again:
                     await member(srv, "A").connect()
                 assert again.value.reason == "room_closed"
                 r = await http.get(f"{srv.url}/api/rooms/A", headers=mod)
@@ -585,3 +586,132 @@ def test_receiver_packets_are_from_other_members_only() -> None:
             await other.close()
 
     run(main())
+
+
+def test_transports_are_found_by_kind_and_a_toy_transport_is_one_registration(
+    tmp_path: Path,
+) -> None:
+    from collections.abc import Mapping
+
+    from pipeline.config import TransmitConfig
+    from pipeline.errors import ClosedResourceError, RingError
+    from pipeline.registry import RegistryError
+    from pipeline.transports import TRANSPORTS, make_transport
+    from pipeline.transports.base import Received, Transport, TransportContext, TransportStatistics
+    from pipeline.transports.file import FileTransport, read_packets
+    from pipeline.transports.websocket import WebSocketTransport
+
+    assert {"file", "websocket"} <= set(TRANSPORTS.keys())
+    cfg = TransmitConfig(file=Path("p.bin"))  # type: ignore[call-arg]
+    ctx = TransportContext(token=lambda: token("demo"), resolve_path=lambda p: tmp_path / p)
+    ft = make_transport("file", cfg, ctx)
+    assert isinstance(ft, FileTransport) and ft.path == tmp_path / "p.bin"
+    ws = make_transport("websocket", cfg, ctx)
+    assert isinstance(ws, WebSocketTransport) and ws.publish and not ws.subscribe
+    with pytest.raises(RegistryError, match="unknown transport 'webrtc'"):
+        make_transport("webrtc", cfg, ctx)
+
+    class Memory(Transport):
+        kind = "memory"
+
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+            self.open = False
+
+        async def connect(self) -> None:
+            self.open = True
+
+        async def send(self, packet: bytes) -> None:
+            if not self.open:
+                raise ClosedResourceError("closed")
+            self.sent.append(packet)
+
+        async def send_control(self, message: Mapping[str, Any]) -> None:
+            pass
+
+        async def recv(self) -> Received:
+            raise ClosedResourceError("closed")
+
+        async def close(self) -> None:
+            self.open = False
+
+        def statistics(self) -> TransportStatistics:
+            return TransportStatistics(kind=self.kind, packets_sent=len(self.sent))
+
+        @property
+        def connected(self) -> bool:
+            return self.open
+
+    TRANSPORTS.add("memory", TransmitConfig, lambda cfg, ctx: Memory())
+    try:
+
+        async def main() -> None:
+            t = make_transport("memory", cfg, ctx)
+            async with t:
+                await t.send(b"x")
+                assert [item async for item in t] == []  # closed-resource ends iteration
+            with pytest.raises(ClosedResourceError) as info:
+                await t.send(b"y")
+            # one vocabulary: the same error is a ring error and a transport error
+            assert isinstance(info.value, RingError) and isinstance(info.value, TransportError)
+            assert t.statistics().packets_sent == 1
+
+        run(main())
+    finally:
+        TRANSPORTS.remove("memory")
+
+    async def file_roundtrip() -> None:
+        f = make_transport("file", cfg, ctx)
+        await f.connect()
+        await f.send(b"abc")
+        await f.close()
+        with pytest.raises(ClosedResourceError):
+            await f.send(b"d")
+
+    run(file_roundtrip())
+    assert list(read_packets(tmp_path / "p.bin")) == [b"abc"]
+
+
+def test_throttle_and_switch_arguments_are_command_errors() -> None:
+    from pipeline.errors import CommandError
+    from pipeline.transports.sender import Throttle, parse_kind
+
+    th = Throttle(None)
+    assert th.on_set({"other": 1}) is None
+    assert th.on_set({"max_bandwidth_kbps": 8}) == {"max_bandwidth_kbps": 8.0}
+    th.consume(1000)
+    assert th.delay() > 0.5  # 1000 bytes at 1000 bytes/s, minus the burst
+    assert th.on_set({"max_bandwidth_kbps": 0}) == {"max_bandwidth_kbps": None}
+    assert th.delay() == 0.0
+    for bad in (-1, "fast", True):
+        with pytest.raises(CommandError, match="max_bandwidth_kbps"):
+            th.on_set({"max_bandwidth_kbps": bad})
+    assert parse_kind("websocket").value == "websocket"
+    for bad_kind in ("webrtc", "carrier-pigeon", None):
+        with pytest.raises(CommandError, match="one of file, websocket"):
+            parse_kind(bad_kind)
+
+
+def test_wire_messages_validate_on_both_sides() -> None:
+    from pipeline.errors import RefusedError
+    from pipeline.wire import messages
+    from pipeline.wire.close import CloseCode
+
+    join = messages.Join("T", "A", publish=True, subscribe=False, resume="m1", name="n")
+    obj = messages.parse(join.dumps())
+    assert messages.Join.parse(obj) == join
+    for text, code in (
+        ("nope", CloseCode.MALFORMED_MESSAGE),
+        ('{"type": 3}', CloseCode.MALFORMED_MESSAGE),
+        ('{"type": "dance"}', CloseCode.UNKNOWN_MESSAGE_TYPE),
+        ('{"type": "join", "publish": "yes"}', CloseCode.MALFORMED_MESSAGE),
+        ('{"type": "join", "token": 5}', CloseCode.TOKEN_MALFORMED),
+    ):
+        with pytest.raises(RefusedError) as info:
+            messages.Join.parse(messages.parse(text))
+        assert info.value.code == code and info.value.reason == code.reason, text
+    bf = messages.Backfill(7, 3, 10, 12)
+    assert (
+        messages.Backfill.parse(messages.parse(messages.dumps(bf.message()), messages.SERVER_TYPES))
+        == bf
+    )

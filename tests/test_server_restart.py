@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pipeline.cli.receive import Receiver
+from pipeline.client.receiver import Receiver
 from pipeline.transports.base import Control, StateChange
 from pipeline.transports.websocket import WebSocketTransport
 from tests import procutil

@@ -27,9 +27,9 @@ from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig, traces_dir
 from pipeline.model.pose import PoseFrame
 from pipeline.server.app import STATE, ServerState, create_app, serve
-from pipeline.server.tokens import mint_token
 from pipeline.transports.base import Control, Packet, Received
 from pipeline.transports.websocket import WebSocketTransport
+from pipeline.wire.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = traces_dir()

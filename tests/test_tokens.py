@@ -17,14 +17,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pipeline.errors import ConfigError, TokenError
+from pipeline.errors import BrokenResourceError, ConfigError, TokenError
 from pipeline.server.tokens import (
     KickList,
     TokenVerifier,
     mint_token,
     resolve_secret,
 )
-from pipeline.transports.base import TransportBroken
 from pipeline.transports.websocket import WebSocketTransport
 from tests.test_server_support import (
     ROOT,
@@ -198,7 +197,7 @@ def test_kicked_member_is_refused_for_the_token_life() -> None:
             bob = WebSocketTransport(srv.url, "A", bob_token, connect_timeout_s=3.0)
             await bob.connect()
             await mod.send_control({"type": "kick", "member": bob.member_id})
-            with pytest.raises(TransportBroken) as info:
+            with pytest.raises(BrokenResourceError) as info:
                 async with asyncio.timeout(5):
                     while True:
                         await bob.recv()

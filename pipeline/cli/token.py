@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli.serve import server_config
-from pipeline.server.tokens import (
+from pipeline.wire.tokens import (
     DEFAULT_TTL_S,
     PERMISSIONS,
     ROLE_PERMISSIONS,

@@ -7,6 +7,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.model.prometheus import Exposition
+from pipeline.wire.close import CloseCode
+
 
 @dataclass
 class ServerMetrics:
@@ -30,58 +33,69 @@ class ServerMetrics:
     """Keyframe requests forwarded to publishers."""
     connections_total: int = 0
     rejections: Counter[str] = field(default_factory=Counter)
-    """Refused or closed connections by reason (see :mod:`pipeline.server.limits`)."""
+    """Refused or closed connections by reason (see :mod:`pipeline.wire.close`)."""
 
     def reject(self, reason: str) -> None:
         self.rejections[reason] += 1
 
     def render(self, *, rooms: int, members: int, connections: int, ready: bool) -> str:
-        """Prometheus text format 0.0.4 (plus the process's asyncio tasks and open fds)."""
-        out: list[str] = []
+        """Prometheus text format 0.0.4 (plus the process's asyncio tasks and open fds).
 
-        def metric(name: str, kind: str, help_: str, value: int) -> None:
-            full = f"posewire_server_{name}"
-            out.append(f"# HELP {full} {help_}")
-            out.append(f"# TYPE {full} {kind}")
-            out.append(f"{full} {value}")
+        ``rejections_total`` has a sample for every close-code reason (0 until
+        one happens) and for any other reason counted.
+        """
+        out = Exposition(FAMILIES)
+        out.add(f"{PREFIX}rooms", rooms)
+        out.add(f"{PREFIX}members", members)
+        out.add(f"{PREFIX}connections", connections)
+        out.add(f"{PREFIX}ready", 1 if ready else 0)
+        out.add(f"{PREFIX}tasks", _tasks())
+        out.add(f"{PREFIX}open_fds", _fds())
+        out.add(f"{PREFIX}connections_total", self.connections_total)
+        out.add(f"{PREFIX}messages_in_total", self.messages_in)
+        out.add(f"{PREFIX}messages_out_total", self.messages_out)
+        out.add(f"{PREFIX}packets_in_total", self.packets_in)
+        out.add(f"{PREFIX}packets_out_total", self.packets_out)
+        out.add(f"{PREFIX}bytes_in_total", self.bytes_in)
+        out.add(f"{PREFIX}bytes_out_total", self.bytes_out)
+        out.add(f"{PREFIX}drops_total", self.drops)
+        out.add(f"{PREFIX}skipped_undecodable_total", self.skipped_undecodable)
+        out.add(f"{PREFIX}keyframe_requests_total", self.keyframe_requests)
+        counts = {cc.reason: 0 for cc in CloseCode} | dict(self.rejections)
+        for reason in sorted(counts):
+            out.add(f"{PREFIX}rejections_total", counts[reason], reason=reason)
+        return out.render()
 
-        metric("rooms", "gauge", "Open rooms.", rooms)
-        metric("members", "gauge", "Joined members in all rooms.", members)
-        metric("connections", "gauge", "Open WebSocket connections.", connections)
-        metric("ready", "gauge", "1 when accepting members.", 1 if ready else 0)
-        metric("tasks", "gauge", "asyncio tasks in the server process.", _tasks())
-        metric("open_fds", "gauge", "Open file descriptors of the server process.", _fds())
-        metric(
-            "connections_total",
-            "counter",
-            "WebSocket connections accepted.",
-            self.connections_total,
-        )
-        metric("messages_in_total", "counter", "Messages received from members.", self.messages_in)
-        metric("messages_out_total", "counter", "Messages sent to members.", self.messages_out)
-        metric("packets_in_total", "counter", "Pose packets accepted.", self.packets_in)
-        metric("packets_out_total", "counter", "Pose packets relayed.", self.packets_out)
-        metric("bytes_in_total", "counter", "Bytes received from members.", self.bytes_in)
-        metric("bytes_out_total", "counter", "Bytes sent to members.", self.bytes_out)
-        metric("drops_total", "counter", "Pose packets dropped for slow subscribers.", self.drops)
-        metric(
+
+PREFIX = "posewire_server_"
+
+#: Every exported family: name -> (type, help).
+FAMILIES: dict[str, tuple[str, str]] = {
+    f"{PREFIX}{name}": (kind, help_text)
+    for name, kind, help_text in (
+        ("rooms", "gauge", "Open rooms."),
+        ("members", "gauge", "Joined members in all rooms."),
+        ("connections", "gauge", "Open WebSocket connections."),
+        ("ready", "gauge", "1 when accepting members."),
+        ("tasks", "gauge", "asyncio tasks in the server process."),
+        ("open_fds", "gauge", "Open file descriptors of the server process."),
+        ("connections_total", "counter", "WebSocket connections accepted."),
+        ("messages_in_total", "counter", "Messages received from members."),
+        ("messages_out_total", "counter", "Messages sent to members."),
+        ("packets_in_total", "counter", "Pose packets accepted."),
+        ("packets_out_total", "counter", "Pose packets relayed."),
+        ("bytes_in_total", "counter", "Bytes received from members."),
+        ("bytes_out_total", "counter", "Bytes sent to members."),
+        ("drops_total", "counter", "Pose packets dropped for slow subscribers."),
+        (
             "skipped_undecodable_total",
             "counter",
             "Packets withheld from a subscriber lacking their reference.",
-            self.skipped_undecodable,
-        )
-        metric(
-            "keyframe_requests_total",
-            "counter",
-            "Keyframe requests sent to publishers.",
-            self.keyframe_requests,
-        )
-        name = "posewire_server_rejections_total"
-        out.append(f"# HELP {name} Refused or closed connections by reason.")
-        out.append(f"# TYPE {name} counter")
-        for reason in sorted(self.rejections):
-            out.append(f'{name}{{reason="{reason}"}} {self.rejections[reason]}')
-        return "\n".join(out) + "\n"
+        ),
+        ("keyframe_requests_total", "counter", "Keyframe requests sent to publishers."),
+        ("rejections_total", "counter", "Refused or closed connections by reason."),
+    )
+}
 
 
 def _tasks() -> int:

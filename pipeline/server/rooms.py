@@ -26,15 +26,17 @@ Relay rules
   never awaits a slow member.
 * Late join: per stream the server keeps the latest keyframe and up to
   ``server.history_packets - 1`` packets after it. A joining subscriber gets
-  the member list and then, for every stream, the keyframe and the packets of
-  the history that chain from it, before any live packet.
+  the member list and then, for every stream, a ``backfill`` message
+  (:class:`~pipeline.wire.messages.Backfill`: stream id, count, first and last
+  sequence number) followed by exactly that many packets, the keyframe and
+  the packets of the history that chain from it, before any live packet. So
+  a receiver tells stored history from live packets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import secrets
@@ -47,9 +49,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from pipeline.config import ServerConfig
-from pipeline.server.limits import CloseCode
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.tokens import Claims, KickList
+from pipeline.server.tokens import KickList
+from pipeline.wire.close import CloseCode, close_code, refusal
+from pipeline.wire.messages import Backfill, dumps, error
+from pipeline.wire.tokens import Claims
 
 log = logging.getLogger("posewire.server")
 
@@ -63,18 +67,6 @@ MAX_TOMBSTONES: Final = 10000
 
 def now_ns() -> int:
     return time.time_ns()
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
-class JoinRefused(Exception):
-    """A join the room manager refuses; carries the close code."""
-
-    def __init__(self, code: CloseCode, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 @dataclass(slots=True)
@@ -282,9 +274,16 @@ class Member:
         self.post_text(dumps(obj))
 
     def post_snapshot(self, packets: list[StoredPacket]) -> None:
-        """Queue a late-join snapshot: never dropped, outside the bound, chained by construction."""
-        if packets:
-            self._queue.append(_Snapshot(packets))
+        """Queue a late-join snapshot: never dropped, outside the bound, chained by construction.
+
+        Per stream, a ``backfill`` message announces the packets that follow it.
+        """
+        by_stream: dict[int, list[StoredPacket]] = {}
+        for pkt in packets:
+            by_stream.setdefault(pkt.stream_id, []).append(pkt)
+        for sid, pkts in by_stream.items():
+            self.post(Backfill(sid, len(pkts), pkts[0].seq, pkts[-1].seq).message())
+            self._queue.append(_Snapshot(pkts))
             self._wake.set()
 
     async def _write_bytes(self, data: bytes) -> None:
@@ -360,17 +359,11 @@ async def close_ws(ws: web.WebSocketResponse, code: int, message: str = "") -> N
     """Close ``ws`` with ``code``; for 4000-4999 first send ``{"type": "error", ...}``."""
     if ws.closed:
         return
-    cc: CloseCode | None
-    try:
-        cc = CloseCode(code)
-    except ValueError:
-        cc = None
+    cc = close_code(code)
     reason = cc.reason if cc is not None else ""
     try:
         if cc is not None:
-            await ws.send_str(
-                dumps({"type": "error", "code": int(code), "reason": reason, "message": message})
-            )
+            await ws.send_str(dumps(error(cc, reason, message)))
         await ws.close(code=code, message=reason.encode())
     except ConnectionError:
         pass
@@ -508,12 +501,12 @@ class RoomManager:
     def create(self, name: str, *, created_by: str | None = None) -> Room:
         """Create a room (API): a closed room's tombstone is removed."""
         if not ROOM_NAME_RE.match(name):
-            raise JoinRefused(CloseCode.ROOM_NOT_FOUND, f"invalid room name {name!r}")
+            raise refusal(CloseCode.ROOM_NOT_FOUND, f"invalid room name {name!r}")
         room = self.rooms.get(name)
         if room is not None:
             return room
         if len(self.rooms) >= self.config.max_rooms:
-            raise JoinRefused(
+            raise refusal(
                 CloseCode.TOO_MANY_ROOMS, f"server has {len(self.rooms)} rooms, the maximum"
             )
         self.tombstones.pop(name, None)
@@ -525,19 +518,19 @@ class RoomManager:
 
     def room_for_join(self, name: str) -> Room:
         if not ROOM_NAME_RE.match(name):
-            raise JoinRefused(
+            raise refusal(
                 CloseCode.MALFORMED_MESSAGE,
                 f"invalid room name {name!r}: 1-64 of letters, digits, '_', '.', '-'",
             )
         if name in self.tombstones:
-            raise JoinRefused(CloseCode.ROOM_CLOSED, f"room {name!r} was closed by a moderator")
+            raise refusal(CloseCode.ROOM_CLOSED, f"room {name!r} was closed by a moderator")
         room = self.rooms.get(name)
         if room is None:
             if not self.config.auto_create_rooms:
-                raise JoinRefused(CloseCode.ROOM_NOT_FOUND, f"no room {name!r} on this server")
+                raise refusal(CloseCode.ROOM_NOT_FOUND, f"no room {name!r} on this server")
             room = self.create(name)
         if len(room.members) >= self.config.max_members_per_room:
-            raise JoinRefused(
+            raise refusal(
                 CloseCode.ROOM_FULL, f"room {name!r} has {len(room.members)} members, the maximum"
             )
         return room

@@ -1,170 +1,65 @@
-"""Access tokens: JWT (HS256) minted with a server secret, verified with fixed algorithms.
-
-A token grants one *subject* access to one *room* with a *role* and a set of
-*permissions*. Claims::
-
-    sub    subject (who), a string
-    room   the room name, or "*" for every room (server-wide moderators)
-    role   publisher | subscriber | moderator (or any string, with explicit perms)
-    perms  list of permissions: publish_pose, publish_audio, subscribe, moderate
-    exp    expiry (seconds since the epoch)
-    nbf    not valid before
-    iat    issued at
-    jti    unique token id (kicks are recorded by jti and by subject-in-room)
+"""Token verification on the server: fixed algorithm, times, room, kick list, permissions.
 
 Verification accepts HS256 only, whatever the token's header says: the
 algorithm is read from the header first so that ``alg: none`` and RS/HS
 confusion get their own refusal reason (``bad_algorithm``) instead of a
 generic one. Every refusal raises :class:`~pipeline.errors.TokenError` with
-one of the :data:`REASONS` codes.
-
-The secret is read the same way by the server and by ``python -m pipeline
-token``: the ``POSEWIRE_SECRET`` environment variable, else ``server.secret``
-in the configuration. Without a secret only ``--dev`` servers start (they use
-a random secret that lives as long as the process).
+one of the :data:`~pipeline.wire.tokens.REASONS` codes. Claims, roles,
+permissions, minting and the secret are shared with the clients in
+:mod:`pipeline.wire.tokens` (re-exported here).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
-import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import jwt
 
-from pipeline.config import ServerConfig
-from pipeline.errors import ConfigError, TokenError
-
-ALGORITHM: Final = "HS256"
-SECRET_ENV: Final = "POSEWIRE_SECRET"
-MIN_SECRET_LEN: Final = 32
-ANY_ROOM: Final = "*"
-
-PUBLISH_POSE: Final = "publish_pose"
-PUBLISH_AUDIO: Final = "publish_audio"
-SUBSCRIBE: Final = "subscribe"
-MODERATE: Final = "moderate"
-PERMISSIONS: Final = frozenset({PUBLISH_POSE, PUBLISH_AUDIO, SUBSCRIBE, MODERATE})
-
-#: Default permission set of each role.
-ROLE_PERMISSIONS: Final[Mapping[str, frozenset[str]]] = {
-    "publisher": frozenset({PUBLISH_POSE, PUBLISH_AUDIO, SUBSCRIBE}),
-    "subscriber": frozenset({SUBSCRIBE}),
-    "moderator": frozenset({PUBLISH_POSE, PUBLISH_AUDIO, SUBSCRIBE, MODERATE}),
-}
-
-#: Refusal reason codes (``TokenError.reason``).
-REASONS: Final = (
-    "expired",
-    "not_yet_valid",
-    "wrong_room",
-    "bad_signature",
-    "bad_algorithm",
-    "missing_permission",
-    "kicked",
-    "malformed",
+from pipeline.errors import TokenError
+from pipeline.wire.tokens import (
+    ALGORITHM,
+    ANY_ROOM,
+    DEFAULT_TTL_S,
+    MAX_TTL_S,
+    MIN_SECRET_LEN,
+    MODERATE,
+    PERMISSIONS,
+    PUBLISH_AUDIO,
+    PUBLISH_POSE,
+    REASONS,
+    REQUIRED_CLAIMS,
+    ROLE_PERMISSIONS,
+    SECRET_ENV,
+    SUBSCRIBE,
+    Claims,
+    mint_token,
+    permissions_for,
+    resolve_secret,
 )
 
-DEFAULT_TTL_S: Final = 3600.0
-MAX_TTL_S: Final = 366 * 24 * 3600.0
-_REQUIRED = ["sub", "room", "role", "perms", "exp", "nbf", "iat", "jti"]
-
-
-@dataclass(frozen=True, slots=True)
-class Claims:
-    """A verified token's claims."""
-
-    subject: str
-    room: str
-    role: str
-    perms: frozenset[str]
-    exp: float
-    nbf: float
-    iat: float
-    jti: str
-
-    def allows(self, perm: str) -> bool:
-        return perm in self.perms
-
-    def covers_room(self, room: str) -> bool:
-        return self.room == ANY_ROOM or self.room == room
-
-
-def resolve_secret(config: ServerConfig | None, *, dev: bool = False) -> str:
-    """The token secret: ``$POSEWIRE_SECRET``, else ``server.secret``.
-
-    With neither: a random per-process secret when ``dev`` is true, else a
-    :class:`ConfigError` explaining how to set one.
-    """
-    env = os.environ.get(SECRET_ENV)
-    if env is not None and env != "":
-        if len(env) < MIN_SECRET_LEN:
-            raise ConfigError(
-                [f"${SECRET_ENV}: the token secret must be at least {MIN_SECRET_LEN} characters"]
-            )
-        return env
-    if config is not None and config.secret:
-        return config.secret
-    if dev:
-        return secrets.token_urlsafe(32)
-    raise ConfigError(
-        [
-            f"server.secret: no token secret: set ${SECRET_ENV} or server.secret "
-            f"(at least {MIN_SECRET_LEN} characters), or run the server with --dev"
-        ]
-    )
-
-
-def permissions_for(role: str, perms: Iterable[str] | None = None) -> frozenset[str]:
-    """Explicit ``perms`` (validated), else the role's default set."""
-    if perms is not None:
-        out = frozenset(perms)
-        unknown = out - PERMISSIONS
-        if unknown:
-            raise TokenError("malformed", f"unknown permission(s): {', '.join(sorted(unknown))}")
-        return out
-    try:
-        return ROLE_PERMISSIONS[role]
-    except KeyError:
-        known = ", ".join(sorted(ROLE_PERMISSIONS))
-        raise TokenError(
-            "malformed", f"unknown role {role!r} (known: {known}; or give explicit permissions)"
-        ) from None
-
-
-def mint_token(
-    secret: str,
-    *,
-    room: str,
-    role: str,
-    subject: str | None = None,
-    ttl_s: float = DEFAULT_TTL_S,
-    perms: Iterable[str] | None = None,
-    now: float | None = None,
-    not_before: float | None = None,
-    jti: str | None = None,
-) -> str:
-    """Sign a token for ``subject`` in ``room`` with ``role`` (HS256)."""
-    if not room or len(room) > 64:
-        raise TokenError("malformed", "room must be 1 to 64 characters")
-    if not 0 < ttl_s <= MAX_TTL_S:
-        raise TokenError("malformed", f"ttl must be in (0, {MAX_TTL_S:.0f}] seconds, got {ttl_s}")
-    t = time.time() if now is None else now
-    claims: dict[str, Any] = {
-        "sub": subject or f"{role}-{secrets.token_hex(4)}",
-        "room": room,
-        "role": role,
-        "perms": sorted(permissions_for(role, perms)),
-        "iat": int(t),
-        "nbf": int(t if not_before is None else not_before),
-        "exp": int(t + ttl_s),
-        "jti": jti or uuid.uuid4().hex,
-    }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+__all__ = [
+    "ALGORITHM",
+    "ANY_ROOM",
+    "DEFAULT_TTL_S",
+    "MAX_TTL_S",
+    "MIN_SECRET_LEN",
+    "MODERATE",
+    "PERMISSIONS",
+    "PUBLISH_AUDIO",
+    "PUBLISH_POSE",
+    "REASONS",
+    "ROLE_PERMISSIONS",
+    "SECRET_ENV",
+    "SUBSCRIBE",
+    "Claims",
+    "KickList",
+    "TokenVerifier",
+    "mint_token",
+    "permissions_for",
+    "resolve_secret",
+]
 
 
 class KickList:
@@ -221,7 +116,7 @@ class TokenVerifier:
                 self._secret,
                 algorithms=[ALGORITHM],
                 leeway=self.leeway_s,
-                options={"require": _REQUIRED},
+                options={"require": REQUIRED_CLAIMS},
             )
         except jwt.ExpiredSignatureError as exc:
             raise TokenError("expired", "token expired") from exc

@@ -7,13 +7,15 @@ A transport connects one member to a room. It sends pose packets
 pose packet), :class:`Control` (acks, keyframe requests, presence,
 broadcasts...) and :class:`StateChange` (connected, disconnected, resumed).
 
-Error vocabulary (like trio's):
+Error vocabulary (the rings' one, from :mod:`pipeline.errors`):
 
-* :class:`TransportClosed`: *you* closed this transport, then used it.
-* :class:`TransportBroken`: the other side refused or dropped us for good
-  (``code``/``reason`` from the server's close-code table); a token refusal
-  is raised as :class:`~pipeline.errors.TokenError` instead.
-* :class:`~pipeline.errors.TransportError` (their base): could not connect.
+* :class:`~pipeline.errors.ClosedResourceError`: *you* closed this transport,
+  then used it.
+* :class:`~pipeline.errors.BrokenResourceError`: the other side refused or
+  dropped us for good (``code``/``reason`` from the close-code table of
+  :mod:`pipeline.wire.close`); a token refusal is raised as
+  :class:`~pipeline.errors.TokenError` instead.
+* :class:`~pipeline.errors.TransportError` (their base): could not connect (yet).
 
 A transport never blocks the caller on a reconnect: while it is
 disconnected, :meth:`Transport.send` drops the packet and counts it in
@@ -23,24 +25,12 @@ disconnected, :meth:`Transport.send` drops the packet and counts it in
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.errors import TransportError
-
-
-class TransportClosed(TransportError):
-    """This transport was closed by its owner."""
-
-
-class TransportBroken(TransportError):
-    """The server closed the connection for good (``code``, ``reason``)."""
-
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        self.code = code
-        self.reason = reason
-        super().__init__(message)
+from pipeline.errors import ClosedResourceError, TokenError
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +106,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def connect(self) -> None:
-        """Connect and join; raise :class:`TransportError` or :class:`TokenError` on refusal."""
+        """Connect and join; raise :class:`~pipeline.errors.TransportError` (cannot connect),
+        :class:`~pipeline.errors.BrokenResourceError` or :class:`~pipeline.errors.TokenError`
+        (refused)."""
 
     @abc.abstractmethod
     async def send(self, packet: bytes) -> None:
@@ -147,7 +139,7 @@ class Transport(abc.ABC):
     async def __anext__(self) -> Received:
         try:
             return await self.recv()
-        except TransportClosed:
+        except ClosedResourceError:
             raise StopAsyncIteration from None
 
     async def __aenter__(self) -> Transport:
@@ -156,3 +148,21 @@ class Transport(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _no_token() -> str:
+    raise TokenError("malformed", "no access token given")
+
+
+@dataclass(frozen=True)
+class TransportContext:
+    """What a transport factory needs besides the ``transmit`` config section."""
+
+    token: Callable[[], str] = _no_token
+    """The member's access token (called only by transports that join a room)."""
+    name: str | None = None
+    """The member's display name (the transmit stage uses the run id)."""
+    publish: bool = True
+    subscribe: bool = False
+    resolve_path: Callable[[Path], Path] = Path
+    """Makes a configured path absolute (relative to the configuration file)."""

@@ -14,8 +14,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.errors import ProtocolError, TransportError
-from pipeline.transports.base import Received, Transport, TransportClosed, TransportStatistics
+from pipeline.config import TransmitConfig
+from pipeline.errors import ClosedResourceError, ProtocolError, TransportError
+from pipeline.transports import TRANSPORTS
+from pipeline.transports.base import Received, Transport, TransportContext, TransportStatistics
 
 _LEN = struct.Struct("<H")
 
@@ -47,7 +49,7 @@ class FileTransport(Transport):
     async def send(self, packet: bytes) -> None:
         if self._fh is None:
             self._stats.send_failures += 1
-            raise TransportClosed("file transport is not open")
+            raise ClosedResourceError("file transport is not open")
         try:
             self._fh.write(_LEN.pack(len(packet)) + packet)
         except OSError as exc:
@@ -61,7 +63,7 @@ class FileTransport(Transport):
 
     async def recv(self) -> Received:
         await self._closed.wait()
-        raise TransportClosed("file transport closed")
+        raise ClosedResourceError("file transport closed")
 
     async def close(self) -> None:
         if self._fh is not None:
@@ -72,6 +74,14 @@ class FileTransport(Transport):
 
     def statistics(self) -> TransportStatistics:
         return self._stats
+
+
+def file_transport(cfg: TransmitConfig, context: TransportContext) -> FileTransport:
+    """The ``file`` transport of the ``transmit`` section (``transmit.file``)."""
+    return FileTransport(context.resolve_path(cfg.file))
+
+
+TRANSPORTS.add("file", TransmitConfig, file_transport)
 
 
 def read_packets(path: Path) -> Iterator[bytes]:

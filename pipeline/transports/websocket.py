@@ -8,7 +8,8 @@ restart, rate limit...), reconnects with capped exponential backoff (plus
 jitter) and resumes its membership (``resume`` = the old member id). A
 refusal that retrying cannot fix (token refused, kicked, room closed, bad
 packets) ends it: the next :meth:`send`/:meth:`recv` raises
-:class:`~pipeline.errors.TokenError` or :class:`TransportBroken`.
+:class:`~pipeline.errors.TokenError` or
+:class:`~pipeline.errors.BrokenResourceError` (with the close code and reason).
 
 Publishers (the transmit stage) should, for every item :meth:`recv` yields:
 
@@ -21,11 +22,15 @@ Publishers (the transmit stage) should, for every item :meth:`recv` yields:
 * ``StateChange(connected=True)`` (a reconnect, possibly to a restarted server
   without history): ``encoder.request_keyframe()``.
 
+Subscribers receive, per publisher stream, a ``Control(type="backfill")``
+(:class:`~pipeline.wire.messages.Backfill`) before the stored packets the
+server sends a member that joins a room with history: they are not live.
+
 Read them promptly (or with :meth:`recv_nowait` between sends): the receive
 queue is bounded and drops the oldest pose packet (then the oldest item) when full.
 
-The wire messages and close codes are documented in :mod:`pipeline.server.app`
-and :mod:`pipeline.server.limits`.
+The wire messages and close codes are those of :mod:`pipeline.wire`
+(``docs/room-protocol.md``).
 """
 
 from __future__ import annotations
@@ -47,23 +52,26 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from pipeline.config import TransmitConfig
-from pipeline.errors import TokenError, TransportError
-from pipeline.server.limits import TOKEN_REASONS, close_code
+from pipeline.errors import BrokenResourceError, ClosedResourceError, TokenError, TransportError
+from pipeline.transports import TRANSPORTS
 from pipeline.transports.base import (
     Control,
     Packet,
     Received,
     StateChange,
     Transport,
-    TransportBroken,
-    TransportClosed,
+    TransportContext,
     TransportStatistics,
 )
+from pipeline.wire import messages
+from pipeline.wire.close import RETRY_STANDARD, TOKEN_REASONS, close_code
 
 log = logging.getLogger("posewire.transport.websocket")
 
-_RETRY_CLOSE = frozenset({1000, 1001, 1006, 1011, 1012, 1013, 1014})
 _WINDOW = 128
+
+#: What ends a transport for good: a token refusal or a final close.
+Fatal = TokenError | BrokenResourceError
 
 
 def ws_url(url: str) -> str:
@@ -76,16 +84,6 @@ def ws_url(url: str) -> str:
     if not path:
         path = "/ws"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
-class _Fatal(Exception):
-    def __init__(self, error: TransportError | TokenError) -> None:
-        self.error = error
-        super().__init__(str(error))
-
-
-class _Retry(Exception):
-    pass
 
 
 class WebSocketTransport(Transport):
@@ -134,7 +132,7 @@ class WebSocketTransport(Transport):
         self._queue_max = recv_queue
         self._wake = asyncio.Event()
         self._closed = False
-        self._fatal: TransportError | TokenError | None = None
+        self._fatal: Fatal | None = None
         self._last_error: dict[str, Any] | None = None
         self._pings: dict[int, asyncio.Future[tuple[int, int, int, int]]] = {}
         self._ping_id = 0
@@ -198,7 +196,7 @@ class WebSocketTransport(Transport):
 
     async def connect(self) -> None:
         if self._closed:
-            raise TransportClosed("transport was closed")
+            raise ClosedResourceError("transport was closed")
         if self._run_task is not None:
             return
         if self._session is None:
@@ -210,10 +208,10 @@ class WebSocketTransport(Transport):
             try:
                 ws = await self._open(max(deadline - time.monotonic(), 0.05))
                 break
-            except _Fatal as exc:
+            except (TokenError, BrokenResourceError):
                 await self._close_session()
-                raise exc.error from None
-            except _Retry as exc:
+                raise
+            except TransportError as exc:  # worth retrying
                 last = exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -255,18 +253,18 @@ class WebSocketTransport(Transport):
             self._stats.send_failures += 1
             return
         try:
-            await ws.send_str(json.dumps(message, separators=(",", ":")))
+            await ws.send_str(messages.dumps(dict(message)))
         except ConnectionError:
             self._stats.send_failures += 1
 
     async def request_keyframe(self, stream_id: int) -> None:
         """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
-        await self.send_control({"type": "keyframe_request", "stream_id": stream_id})
+        await self.send_control(messages.keyframe_request(stream_id))
 
     async def recv(self) -> Received:
         while not self._queue:
             if self._closed:
-                raise TransportClosed("transport was closed")
+                raise ClosedResourceError("transport was closed")
             if self._fatal is not None:
                 raise self._fatal
             self._wake.clear()
@@ -282,7 +280,7 @@ class WebSocketTransport(Transport):
         return None
 
     @property
-    def error(self) -> TransportError | TokenError | None:
+    def error(self) -> Fatal | None:
         """The fatal error that ended this transport, if any."""
         return self._fatal
 
@@ -294,7 +292,7 @@ class WebSocketTransport(Transport):
         ws = self._ws
         if ws is not None and not ws.closed:
             with contextlib.suppress(ConnectionError):
-                await ws.send_str('{"type":"leave"}')
+                await ws.send_str(messages.LEAVE)
             with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
                 async with asyncio.timeout(2.0):
                     await ws.close()
@@ -326,7 +324,7 @@ class WebSocketTransport(Transport):
 
     def _check(self) -> None:
         if self._closed:
-            raise TransportClosed("transport was closed")
+            raise ClosedResourceError("transport was closed")
         if self._fatal is not None:
             raise self._fatal
 
@@ -363,24 +361,15 @@ class WebSocketTransport(Transport):
         self._wake.set()
 
     def _join_message(self) -> str:
-        msg: dict[str, Any] = {
-            "type": "join",
-            "token": self._token,
-            "room": self.room,
-            "publish": self.publish,
-            "subscribe": self.subscribe,
-        }
-        if self.member_id is not None:
-            msg["resume"] = self.member_id
-        if self.name is not None:
-            msg["name"] = self.name
-        return json.dumps(msg)
+        return messages.Join(
+            self._token, self.room, self.publish, self.subscribe, self.member_id, self.name
+        ).dumps()
 
-    def _refusal(self, code: int | None, fallback: str) -> TransportError | TokenError | None:
+    def _refusal(self, code: int | None, fallback: str) -> Fatal | None:
         """The error for a close code, or None when a retry may help."""
         detail = self._last_error or {}
         message = str(detail.get("message") or fallback)
-        if code is None or code in _RETRY_CLOSE:
+        if code is None or code in RETRY_STANDARD:
             return None
         if code in TOKEN_REASONS:
             return TokenError(
@@ -390,10 +379,16 @@ class WebSocketTransport(Transport):
         if cc is not None and cc.retryable:
             return None
         reason = cc.reason if cc is not None else str(detail.get("reason") or code)
-        return TransportBroken(code, reason, f"server closed the connection ({reason}): {message}")
+        return BrokenResourceError(
+            f"server closed the connection ({reason}): {message}", code=code, reason=reason
+        )
 
     async def _open(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
-        """Connect, join and read the welcome; raise _Retry or _Fatal."""
+        """Connect, join and read the welcome.
+
+        Raises :data:`Fatal` errors for a refusal that retrying cannot fix, and a
+        plain :class:`TransportError` when a retry may help.
+        """
         assert self._session is not None
         self._last_error = None
         try:
@@ -407,12 +402,13 @@ class WebSocketTransport(Transport):
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (502, 503, 504):
-                raise _Retry(f"HTTP {exc.status} {exc.message}") from exc
-            raise _Fatal(
-                TransportError(f"{self.url} is not a posewire server: HTTP {exc.status}")
+                raise TransportError(f"HTTP {exc.status} {exc.message}") from exc
+            raise BrokenResourceError(
+                f"{self.url} is not a posewire server: HTTP {exc.status}",
+                reason="not_a_server",
             ) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _Retry(str(exc) or type(exc).__name__) from exc
+            raise TransportError(str(exc) or type(exc).__name__) from exc
         try:
             await ws.send_str(self._join_message())
             async with asyncio.timeout(max(timeout, 1.0)):
@@ -435,11 +431,11 @@ class WebSocketTransport(Transport):
                         code = ws.close_code
                         err = self._refusal(code, f"closed with code {code}")
                         if err is not None:
-                            raise _Fatal(err)
-                        raise _Retry(f"closed during join (code {code})")
+                            raise err
+                        raise TransportError(f"closed during join (code {code})")
         except (TimeoutError, ConnectionError, ValueError) as exc:
             await ws.close()
-            raise _Retry(f"join failed: {exc or type(exc).__name__}") from exc
+            raise TransportError(f"join failed: {exc or type(exc).__name__}") from exc
         except BaseException:
             await ws.close()
             raise
@@ -486,12 +482,12 @@ class WebSocketTransport(Transport):
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             try:
                 ws = await self._open(max(self.connect_timeout_s, 1.0))
-            except _Fatal as exc:
-                self._fatal = exc.error
+            except (TokenError, BrokenResourceError) as exc:
+                self._fatal = exc
                 self._wake.set()
-                log.warning("%s", exc.error)
+                log.warning("%s", exc)
                 return None
-            except _Retry:
+            except TransportError:  # worth retrying
                 delay = min(delay * 2, self.reconnect_max_s)
                 continue
             self._stats.reconnects += 1
@@ -570,7 +566,7 @@ class WebSocketTransport(Transport):
         self._pings[pid] = fut
         t0 = time.time_ns()
         try:
-            await ws.send_str(f'{{"type":"ping","id":{pid},"t0":{t0}}}')
+            await ws.send_str(messages.ping(pid, t0))
             async with asyncio.timeout(2.0):
                 t0, t1, t2, t3 = await fut
         except (TimeoutError, ConnectionError):
@@ -611,3 +607,17 @@ class WebSocketTransport(Transport):
             await self._ping(ws)
             if self.clock_offset_ns != before:
                 await self._report_clock()
+
+
+def websocket_transport(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
+    """The ``websocket`` transport of the ``transmit`` section (a member of ``transmit.room``)."""
+    return WebSocketTransport.from_config(
+        cfg,
+        context.token(),
+        publish=context.publish,
+        subscribe=context.subscribe,
+        name=context.name,
+    )
+
+
+TRANSPORTS.add("websocket", TransmitConfig, websocket_transport)

@@ -1,0 +1,394 @@
+"""The reusable receiving member: join a room, decode every publisher, measure.
+
+:class:`Receiver` joins a room over
+:class:`~pipeline.transports.websocket.WebSocketTransport`, decodes every
+publisher stream with its own :class:`~pipeline.codec.Decoder`, asks
+for a keyframe when a packet cannot be decoded, and keeps per stream the
+frames received, decoded and lost and the latency from capture to decode.
+The ``receive`` command, tests and benchmarks use it.
+
+Live and backfill are told apart. A member that joins a room with history
+first receives, per stream, a ``backfill`` announcement and the stored
+packets it names (the latest keyframe and the packets after it, up to the
+server's history: they may be close to a second old); only the packets after
+them are live. The report keeps the two apart: ``latency_ms`` is the live
+latency, ``backfill`` the count and the age (capture to decode) of the stored
+packets. A gap in the sequence numbers between two live packets is ``lost``;
+the gap between what came before a (re)join and the first live packet after
+it (packets the server withheld because the receiver could not yet decode
+them) is ``join_gap``, not a loss. The codec kernels are loaded before
+joining, so the first decode does not pay for them either.
+
+Latency across hosts: the transport estimates this host's clock offset to the
+server (minimum-RTT ping sample) before the first packet is counted, and
+every publisher reports its own offset to the server (``clock_offset_ns`` in
+its member record); the latency is ``(decode time + our offset) - (capture
+time + publisher offset)``, both sides on the server's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
+from pipeline.errors import ProtocolError, RefusedError, TransportError
+from pipeline.model.pose import PoseFrame
+from pipeline.model.stats import percentiles
+from pipeline.transports.base import Control, Packet, StateChange
+from pipeline.transports.websocket import WebSocketTransport
+from pipeline.wire.messages import Backfill
+
+KEYFRAME_REQUEST_INTERVAL_S = 0.1
+#: latency samples kept per stream for the report (8 bytes each: 8 MB at the cap, ~9 h at 30 fps)
+MAX_LATENCY_SAMPLES = 1_000_000
+
+_warmed = False
+
+
+def _warm() -> None:
+    global _warmed
+    if not _warmed:
+        warm_kernels()
+        _warmed = True
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
+    """``p50``, ``p95``, ``p99``, ``mean``, ``max`` of ``values`` (None when empty)."""
+    if not len(values):
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    p50, p95, p99 = percentiles(values, (50, 95, 99))
+    return {
+        "p50": p50,
+        "p95": p95,
+        "p99": p99,
+        "mean": sum(values) / len(values),
+        "max": max(values),
+    }
+
+
+@dataclass(slots=True)
+class ReceivedPose:
+    """One decoded frame of one publisher stream."""
+
+    stream_id: int
+    member_id: str | None
+    frame: PoseFrame
+    received_ns: int
+    decoded_ns: int
+    latency_ms: float
+    backfill: bool = False
+    """A stored packet the server sent on joining, not a live one."""
+
+
+@dataclass
+class StreamStats:
+    """What one publisher stream delivered to this receiver."""
+
+    stream_id: int
+    member_id: str | None = None
+    subject: str | None = None
+    received: int = 0
+    """Packets received, backfill included."""
+    decoded: int = 0
+    """Packets decoded, backfill included."""
+    lost: int = 0
+    """Sequence numbers never received between two live packets, counted per packet."""
+    join_gap: int = 0
+    """Sequence numbers skipped at (re)join boundaries (not losses: see the module docstring)."""
+    need_keyframe: int = 0
+    """Packets that could not be decoded for lack of their reference."""
+    bad_packets: int = 0
+    keyframe_requests: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    first_decoded_at: int | None = None
+    """1-based index (among this stream's received packets) of the first decoded one."""
+    latencies_ms: array[float] = field(default_factory=lambda: array("d"))
+    """Live capture-to-decode latencies (a compact array of doubles, not a list of objects)."""
+    backfill: int = 0
+    """Backfill packets received (stored history sent on joining)."""
+    backfill_ages_ms: array[float] = field(default_factory=lambda: array("d"))
+    """Capture-to-decode age of each decoded backfill packet."""
+    clock_corrected: bool = True
+    """False when the publisher's clock offset was unknown for some frame."""
+    last_keyframe_request: float = -1e9
+    bf_remaining: int = 0
+    """Packets still to come of the announced backfill."""
+    bf_last: int | None = None
+    """Sequence number of the last announced backfill packet."""
+    join_ref: int | None = None
+    """The newest sequence number before the first live packet of this session."""
+    live_last: int | None = None
+    """The newest live sequence number of this session (None before the first one)."""
+
+    def on_backfill(self, bf: Backfill) -> None:
+        self.bf_remaining = bf.count
+        self.bf_last = bf.last_seq
+
+    def new_session(self) -> None:
+        """A (re)join: the next live packet starts a new sequence run."""
+        self.join_ref = self.last_seq
+        self.live_last = None
+        self.bf_remaining = 0
+
+    def count(self, seq: int, keyframe: bool) -> bool:
+        """Account one received packet; True when it is backfill."""
+        self.received += 1
+        if self.first_seq is None:
+            self.first_seq = seq
+        if self.last_seq is None or seq > self.last_seq or keyframe:
+            self.last_seq = seq
+        if self.bf_remaining > 0:
+            self.bf_remaining = 0 if seq == self.bf_last else self.bf_remaining - 1
+            self.backfill += 1
+            self.join_ref = seq
+            return True
+        if self.live_last is None:
+            if self.join_ref is not None and seq > self.join_ref:
+                self.join_gap += seq - self.join_ref - 1
+            self.live_last = seq
+        elif seq > self.live_last:
+            self.lost += seq - self.live_last - 1
+            self.live_last = seq
+        elif keyframe:  # a restarted publisher: a new sequence
+            self.live_last = seq
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        ages = self.backfill_ages_ms
+        return {
+            "stream_id": self.stream_id,
+            "member_id": self.member_id,
+            "subject": self.subject,
+            "received": self.received,
+            "decoded": self.decoded,
+            "lost": self.lost,
+            "join_gap": self.join_gap,
+            "need_keyframe": self.need_keyframe,
+            "bad_packets": self.bad_packets,
+            "keyframe_requests": self.keyframe_requests,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "first_decoded_at": self.first_decoded_at,
+            "latency_ms": latency_summary(self.latencies_ms),
+            "backfill": {
+                "count": self.backfill,
+                "age_ms": {
+                    "min": min(ages) if ages else None,
+                    "p50": percentiles(ages, (50,))[0] if ages else None,
+                    "max": max(ages) if ages else None,
+                },
+            },
+            "clock_corrected": self.clock_corrected,
+        }
+
+
+class Receiver:
+    """A decoding member of one room (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        room: str,
+        token: str,
+        *,
+        name: str | None = None,
+        connect_timeout_s: float = 3.0,
+        keep_poses: bool = False,
+        on_pose: Callable[[ReceivedPose], None] | None = None,
+        transport: WebSocketTransport | None = None,
+        warm: bool = True,
+    ) -> None:
+        self.transport = transport or WebSocketTransport(
+            url,
+            room,
+            token,
+            publish=False,
+            subscribe=True,
+            name=name or "receiver",
+            connect_timeout_s=connect_timeout_s,
+        )
+        self.room = room
+        self.keep_poses = keep_poses
+        self.on_pose = on_pose
+        self.warm = warm
+        self.poses: list[ReceivedPose] = []
+        self.streams: dict[int, StreamStats] = {}
+        self.events: list[Control | StateChange] = []
+        self.disconnects = 0
+        self._decoders: dict[int, Decoder] = {}
+        self._started: float | None = None
+        self._ended: float | None = None
+        self.error: BaseException | None = None
+
+    async def connect(self) -> None:
+        """Load the codec kernels, then join (the first decode must not pay for them)."""
+        if self.warm:
+            _warm()
+        await self.transport.connect()
+        self._started = time.monotonic()
+
+    async def close(self) -> None:
+        if self._ended is None:
+            self._ended = time.monotonic()
+        await self.transport.close()
+
+    async def __aenter__(self) -> Receiver:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run(
+        self,
+        duration_s: float | None = None,
+        *,
+        until: Callable[[], bool] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Receive until ``duration_s`` passes, ``until()`` is true, or ``stop`` is set.
+
+        Raises the transport's fatal error (token refused, kicked, room closed).
+        """
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while True:
+            if until is not None and until():
+                return
+            if stop is not None and stop.is_set():
+                return
+            timeout = 0.25
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    return
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self.transport.recv()
+            except TimeoutError:
+                continue
+            await self.handle(item)
+
+    async def handle(self, item: Packet | Control | StateChange) -> None:
+        if isinstance(item, Packet):
+            await self._on_packet(item)
+        elif isinstance(item, StateChange):
+            self.events.append(item)
+            if not item.connected:
+                self.disconnects += 1
+            else:
+                # a new server (or a new membership) starts every stream again
+                self._decoders.clear()
+                for st in self.streams.values():
+                    st.new_session()
+        elif item.type == "backfill":
+            with contextlib.suppress(RefusedError):  # a malformed announcement: all live
+                bf = Backfill.parse(dict(item.body))
+                self._stream(bf.stream_id).on_backfill(bf)
+        elif item.type in ("presence", "broadcast", "kicked", "error"):
+            self.events.append(item)
+
+    async def _on_packet(self, item: Packet) -> None:
+        data = item.data
+        try:
+            h = peek_header(data)
+        except ProtocolError:
+            st = self._stream(-1)
+            st.bad_packets += 1
+            return
+        st = self._stream(h.stream_id)
+        is_backfill = st.count(h.seq, h.keyframe)
+        decoder = self._decoders.get(h.stream_id)
+        if decoder is None:
+            decoder = self._decoders[h.stream_id] = Decoder()
+        try:
+            res = decoder.decode(data)
+        except ProtocolError:
+            st.bad_packets += 1
+            return
+        if isinstance(res, NeedKeyframe):
+            st.need_keyframe += 1
+            now = time.monotonic()
+            if now - st.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S:
+                st.last_keyframe_request = now
+                st.keyframe_requests += 1
+                with contextlib.suppress(TransportError):
+                    await self.transport.request_keyframe(h.stream_id)
+            return
+        assert isinstance(res, Decoded)
+        t_dec = time.time_ns()
+        st.decoded += 1
+        if st.first_decoded_at is None:
+            st.first_decoded_at = st.received
+        owner = self.transport.stream_owner(h.stream_id)
+        if owner is not None:
+            st.member_id = owner.get("id")
+            st.subject = owner.get("subject")
+        pub_off = owner.get("clock_offset_ns") if owner is not None else None
+        if not isinstance(pub_off, int):
+            pub_off = 0
+            st.clock_corrected = False
+        my_off = self.transport.clock_offset_ns or 0
+        capture = res.frame.capture_ts_ns
+        latency_ms = ((t_dec + my_off) - (capture + pub_off)) / 1e6
+        samples = st.backfill_ages_ms if is_backfill else st.latencies_ms
+        if len(samples) < MAX_LATENCY_SAMPLES:
+            samples.append(latency_ms)
+        pose = ReceivedPose(
+            h.stream_id, st.member_id, res.frame, item.received_ns, t_dec, latency_ms, is_backfill
+        )
+        if self.keep_poses:
+            self.poses.append(pose)
+        if self.on_pose is not None:
+            self.on_pose(pose)
+
+    def _stream(self, stream_id: int) -> StreamStats:
+        st = self.streams.get(stream_id)
+        if st is None:
+            st = self.streams[stream_id] = StreamStats(stream_id)
+        return st
+
+    @property
+    def decoded(self) -> int:
+        return sum(s.decoded for s in self.streams.values())
+
+    def report(self) -> dict[str, Any]:
+        """The figures of this receiver (see ``docs/room-protocol.md`` for the fields)."""
+        lat = array("d")
+        ages = array("d")
+        for s in self.streams.values():
+            lat.extend(s.latencies_ms)
+            ages.extend(s.backfill_ages_ms)
+        end = self._ended if self._ended is not None else time.monotonic()
+        stats = self.transport.statistics()
+        live = latency_summary(lat)
+        return {
+            "room": self.room,
+            "server": self.transport.url,
+            "member_id": self.transport.member_id,
+            "duration_s": (end - self._started) if self._started is not None else 0.0,
+            "clock_offset_ns": stats.clock_offset_ns,
+            "clock_rtt_ms": stats.clock_rtt_ms,
+            "reconnects": stats.reconnects,
+            "dropped_received": stats.dropped_received,
+            "frames_received": sum(s.received for s in self.streams.values()),
+            "frames_decoded": self.decoded,
+            "frames_live": len(lat),
+            "frames_lost": sum(s.lost for s in self.streams.values()),
+            "join_gap_frames": sum(s.join_gap for s in self.streams.values()),
+            "latency_ms": {"p50": live["p50"], "p95": live["p95"], "p99": live["p99"]},
+            "backfill": {
+                "count": sum(s.backfill for s in self.streams.values()),
+                "age_ms": {
+                    "p50": percentiles(ages, (50,))[0] if ages else None,
+                    "max": max(ages) if ages else None,
+                },
+            },
+            "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
+        }

@@ -1,0 +1,326 @@
+"""The member WebSocket (``GET /ws[?room=R]``): join, then packets and control messages.
+
+The token travels in the first message (browsers cannot set headers on a
+WebSocket; a query string would end up in access logs); an
+``Authorization: Bearer`` header on the upgrade request is accepted too.
+The messages are those of :mod:`pipeline.wire.messages` (described in
+``docs/room-protocol.md``): a member sends ``join`` first and once, then
+``ping``, ``clock``, ``keyframe_request``, ``ack`` (accepted and ignored: the
+server is the acknowledging party), ``broadcast``, ``kick``, ``leave``.
+
+Binary messages are pose packets (:mod:`pipeline.codec`) in both
+directions: the server validates each header with ``peek_header`` and relays
+the bytes unchanged; the stream id in the header identifies the publisher
+(``streams`` in its member record). The relay rules are in
+:mod:`pipeline.server.rooms`.
+
+Every violation closes that connection with a close code of
+:mod:`pipeline.wire.close`: it is raised as a
+:class:`~pipeline.errors.RefusedError` carrying the code, and the handler
+sends the ``error`` message and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from pipeline.codec import peek_header
+from pipeline.errors import ProtocolError, RefusedError, TokenError
+from pipeline.server.limits import RateLimiter
+from pipeline.server.rooms import Member, StoredPacket, close_ws
+from pipeline.server.state import STATE, ServerState, bearer
+from pipeline.wire import messages
+from pipeline.wire.close import (
+    MAX_STREAMS_PER_MEMBER,
+    TOKEN_CLOSE_CODES,
+    CloseCode,
+    close_code,
+    refusal,
+)
+from pipeline.wire.tokens import MODERATE, PUBLISH_POSE, SUBSCRIBE
+
+log = logging.getLogger("posewire.server")
+
+CLOSE_TIMEOUT_S = 2.0
+
+
+class MemberSocket(web.WebSocketResponse):
+    """A WebSocketResponse that closes oversized messages with 4009 instead of 1009."""
+
+    too_large = False
+    max_message_bytes = 0
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            self.too_large = True
+            cc = CloseCode.MESSAGE_TOO_LARGE
+            code = cc
+            message = cc.reason.encode()
+            error = messages.error(
+                cc, cc.reason, f"message larger than {self.max_message_bytes} bytes"
+            )
+            with contextlib.suppress(ConnectionError):
+                await self.send_str(messages.dumps(error))
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                return await super().close(code=code, message=message, drain=drain)
+        except TimeoutError:
+            return True
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", ws_handler)
+
+
+async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, message: str) -> None:
+    cc = close_code(code)
+    reason = cc.reason if cc is not None else str(code)
+    state.metrics.reject(reason)
+    log.info("closing connection: %s (%d): %s", reason, code, message)
+    await close_ws(ws, code, message)
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    cfg = state.config
+    if not state.ready:
+        return web.json_response(
+            {"error": "not_ready", "message": "server is not accepting members"}, status=503
+        )
+    ws = MemberSocket(
+        max_msg_size=cfg.max_message_bytes + 1,
+        heartbeat=cfg.heartbeat_s,
+        compress=False,
+        timeout=CLOSE_TIMEOUT_S,
+    )
+    ws.max_message_bytes = cfg.max_message_bytes
+    await ws.prepare(request)
+    manager = state.manager
+    manager.connections += 1
+    state.metrics.connections_total += 1
+    try:
+        if manager.connections > cfg.max_connections:
+            await _reject(
+                state,
+                ws,
+                CloseCode.TOO_MANY_CONNECTIONS,
+                f"server has {cfg.max_connections} connections, the maximum",
+            )
+            return ws
+        limiter = RateLimiter(cfg.max_messages_per_s)
+        member = await _join(state, ws, request, limiter)
+        if member is None:
+            return ws
+        try:
+            await _member_loop(state, member, limiter)
+        except RefusedError as exc:
+            await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
+        finally:
+            member.room.remove(member)
+            await member.stop_writer()
+            if not ws.closed:
+                await close_ws(ws, 1000)
+    finally:
+        manager.connections -= 1
+    return ws
+
+
+async def _join(
+    state: ServerState, ws: MemberSocket, request: web.Request, limiter: RateLimiter
+) -> Member | None:
+    cfg = state.config
+    try:
+        async with asyncio.timeout(cfg.auth_timeout_s):
+            msg = await ws.receive()
+    except TimeoutError:
+        await _reject(
+            state, ws, CloseCode.AUTH_TIMEOUT, f"no join message within {cfg.auth_timeout_s}s"
+        )
+        return None
+    state.metrics.messages_in += 1
+    limiter.allow()
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+        return None
+    if msg.type == WSMsgType.ERROR:
+        if ws.too_large:
+            state.metrics.reject(CloseCode.MESSAGE_TOO_LARGE.reason)
+        return None
+    try:
+        if msg.type != WSMsgType.TEXT:
+            raise refusal(CloseCode.NOT_JOINED, "the first message must be a join (JSON text)")
+        obj = messages.parse(msg.data)
+        if obj["type"] != "join":
+            raise refusal(CloseCode.NOT_JOINED, f"{obj['type']!r} before join")
+        join = messages.Join.parse(obj)
+        token = join.token if join.token is not None else bearer(request)
+        if token is None:
+            raise refusal(CloseCode.TOKEN_MALFORMED, "join: no token (field 'token')")
+        q_room = request.query.get("room")
+        room_name = join.room if "room" in obj else q_room
+        if room_name is None:
+            raise refusal(CloseCode.MALFORMED_MESSAGE, "join: 'room' must be a string")
+        if q_room is not None and q_room != room_name:
+            raise refusal(CloseCode.MALFORMED_MESSAGE, "join: room differs from ?room=")
+        required = ([PUBLISH_POSE] if join.publish else []) + (
+            [SUBSCRIBE] if join.subscribe else []
+        )
+        try:
+            claims = state.verifier.verify(token, room=room_name, require=required)
+        except TokenError as exc:
+            raise refusal(TOKEN_CLOSE_CODES[exc.reason], str(exc)) from exc
+        room = state.manager.room_for_join(room_name)
+    except RefusedError as exc:
+        await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
+        return None
+    member_id, resumed = state.manager.new_member_id(room, join.resume)
+    transport = request.transport
+    member = Member(
+        state.manager,
+        room,
+        ws,
+        transport if isinstance(transport, asyncio.Transport) else None,
+        claims,
+        member_id=member_id,
+        publish=join.publish,
+        subscribe=join.subscribe,
+        name=join.name,
+    )
+    member.post(
+        {
+            "type": "welcome",
+            "member_id": member_id,
+            "room": room.name,
+            "resumed": resumed,
+            "role": claims.role,
+            "perms": sorted(claims.perms),
+            "members": [m.info() for m in room.members.values()],
+            "server_time_ns": time.time_ns(),
+            "limits": {
+                "max_message_bytes": cfg.max_message_bytes,
+                "max_messages_per_s": cfg.max_messages_per_s,
+                "subscriber_queue": cfg.subscriber_queue,
+            },
+        }
+    )
+    if join.subscribe:
+        member.post_snapshot(room.snapshot_for(member))
+    room.add(member)
+    log.info(
+        "member %s (%s, %s) joined room %s%s",
+        member_id,
+        claims.subject,
+        claims.role,
+        room.name,
+        " (resumed)" if resumed else "",
+    )
+    return member
+
+
+async def _member_loop(state: ServerState, member: Member, limiter: RateLimiter) -> None:
+    ws = member.ws
+    assert isinstance(ws, MemberSocket)
+    metrics = state.metrics
+    while True:
+        msg = await ws.receive()
+        t_recv = time.time_ns()
+        kind = msg.type
+        if kind == WSMsgType.BINARY:
+            metrics.messages_in += 1
+            metrics.bytes_in += len(msg.data)
+            if not limiter.allow():
+                raise refusal(CloseCode.RATE_LIMITED, _rate_message(state))
+            await _on_packet(state, member, msg.data)
+        elif kind == WSMsgType.TEXT:
+            metrics.messages_in += 1
+            metrics.bytes_in += len(msg.data)
+            if not limiter.allow():
+                raise refusal(CloseCode.RATE_LIMITED, _rate_message(state))
+            await _on_control(state, member, messages.parse(msg.data), t_recv)
+        elif kind == WSMsgType.ERROR:
+            if ws.too_large:
+                metrics.reject(CloseCode.MESSAGE_TOO_LARGE.reason)
+            return
+        else:  # CLOSE, CLOSING, CLOSED; PING/PONG are handled by aiohttp
+            return
+        if member.closed:
+            return
+
+
+def _rate_message(state: ServerState) -> str:
+    return f"more than {state.config.max_messages_per_s:g} messages per second"
+
+
+async def _on_packet(state: ServerState, member: Member, data: bytes) -> None:
+    try:
+        h = peek_header(data)
+    except ProtocolError as exc:
+        raise refusal(CloseCode.BAD_PACKET, f"not a pose packet: {exc}") from exc
+    if PUBLISH_POSE not in member.claims.perms:
+        raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing needs 'publish_pose'")
+    room = member.room
+    stream = room.streams.get(h.stream_id)
+    if stream is None:
+        if len(member.streams) >= MAX_STREAMS_PER_MEMBER:
+            raise refusal(
+                CloseCode.TOO_MANY_STREAMS, f"at most {MAX_STREAMS_PER_MEMBER} streams per member"
+            )
+        member.publish = True
+        stream = room.claim(member, h.stream_id)
+    elif stream.owner is not member:
+        raise refusal(
+            CloseCode.STREAM_SPOOF, f"stream {h.stream_id} belongs to another member of the room"
+        )
+    pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch)
+    stream.add(pkt)
+    state.metrics.packets_in += 1
+    member.post_text(messages.ack(h.stream_id, h.seq))
+    if stream.keyframe is None:
+        room.request_keyframe(h.stream_id)
+    await room.relay(member, pkt)
+
+
+async def _on_control(state: ServerState, member: Member, obj: dict[str, Any], t_recv: int) -> None:
+    kind = obj["type"]
+    room = member.room
+    if kind == "ping":
+        member.post(
+            {"type": "pong", "id": obj.get("id"), "t0": obj.get("t0"), "t1": t_recv,
+             "t2": time.time_ns()}
+        )  # fmt: skip
+    elif kind == "clock":
+        member.clock_offset_ns = messages.field_int(obj, "offset_ns")
+        room.broadcast(
+            {"type": "presence", "event": "update", "member": member.info()}, exclude=member
+        )
+    elif kind == "keyframe_request":
+        room.request_keyframe(messages.field_int(obj, "stream_id"))
+    elif kind == "ack":
+        pass  # the server is the acknowledging party over WebSocket (see pipeline.server.rooms)
+    elif kind == "broadcast":
+        room.broadcast(
+            {"type": "broadcast", "from": member.id, "data": obj.get("data")}, exclude=member
+        )
+    elif kind == "kick":
+        target = messages.field_str(obj, "member", "a member id")
+        if MODERATE not in member.claims.perms:
+            member.post(
+                messages.error(
+                    None, "missing_permission", "kicking needs the 'moderate' permission"
+                )
+            )
+        elif state.manager.kick(room, target, member.claims.subject):
+            member.post({"type": "kicked", "member": target})
+        else:
+            member.post(messages.error(None, "member_not_found", f"no member {target!r}"))
+    elif kind == "leave":
+        member.closed = True
+    elif kind == "join":
+        raise refusal(CloseCode.NOT_JOINED, "already joined")

@@ -1,0 +1,42 @@
+"""What one server process shares between requests (the app's :data:`STATE`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from pipeline.config import ServerConfig
+from pipeline.server.metrics import ServerMetrics
+from pipeline.server.rooms import RoomManager
+from pipeline.server.tokens import TokenVerifier
+
+
+@dataclass
+class ServerState:
+    """Everything one server process shares between requests."""
+
+    config: ServerConfig
+    manager: RoomManager
+    verifier: TokenVerifier
+    metrics: ServerMetrics
+    secret: str
+    dev: bool
+    ready: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and self.manager.connections < self.config.max_connections
+
+
+STATE = web.AppKey("posewire_state", ServerState)
+
+
+def bearer(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if any."""
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return None
