@@ -52,6 +52,10 @@ class ControlError(PosewireError):
     """A malformed or unexpected control-plane message."""
 
 
+class CommandError(PosewireError):
+    """A control command a stage refuses: a bad argument, or a command it does not handle."""
+
+
 class SupervisorError(PosewireError):
     """The supervisor cannot start or must stop (run dir, duplicate run id, ...)."""
 

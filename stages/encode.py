@@ -93,9 +93,6 @@ def run(ctx: StageContext) -> int:
     bytes_total = 0
     while not ctx.stopping:
         ctx.tick()
-        if ctx.keyframe_requested:
-            ctx.keyframe_requested = False
-            encoder.request_keyframe()
         while True:
             try:
                 kind, seq = feedback.parse(fb.recv(timeout=0).data)

@@ -10,6 +10,14 @@ may also define ``prepare() -> None``: slow set-up that must be done before the
 stage counts as started (its first heartbeat), for the supervisor starts the
 producers of the data path only once their consumers sent one.
 
+Commands: the context applies ``stop``, ``pause``, ``resume`` and ``set``
+(which updates :attr:`StageContext.params`) itself; every other command is
+the business of the stage that registers a handler for it with
+:meth:`StageContext.on`. A stage that registered none answers "stage X does
+not handle command Y". A handler refuses a bad argument by raising
+:class:`~pipeline.errors.CommandError`: the supervisor gets a failed reply,
+the stage goes on.
+
 The context owns a heartbeat thread with the stage's only ZeroMQ socket (a
 DEALER whose identity is the stage name). It sends a heartbeat with the
 stage's metrics every ``heartbeat_interval_ms`` *only while the main loop
@@ -48,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import ControlError, PosewireError
+from pipeline.errors import CommandError, ControlError, PosewireError
 from pipeline.runtime import control
 
 _FAULT_FILE: Any = None
@@ -139,7 +147,6 @@ class StageContext:
         self.stopping = False
         """An orderly stop was requested: finish the current item and return 0."""
         self.paused = False
-        self.keyframe_requested = False
         self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {}
         self._rings: dict[str, Any] = {}
         self._inbox: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
@@ -162,7 +169,9 @@ class StageContext:
         return self._rings[name]
 
     def on(self, cmd: str, handler: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
-        """Handle a command (``set``, ``switch_transport``, ``keyframe``) in the main thread."""
+        """Handle command ``cmd`` in the main thread (after the context's own handling of
+        ``set``, ``pause``, ``resume``, ``stop``); ``handler`` gets the command's arguments
+        and returns the reply's result (or ``None``)."""
         self._handlers[cmd] = handler
 
     def tick(self) -> None:
@@ -190,21 +199,13 @@ class StageContext:
     def _apply(self, cmd: control.Command) -> control.Reply:
         try:
             result: dict[str, Any] | None = None
-            if cmd.cmd == "stop":
-                self.stopping = True
-            elif cmd.cmd == "pause":
-                self.paused = True
-            elif cmd.cmd == "resume":
-                self.paused = False
-            elif cmd.cmd == "keyframe":
-                self.keyframe_requested = True
-            if cmd.cmd == "set":
-                self.params.update(cmd.args)
             handler = self._handlers.get(cmd.cmd)
+            if cmd.cmd in _OWN_COMMANDS:
+                _OWN_COMMANDS[cmd.cmd](self, cmd.args)
+            elif handler is None:
+                raise CommandError(f"stage {self.name} does not handle command {cmd.cmd!r}")
             if handler is not None:
                 result = handler(cmd.args)
-            elif cmd.cmd in ("switch_transport",):
-                return control.Reply(cmd.id, False, f"stage {self.name} has no transport")
             return control.Reply(cmd.id, True, None, result or {})
         except PosewireError as exc:
             return control.Reply(cmd.id, False, str(exc))
@@ -283,6 +284,31 @@ class StageContext:
         finally:
             sock.close()
             zctx.term()
+
+
+def _stop(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.stopping = True
+
+
+def _pause(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.paused = True
+
+
+def _resume(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.paused = False
+
+
+def _set(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.params.update(args)
+
+
+#: the commands every stage understands (a handler registered with ``on`` runs after)
+_OWN_COMMANDS: dict[str, Callable[[StageContext, dict[str, Any]], None]] = {
+    "stop": _stop,
+    "pause": _pause,
+    "resume": _resume,
+    "set": _set,
+}
 
 
 def _set_parent_death_signal() -> None:

@@ -9,14 +9,22 @@ It follows the Erlang/OTP model:
   ``period_s`` seconds and the supervisor gives up: it stops every stage and
   exits with :data:`EXIT_INTENSITY` and one message naming the stage and its
   last error.
-* a stage that exits 0 is **finished**, not restarted; when the head of the
-  pipeline finishes (end of a file), each next stage is stopped once the ring
-  in front of it is drained, and the run ends with exit 0.
+* a stage that exits 0 is **finished**, not restarted; once every producer of
+  a stage finished (a head at the end of its file, say), the stage is stopped
+  as soon as its input rings are drained; when every stage of the data path
+  finished, the run ends with exit 0.
 * a stage silent for ``heartbeat_timeout_ms`` is **hung**: SIGTERM (and
   SIGCONT, so a stopped process can act on it), SIGKILL after
   ``kill_grace_s``, then restarted like a crash.
-* a stage that exits with :data:`~pipeline.runtime.stage.EXIT_CONFIG` met a user
-  error (a source that cannot exist): no retry, the run stops with exit 2.
+* a stage that exits with :attr:`~pipeline.runtime.stage.ExitStatus.CONFIG` met a
+  user error (a source that cannot exist): no retry, the run stops with exit 2.
+
+The supervisor knows no stage by name: it is handed a
+:class:`~pipeline.runtime.topology.Topology` that declares the stages (module,
+rings, heads, feedback, stages beside the data path) and how the run's frames
+are counted. The heads start once every other stage sent its first heartbeat
+(or ``supervisor.startup_timeout_ms`` passed); at the end the data path is
+stopped first, then the stages beside it.
 
 The supervisor owns every shared-memory segment: it sweeps stale ones of
 crashed runs at start, creates the rings, and unlinks them on every exit
@@ -29,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import json
 import logging
 import multiprocessing
@@ -48,22 +55,18 @@ from typing import Any
 
 import zmq
 
-from pipeline.config import Config, DetectBackend
+from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
 from pipeline.monitor.figures import Monitor, merge_report
 from pipeline.runtime import control
-from pipeline.runtime.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
+from pipeline.runtime.stage import ExitStatus, StageSpec, error_file, stage_main
+from pipeline.runtime.topology import Topology
 
 log = logging.getLogger("posewire.supervisor")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_INTENSITY = 3
-
-#: the data path, head first; each stage reads the ring its predecessor writes
-PIPELINE_ORDER = ("capture", "detect", "encode", "transmit")
-#: ring in front of each stage (what must be drained before it is stopped)
-INPUT_RING = {"detect": "frames", "encode": "poses", "transmit": "packets"}
 
 
 def default_run_base() -> Path:
@@ -104,28 +107,22 @@ class StageState:
         return out
 
 
-def stage_plan(cfg: Config) -> list[str]:
-    """The stages this configuration runs, in data-path order (plus the embedded server)."""
-    names = list(PIPELINE_ORDER)
-    if cfg.detect.backend == DetectBackend.TRACE:
-        names.remove("capture")  # the trace replaces camera and model
-    if cfg.server.embedded:
-        names.append("server")
-    return names
-
-
 class Supervisor:
     """Runs one pipeline until it finishes, is stopped, or gives up."""
 
     def __init__(
         self,
         cfg: Config,
+        topology: Topology,
         *,
         duration_s: float | None = None,
         report_path: Path | None = None,
         run_id: str | None = None,
+        primary_transport: str = "",
     ) -> None:
         self.cfg = cfg
+        self.topology = topology
+        self.primary_transport = primary_transport
         self.duration_s = duration_s
         self.report_path = report_path
         self.run_id = run_id or cfg.supervisor.run_id or secrets.token_hex(4)
@@ -147,9 +144,9 @@ class Supervisor:
         self._started_wall = 0.0
         self._cmd_id = 0
         self._owned_run_dir = False
-        self.monitor: Monitor | None = None  # performance monitor (issue 6)
+        self.monitor: Monitor | None = None
         self._held: list[str] = []
-        """The head of the data path while it waits for the other stages (see run)."""
+        """The heads of the data path while they wait for the other stages (see run)."""
         self._hold_until = 0.0
 
     # -- lifecycle ------------------------------------------------------------
@@ -169,11 +166,10 @@ class Supervisor:
                 ", ".join(self.stages),
                 self.run_dir,
             )
-            # the head of the data path (capture, or detect replaying a trace) starts
-            # once every other stage has sent its first heartbeat (or after
-            # supervisor.startup_timeout_ms): no frame waits in a ring for a consumer
-            # that is still starting
-            self._held = [n for n in PIPELINE_ORDER if n in self.stages][:1]
+            # the heads of the data path start once every other stage has sent its
+            # first heartbeat (or after supervisor.startup_timeout_ms): no frame
+            # waits in a ring for a consumer that is still starting
+            self._held = list(self.topology.heads())
             self._hold_until = time.monotonic() + self.cfg.supervisor.startup_timeout_ms / 1000
             for name, st in self.stages.items():
                 if name not in self._held:
@@ -199,51 +195,35 @@ class Supervisor:
         swept = sweep_stale()
         if swept:
             log.info("swept %d stale segment(s) of crashed runs: %s", len(swept), ", ".join(swept))
-        self._ensure_secret()
-        for name in stage_plan(self.cfg):
-            self.stages[name] = StageState(self._spec(name, {}))
-        ring_plan = self._ring_plan()
-        for ring_name, (slot_size, slots, mode) in ring_plan.items():
-            seg = segment_name(self.run_id, ring_name)
-            self.rings[ring_name] = Ring.create(
-                seg,
-                slot_size=slot_size,
-                slots=slots,
-                mode=RingMode(mode),
+        for decl in self.topology.stages:
+            spec = self._spec(decl.name, decl.module)
+            spec.rings = {
+                r: segment_name(self.run_id, r) for r in dict.fromkeys(decl.inputs + decl.outputs)
+            }
+            self.stages[decl.name] = StageState(spec)
+        for ring in self.topology.rings:
+            self.rings[ring.name] = Ring.create(
+                segment_name(self.run_id, ring.name),
+                slot_size=ring.item_size,
+                slots=ring.slots,
+                mode=RingMode(ring.mode),
                 run_dir=self.run_dir,
             )
-        for st in self.stages.values():
-            st.spec.rings = {r: segment_name(self.run_id, r) for r in self.rings}
         self._zctx = zmq.Context()
         self._router = self._zctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self._router.bind(self.endpoint)
         self._poller.register(self._router, zmq.POLLIN)
-        # -- performance monitor (issue 6): /metrics, alerts, live status, report figures
+        # the performance monitor: /metrics, alerts, live status, report figures
         self.monitor = Monitor(
             self.cfg.monitor,
-            primary_transport=self.cfg.transmit.primary.value,
+            self.topology,
+            primary_transport=self.primary_transport,
             run_dir=self.run_dir,
             run_id=self.run_id,
         )
         self.monitor.start()
-
-    def _ensure_secret(self) -> None:
-        """An embedded server with no configured secret gets a random one for this run.
-
-        It is exported as ``$POSEWIRE_SECRET`` to the stages (spawned children
-        inherit the environment), so the embedded server and the transmit stage
-        agree, and it never touches the disk. Receivers then need a token from
-        ``python -m pipeline token`` run with the same secret, or from the
-        server's dev endpoint when ``server.dev`` is on (loopback only).
-        """
-        if not self.cfg.server.embedded or os.environ.get("POSEWIRE_SECRET"):
-            return
-        if self.cfg.server.secret:
-            return
-        os.environ["POSEWIRE_SECRET"] = secrets.token_urlsafe(32)
-        log.info("embedded server: using a random per-run token secret")
 
     @property
     def endpoint(self) -> str:
@@ -275,35 +255,15 @@ class Supervisor:
         self._lock_fd = fd
         self._owned_run_dir = True
 
-    def _ring_plan(self) -> dict[str, tuple[int, int, str]]:
-        """Ring name -> (slot size, slots, mode)."""
-        from pipeline.codec.protocol import MAX_PACKET_BYTES
-        from pipeline.model.frame import frame_slot_size
-        from pipeline.model.pose import pose_record_size
-
-        r = self.cfg.rings
-        plan: dict[str, tuple[int, int, str]] = {}
-        if "capture" in self.stages:
-            plan["frames"] = (
-                frame_slot_size(r.max_frame_width, r.max_frame_height),
-                r.frames.slots,
-                "latest",
-            )
-        plan["poses"] = (pose_record_size(), r.poses.slots, "queue")
-        plan["packets"] = (MAX_PACKET_BYTES, r.packets.slots, "queue")
-        plan["feedback"] = (256, 64, "queue")  # transmit -> encode: acks, keyframe requests
-        return plan
-
-    def _spec(self, name: str, params: dict[str, Any]) -> StageSpec:
+    def _spec(self, name: str, module: str) -> StageSpec:
         return StageSpec(
             name=name,
-            module=f"stages.{name}",
+            module=module,
             config=self.cfg,
             run_id=self.run_id,
             run_dir=self.run_dir,
             control_endpoint=self.endpoint,
             supervisor_pid=os.getpid(),
-            params=params,
         )
 
     def _start(self, st: StageState) -> None:
@@ -345,7 +305,7 @@ class Supervisor:
                 self._finish(EXIT_OK, f"signal:{name}", f"stopped by {name}")
             elif deadline is not None and now >= deadline:
                 self._finish(EXIT_OK, "duration", f"ran for {self.duration_s:g} s")
-            if self.monitor is not None:  # issue 6: HTTP control requests; a sample ~1/s
+            if self.monitor is not None:  # HTTP control requests; a sample ~1/s
                 for req in self.monitor.take_commands():
                     req.resolve(self.command(req.stage, req.cmd, req.args))
                 if self.monitor.due(now):
@@ -355,7 +315,7 @@ class Supervisor:
                 log.info("%s", self.status_line())
 
     def _release_head(self, now: float) -> None:
-        """Start the held head stage once every other stage has reported (or on timeout)."""
+        """Start the held heads once every other stage has reported (or on timeout)."""
         waiting = [
             n
             for n, st in self.stages.items()
@@ -442,7 +402,7 @@ class Supervisor:
                 st.state = "done"
                 log.info("%s finished", name)
                 continue
-            if code == EXIT_CONFIG:
+            if code == ExitStatus.CONFIG:
                 self._finish(EXIT_CONFIG_ERROR, "config_error", f"{name}: {st.last_error}")
                 return
             if st.killed_for is not None:
@@ -509,29 +469,36 @@ class Supervisor:
                 st.term_sent_at = now
 
     def _check_drain(self) -> None:
-        """Stop each stage whose predecessor finished once its input ring is empty."""
-        order = [n for n in PIPELINE_ORDER if n in self.stages]
-        for prev, nxt in itertools.pairwise(order):
-            a, b = self.stages[prev], self.stages[nxt]
-            if not a.done or b.done or b.stop_sent or b.proc is None:
+        """Stop each stage whose producers all finished once its input rings are empty."""
+        topo = self.topology
+        order = topo.order()
+        for name in order:
+            st = self.stages[name]
+            producers = topo.producers(name)
+            if not producers or st.done or st.stop_sent or st.proc is None:
                 continue
-            ring = self.rings.get(INPUT_RING[nxt])
-            try:
-                pending = ring.statistics().occupancy if ring is not None else 0
-            except RingError:
-                pending = 0
-            if pending == 0:
-                self.command(nxt, "stop")
-                b.stop_sent = True
+            if not all(self.stages[p].done for p in producers):
+                continue
+            if all(self._pending(r) == 0 for r in topo.data_inputs(name)):
+                self.command(name, "stop")
+                st.stop_sent = True
         if order and all(self.stages[n].done for n in order):
             self._finish(EXIT_OK, "finished", "pipeline finished: source ended and rings drained")
+
+    def _pending(self, ring_name: str) -> int:
+        ring = self.rings.get(ring_name)
+        try:
+            return int(ring.statistics().occupancy) if ring is not None else 0
+        except RingError:
+            return 0
 
     # -- shutdown -------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        # The data path first, then the server it publishes to (no reconnect noise).
+        # The data path first, then the stages beside it (an embedded server the data
+        # path publishes to: no reconnect noise).
         deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
-        data_path = [st for n, st in self.stages.items() if n != "server"]
+        data_path = [self.stages[n] for n in self.topology.data_path() if n in self.stages]
         self._stop_group(data_path, deadline - self.cfg.supervisor.shutdown_timeout_s / 2)
         self._stop_group(list(self.stages.values()), deadline)
 
@@ -572,7 +539,7 @@ class Supervisor:
                 st.proc = None
 
     def _cleanup(self) -> None:
-        if self.monitor is not None:  # issue 6
+        if self.monitor is not None:
             self.monitor.close()
         for ring in self.rings.values():
             with contextlib.suppress(RingError, OSError):
@@ -608,22 +575,9 @@ class Supervisor:
         return out
 
     def frames(self) -> dict[str, int]:
-        rs = self.ring_stats()
-        transmit = self.stages.get("transmit")
-        detect = self.stages.get("detect")
-        captured = rs.get("frames", {}).get("written")
-        if captured is None and detect is not None:
-            captured = int(detect.counter("frames_replayed_total"))
-        return {
-            "captured": int(captured or 0),
-            "detected": rs.get("poses", {}).get("written", 0),
-            "skipped": rs.get("frames", {}).get("skipped", 0),
-            "encoded": rs.get("packets", {}).get("written", 0),
-            "sent": int(transmit.counter("packets_sent_total")) if transmit else 0,
-            "dropped": rs.get("poses", {}).get("dropped", 0)
-            + rs.get("packets", {}).get("dropped", 0)
-            + (int(transmit.counter("packets_dropped_total")) if transmit else 0),
-        }
+        """The run's frame figures, as the topology declares them."""
+        counters = {name: st.all_metrics() for name, st in self.stages.items()}
+        return self.topology.frames(self.ring_stats(), counters)
 
     def status_line(self) -> str:
         f = self.frames()
@@ -655,7 +609,7 @@ class Supervisor:
                 for name, st in self.stages.items()
             },
         }
-        if self.monitor is not None:  # issue 6: figures, alerts, time series
+        if self.monitor is not None:  # figures, alerts, time series
             merge_report(out, self.monitor.report_section(self.stages, out["frames"], out["rings"]))
         return out
 
@@ -673,13 +627,22 @@ class Supervisor:
 
 def run_pipeline(
     cfg: Config,
+    topology: Topology,
     *,
     duration_s: float | None = None,
     report_path: Path | None = None,
     run_id: str | None = None,
+    primary_transport: str = "",
 ) -> int:
-    """Run the pipeline described by ``cfg``; return the exit code."""
-    sup = Supervisor(cfg, duration_s=duration_s, report_path=report_path, run_id=run_id)
+    """Run the stages and rings of ``topology`` with ``cfg``; return the exit code."""
+    sup = Supervisor(
+        cfg,
+        topology,
+        duration_s=duration_s,
+        report_path=report_path,
+        run_id=run_id,
+        primary_transport=primary_transport,
+    )
     try:
         return sup.run()
     except SupervisorError:
