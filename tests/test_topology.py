@@ -184,7 +184,15 @@ def test_latency_hops_are_declared_by_the_stages() -> None:
     assert hops["capture_to_send"][1] == Latency("capture_to_send", "latency_ms", end_to_end=True)
 
 
-# --------------------------------------------------------------------------- two branches, real processes
+# --------------------------------------------------------------- two branches, real processes
+
+
+def test_the_toy_topology_has_two_heads_and_one_sink() -> None:
+    topo = toy_topology()
+    assert topo.heads() == ("video", "mic")
+    assert topo.producers("sink") == ("video", "mic")
+    assert topo.order() == ("video", "mic", "sink")
+    assert topo.frame_kinds == ("video", "dropped", "audio", "sunk")
 
 
 def _start_toy(
