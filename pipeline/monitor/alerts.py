@@ -34,7 +34,6 @@ def round_figure(v: float | None, digits: int = 4) -> float | None:
     return float(f"{v:.{digits}g}") if abs(v) < 1e6 else round(v, 1)
 
 
-
 @dataclass
 class AlertEpisode:
     """One time an alert was raised (and perhaps cleared)."""
@@ -125,4 +124,3 @@ class AlertBook:
 
     def active(self) -> list[str]:
         return [n for n, a in self.alerts.items() if a.active]
-

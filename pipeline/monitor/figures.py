@@ -44,21 +44,41 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Protocol
-
-import psutil
+from typing import Any
 
 from pipeline.config import MonitorConfig
 from pipeline.model.prometheus import Exposition
 from pipeline.model.stats import percentiles
 from pipeline.monitor.alerts import ALERTS, AlertBook, round_figure
-from pipeline.monitor.http import METRICS, ControlRequest, HTTPServer, make_server
+from pipeline.monitor.http import (
+    METRICS,
+    ControlRequest,
+    HTTPServer,
+    make_server,
+    render_exposition,
+)
 from pipeline.monitor.live import LiveStatus
+from pipeline.monitor.samples import (
+    ProcessSampler,
+    Series,
+    StageView,
+    mb,
+    mean,
+    merge_report,
+    occupancy,
+)
 from pipeline.runtime.topology import Latency, Topology
 
-__all__ = ["ALERTS", "METRICS", "RAW_FLOAT32_BYTES", "ControlRequest", "Monitor", "merge_report"]
+__all__ = [
+    "ALERTS",
+    "METRICS",
+    "RAW_FLOAT32_BYTES",
+    "ControlRequest",
+    "Monitor",
+    "StageView",
+    "merge_report",
+]
 
 log = logging.getLogger("posewire.monitor")
 
@@ -67,94 +87,6 @@ RAW_FLOAT32_BYTES = 33 * 4 * 4
 
 _QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 _round = round_figure
-
-
-class StageView(Protocol):
-    """What the monitor reads of a stage (the supervisor's ``StageState``)."""
-
-    proc: BaseProcess | None
-    restarts: int
-    hung: int
-    state: str
-
-    def all_metrics(self) -> dict[str, float]:
-        """The last heartbeat's metrics with ``*_total`` counters summed over restarts."""
-        ...
-
-
-# --------------------------------------------------------------------------- time series
-
-
-class _Series:
-    """Columnar time series with ``None`` for missing values, thinned by halving."""
-
-    def __init__(self, max_points: int) -> None:
-        self.max_points = max_points
-        self.every = 1
-        self._calls = 0
-        self.t: list[float] = []
-        self.cols: dict[str, list[float | None]] = {}
-
-    def append(self, t: float, values: Mapping[str, float | None]) -> None:
-        self._calls += 1
-        if (self._calls - 1) % self.every:
-            return
-        n = len(self.t)
-        self.t.append(round(t, 3))
-        for key, v in values.items():
-            col = self.cols.get(key)
-            if col is None:
-                col = self.cols[key] = [None] * n
-            col.append(_round(v))
-        for col in self.cols.values():
-            if len(col) < n + 1:
-                col.append(None)
-        if len(self.t) > self.max_points:
-            self.t = self.t[::2]
-            for key in self.cols:
-                self.cols[key] = self.cols[key][::2]
-            self.every *= 2
-
-    def as_dict(self, interval_s: float) -> dict[str, Any]:
-        out: dict[str, Any] = {"interval_s": interval_s * self.every, "t_s": list(self.t)}
-        for key, col in sorted(self.cols.items()):
-            group, _, leaf = key.partition(".")
-            if leaf:
-                out.setdefault(group, {})[leaf] = list(col)
-            else:
-                out[group] = list(col)
-        return out
-
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class _ProcessSampler:
-    """CPU % (since the previous sample) and RSS of processes by pid (psutil)."""
-
-    def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
-
-    def sample(self, pid: int) -> tuple[float | None, float | None]:
-        """``(cpu_percent, rss_bytes)``; cpu is ``None`` on a pid's first sample."""
-        proc = self._procs.get(pid)
-        first = proc is None
-        try:
-            if proc is None:
-                proc = psutil.Process(pid)
-                self._procs[pid] = proc
-            with proc.oneshot():
-                cpu = proc.cpu_percent(None)
-                rss = float(proc.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            self._procs.pop(pid, None)
-            return None, None
-        return (None if first else cpu), rss
-
-    def forget_except(self, pids: set[int]) -> None:
-        for pid in [p for p in self._procs if p not in pids]:
-            del self._procs[pid]
 
 
 # --------------------------------------------------------------------------- the monitor
@@ -207,10 +139,10 @@ class Monitor:
         """The figures of the last sample (also ``GET /status``)."""
         self.samples = 0
         self._next_due = 0.0
-        self._series = _Series(cfg.series_max_points)
+        self._series = Series(cfg.series_max_points)
         self._window: deque[_Window] = deque()
         self._prev: _Window | None = None
-        self._procs = _ProcessSampler()
+        self._procs = ProcessSampler()
         self._proc_hist: dict[str, dict[str, list[float]]] = {}
         self._fps_hist: dict[str, list[float]] = {}
         self._gauge_samples: dict[str, list[float]] = {}
@@ -406,7 +338,7 @@ class Monitor:
                     "pid": procs[name]["pid"],
                     "fps": _round(fps[name]),
                     "cpu_percent": _round(procs[name]["cpu_percent"]),
-                    "rss_mb": _mb(procs[name]["rss_bytes"]),
+                    "rss_mb": mb(procs[name]["rss_bytes"]),
                     "restarts": st.restarts,
                     "hung": st.hung,
                 }
@@ -415,7 +347,7 @@ class Monitor:
             "supervisor": {
                 "pid": own,
                 "cpu_percent": _round(procs["supervisor"]["cpu_percent"]),
-                "rss_mb": _mb(procs["supervisor"]["rss_bytes"]),
+                "rss_mb": mb(procs["supervisor"]["rss_bytes"]),
             },
             "frames": dict(frames),
             "latency_ms": latency,
@@ -429,7 +361,7 @@ class Monitor:
                 "switches": int(counters["switches"]),
                 "switch_rate": _round(switch_rate),
             },
-            "rings": {r: dict(s) | {"occupancy": _occupancy(s)} for r, s in rings.items()},
+            "rings": {r: dict(s) | {"occupancy": occupancy(s)} for r, s in rings.items()},
             "alerts": {
                 n: {"active": a.active, "value": _round(a.value), "threshold": a.threshold}
                 for n, a in self.alerts.alerts.items()
@@ -448,17 +380,19 @@ class Monitor:
             point[f"fps.{name}"] = fps[name]
         for name, p in procs.items():
             point[f"cpu_percent.{name}"] = p["cpu_percent"]
-            point[f"rss_mb.{name}"] = _mb(p["rss_bytes"])
+            point[f"rss_mb.{name}"] = mb(p["rss_bytes"])
         for hop, q in latency.items():
             for k, v in q.items():
                 point[f"latency_ms.{hop}_{k}"] = v
         for r, s in rings.items():
-            point[f"ring_occupancy.{r}"] = float(_occupancy(s))
+            point[f"ring_occupancy.{r}"] = float(occupancy(s))
         for n, a in self.alerts.alerts.items():
             point[f"alerts_active.{n}"] = 1.0 if a.active else 0.0
         self._series.append(since, point)
 
-        self._exposition = self._render_exposition(stages, metrics, procs, rings, bandwidth)
+        self._exposition = render_exposition(
+            self.current, stages, metrics, procs, rings, tx, bandwidth, self.alerts
+        )
         self._status_json = json.dumps(self.current).encode()
         if self._live is not None:
             self._live.update(self.current, self.end_to_end_hop)
@@ -480,11 +414,11 @@ class Monitor:
             hist = self._proc_hist.get(name, {"cpu": [], "rss": []})
             fps_hist = self._fps_hist.get(name, [])
             stage_out[name] = {
-                "cpu_percent": _round(_mean(hist["cpu"])),
+                "cpu_percent": _round(mean(hist["cpu"])),
                 "cpu_percent_max": _round(max(hist["cpu"], default=None)),
-                "rss_mb": _mb(hist["rss"][-1] if hist["rss"] else None),
-                "rss_mb_max": _mb(max(hist["rss"], default=None)),
-                "fps": _round(_mean(fps_hist)),
+                "rss_mb": mb(hist["rss"][-1] if hist["rss"] else None),
+                "rss_mb_max": mb(max(hist["rss"], default=None)),
+                "fps": _round(mean(fps_hist)),
                 "fps_max": _round(max(fps_hist, default=None)),
             }
         sup = self._proc_hist.get("supervisor", {"cpu": [], "rss": []})
@@ -513,9 +447,9 @@ class Monitor:
         return {
             "stages": stage_out,
             "supervisor": {
-                "cpu_percent": _round(_mean(sup["cpu"])),
-                "rss_mb": _mb(sup["rss"][-1] if sup["rss"] else None),
-                "rss_mb_max": _mb(max(sup["rss"], default=None)),
+                "cpu_percent": _round(mean(sup["cpu"])),
+                "rss_mb": mb(sup["rss"][-1] if sup["rss"] else None),
+                "rss_mb_max": mb(max(sup["rss"], default=None)),
             },
             "latency_ms": latency,
             "bytes_per_frame": {
@@ -541,7 +475,7 @@ class Monitor:
                 "switches": switches,
                 "switch_rate": _round(switches / sent if sent > 0 else 0.0),
             },
-            "rings": {r: {"occupancy": _occupancy(s)} for r, s in rings.items()},
+            "rings": {r: {"occupancy": occupancy(s)} for r, s in rings.items()},
             "alerts": [e.as_dict() for e in self.alerts.episodes],
             "alert_thresholds": {n: a.threshold for n, a in self.alerts.alerts.items()},
             "monitor": {
@@ -640,104 +574,7 @@ class Monitor:
                 return key.removeprefix("transport_active_")
         return self.primary_transport
 
-    def _render_exposition(
-        self,
-        stages: Mapping[str, StageView],
-        metrics: Mapping[str, Mapping[str, float]],
-        procs: Mapping[str, Mapping[str, Any]],
-        rings: Mapping[str, Mapping[str, int]],
-        bandwidth: float | None,
-    ) -> str:
-        c = self.current
-        ex = Exposition(METRICS)
-        ex.add("posewire_up", 1)
-        ex.add("posewire_uptime_seconds", round(c["t_s"], 3))
-        for kind, v in c["frames"].items():
-            ex.add("posewire_frames_total", v, kind=kind)
-        for name, st in stages.items():
-            alive = st.proc is not None and st.state in ("running", "paused", "stopping")
-            ex.add("posewire_stage_up", 1 if alive else 0, stage=name)
-            pid = procs[name]["pid"]
-            ex.add(
-                "posewire_stage_info",
-                1,
-                stage=name,
-                state=c["stages"][name]["state"],
-                pid="" if pid is None else str(pid),
-            )
-            ex.add("posewire_stage_restarts_total", st.restarts, stage=name)
-            ex.add("posewire_stage_hung_total", st.hung, stage=name)
-            ex.add("posewire_stage_fps", metrics[name].get("fps"), stage=name)
-            for key, value in sorted(metrics[name].items()):
-                ex.add("posewire_stage_metric", value, stage=name, metric=key)
-        for name, p in procs.items():
-            ex.add("posewire_process_cpu_percent", p["cpu_percent"], process=name)
-            ex.add("posewire_process_rss_bytes", p["rss_bytes"], process=name)
-        for hop, q in c["latency_ms"].items():
-            for key, quantile in _QUANTILES:
-                v = q.get(key)
-                ex.add(
-                    "posewire_latency_seconds",
-                    None if v is None else v / 1000,
-                    hop=hop,
-                    quantile=quantile,
-                )
-        ex.add("posewire_skip_rate", c["skip_rate"])
-        ex.add("posewire_drop_rate", c["drop_rate"])
-        for r, s in rings.items():
-            ex.add("posewire_ring_occupancy", _occupancy(s), ring=r)
-            ex.add("posewire_ring_peak_occupancy", s.get("peak_occupancy"), ring=r)
-            ex.add("posewire_ring_slots", s.get("slots"), ring=r)
-            for event in ("written", "read", "skipped", "dropped"):
-                ex.add("posewire_ring_items_total", s.get(event), ring=r, event=event)
-        tx = self._egress(metrics)
-        ex.add("posewire_packets_sent_total", tx.get("packets_sent_total", 0.0))
-        ex.add("posewire_bytes_sent_total", tx.get("bytes_sent_total", 0.0))
-        ex.add("posewire_bytes_per_frame", c["bytes_per_frame"])
-        ex.add("posewire_compression_ratio", c["compression_ratio"])
-        ex.add("posewire_bandwidth_bits_per_second", bandwidth)
-        ex.add("posewire_transport_active", 1, transport=c["transport"]["active"])
-        ex.add("posewire_transport_switches_total", c["transport"]["switches"])
-        ex.add("posewire_transport_switch_rate", c["transport"]["switch_rate"])
-        for n, a in self.alerts.alerts.items():
-            ex.add("posewire_alert_active", 1 if a.active else 0, alert=n)
-            ex.add("posewire_alert_value", a.value, alert=n)
-            ex.add("posewire_alert_threshold", a.threshold, alert=n)
-            ex.add("posewire_alerts_raised_total", a.raised, alert=n)
-        return ex.render()
-
-
-def _occupancy(s: Mapping[str, int]) -> int:
-    return max(
-        0,
-        int(s.get("written", 0))
-        - int(s.get("read", 0))
-        - int(s.get("skipped", 0))
-        - int(s.get("dropped", 0)),
-    )
-
 
 def _mean_size(tx: Mapping[str, float]) -> float | None:
     sent = tx.get("packets_sent_total", 0.0)
     return tx.get("bytes_sent_total", 0.0) / sent if sent > 0 else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _mb(value: float | None) -> float | None:
-    return None if value is None else round(value / (1024 * 1024), 2)
-
-
-def merge_report(base: dict[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``section`` into ``base`` (dicts merge, anything else replaces); returns
-    ``base``."""
-    for key, value in section.items():
-        mine = base.get(key)
-        if isinstance(mine, dict) and isinstance(value, Mapping):
-            merge_report(mine, value)
-        else:
-            base[key] = value
-    return base
-

@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,9 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import SupervisorError
 from pipeline.model.net import is_loopback
+from pipeline.model.prometheus import Exposition
+from pipeline.monitor.alerts import AlertBook
+from pipeline.monitor.samples import StageView, occupancy
 from pipeline.runtime import control
 
 log = logging.getLogger("posewire.monitor")
@@ -94,7 +98,6 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-
 @dataclass
 class ControlRequest:
     """A command for a stage, queued by the HTTP thread for the supervisor's loop."""
@@ -109,7 +112,6 @@ class ControlRequest:
         """Called by the supervisor's loop once the command is sent."""
         self.cmd_id = cmd_id
         self.done.set()
-
 
 
 class Endpoint(Protocol):
@@ -239,3 +241,73 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s: " + format, self.client_address[0], *args)
 
 
+_QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
+
+
+def render_exposition(
+    c: Mapping[str, Any],
+    stages: Mapping[str, StageView],
+    metrics: Mapping[str, Mapping[str, float]],
+    procs: Mapping[str, Mapping[str, Any]],
+    rings: Mapping[str, Mapping[str, int]],
+    wire: Mapping[str, float],
+    bandwidth: float | None,
+    alerts: AlertBook,
+) -> str:
+    """The ``/metrics`` text of one sample: ``c`` is the sample's figures (``/status``),
+    ``wire`` the egress stages' metrics."""
+    ex = Exposition(METRICS)
+    ex.add("posewire_up", 1)
+    ex.add("posewire_uptime_seconds", round(c["t_s"], 3))
+    for kind, v in c["frames"].items():
+        ex.add("posewire_frames_total", v, kind=kind)
+    for name, st in stages.items():
+        alive = st.proc is not None and st.state in ("running", "paused", "stopping")
+        ex.add("posewire_stage_up", 1 if alive else 0, stage=name)
+        pid = procs[name]["pid"]
+        ex.add(
+            "posewire_stage_info",
+            1,
+            stage=name,
+            state=c["stages"][name]["state"],
+            pid="" if pid is None else str(pid),
+        )
+        ex.add("posewire_stage_restarts_total", st.restarts, stage=name)
+        ex.add("posewire_stage_hung_total", st.hung, stage=name)
+        ex.add("posewire_stage_fps", metrics[name].get("fps"), stage=name)
+        for key, value in sorted(metrics[name].items()):
+            ex.add("posewire_stage_metric", value, stage=name, metric=key)
+    for name, p in procs.items():
+        ex.add("posewire_process_cpu_percent", p["cpu_percent"], process=name)
+        ex.add("posewire_process_rss_bytes", p["rss_bytes"], process=name)
+    for hop, q in c["latency_ms"].items():
+        for key, quantile in _QUANTILES:
+            v = q.get(key)
+            ex.add(
+                "posewire_latency_seconds",
+                None if v is None else v / 1000,
+                hop=hop,
+                quantile=quantile,
+            )
+    ex.add("posewire_skip_rate", c["skip_rate"])
+    ex.add("posewire_drop_rate", c["drop_rate"])
+    for r, s in rings.items():
+        ex.add("posewire_ring_occupancy", occupancy(s), ring=r)
+        ex.add("posewire_ring_peak_occupancy", s.get("peak_occupancy"), ring=r)
+        ex.add("posewire_ring_slots", s.get("slots"), ring=r)
+        for event in ("written", "read", "skipped", "dropped"):
+            ex.add("posewire_ring_items_total", s.get(event), ring=r, event=event)
+    ex.add("posewire_packets_sent_total", wire.get("packets_sent_total", 0.0))
+    ex.add("posewire_bytes_sent_total", wire.get("bytes_sent_total", 0.0))
+    ex.add("posewire_bytes_per_frame", c["bytes_per_frame"])
+    ex.add("posewire_compression_ratio", c["compression_ratio"])
+    ex.add("posewire_bandwidth_bits_per_second", bandwidth)
+    ex.add("posewire_transport_active", 1, transport=c["transport"]["active"])
+    ex.add("posewire_transport_switches_total", c["transport"]["switches"])
+    ex.add("posewire_transport_switch_rate", c["transport"]["switch_rate"])
+    for n, a in alerts.alerts.items():
+        ex.add("posewire_alert_active", 1 if a.active else 0, alert=n)
+        ex.add("posewire_alert_value", a.value, alert=n)
+        ex.add("posewire_alert_threshold", a.threshold, alert=n)
+        ex.add("posewire_alerts_raised_total", a.raised, alert=n)
+    return ex.render()

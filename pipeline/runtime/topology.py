@@ -242,9 +242,7 @@ class Topology:
         """The stages reading the data rings ``stage`` writes."""
         fb = self.feedback_rings()
         out = [r for r in self.stage(stage).outputs if r not in fb]
-        return tuple(
-            dict.fromkeys(s.name for s in self.stages for r in out if r in s.inputs)
-        )
+        return tuple(dict.fromkeys(s.name for s in self.stages for r in out if r in s.inputs))
 
     def order(self) -> tuple[str, ...]:
         """Data-path stages in topological order (heads first); the drain order.
