@@ -24,14 +24,8 @@ Copies
     the item in the slot itself (decode a frame straight into shared memory),
     and :meth:`Ring.recv_view` hands the reader a read-only view of the slot,
     which it must confirm with :meth:`Ring.valid` *after* using it (the writer
-    may have lapped it meanwhile; then the result is discarded).
-    ``python -m bench.ring`` measured a 1280x720x3 frame at 30 fps between two
-    processes on the 2-vCPU guest, p50 over four runs: send + recv_into
-    0.85-1.24 ms, send + recv_view 0.53-0.64 ms, reserve/commit + recv_view
-    0.15-0.18 ms (two runs); mp.Queue 5.7-7.5 ms, ZeroMQ ipc (copy)
-    1.5-2.1 ms, one memcpy 0.30-0.38 ms. So the copying path misses the
-    "10x mp.Queue" and "2x ZeroMQ" targets at 30 fps (6.7-8.4x, 1.6-2.1x) and
-    meets them flat out; the recv_view path meets all of them.
+    may have lapped it meanwhile; then the result is discarded). What each
+    path costs is measured by ``python -m bench.ring`` (see ``docs/ring.md``).
 
 Layout (offsets in bytes)
     ``0``: the segment preamble (owner pid and start time, doorbell path);
@@ -86,30 +80,10 @@ Doorbell (reader wake-up)
     ``recv(timeout=0)`` and handle :class:`WouldBlock`. The blocked reader
     sleeps in ``poll(2)``; it uses no CPU while idle.
 
-    Measured one-way wake-up (the waker sends a timestamp 2-4 ms after the
-    sleeper went back to sleep; two processes, 2-vCPU KVM guest shared with
-    other work; ``python -m bench.ring --doorbells``, 300 samples), p50 / p99
-    in microseconds, two runs under load and one quiet quick run (100 samples):
-
-    ==========================  =============  =============  ===========
-    option                      run 1          run 2          quiet
-    ==========================  =============  =============  ===========
-    FIFO in the run dir         36 / 359       37 / 895       13 / 156
-    eventfd (fd passed)         31 / 198       23 / 346       5 / 89
-    ZeroMQ PUSH/PULL ipc        103 / 2044     66 / 804       78 / 166
-    polling, 0.5 ms sleeps      270 / 903      290 / 1546     293 / 579
-    ==========================  =============  =============  ===========
-
-    Idle cost: the polling reader used 5-18 % of a CPU doing nothing; the
-    others sleep in the kernel (the measured 0-4 % is noise of the method).
-
-    eventfd is 5-15 us faster than the FIFO (noise next to a 0.3 ms frame
-    copy), but an eventfd has no name: a process that
-    knows only the ring's name and run directory cannot open it (re-opening
-    ``/proc/<pid>/fd/<n>`` fails with ENXIO), so it would need fd passing over
-    a Unix socket served by the supervisor. ZeroMQ adds an I/O thread hop on
-    both sides; polling trades CPU for latency. The FIFO is the fastest option
-    that needs nothing but a path.
+    The FIFO was chosen over an eventfd (which has no name, so a process that
+    knows only the ring's name and run directory cannot open it), a ZeroMQ
+    PUSH/PULL pair (an I/O thread hop on both sides) and polling (CPU for
+    latency): ``docs/ring.md`` has the measurements.
 
 Closed vs broken (like trio's channels)
     :class:`ClosedResourceError`: *this* end was closed and then used.
