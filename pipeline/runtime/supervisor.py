@@ -36,15 +36,12 @@ second supervisor with the same run id is refused.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import multiprocessing
 import os
 import secrets
-import shutil
 import signal
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +56,7 @@ from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
 from pipeline.monitor.figures import Monitor, merge_report
 from pipeline.runtime import control
+from pipeline.runtime.rundir import RunDir, default_run_base
 from pipeline.runtime.stage import ExitStatus, StageSpec, error_file, stage_main
 from pipeline.runtime.topology import Topology
 
@@ -67,14 +65,6 @@ log = logging.getLogger("posewire.supervisor")
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_INTENSITY = 3
-
-
-def default_run_base() -> Path:
-    """``$XDG_RUNTIME_DIR/posewire``, else ``<tmp>/posewire-<uid>``."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.access(xdg, os.W_OK):
-        return Path(xdg) / "posewire"
-    return Path(tempfile.gettempdir()) / f"posewire-{os.getuid()}"
 
 
 @dataclass
@@ -128,6 +118,7 @@ class Supervisor:
         self.run_id = run_id or cfg.supervisor.run_id or secrets.token_hex(4)
         base = cfg.supervisor.run_dir or default_run_base()
         self.run_dir = base / self.run_id
+        self._run_dir = RunDir(self.run_dir, self.run_id)
         self.stages: dict[str, StageState] = {}
         self.rings: dict[str, Any] = {}
         self.exit_code: int | None = None
@@ -138,12 +129,10 @@ class Supervisor:
         self._zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._poller = zmq.Poller()
-        self._lock_fd: int | None = None
         self._signal: int | None = None
         self._started = 0.0
         self._started_wall = 0.0
         self._cmd_id = 0
-        self._owned_run_dir = False
         self.monitor: Monitor | None = None
         self._held: list[str] = []
         """The heads of the data path while they wait for the other stages (see run)."""
@@ -191,7 +180,7 @@ class Supervisor:
     def _setup(self) -> None:
         from pipeline.runtime.ring import Ring, RingMode, segment_name, sweep_stale
 
-        self._claim_run_dir()
+        self._run_dir.claim()
         swept = sweep_stale()
         if swept:
             log.info("swept %d stale segment(s) of crashed runs: %s", len(swept), ", ".join(swept))
@@ -228,32 +217,6 @@ class Supervisor:
     @property
     def endpoint(self) -> str:
         return f"ipc://{self.run_dir / 'control.sock'}"
-
-    def _claim_run_dir(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise SupervisorError(f"cannot create run directory {self.run_dir}: {exc}") from exc
-        if not os.access(self.run_dir, os.W_OK | os.X_OK):
-            raise SupervisorError(f"run directory {self.run_dir} is not writable")
-        lock = self.run_dir / "supervisor.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise SupervisorError(f"cannot create {lock}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SupervisorError(
-                f"run id {self.run_id!r} is in use by a running supervisor (pid {other}); "
-                "choose another supervisor.run_id or stop that one"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-        self._owned_run_dir = True
 
     def _spec(self, name: str, module: str) -> StageSpec:
         return StageSpec(
@@ -550,10 +513,7 @@ class Supervisor:
             self._router.close(0)
         if self._zctx is not None:
             self._zctx.term()
-        if self._owned_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        self._run_dir.release()
 
     # -- figures --------------------------------------------------------------
 
