@@ -126,7 +126,8 @@ class StageSpec:
     supervisor_pid: int
     """The supervisor's pid: if the parent changes, the stage exits (no orphans)."""
     rings: dict[str, str] = field(default_factory=dict)
-    """Logical ring name (frames, poses, ...) to segment name."""
+    """Logical name of each ring the topology gives this stage (its inputs and outputs) to
+    segment name."""
     params: dict[str, Any] = field(default_factory=dict)
     """Initial parameters (the supervisor may change them with ``set``)."""
 
@@ -158,7 +159,8 @@ class StageContext:
     # -- used by stages -------------------------------------------------------
 
     def ring(self, name: str) -> Any:
-        """The ring ``name`` (frames, poses, packets, feedback), attached once."""
+        """The ring ``name`` (one the topology declares among this stage's inputs or
+        outputs), attached once; ``PosewireError`` for any other name."""
         if name not in self._rings:
             from pipeline.runtime.ring import Ring
 
@@ -351,7 +353,7 @@ def stage_main(spec: StageSpec) -> None:
     setproctitle.setproctitle(f"{STAGE_TITLE}{spec.name}")
     log = setup_logging(spec.name)
     # a dup of the real stderr: a fatal-error dump must get out even while a stage
-    # has fd 2 redirected (the detect stage filters MediaPipe's start-up chatter)
+    # has fd 2 redirected (a stage may filter a library's start-up chatter)
     global _FAULT_FILE
     _FAULT_FILE = os.fdopen(os.dup(2), "w")
     faulthandler.enable(_FAULT_FILE)
