@@ -35,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.duration is not None and args.duration <= 0:
         raise SystemExit("--duration must be positive")
+    from pipeline.monitor.figures import Monitor
     from pipeline.runtime.supervisor import run_pipeline
     from stages.topology import pose_topology
 
@@ -49,7 +50,13 @@ def main(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         report_path=args.report,
         run_id=args.run_id,
-        primary_transport=cfg.transmit.primary.value,
+        observer=lambda run_dir, run_id: Monitor(
+            cfg.monitor,
+            topology,
+            primary_transport=cfg.transmit.primary.value,
+            run_dir=run_dir,
+            run_id=run_id,
+        ),
     )
 
 

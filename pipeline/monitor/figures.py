@@ -65,7 +65,6 @@ from pipeline.monitor.samples import (
     StageView,
     mb,
     mean,
-    merge_report,
     occupancy,
 )
 from pipeline.runtime.topology import Latency, Topology
@@ -77,7 +76,6 @@ __all__ = [
     "ControlRequest",
     "Monitor",
     "StageView",
-    "merge_report",
 ]
 
 log = logging.getLogger("posewire.monitor")

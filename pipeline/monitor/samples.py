@@ -114,15 +114,3 @@ def mean(values: list[float]) -> float | None:
 
 def mb(value: float | None) -> float | None:
     return None if value is None else round(value / (1024 * 1024), 2)
-
-
-def merge_report(base: dict[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``section`` into ``base`` (dicts merge, anything else replaces); returns
-    ``base``."""
-    for key, value in section.items():
-        mine = base.get(key)
-        if isinstance(mine, dict) and isinstance(value, Mapping):
-            merge_report(mine, value)
-        else:
-            base[key] = value
-    return base

@@ -33,21 +33,9 @@ Layout, sequence numbers and memory ordering
     :mod:`pipeline.runtime.ringlayout`.
 
 Doorbell (reader wake-up)
-    A named FIFO ``<run_dir>/<name>.bell``, created with the segment and
-    opened ``O_RDWR | O_NONBLOCK`` by both ends (so neither open blocks and
-    neither end sees EOF or EPIPE when the other restarts). After each commit
-    the writer writes one byte (a full pipe is ignored: the reader is awake
-    anyway). :meth:`Ring.fileno` returns the FIFO, so a stage can poll ring and
-    control socket together; it is level-triggered with respect to unread
-    items (after taking an item, ``recv`` drains the FIFO and, if items remain,
-    writes one byte back), but may wake spuriously: follow a wake-up with
-    ``recv(timeout=0)`` and handle :class:`WouldBlock`. The blocked reader
-    sleeps in ``poll(2)``; it uses no CPU while idle.
-
-    The FIFO was chosen over an eventfd (which has no name, so a process that
-    knows only the ring's name and run directory cannot open it), a ZeroMQ
-    PUSH/PULL pair (an I/O thread hop on both sides) and polling (CPU for
-    latency): ``docs/ring.md`` has the measurements.
+    :meth:`Ring.fileno` is a named FIFO a stage can poll beside its control
+    socket; how it is rung and drained is described in
+    :mod:`pipeline.runtime.ringlayout`.
 
 Closed vs broken (like trio's channels)
     :class:`ClosedResourceError`: *this* end was closed and then used.
@@ -73,35 +61,24 @@ from pipeline.runtime.ringlayout import (
     _DROPPED,
     _FLAG_BROKEN,
     _FLAGS,
-    _MAGIC,
-    _MODE,
-    _MODE_CODE,
-    _PAYLOAD_OFF,
     _PEAK,
     _READ_COUNT,
     _READ_SEQ,
-    _RING_MAGIC,
-    _RING_VERSION,
     _RVER,
     _SKIPPED,
-    _SLOT_ALIGN,
     _SLOT_ENTRY,
-    _SLOT_SIZE,
-    _SLOTS,
-    _STRIDE,
     _TABLE_OFF,
-    _VERSION,
     _WAIT_SLICE_S,
     _WRITE_SEQ,
+    Header,
     Item,
     RingMode,
     RingStats,
     _bell_path,
     _open_bell,
-    _round_up,
+    read_header,
 )
 from pipeline.runtime.shm import (
-    PAGE,
     Segment,
     check_name,
     segment_name,
@@ -141,23 +118,12 @@ class Ring:
         self._bell = bell_fd
         self._bell_path = bell_path
         self._name = seg.name
-        head = seg.buf[:_TABLE_OFF]
-        q = head.cast("Q")
-        if q[_MAGIC] != _RING_MAGIC or q[_VERSION] != _RING_VERSION:
-            head.release()
-            q.release()
-            raise RingError(f"shared-memory segment {seg.name!r} is not a posewire ring")
-        self._slots = int(q[_SLOTS])
-        self._slot_size = int(q[_SLOT_SIZE])
-        self._stride = int(q[_STRIDE])
-        self._payload_off = int(q[_PAYLOAD_OFF])
-        code = int(q[_MODE])
-        head.release()
-        q.release()
-        mode = {v: RingMode(k) for k, v in _MODE_CODE.items()}.get(code)
-        if mode is None or seg.size < self._payload_off + self._slots * self._stride:
+        h = read_header(seg.buf, seg.name)
+        if seg.size < h.payload_off + h.slots * h.stride:
             raise RingError(f"shared-memory segment {seg.name!r} has a corrupt ring header")
-        self._mode = mode
+        self._slots, self._slot_size, self._stride = h.slots, h.slot_size, h.stride
+        self._payload_off = h.payload_off
+        self._mode = mode = h.mode
         self._latest = mode is RingMode.LATEST
         self._mem: memoryview = seg.buf
         meta_area = seg.buf[: self._payload_off]
@@ -190,9 +156,7 @@ class Ring:
             raise ValueError(f"ring {name!r}: slot_size must be a positive int, got {slot_size!r}")
         if not isinstance(slots, int) or slots < 2:
             raise ValueError(f"ring {name!r}: slots must be an int >= 2, got {slots!r}")
-        stride = _round_up(slot_size, _SLOT_ALIGN)
-        payload_off = _round_up(_TABLE_OFF + slots * _SLOT_ENTRY, PAGE)
-        size = payload_off + slots * stride
+        h = Header.plan(mode, slot_size, slots)
         run_dir = Path(run_dir)
         bell_path = _bell_path(run_dir, name)
         try:
@@ -202,20 +166,12 @@ class Ring:
         except OSError as exc:
             raise RingError(f"ring {name!r}: cannot create doorbell {bell_path}: {exc}") from exc
         try:
-            seg = Segment.create(name, size, companions=(str(bell_path.absolute()),))
+            seg = Segment.create(name, h.size, companions=(str(bell_path.absolute()),))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bell_path)
             raise
-        q = seg.buf[:_TABLE_OFF].cast("Q")
-        q[_MODE] = _MODE_CODE[mode.value]
-        q[_SLOT_SIZE] = slot_size
-        q[_SLOTS] = slots
-        q[_STRIDE] = stride
-        q[_PAYLOAD_OFF] = payload_off
-        q[_VERSION] = _RING_VERSION
-        q[_MAGIC] = _RING_MAGIC  # last: the header is valid from here on
-        q.release()
+        h.write(seg.buf)
         try:
             return cls(seg, _open_bell(bell_path, name), bell_path)
         except BaseException:

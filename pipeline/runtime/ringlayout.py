@@ -40,6 +40,23 @@ Memory ordering
     it overwrote are discovered by the reader, and ``Ring.statistics``
     adds the ones not yet discovered, so ``written == read + skipped +
     dropped + occupancy`` always holds.
+
+Doorbell (reader wake-up)
+    A named FIFO ``<run_dir>/<name>.bell``, created with the segment and
+    opened ``O_RDWR | O_NONBLOCK`` by both ends (so neither open blocks and
+    neither end sees EOF or EPIPE when the other restarts). After each commit
+    the writer writes one byte (a full pipe is ignored: the reader is awake
+    anyway). ``Ring.fileno()`` returns the FIFO, so a stage can poll ring and
+    control socket together; it is level-triggered with respect to unread
+    items (after taking an item, ``recv`` drains the FIFO and, if items remain,
+    writes one byte back), but may wake spuriously: follow a wake-up with
+    ``recv(timeout=0)`` and handle ``WouldBlock``. The blocked reader
+    sleeps in ``poll(2)``; it uses no CPU while idle.
+
+    The FIFO was chosen over an eventfd (which has no name, so a process that
+    knows only the ring's name and run directory cannot open it), a ZeroMQ
+    PUSH/PULL pair (an I/O thread hop on both sides) and polling (CPU for
+    latency): ``docs/ring.md`` has the measurements.
 """
 
 from __future__ import annotations
@@ -148,3 +165,58 @@ def _open_bell(path: Path, name: str) -> int:
         raise BrokenResourceError(f"ring {name!r}: doorbell {path} does not exist") from exc
     except OSError as exc:
         raise RingError(f"ring {name!r}: cannot open doorbell {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Header:
+    """A ring's geometry and mode, as its segment header stores them."""
+
+    mode: RingMode
+    slot_size: int
+    slots: int
+    stride: int
+    """Bytes from one slot's payload to the next (page-aligned)."""
+    payload_off: int
+    """Offset of the first payload."""
+
+    @classmethod
+    def plan(cls, mode: RingMode, slot_size: int, slots: int) -> Header:
+        """The geometry of a new ring."""
+        stride = _round_up(slot_size, _SLOT_ALIGN)
+        payload_off = _round_up(_TABLE_OFF + slots * _SLOT_ENTRY, PAGE)
+        return cls(mode, slot_size, slots, stride, payload_off)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole segment."""
+        return self.payload_off + self.slots * self.stride
+
+    def write(self, buf: memoryview) -> None:
+        """Store the header; the magic goes last: the header is valid from then on."""
+        q = buf[:_TABLE_OFF].cast("Q")
+        q[_MODE] = _MODE_CODE[self.mode.value]
+        q[_SLOT_SIZE] = self.slot_size
+        q[_SLOTS] = self.slots
+        q[_STRIDE] = self.stride
+        q[_PAYLOAD_OFF] = self.payload_off
+        q[_VERSION] = _RING_VERSION
+        q[_MAGIC] = _RING_MAGIC
+        q.release()
+
+
+def read_header(buf: memoryview, name: str) -> Header:
+    """The header of segment ``name``; ``RingError`` if it is not a ring or is corrupt."""
+    head = buf[:_TABLE_OFF]
+    q = head.cast("Q")
+    try:
+        if q[_MAGIC] != _RING_MAGIC or q[_VERSION] != _RING_VERSION:
+            raise RingError(f"shared-memory segment {name!r} is not a posewire ring")
+        code = int(q[_MODE])
+        fields = (int(q[_SLOT_SIZE]), int(q[_SLOTS]), int(q[_STRIDE]), int(q[_PAYLOAD_OFF]))
+    finally:
+        q.release()
+        head.release()
+    mode = {v: RingMode(k) for k, v in _MODE_CODE.items()}.get(code)
+    if mode is None:
+        raise RingError(f"shared-memory segment {name!r} has a corrupt ring header")
+    return Header(mode, *fields)

@@ -44,8 +44,6 @@ import secrets
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -54,8 +52,8 @@ import zmq
 
 from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
-from pipeline.monitor.figures import Monitor, merge_report
 from pipeline.runtime import control
+from pipeline.runtime.observer import Observer, ObserverFactory, StageState, merge_report
 from pipeline.runtime.rundir import RunDir, default_run_base
 from pipeline.runtime.stage import ExitStatus, StageSpec, error_file, stage_main
 from pipeline.runtime.topology import Topology
@@ -65,36 +63,6 @@ log = logging.getLogger("posewire.supervisor")
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_INTENSITY = 3
-
-
-@dataclass
-class StageState:
-    """The supervisor's view of one stage."""
-
-    spec: StageSpec
-    proc: BaseProcess | None = None
-    started_at: float = 0.0
-    last_seen: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    carried: dict[str, float] = field(default_factory=dict)
-    """``*_total`` counters of earlier incarnations (a restart resets the stage's own)."""
-    restarts: int = 0
-    hung: int = 0
-    done: bool = False
-    stop_sent: bool = False
-    state: str = "starting"
-    last_error: str | None = None
-    term_sent_at: float | None = None
-    killed_for: str | None = None
-
-    def counter(self, name: str) -> float:
-        return self.carried.get(name, 0.0) + self.metrics.get(name, 0.0)
-
-    def all_metrics(self) -> dict[str, float]:
-        out = dict(self.metrics)
-        for k, v in self.carried.items():
-            out[k] = out.get(k, 0.0) + v
-        return out
 
 
 class Supervisor:
@@ -108,11 +76,11 @@ class Supervisor:
         duration_s: float | None = None,
         report_path: Path | None = None,
         run_id: str | None = None,
-        primary_transport: str = "",
+        observer: ObserverFactory | None = None,
     ) -> None:
         self.cfg = cfg
         self.topology = topology
-        self.primary_transport = primary_transport
+        self._observer_factory = observer
         self.duration_s = duration_s
         self.report_path = report_path
         self.run_id = run_id or cfg.supervisor.run_id or secrets.token_hex(4)
@@ -133,7 +101,7 @@ class Supervisor:
         self._started = 0.0
         self._started_wall = 0.0
         self._cmd_id = 0
-        self.monitor: Monitor | None = None
+        self.monitor: Observer | None = None
         self._held: list[str] = []
         """The heads of the data path while they wait for the other stages (see run)."""
         self._hold_until = 0.0
@@ -204,15 +172,9 @@ class Supervisor:
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self._router.bind(self.endpoint)
         self._poller.register(self._router, zmq.POLLIN)
-        # the performance monitor: /metrics, alerts, live status, report figures
-        self.monitor = Monitor(
-            self.cfg.monitor,
-            self.topology,
-            primary_transport=self.primary_transport,
-            run_dir=self.run_dir,
-            run_id=self.run_id,
-        )
-        self.monitor.start()
+        if self._observer_factory is not None:  # /metrics, alerts, live status, figures
+            self.monitor = self._observer_factory(self.run_dir, self.run_id)
+            self.monitor.start()
 
     @property
     def endpoint(self) -> str:
@@ -592,7 +554,7 @@ def run_pipeline(
     duration_s: float | None = None,
     report_path: Path | None = None,
     run_id: str | None = None,
-    primary_transport: str = "",
+    observer: ObserverFactory | None = None,
 ) -> int:
     """Run the stages and rings of ``topology`` with ``cfg``; return the exit code."""
     sup = Supervisor(
@@ -601,7 +563,7 @@ def run_pipeline(
         duration_s=duration_s,
         report_path=report_path,
         run_id=run_id,
-        primary_transport=primary_transport,
+        observer=observer,
     )
     try:
         return sup.run()
