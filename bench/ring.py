@@ -38,7 +38,7 @@ Targets (1280x720x3, paced at 30 fps, p50): the ring at least 10x faster than
 memcpy floor.
 
 ``--doorbells`` measures the reader wake-up options instead (FIFO, eventfd,
-ZeroMQ PUSH/PULL, polling with 0.5 ms sleeps): see ``pipeline/runtime/ring.py``.
+ZeroMQ PUSH/PULL, polling with 0.5 ms sleeps): results in ``docs/ring.md``.
 
 Run: ``python -m bench.ring [--quick] [--json] [--doorbells]``.
 """

@@ -73,6 +73,10 @@ class ControlError(PosewireError):
     """A malformed or unexpected control-plane message."""
 
 
+class CommandError(PosewireError):
+    """A control command a stage refuses: a bad argument, or a command it does not handle."""
+
+
 class SupervisorError(PosewireError):
     """The supervisor cannot start or must stop (run dir, duplicate run id, ...)."""
 
@@ -83,10 +87,6 @@ class TokenError(PosewireError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
-
-
-class CommandError(PosewireError):
-    """A control command with a bad argument (``set``, ``switch_transport``...)."""
 
 
 class RefusedError(PosewireError):

@@ -17,15 +17,10 @@ import pytest
 
 from pipeline.config import MonitorConfig
 from pipeline.errors import SupervisorError
-from pipeline.monitor.figures import (
-    ALERTS,
-    METRICS,
-    RAW_FLOAT32_BYTES,
-    AlertBook,
-    Exposition,
-    Monitor,
-    parse_exposition,
-)
+from pipeline.model.prometheus import Exposition, parse_exposition
+from pipeline.monitor.alerts import ALERTS, AlertBook
+from pipeline.monitor.figures import RAW_FLOAT32_BYTES, Monitor
+from pipeline.monitor.http import METRICS
 from tests.procutil import ROOT, TRACE, start, stop, trace_config, wait_for
 
 needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
@@ -248,7 +243,7 @@ def test_monitor_serves_metrics_on_a_free_port_and_closes() -> None:
 
 
 def test_exposition_round_trips_and_escapes_labels() -> None:
-    ex = Exposition()
+    ex = Exposition(METRICS)
     ex.add("posewire_alert_active", 1, alert='we"ird\\name')
     ex.add("posewire_bytes_per_frame", 41.5)
     ex.add("posewire_drop_rate", None)  # no value: no sample

@@ -245,3 +245,34 @@ def test_sigterm_is_an_orderly_stop(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-2000:]
     assert json.loads(report.read_text())["exit_reason"] == "signal:SIGTERM"
     assert shm_segments(run_id) == []
+
+
+def test_stage_context_applies_only_generic_commands_itself(tmp_path: Path) -> None:
+    """stop/pause/resume/set are the context's; any other command needs a stage handler, and
+    a handler refuses a bad argument with CommandError (a failed reply, not a crash)."""
+    import logging
+
+    from pipeline.config import Config
+    from pipeline.errors import CommandError
+    from pipeline.runtime import control
+    from pipeline.runtime.stage import StageContext, StageSpec
+
+    spec = StageSpec("toy", "tests.toy_stages.sink", Config(), "r1", tmp_path, "ipc://x", 1)
+    ctx = StageContext(spec, logging.getLogger("toy"))
+    reply = ctx._apply(control.Command(1, "keyframe", {}))
+    assert not reply.ok and reply.error == "stage toy does not handle command 'keyframe'"
+    assert ctx._apply(control.Command(2, "set", {"x": 1})).ok and ctx.params == {"x": 1}
+    assert ctx._apply(control.Command(3, "pause", {})).ok and ctx.paused
+    assert ctx._apply(control.Command(4, "resume", {})).ok and not ctx.paused
+
+    def switch(args: dict[str, object]) -> dict[str, object]:
+        if args.get("to") not in ("file", "websocket"):
+            raise CommandError(f"switch_transport: bad 'to': {args.get('to')!r}")
+        return {"to": args["to"]}
+
+    ctx.on("switch_transport", switch)
+    ok = ctx._apply(control.Command(5, "switch_transport", {"to": "file"}))
+    assert ok.ok and ok.result == {"to": "file"}
+    bad = ctx._apply(control.Command(6, "switch_transport", {"to": "pigeon"}))
+    assert not bad.ok and bad.error is not None and "pigeon" in bad.error
+    assert ctx._apply(control.Command(7, "stop", {})).ok and ctx.stopping

@@ -77,11 +77,22 @@ def parse_exposition(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], 
             body = rest.rstrip("}")
             for part in _split_labels(body):
                 k, _, v = part.partition("=")
-                labels[k] = (
-                    v.strip('"').replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-                )
+                labels[k] = _unescape(v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v)
         out[(name, frozenset(labels.items()))] = float(value)
     return out
+
+
+def _unescape(v: str) -> str:
+    """Undo :func:`_label_value` in one pass (``\\\\n`` is a backslash and an ``n``)."""
+    out: list[str] = []
+    chars = iter(v)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            out.append("\n" if nxt == "n" else nxt)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _split_labels(body: str) -> Iterable[str]:

@@ -24,92 +24,18 @@ Copies
     the item in the slot itself (decode a frame straight into shared memory),
     and :meth:`Ring.recv_view` hands the reader a read-only view of the slot,
     which it must confirm with :meth:`Ring.valid` *after* using it (the writer
-    may have lapped it meanwhile; then the result is discarded).
-    ``python -m bench.ring`` measured a 1280x720x3 frame at 30 fps between two
-    processes on the 2-vCPU guest, p50 over four runs: send + recv_into
-    0.85-1.24 ms, send + recv_view 0.53-0.64 ms, reserve/commit + recv_view
-    0.15-0.18 ms (two runs); mp.Queue 5.7-7.5 ms, ZeroMQ ipc (copy)
-    1.5-2.1 ms, one memcpy 0.30-0.38 ms. So the copying path misses the
-    "10x mp.Queue" and "2x ZeroMQ" targets at 30 fps (6.7-8.4x, 1.6-2.1x) and
-    meets them flat out; the recv_view path meets all of them.
+    may have lapped it meanwhile; then the result is discarded). What each
+    path costs is measured by ``python -m bench.ring`` (see ``docs/ring.md``).
 
-Layout (offsets in bytes)
-    ``0``: the segment preamble (owner pid and start time, doorbell path);
-    ``4096``: ring header, 8-byte words; the writer's counters and the reader's
-    counters sit on separate 64-byte lines; ``4608``: slot table, one 64-byte
-    line per slot: ``version, ts_ns, meta, length``; then the payloads, each
-    slot page-aligned. Every page is allocated and touched at creation.
-
-Sequence numbers and the per-slot seqlock
-    Item ``s`` (1-based, the ring's write counter) lives in slot
-    ``(s - 1) % slots``. The writer stores ``version = 2s - 1`` (odd: being
-    written), then ``ts_ns``, ``meta``, ``length`` and the payload, then
-    ``version = 2s`` (even: complete), then the header's ``write_seq = s``,
-    then rings the doorbell. The reader loads ``write_seq``, picks ``s``,
-    checks ``version == 2s``, copies the payload *into its own memory*, and
-    checks ``version`` again: if it changed, the writer lapped it during the
-    copy, the copy is discarded (LATEST: retry with the newest item; QUEUE: the
-    item was dropped, go on with the next). A torn slot is never returned.
-    :meth:`Ring.reserve` stores the odd version and :meth:`Ring.commit` the
-    rest; :meth:`Ring.recv_view` checks the version before returning, and
-    :meth:`Ring.valid` re-checks it for the caller.
-
-Memory ordering
-    Every counter is one aligned 8-byte word, stored and loaded through a
-    ``memoryview.cast("Q")``: a single ``mov`` on x86-64, so a word is never
-    seen half-written. x86-64 is TSO: stores become visible in program order
-    and loads are not reordered with older loads, which is exactly what a
-    seqlock needs (writer: version, data, version, write_seq; reader:
-    write_seq, version, data, version). The large copies are ``memcpy``;
-    glibc ends its non-temporal-store path with ``sfence``, and the interpreter
-    executes the Python statements in order. On weakly ordered CPUs (aarch64)
-    this reasoning does not hold without barriers, which pure Python cannot
-    issue; the ring is written and tested for x86-64.
-
-    Single writer per word: the writer owns ``write_seq`` and ``peak``, the
-    reader owns ``read_seq``, ``read``, ``skipped``, ``dropped`` (published
-    under a small reader-side seqlock so :meth:`Ring.statistics` sees a
-    consistent snapshot). The writer never moves the reader's counter: items
-    it overwrote are discovered by the reader, and :meth:`Ring.statistics`
-    adds the ones not yet discovered, so ``written == read + skipped +
-    dropped + occupancy`` always holds.
+Layout, sequence numbers and memory ordering
+    The segment layout, the per-slot seqlock that never returns a torn slot,
+    and why plain 8-byte word stores suffice on x86-64 are described in
+    :mod:`pipeline.runtime.ringlayout`.
 
 Doorbell (reader wake-up)
-    A named FIFO ``<run_dir>/<name>.bell``, created with the segment and
-    opened ``O_RDWR | O_NONBLOCK`` by both ends (so neither open blocks and
-    neither end sees EOF or EPIPE when the other restarts). After each commit
-    the writer writes one byte (a full pipe is ignored: the reader is awake
-    anyway). :meth:`Ring.fileno` returns the FIFO, so a stage can poll ring and
-    control socket together; it is level-triggered with respect to unread
-    items (after taking an item, ``recv`` drains the FIFO and, if items remain,
-    writes one byte back), but may wake spuriously: follow a wake-up with
-    ``recv(timeout=0)`` and handle :class:`WouldBlock`. The blocked reader
-    sleeps in ``poll(2)``; it uses no CPU while idle.
-
-    Measured one-way wake-up (the waker sends a timestamp 2-4 ms after the
-    sleeper went back to sleep; two processes, 2-vCPU KVM guest shared with
-    other work; ``python -m bench.ring --doorbells``, 300 samples), p50 / p99
-    in microseconds, two runs under load and one quiet quick run (100 samples):
-
-    ==========================  =============  =============  ===========
-    option                      run 1          run 2          quiet
-    ==========================  =============  =============  ===========
-    FIFO in the run dir         36 / 359       37 / 895       13 / 156
-    eventfd (fd passed)         31 / 198       23 / 346       5 / 89
-    ZeroMQ PUSH/PULL ipc        103 / 2044     66 / 804       78 / 166
-    polling, 0.5 ms sleeps      270 / 903      290 / 1546     293 / 579
-    ==========================  =============  =============  ===========
-
-    Idle cost: the polling reader used 5-18 % of a CPU doing nothing; the
-    others sleep in the kernel (the measured 0-4 % is noise of the method).
-
-    eventfd is 5-15 us faster than the FIFO (noise next to a 0.3 ms frame
-    copy), but an eventfd has no name: a process that
-    knows only the ring's name and run directory cannot open it (re-opening
-    ``/proc/<pid>/fd/<n>`` fails with ENXIO), so it would need fd passing over
-    a Unix socket served by the supervisor. ZeroMQ adds an I/O thread hop on
-    both sides; polling trades CPU for latency. The FIFO is the fastest option
-    that needs nothing but a path.
+    :meth:`Ring.fileno` is a named FIFO a stage can poll beside its control
+    socket; how it is rung and drained is described in
+    :mod:`pipeline.runtime.ringlayout`.
 
 Closed vs broken (like trio's channels)
     :class:`ClosedResourceError`: *this* end was closed and then used.
@@ -121,19 +47,38 @@ Closed vs broken (like trio's channels)
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import select
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BrokenResourceError, ClosedResourceError, RingError, WouldBlock
+from pipeline.runtime.ringlayout import (
+    _BELL,
+    _DRAIN,
+    _DROPPED,
+    _FLAG_BROKEN,
+    _FLAGS,
+    _PEAK,
+    _READ_COUNT,
+    _READ_SEQ,
+    _RVER,
+    _SKIPPED,
+    _SLOT_ENTRY,
+    _TABLE_OFF,
+    _WAIT_SLICE_S,
+    _WRITE_SEQ,
+    Header,
+    Item,
+    RingMode,
+    RingStats,
+    _bell_path,
+    _open_bell,
+    read_header,
+)
 from pipeline.runtime.shm import (
-    PAGE,
-    PREAMBLE_SIZE,
     Segment,
     check_name,
     segment_name,
@@ -160,102 +105,6 @@ __all__ = [
     "sweep_stale",
 ]
 
-_RING_MAGIC: Final = int.from_bytes(b"posewRNG", "little")
-_RING_VERSION: Final = 1
-_HEADER_OFF: Final = PREAMBLE_SIZE
-_HEADER_SIZE: Final = 512
-_TABLE_OFF: Final = _HEADER_OFF + _HEADER_SIZE
-_SLOT_ENTRY: Final = 64
-_SLOT_ALIGN: Final = PAGE
-
-# Word indices (8-byte words from the start of the segment).
-_H: Final = _HEADER_OFF // 8
-_MAGIC: Final = _H + 0
-_VERSION: Final = _H + 1
-_MODE: Final = _H + 2
-_SLOT_SIZE: Final = _H + 3
-_SLOTS: Final = _H + 4
-_STRIDE: Final = _H + 5
-_PAYLOAD_OFF: Final = _H + 6
-_FLAGS: Final = _H + 7
-_WRITE_SEQ: Final = _H + 16  # writer's line
-_PEAK: Final = _H + 17
-_RVER: Final = _H + 32  # reader's line
-_READ_SEQ: Final = _H + 33
-_READ_COUNT: Final = _H + 34
-_SKIPPED: Final = _H + 35
-_DROPPED: Final = _H + 36
-
-_FLAG_BROKEN: Final = 1
-_MODE_CODE: Final = {"latest": 1, "queue": 2}
-_WAIT_SLICE_S: Final = 0.25  # a blocked reader re-checks closed/broken this often
-_BELL: Final = b"\x01"
-_DRAIN: Final = 4096
-
-
-class RingMode(enum.Enum):
-    """How a ring treats items the reader has not taken yet."""
-
-    LATEST = "latest"
-    """Latest-wins: the reader gets the newest item; older unread ones are skipped."""
-    QUEUE = "queue"
-    """Bounded queue: the reader gets the oldest unread item; when full, the oldest is dropped."""
-
-
-@dataclass(frozen=True)
-class RingStats:
-    """A consistent snapshot of a ring's counters (they survive stage restarts).
-
-    ``written == read + skipped + dropped + occupancy`` always holds.
-    """
-
-    written: int
-    """Items committed by writers since creation (the last sequence number)."""
-    read: int
-    """Items returned to readers."""
-    skipped: int
-    """LATEST: items superseded by a newer one before the reader took them."""
-    dropped: int
-    """QUEUE: items overwritten by the writer before the reader took them."""
-    peak_occupancy: int
-    """Highest occupancy the writer saw right after a commit."""
-    occupancy: int
-    """Items the reader can still take: QUEUE up to ``slots``, LATEST 0 or 1."""
-    slots: int
-    """Number of slots."""
-
-
-@dataclass
-class Item:
-    """One item taken from a ring."""
-
-    seq: int
-    """The ring's write counter for this item: 1-based, strictly increasing, survives restarts."""
-    ts_ns: int
-    """The timestamp the writer passed to :meth:`Ring.send`."""
-    data: memoryview | bytes
-    """The payload, already copied out of the ring and validated: ``bytes`` from
-    :meth:`Ring.recv`, a view of the caller's buffer from :meth:`Ring.recv_into`."""
-    meta: int
-    """The caller-defined signed 64-bit field passed to :meth:`Ring.send`."""
-
-
-def _round_up(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
-
-
-def _bell_path(run_dir: Path, name: str) -> Path:
-    return run_dir / f"{name}.bell"
-
-
-def _open_bell(path: Path, name: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise BrokenResourceError(f"ring {name!r}: doorbell {path} does not exist") from exc
-    except OSError as exc:
-        raise RingError(f"ring {name!r}: cannot open doorbell {path}: {exc}") from exc
-
 
 class Ring:
     """One end of a shared-memory ring. Use :meth:`create` or :meth:`attach`, not the constructor.
@@ -269,23 +118,12 @@ class Ring:
         self._bell = bell_fd
         self._bell_path = bell_path
         self._name = seg.name
-        head = seg.buf[:_TABLE_OFF]
-        q = head.cast("Q")
-        if q[_MAGIC] != _RING_MAGIC or q[_VERSION] != _RING_VERSION:
-            head.release()
-            q.release()
-            raise RingError(f"shared-memory segment {seg.name!r} is not a posewire ring")
-        self._slots = int(q[_SLOTS])
-        self._slot_size = int(q[_SLOT_SIZE])
-        self._stride = int(q[_STRIDE])
-        self._payload_off = int(q[_PAYLOAD_OFF])
-        code = int(q[_MODE])
-        head.release()
-        q.release()
-        mode = {v: RingMode(k) for k, v in _MODE_CODE.items()}.get(code)
-        if mode is None or seg.size < self._payload_off + self._slots * self._stride:
+        h = read_header(seg.buf, seg.name)
+        if seg.size < h.payload_off + h.slots * h.stride:
             raise RingError(f"shared-memory segment {seg.name!r} has a corrupt ring header")
-        self._mode = mode
+        self._slots, self._slot_size, self._stride = h.slots, h.slot_size, h.stride
+        self._payload_off = h.payload_off
+        self._mode = mode = h.mode
         self._latest = mode is RingMode.LATEST
         self._mem: memoryview = seg.buf
         meta_area = seg.buf[: self._payload_off]
@@ -318,9 +156,7 @@ class Ring:
             raise ValueError(f"ring {name!r}: slot_size must be a positive int, got {slot_size!r}")
         if not isinstance(slots, int) or slots < 2:
             raise ValueError(f"ring {name!r}: slots must be an int >= 2, got {slots!r}")
-        stride = _round_up(slot_size, _SLOT_ALIGN)
-        payload_off = _round_up(_TABLE_OFF + slots * _SLOT_ENTRY, PAGE)
-        size = payload_off + slots * stride
+        h = Header.plan(mode, slot_size, slots)
         run_dir = Path(run_dir)
         bell_path = _bell_path(run_dir, name)
         try:
@@ -330,20 +166,12 @@ class Ring:
         except OSError as exc:
             raise RingError(f"ring {name!r}: cannot create doorbell {bell_path}: {exc}") from exc
         try:
-            seg = Segment.create(name, size, companions=(str(bell_path.absolute()),))
+            seg = Segment.create(name, h.size, companions=(str(bell_path.absolute()),))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bell_path)
             raise
-        q = seg.buf[:_TABLE_OFF].cast("Q")
-        q[_MODE] = _MODE_CODE[mode.value]
-        q[_SLOT_SIZE] = slot_size
-        q[_SLOTS] = slots
-        q[_STRIDE] = stride
-        q[_PAYLOAD_OFF] = payload_off
-        q[_VERSION] = _RING_VERSION
-        q[_MAGIC] = _RING_MAGIC  # last: the header is valid from here on
-        q.release()
+        h.write(seg.buf)
         try:
             return cls(seg, _open_bell(bell_path, name), bell_path)
         except BaseException:

@@ -10,6 +10,14 @@ may also define ``prepare() -> None``: slow set-up that must be done before the
 stage counts as started (its first heartbeat), for the supervisor starts the
 producers of the data path only once their consumers sent one.
 
+Commands: the context applies ``stop``, ``pause``, ``resume`` and ``set``
+(which updates :attr:`StageContext.params`) itself; every other command is
+the business of the stage that registers a handler for it with
+:meth:`StageContext.on`. A stage that registered none answers "stage X does
+not handle command Y". A handler refuses a bad argument by raising
+:class:`~pipeline.errors.CommandError`: the supervisor gets a failed reply,
+the stage goes on.
+
 The context owns a heartbeat thread with the stage's only ZeroMQ socket (a
 DEALER whose identity is the stage name). It sends a heartbeat with the
 stage's metrics every ``heartbeat_interval_ms`` *only while the main loop
@@ -48,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import ControlError, PosewireError
+from pipeline.errors import CommandError, ControlError, PosewireError
 from pipeline.runtime import control
 
 _FAULT_FILE: Any = None
@@ -118,7 +126,8 @@ class StageSpec:
     supervisor_pid: int
     """The supervisor's pid: if the parent changes, the stage exits (no orphans)."""
     rings: dict[str, str] = field(default_factory=dict)
-    """Logical ring name (frames, poses, ...) to segment name."""
+    """Logical name of each ring the topology gives this stage (its inputs and outputs) to
+    segment name."""
     params: dict[str, Any] = field(default_factory=dict)
     """Initial parameters (the supervisor may change them with ``set``)."""
 
@@ -139,7 +148,6 @@ class StageContext:
         self.stopping = False
         """An orderly stop was requested: finish the current item and return 0."""
         self.paused = False
-        self.keyframe_requested = False
         self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {}
         self._rings: dict[str, Any] = {}
         self._inbox: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
@@ -151,7 +159,8 @@ class StageContext:
     # -- used by stages -------------------------------------------------------
 
     def ring(self, name: str) -> Any:
-        """The ring ``name`` (frames, poses, packets, feedback), attached once."""
+        """The ring ``name`` (one the topology declares among this stage's inputs or
+        outputs), attached once; ``PosewireError`` for any other name."""
         if name not in self._rings:
             from pipeline.runtime.ring import Ring
 
@@ -162,7 +171,9 @@ class StageContext:
         return self._rings[name]
 
     def on(self, cmd: str, handler: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
-        """Handle a command (``set``, ``switch_transport``, ``keyframe``) in the main thread."""
+        """Handle command ``cmd`` in the main thread (after the context's own handling of
+        ``set``, ``pause``, ``resume``, ``stop``); ``handler`` gets the command's arguments
+        and returns the reply's result (or ``None``)."""
         self._handlers[cmd] = handler
 
     def tick(self) -> None:
@@ -190,21 +201,13 @@ class StageContext:
     def _apply(self, cmd: control.Command) -> control.Reply:
         try:
             result: dict[str, Any] | None = None
-            if cmd.cmd == "stop":
-                self.stopping = True
-            elif cmd.cmd == "pause":
-                self.paused = True
-            elif cmd.cmd == "resume":
-                self.paused = False
-            elif cmd.cmd == "keyframe":
-                self.keyframe_requested = True
-            if cmd.cmd == "set":
-                self.params.update(cmd.args)
             handler = self._handlers.get(cmd.cmd)
+            if cmd.cmd in _OWN_COMMANDS:
+                _OWN_COMMANDS[cmd.cmd](self, cmd.args)
+            elif handler is None:
+                raise CommandError(f"stage {self.name} does not handle command {cmd.cmd!r}")
             if handler is not None:
                 result = handler(cmd.args)
-            elif cmd.cmd in ("switch_transport",):
-                return control.Reply(cmd.id, False, f"stage {self.name} has no transport")
             return control.Reply(cmd.id, True, None, result or {})
         except PosewireError as exc:
             return control.Reply(cmd.id, False, str(exc))
@@ -285,6 +288,31 @@ class StageContext:
             zctx.term()
 
 
+def _stop(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.stopping = True
+
+
+def _pause(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.paused = True
+
+
+def _resume(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.paused = False
+
+
+def _set(ctx: StageContext, args: dict[str, Any]) -> None:
+    ctx.params.update(args)
+
+
+#: the commands every stage understands (a handler registered with ``on`` runs after)
+_OWN_COMMANDS: dict[str, Callable[[StageContext, dict[str, Any]], None]] = {
+    "stop": _stop,
+    "pause": _pause,
+    "resume": _resume,
+    "set": _set,
+}
+
+
 def _set_parent_death_signal() -> None:
     """Ask Linux to SIGTERM us when the supervisor dies (belt to the ppid braces)."""
     if not sys.platform.startswith("linux"):
@@ -325,7 +353,7 @@ def stage_main(spec: StageSpec) -> None:
     setproctitle.setproctitle(f"{STAGE_TITLE}{spec.name}")
     log = setup_logging(spec.name)
     # a dup of the real stderr: a fatal-error dump must get out even while a stage
-    # has fd 2 redirected (the detect stage filters MediaPipe's start-up chatter)
+    # has fd 2 redirected (a stage may filter a library's start-up chatter)
     global _FAULT_FILE
     _FAULT_FILE = os.fdopen(os.dup(2), "w")
     faulthandler.enable(_FAULT_FILE)

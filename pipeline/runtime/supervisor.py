@@ -9,14 +9,22 @@ It follows the Erlang/OTP model:
   ``period_s`` seconds and the supervisor gives up: it stops every stage and
   exits with :data:`EXIT_INTENSITY` and one message naming the stage and its
   last error.
-* a stage that exits 0 is **finished**, not restarted; when the head of the
-  pipeline finishes (end of a file), each next stage is stopped once the ring
-  in front of it is drained, and the run ends with exit 0.
+* a stage that exits 0 is **finished**, not restarted; once every producer of
+  a stage finished (a head at the end of its file, say), the stage is stopped
+  as soon as its input rings are drained; when every stage of the data path
+  finished, the run ends with exit 0.
 * a stage silent for ``heartbeat_timeout_ms`` is **hung**: SIGTERM (and
   SIGCONT, so a stopped process can act on it), SIGKILL after
   ``kill_grace_s``, then restarted like a crash.
-* a stage that exits with :data:`~pipeline.runtime.stage.EXIT_CONFIG` met a user
-  error (a source that cannot exist): no retry, the run stops with exit 2.
+* a stage that exits with :attr:`~pipeline.runtime.stage.ExitStatus.CONFIG` met a
+  user error (a source that cannot exist): no retry, the run stops with exit 2.
+
+The supervisor knows no stage by name: it is handed a
+:class:`~pipeline.runtime.topology.Topology` that declares the stages (module,
+rings, heads, feedback, stages beside the data path) and how the run's frames
+are counted. The heads start once every other stage sent its first heartbeat
+(or ``supervisor.startup_timeout_ms`` passed); at the end the data path is
+stopped first, then the stages beside it.
 
 The supervisor owns every shared-memory segment: it sweeps stale ones of
 crashed runs at start, creates the rings, and unlinks them on every exit
@@ -28,20 +36,14 @@ second supervisor with the same run id is refused.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import itertools
 import json
 import logging
 import multiprocessing
 import os
 import secrets
-import shutil
 import signal
-import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,68 +52,17 @@ import zmq
 
 from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
-from pipeline.monitor.figures import Monitor, merge_report
 from pipeline.runtime import control
-from pipeline.runtime.stage import EXIT_CONFIG, StageSpec, error_file, stage_main
+from pipeline.runtime.observer import Observer, ObserverFactory, StageState, merge_report
+from pipeline.runtime.rundir import RunDir, default_run_base
+from pipeline.runtime.stage import ExitStatus, StageSpec, error_file, stage_main
+from pipeline.runtime.topology import Topology
 
 log = logging.getLogger("posewire.supervisor")
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_INTENSITY = 3
-
-#: the data path, head first; each stage reads the ring its predecessor writes
-PIPELINE_ORDER = ("capture", "detect", "encode", "transmit")
-#: ring in front of each stage (what must be drained before it is stopped)
-INPUT_RING = {"detect": "frames", "encode": "poses", "transmit": "packets"}
-
-
-def default_run_base() -> Path:
-    """``$XDG_RUNTIME_DIR/posewire``, else ``<tmp>/posewire-<uid>``."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.access(xdg, os.W_OK):
-        return Path(xdg) / "posewire"
-    return Path(tempfile.gettempdir()) / f"posewire-{os.getuid()}"
-
-
-@dataclass
-class StageState:
-    """The supervisor's view of one stage."""
-
-    spec: StageSpec
-    proc: BaseProcess | None = None
-    started_at: float = 0.0
-    last_seen: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    carried: dict[str, float] = field(default_factory=dict)
-    """``*_total`` counters of earlier incarnations (a restart resets the stage's own)."""
-    restarts: int = 0
-    hung: int = 0
-    done: bool = False
-    stop_sent: bool = False
-    state: str = "starting"
-    last_error: str | None = None
-    term_sent_at: float | None = None
-    killed_for: str | None = None
-
-    def counter(self, name: str) -> float:
-        return self.carried.get(name, 0.0) + self.metrics.get(name, 0.0)
-
-    def all_metrics(self) -> dict[str, float]:
-        out = dict(self.metrics)
-        for k, v in self.carried.items():
-            out[k] = out.get(k, 0.0) + v
-        return out
-
-
-def stage_plan(cfg: Config) -> list[str]:
-    """The stages this configuration runs, in data-path order (plus the embedded server)."""
-    names = list(PIPELINE_ORDER)
-    if cfg.source.produces == "poses":
-        names.remove("detect")  # a pose source (a trace) writes the poses ring itself
-    if cfg.server.embedded:
-        names.append("server")
-    return names
 
 
 class Supervisor:
@@ -120,17 +71,22 @@ class Supervisor:
     def __init__(
         self,
         cfg: Config,
+        topology: Topology,
         *,
         duration_s: float | None = None,
         report_path: Path | None = None,
         run_id: str | None = None,
+        observer: ObserverFactory | None = None,
     ) -> None:
         self.cfg = cfg
+        self.topology = topology
+        self._observer_factory = observer
         self.duration_s = duration_s
         self.report_path = report_path
         self.run_id = run_id or cfg.supervisor.run_id or secrets.token_hex(4)
         base = cfg.supervisor.run_dir or default_run_base()
         self.run_dir = base / self.run_id
+        self._run_dir = RunDir(self.run_dir, self.run_id)
         self.stages: dict[str, StageState] = {}
         self.rings: dict[str, Any] = {}
         self.exit_code: int | None = None
@@ -141,15 +97,13 @@ class Supervisor:
         self._zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._poller = zmq.Poller()
-        self._lock_fd: int | None = None
         self._signal: int | None = None
         self._started = 0.0
         self._started_wall = 0.0
         self._cmd_id = 0
-        self._owned_run_dir = False
-        self.monitor: Monitor | None = None  # performance monitor (issue 6)
+        self.monitor: Observer | None = None
         self._held: list[str] = []
-        """The head of the data path while it waits for the other stages (see run)."""
+        """The heads of the data path while they wait for the other stages (see run)."""
         self._hold_until = 0.0
 
     # -- lifecycle ------------------------------------------------------------
@@ -169,11 +123,10 @@ class Supervisor:
                 ", ".join(self.stages),
                 self.run_dir,
             )
-            # the head of the data path (capture, whatever its source produces) starts
-            # once every other stage has sent its first heartbeat (or after
-            # supervisor.startup_timeout_ms): no frame waits in a ring for a consumer
-            # that is still starting
-            self._held = [n for n in PIPELINE_ORDER if n in self.stages][:1]
+            # the heads of the data path start once every other stage has sent its
+            # first heartbeat (or after supervisor.startup_timeout_ms): no frame
+            # waits in a ring for a consumer that is still starting
+            self._held = list(self.topology.heads())
             self._hold_until = time.monotonic() + self.cfg.supervisor.startup_timeout_ms / 1000
             for name, st in self.stages.items():
                 if name not in self._held:
@@ -195,115 +148,47 @@ class Supervisor:
     def _setup(self) -> None:
         from pipeline.runtime.ring import Ring, RingMode, segment_name, sweep_stale
 
-        self._claim_run_dir()
+        self._run_dir.claim()
         swept = sweep_stale()
         if swept:
             log.info("swept %d stale segment(s) of crashed runs: %s", len(swept), ", ".join(swept))
-        self._ensure_secret()
-        for name in stage_plan(self.cfg):
-            self.stages[name] = StageState(self._spec(name, {}))
-        ring_plan = self._ring_plan()
-        for ring_name, (slot_size, slots, mode) in ring_plan.items():
-            seg = segment_name(self.run_id, ring_name)
-            self.rings[ring_name] = Ring.create(
-                seg,
-                slot_size=slot_size,
-                slots=slots,
-                mode=RingMode(mode),
+        for decl in self.topology.stages:
+            spec = self._spec(decl.name, decl.module)
+            spec.rings = {
+                r: segment_name(self.run_id, r) for r in dict.fromkeys(decl.inputs + decl.outputs)
+            }
+            self.stages[decl.name] = StageState(spec)
+        for ring in self.topology.rings:
+            self.rings[ring.name] = Ring.create(
+                segment_name(self.run_id, ring.name),
+                slot_size=ring.item_size,
+                slots=ring.slots,
+                mode=RingMode(ring.mode),
                 run_dir=self.run_dir,
             )
-        for st in self.stages.values():
-            st.spec.rings = {r: segment_name(self.run_id, r) for r in self.rings}
         self._zctx = zmq.Context()
         self._router = self._zctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self._router.bind(self.endpoint)
         self._poller.register(self._router, zmq.POLLIN)
-        # -- performance monitor (issue 6): /metrics, alerts, live status, report figures
-        self.monitor = Monitor(
-            self.cfg.monitor,
-            primary_transport=self.cfg.transmit.primary.value,
-            run_dir=self.run_dir,
-            run_id=self.run_id,
-        )
-        self.monitor.start()
-
-    def _ensure_secret(self) -> None:
-        """An embedded server with no configured secret gets a random one for this run.
-
-        It is exported as ``$POSEWIRE_SECRET`` to the stages (spawned children
-        inherit the environment), so the embedded server and the transmit stage
-        agree, and it never touches the disk. Receivers then need a token from
-        ``python -m pipeline token`` run with the same secret, or from the
-        server's dev endpoint when ``server.dev`` is on (loopback only).
-        """
-        if not self.cfg.server.embedded or os.environ.get("POSEWIRE_SECRET"):
-            return
-        if self.cfg.server.secret:
-            return
-        os.environ["POSEWIRE_SECRET"] = secrets.token_urlsafe(32)
-        log.info("embedded server: using a random per-run token secret")
+        if self._observer_factory is not None:  # /metrics, alerts, live status, figures
+            self.monitor = self._observer_factory(self.run_dir, self.run_id)
+            self.monitor.start()
 
     @property
     def endpoint(self) -> str:
         return f"ipc://{self.run_dir / 'control.sock'}"
 
-    def _claim_run_dir(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise SupervisorError(f"cannot create run directory {self.run_dir}: {exc}") from exc
-        if not os.access(self.run_dir, os.W_OK | os.X_OK):
-            raise SupervisorError(f"run directory {self.run_dir} is not writable")
-        lock = self.run_dir / "supervisor.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise SupervisorError(f"cannot create {lock}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SupervisorError(
-                f"run id {self.run_id!r} is in use by a running supervisor (pid {other}); "
-                "choose another supervisor.run_id or stop that one"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-        self._owned_run_dir = True
-
-    def _ring_plan(self) -> dict[str, tuple[int, int, str]]:
-        """Ring name -> (slot size, slots, mode)."""
-        from pipeline.codec import MAX_PACKET_BYTES
-        from pipeline.model.frame import frame_slot_size
-        from pipeline.model.pose import pose_record_size
-
-        r = self.cfg.rings
-        plan: dict[str, tuple[int, int, str]] = {}
-        if "detect" in self.stages:
-            plan["frames"] = (
-                frame_slot_size(r.max_frame_width, r.max_frame_height),
-                r.frames.slots,
-                "latest",
-            )
-        plan["poses"] = (pose_record_size(), r.poses.slots, "queue")
-        plan["packets"] = (MAX_PACKET_BYTES, r.packets.slots, "queue")
-        plan["feedback"] = (256, 64, "queue")  # transmit -> encode: acks, keyframe requests
-        return plan
-
-    def _spec(self, name: str, params: dict[str, Any]) -> StageSpec:
+    def _spec(self, name: str, module: str) -> StageSpec:
         return StageSpec(
             name=name,
-            module=f"stages.{name}",
+            module=module,
             config=self.cfg,
             run_id=self.run_id,
             run_dir=self.run_dir,
             control_endpoint=self.endpoint,
             supervisor_pid=os.getpid(),
-            params=params,
         )
 
     def _start(self, st: StageState) -> None:
@@ -345,7 +230,7 @@ class Supervisor:
                 self._finish(EXIT_OK, f"signal:{name}", f"stopped by {name}")
             elif deadline is not None and now >= deadline:
                 self._finish(EXIT_OK, "duration", f"ran for {self.duration_s:g} s")
-            if self.monitor is not None:  # issue 6: HTTP control requests; a sample ~1/s
+            if self.monitor is not None:  # HTTP control requests; a sample ~1/s
                 for req in self.monitor.take_commands():
                     req.resolve(self.command(req.stage, req.cmd, req.args))
                 if self.monitor.due(now):
@@ -355,7 +240,7 @@ class Supervisor:
                 log.info("%s", self.status_line())
 
     def _release_head(self, now: float) -> None:
-        """Start the held head stage once every other stage has reported (or on timeout)."""
+        """Start the held heads once every other stage has reported (or on timeout)."""
         waiting = [
             n
             for n, st in self.stages.items()
@@ -442,7 +327,7 @@ class Supervisor:
                 st.state = "done"
                 log.info("%s finished", name)
                 continue
-            if code == EXIT_CONFIG:
+            if code == ExitStatus.CONFIG:
                 self._finish(EXIT_CONFIG_ERROR, "config_error", f"{name}: {st.last_error}")
                 return
             if st.killed_for is not None:
@@ -509,29 +394,36 @@ class Supervisor:
                 st.term_sent_at = now
 
     def _check_drain(self) -> None:
-        """Stop each stage whose predecessor finished once its input ring is empty."""
-        order = [n for n in PIPELINE_ORDER if n in self.stages]
-        for prev, nxt in itertools.pairwise(order):
-            a, b = self.stages[prev], self.stages[nxt]
-            if not a.done or b.done or b.stop_sent or b.proc is None:
+        """Stop each stage whose producers all finished once its input rings are empty."""
+        topo = self.topology
+        order = topo.order()
+        for name in order:
+            st = self.stages[name]
+            producers = topo.producers(name)
+            if not producers or st.done or st.stop_sent or st.proc is None:
                 continue
-            ring = self.rings.get(INPUT_RING[nxt])
-            try:
-                pending = ring.statistics().occupancy if ring is not None else 0
-            except RingError:
-                pending = 0
-            if pending == 0:
-                self.command(nxt, "stop")
-                b.stop_sent = True
+            if not all(self.stages[p].done for p in producers):
+                continue
+            if all(self._pending(r) == 0 for r in topo.data_inputs(name)):
+                self.command(name, "stop")
+                st.stop_sent = True
         if order and all(self.stages[n].done for n in order):
             self._finish(EXIT_OK, "finished", "pipeline finished: source ended and rings drained")
+
+    def _pending(self, ring_name: str) -> int:
+        ring = self.rings.get(ring_name)
+        try:
+            return int(ring.statistics().occupancy) if ring is not None else 0
+        except RingError:
+            return 0
 
     # -- shutdown -------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        # The data path first, then the server it publishes to (no reconnect noise).
+        # The data path first, then the stages beside it (an embedded server the data
+        # path publishes to: no reconnect noise).
         deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
-        data_path = [st for n, st in self.stages.items() if n != "server"]
+        data_path = [self.stages[n] for n in self.topology.data_path() if n in self.stages]
         self._stop_group(data_path, deadline - self.cfg.supervisor.shutdown_timeout_s / 2)
         self._stop_group(list(self.stages.values()), deadline)
 
@@ -572,7 +464,7 @@ class Supervisor:
                 st.proc = None
 
     def _cleanup(self) -> None:
-        if self.monitor is not None:  # issue 6
+        if self.monitor is not None:
             self.monitor.close()
         for ring in self.rings.values():
             with contextlib.suppress(RingError, OSError):
@@ -583,10 +475,7 @@ class Supervisor:
             self._router.close(0)
         if self._zctx is not None:
             self._zctx.term()
-        if self._owned_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        self._run_dir.release()
 
     # -- figures --------------------------------------------------------------
 
@@ -608,20 +497,9 @@ class Supervisor:
         return out
 
     def frames(self) -> dict[str, int]:
-        rs = self.ring_stats()
-        transmit = self.stages.get("transmit")
-        # a pose source (no frames ring) captures straight into the poses ring
-        captured = rs.get("frames", rs.get("poses", {})).get("written")
-        return {
-            "captured": int(captured or 0),
-            "detected": rs.get("poses", {}).get("written", 0),
-            "skipped": rs.get("frames", {}).get("skipped", 0),
-            "encoded": rs.get("packets", {}).get("written", 0),
-            "sent": int(transmit.counter("packets_sent_total")) if transmit else 0,
-            "dropped": rs.get("poses", {}).get("dropped", 0)
-            + rs.get("packets", {}).get("dropped", 0)
-            + (int(transmit.counter("packets_dropped_total")) if transmit else 0),
-        }
+        """The run's frame figures, as the topology declares them."""
+        counters = {name: st.all_metrics() for name, st in self.stages.items()}
+        return self.topology.frames(self.ring_stats(), counters)
 
     def status_line(self) -> str:
         f = self.frames()
@@ -653,7 +531,7 @@ class Supervisor:
                 for name, st in self.stages.items()
             },
         }
-        if self.monitor is not None:  # issue 6: figures, alerts, time series
+        if self.monitor is not None:  # figures, alerts, time series
             merge_report(out, self.monitor.report_section(self.stages, out["frames"], out["rings"]))
         return out
 
@@ -671,13 +549,22 @@ class Supervisor:
 
 def run_pipeline(
     cfg: Config,
+    topology: Topology,
     *,
     duration_s: float | None = None,
     report_path: Path | None = None,
     run_id: str | None = None,
+    observer: ObserverFactory | None = None,
 ) -> int:
-    """Run the pipeline described by ``cfg``; return the exit code."""
-    sup = Supervisor(cfg, duration_s=duration_s, report_path=report_path, run_id=run_id)
+    """Run the stages and rings of ``topology`` with ``cfg``; return the exit code."""
+    sup = Supervisor(
+        cfg,
+        topology,
+        duration_s=duration_s,
+        report_path=report_path,
+        run_id=run_id,
+        observer=observer,
+    )
     try:
         return sup.run()
     except SupervisorError:
