@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
+from pipeline.model.stats import percentiles
+
 Row = dict[str, Any]
 Target = dict[str, Any]
 
@@ -88,21 +90,14 @@ def _cpu_model() -> str:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation (numpy's default).
+    """The ``q``-th percentile (0..100), linear interpolation; NaN for an empty sequence.
 
-    Returns NaN for an empty sequence.
+    A thin wrapper of :func:`pipeline.model.stats.percentiles`, the one implementation.
     """
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    n = len(values)
-    if n == 0:
-        return math.nan
-    s = sorted(values)
-    pos = (n - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return float(s[lo] + (s[hi] - s[lo]) * frac)
+    got = percentiles(values, (q,))
+    return got[0] if got else math.nan
 
 
 def summarize(values: Sequence[float], unit: str, prefix: str = "") -> dict[str, float]:
