@@ -335,6 +335,25 @@ class ServerConfig(_Model):
     token_leeway_s: float = Field(
         2.0, ge=0, le=300, description="Clock skew tolerated on token exp/nbf/iat."
     )
+    data_dir: Path | None = Field(
+        None,
+        description="Where the server keeps what must survive a restart (revoked tokens, "
+        "closed rooms); default: $XDG_STATE_HOME/posewire or ~/.local/state/posewire.",
+    )
+    header_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="An HTTP request (its line and headers) must arrive within this time, "
+        "else the connection is closed (slow clients before the WebSocket upgrade).",
+    )
+    max_pending_connections: int = Field(
+        200,
+        ge=1,
+        le=100000,
+        description="Connections accepted but not yet a joined member or an answered "
+        "request; past this, new connections are closed at once.",
+    )
 
 
 class SupervisorConfig(_Model):
@@ -375,6 +394,12 @@ class MonitorConfig(_Model):
     enabled: bool = Field(True, description="Serve /metrics.")
     host: str = Field("127.0.0.1", description="Metrics listen address.")
     port: int = Field(9108, ge=0, le=65535, description="Metrics port (0: any free port).")
+    max_connections: int = Field(
+        16, ge=1, le=1024, description="Concurrent HTTP connections to the metrics endpoint."
+    )
+    request_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A metrics HTTP request must arrive within this time."
+    )
     status: Literal["auto", "on", "off"] = Field(
         "auto", description="Live status table: auto = when stdout is a terminal."
     )

@@ -32,6 +32,18 @@ class UnsupportedVersionError(ProtocolError):
     """A packet of a protocol version this build does not know."""
 
 
+class PacketTooLargeError(ProtocolError):
+    """A frame cannot be coded under the packet size limit (the encoder state is unchanged)."""
+
+
+class JsonInputError(PosewireError):
+    """Untrusted JSON refused: not JSON, too deeply nested, or a number out of range."""
+
+
+class RegistryError(PosewireError):
+    """A plugin registered twice, or a key no plugin has."""
+
+
 class RingError(PosewireError):
     """Base of shared-memory ring errors."""
 

@@ -40,16 +40,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pipeline.errors import PosewireError
+from pipeline.errors import RegistryError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 PLUGINS_ENV = "POSEWIRE_PLUGINS"
 """Comma-separated modules every registry imports on discovery (plugins outside packages)."""
-
-
-class RegistryError(PosewireError):
-    """A plugin registered twice, or a key no plugin has."""
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,8 @@ import time
 from typing import Any
 
 from pipeline.config import TransportKind, resolve_path
-from pipeline.errors import ConfigError, RingError, TokenError, WouldBlock
+from pipeline.errors import ConfigError, RegistryError, RingError, TokenError, WouldBlock
 from pipeline.model.stats import Rate, Window
-from pipeline.registry import RegistryError
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
 from pipeline.transports.sender import Sender, parse_kind

@@ -21,8 +21,8 @@ import pytest
 from pipeline.codec import Decoded, Decoder
 from pipeline.config import DETECTORS, SOURCES, parse_config
 from pipeline.detectors import create_detector
-from pipeline.errors import ConfigError
-from pipeline.registry import PLUGINS_ENV, RegistryError
+from pipeline.errors import ConfigError, RegistryError
+from pipeline.registry import PLUGINS_ENV
 from pipeline.sources import make_source
 from pipeline.transports.file import read_packets
 from tests import toy_plugin

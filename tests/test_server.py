@@ -594,8 +594,7 @@ def test_transports_are_found_by_kind_and_a_toy_transport_is_one_registration(
     from collections.abc import Mapping
 
     from pipeline.config import TransmitConfig
-    from pipeline.errors import ClosedResourceError, RingError
-    from pipeline.registry import RegistryError
+    from pipeline.errors import ClosedResourceError, RegistryError, RingError
     from pipeline.transports import TRANSPORTS, make_transport
     from pipeline.transports.base import Received, Transport, TransportContext, TransportStatistics
     from pipeline.transports.file import FileTransport, read_packets

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.codec.decoder import Decoded, Decoder, DecoderStats, NeedKeyframe
-from pipeline.codec.encoder import Encoder, EncoderStats, PacketTooLargeError
+from pipeline.codec.encoder import Encoder, EncoderStats
 from pipeline.codec.feedback import Feedback
 from pipeline.codec.header import (
     MAX_PACKET_BYTES,
@@ -37,6 +37,7 @@ from pipeline.codec.ranges import (
     XY_RANGE,
     Z_RANGE,
 )
+from pipeline.errors import PacketTooLargeError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 
 __all__ = [

@@ -50,14 +50,10 @@ from pipeline.codec.ranges import (
     WORLD_HI,
     WORLD_LO,
 )
-from pipeline.errors import ProtocolError
+from pipeline.errors import PacketTooLargeError, ProtocolError
 from pipeline.model.pose import LANDMARK_NAMES, NUM_LANDMARKS, PoseFrame
 
 _L = NUM_LANDMARKS
-
-
-class PacketTooLargeError(ProtocolError):
-    """The frame cannot be coded under :data:`MAX_PACKET_BYTES` (the encoder state is unchanged)."""
 
 
 # --------------------------------------------------------------------------- validation
