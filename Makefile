@@ -42,6 +42,10 @@ typecheck: install
 # printed whatever the outcome; the exit status is pytest's (5, "no tests
 # collected", is a failure too).
 KERNEL_TESTS := tests/test_protocol.py
+# merge the per-process data files, print the per-file table (lowest first) and the total
+COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
+	$(PY) -m coverage report --sort=cover; \
+	echo "coverage of pipeline/ + stages/ (every process): $$($(PY) -m coverage report --format=total)%"
 
 unit: install
 	rm -f .coverage .coverage.*
@@ -50,14 +54,12 @@ unit: install
 	  NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
 	    $(KERNEL_TESTS) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
 	fi; \
-	$(MAKE) --no-print-directory coverage-report; \
+	$(COVERAGE_REPORT); \
 	if [ $$status = 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
 	exit $$status
 
 coverage-report: install
-	$(PY) -m coverage combine --quiet
-	$(PY) -m coverage report --sort=cover
-	@echo "coverage of pipeline/ + stages/: $$($(PY) -m coverage report --format=total)%"
+	$(COVERAGE_REPORT)
 
 test: lint typecheck unit
 
