@@ -1,11 +1,13 @@
 # posewire: `make run` and `make test` are the whole quick start.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNELS := $(VENV)/.kernels-compiled
+# pytest's own options for `make unit`, e.g. `make unit PYTEST_ARGS='-x tests/test_ring.py'`
+PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint imports typecheck unit coverage-report bench clean
 
 install: $(STAMP) $(KERNELS)
 
@@ -23,15 +25,41 @@ $(KERNELS): $(STAMP) pipeline/codec/kernels.py
 run: install
 	$(PY) -m pipeline pipeline.yaml
 
-lint: install
+lint: install imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# the architecture: import-linter contracts in pyproject.toml [tool.importlinter]
+imports: install
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy
 
+# pytest under coverage, across every process the tests start (docs/coverage.md),
+# then the codec tests once more with the numba kernels run as plain Python
+# (NUMBA_DISABLE_JIT=1: compiled code is not traced; ~45 s). The coverage table is
+# printed whatever the outcome; the exit status is pytest's (5, "no tests
+# collected", is a failure too).
+KERNEL_TESTS := tests/test_protocol.py
+# merge the per-process data files, print the per-file table (lowest first) and the total
+COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
+	$(PY) -m coverage report --sort=cover; \
+	echo "coverage of pipeline/ + stages/ (every process): $$($(PY) -m coverage report --format=total)%"
+
 unit: install
-	$(PY) -m pytest -q
+	rm -f .coverage .coverage.*
+	status=0; $(PY) -m coverage run -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+	if [ -z "$(PYTEST_ARGS)" ]; then \
+	  NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
+	    $(KERNEL_TESTS) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
+	fi; \
+	$(COVERAGE_REPORT); \
+	if [ $$status = 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	exit $$status
+
+coverage-report: install
+	$(COVERAGE_REPORT)
 
 test: lint typecheck unit
 
@@ -39,4 +67,5 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+	rm -f .coverage .coverage.*
