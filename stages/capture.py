@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import cv2
 
-from pipeline.config import FrameSourceSettings
 from pipeline.errors import SourceError
 from pipeline.model.frame import FrameBuffer, end_of_stream_payload
 from pipeline.model.stats import Rate
+from pipeline.settings import FrameSourceSettings
 from pipeline.sources import PoseSource, RGBFrame, make_source
 from pipeline.sources.feed import EndOfSource, FrameFeed
 

@@ -152,7 +152,7 @@ def test_run_refuses_invalid_config_and_starts_nothing(tmp_path: Path) -> None:
 
 
 def test_sections_are_validated_by_the_model_their_key_selects() -> None:
-    from pipeline.config import DetectorSettings, SourceSettings
+    from pipeline.settings import DetectorSettings, SourceSettings
 
     cfg = parse_config(
         "source: {kind: trace, path: data/pose-traces/cmu02_05_punch_strike.npz, loop: false}\n"

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from pipeline.codec import Decoded, Decoder
-from pipeline.config import DETECTORS, SOURCES, parse_config
+from pipeline.config import parse_config
 from pipeline.detectors import create_detector
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.registry import PLUGINS_ENV
+from pipeline.settings import DETECTORS, SOURCES
 from pipeline.sources import make_source
 from pipeline.transports.file import read_packets
 from tests import toy_plugin

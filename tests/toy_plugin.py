@@ -22,15 +22,15 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.config import (
+from pipeline.detectors import Detector, FloatArray, RGBFrame
+from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+from pipeline.settings import (
     DETECTORS,
     SOURCES,
     DetectorSettings,
     FrameSourceSettings,
     SourceSettings,
 )
-from pipeline.detectors import Detector, FloatArray, RGBFrame
-from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 from pipeline.sources import PoseSource, Source
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.config import DETECTORS
+from pipeline.settings import DETECTORS
 
 if TYPE_CHECKING:
     from pipeline.config import Config

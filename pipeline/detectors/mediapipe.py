@@ -23,10 +23,10 @@ from typing import IO, Any, Final, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.config import DETECTORS, DetectorSettings
 from pipeline.detectors import Detector, FloatArray, RGBFrame
 from pipeline.errors import ConfigError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+from pipeline.settings import DETECTORS, DetectorSettings
 
 #: model_complexity -> the landmark model file MediaPipe loads (relative to the package)
 _LANDMARK_MODELS: Final = {

@@ -13,11 +13,11 @@ from typing import Final, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.config import DETECTORS, FileProblem, missing_path
 from pipeline.detectors import Detector, FloatArray, RGBFrame
 from pipeline.detectors.mediapipe import ConfidenceSettings, import_mediapipe, landmarks_to_array
 from pipeline.errors import ConfigError
 from pipeline.model.pose import MAX_POSES, PoseFrame
+from pipeline.settings import DETECTORS, FileProblem, missing_path
 
 #: members a PoseLandmarker .task bundle must have
 _TASK_MEMBERS: Final = ("pose_detector.tflite", "pose_landmarks_detector.tflite")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.config import SOURCES
+from pipeline.settings import SOURCES
 
 if TYPE_CHECKING:
     from pipeline.config import Config

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import SOURCES, FrameSourceSettings
+from pipeline.settings import SOURCES, FrameSourceSettings
 from pipeline.sources import Source
 from pipeline.sources.camera import CameraSource, camera_exists, camera_path
 from pipeline.sources.demo import DEMO_SIZE, DemoSource

@@ -11,8 +11,8 @@ from typing import Literal
 import cv2
 from pydantic import Field
 
-from pipeline.config import SOURCES, FrameSourceSettings
 from pipeline.errors import SourceError
+from pipeline.settings import SOURCES, FrameSourceSettings
 from pipeline.sources import DEFAULT_FPS
 from pipeline.sources._cv import CvSource
 

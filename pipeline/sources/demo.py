@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from pipeline.config import SOURCES, FrameSourceSettings
 from pipeline.errors import SourceError
+from pipeline.settings import SOURCES, FrameSourceSettings
 from pipeline.sources import DEFAULT_FPS, RGBFrame, Source
 
 DEMO_SIZE: Final = (1280, 720)

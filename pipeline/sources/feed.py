@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from pipeline.config import FrameSourceSettings
 from pipeline.errors import SourceError
+from pipeline.settings import FrameSourceSettings
 from pipeline.sources import DEFAULT_FPS, RGBFrame, Source, create_source
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from typing import Literal
 import cv2
 from pydantic import Field
 
-from pipeline.config import SOURCES, FileProblem, FrameSourceSettings, missing_path
 from pipeline.errors import SourceError
+from pipeline.settings import SOURCES, FileProblem, FrameSourceSettings, missing_path
 from pipeline.sources import DEFAULT_FPS, RGBFrame, resolve
 from pipeline.sources._cv import CvSource
 

@@ -11,8 +11,8 @@ from typing import Final, Literal
 import cv2
 from pydantic import Field
 
-from pipeline.config import SOURCES, FileProblem, FrameSourceSettings, missing_path
 from pipeline.errors import SourceError
+from pipeline.settings import SOURCES, FileProblem, FrameSourceSettings, missing_path
 from pipeline.sources import DEFAULT_FPS, RGBFrame, Source, resolve
 from pipeline.sources._cv import bgr_to_rgb
 

@@ -22,9 +22,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from pipeline.config import SOURCES, FileProblem, SourceSettings, missing_path
 from pipeline.errors import SourceError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+from pipeline.settings import SOURCES, FileProblem, SourceSettings, missing_path
 from pipeline.sources import PoseSource, resolve
 
 FloatArray = npt.NDArray[np.float32]

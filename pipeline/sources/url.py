@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import cv2
 from pydantic import Field
 
-from pipeline.config import SOURCES, FrameSourceSettings
 from pipeline.errors import SourceError
+from pipeline.settings import SOURCES, FrameSourceSettings
 from pipeline.sources import DEFAULT_FPS
 from pipeline.sources._cv import CvSource
 

@@ -11,20 +11,11 @@ packets) ends it: the next :meth:`send`/:meth:`recv` raises
 :class:`~pipeline.errors.TokenError` or
 :class:`~pipeline.errors.BrokenResourceError` (with the close code and reason).
 
-Publishers (the transmit stage) should, for every item :meth:`recv` yields:
-
-* ``Control(type="ack", body={"stream_id", "seq"})``: ``encoder.on_ack(seq)``.
-  The server acknowledges every packet it accepted (it relays reliably and
-  keeps the history late joiners need; see :mod:`pipeline.server.rooms`).
-* ``Control(type="keyframe_request", body={"stream_id"})``:
-  ``encoder.request_keyframe()`` (a real keyframe, not a refresh: the server
-  sends it for subscribers that lack the chain, e.g. after a drop or a join).
-* ``StateChange(connected=True)`` (a reconnect, possibly to a restarted server
-  without history): ``encoder.request_keyframe()``.
-
-Subscribers receive, per publisher stream, a ``Control(type="backfill")``
-(:class:`~pipeline.wire.messages.Backfill`) before the stored packets the
-server sends a member that joins a room with history: they are not live.
+What a publisher does with the acks, keyframe requests and reconnects that
+:meth:`recv` yields, and what a subscriber does with the ``backfill`` notice
+(:class:`~pipeline.wire.messages.Backfill`) before a stream's stored packets,
+is specified in ``docs/room-protocol.md``; :mod:`pipeline.transports.sender`
+does it for the transmit stage.
 
 Read them promptly (or with :meth:`recv_nowait` between sends): the receive
 queue is bounded and drops the oldest pose packet (then the oldest item) when full.
@@ -63,8 +54,9 @@ from pipeline.transports.base import (
     TransportContext,
     TransportStatistics,
 )
+from pipeline.transports.clock import ClockOffset
 from pipeline.wire import messages
-from pipeline.wire.close import RETRY_STANDARD, TOKEN_REASONS, close_code
+from pipeline.wire.close import final_error
 
 log = logging.getLogger("posewire.transport.websocket")
 
@@ -136,7 +128,7 @@ class WebSocketTransport(Transport):
         self._last_error: dict[str, Any] | None = None
         self._pings: dict[int, asyncio.Future[tuple[int, int, int, int]]] = {}
         self._ping_id = 0
-        self._clock: deque[tuple[int, int]] = deque(maxlen=32)  # (rtt_ns, offset_ns)
+        self._clock = ClockOffset()
         self._sent_at: deque[int] = deque()
         self._ack_rtts: deque[float] = deque(maxlen=_WINDOW)
         self._send_times: deque[float] = deque(maxlen=_WINDOW)
@@ -177,15 +169,11 @@ class WebSocketTransport(Transport):
     @property
     def clock_offset_ns(self) -> int | None:
         """Server clock minus local clock from the minimum-RTT sample, or None."""
-        if not self._clock:
-            return None
-        return min(self._clock)[1]
+        return self._clock.offset_ns
 
     @property
     def clock_rtt_ns(self) -> int | None:
-        if not self._clock:
-            return None
-        return min(self._clock)[0]
+        return self._clock.rtt_ns
 
     def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
         """The member record publishing ``stream_id``, if known."""
@@ -368,20 +356,8 @@ class WebSocketTransport(Transport):
     def _refusal(self, code: int | None, fallback: str) -> Fatal | None:
         """The error for a close code, or None when a retry may help."""
         detail = self._last_error or {}
-        message = str(detail.get("message") or fallback)
-        if code is None or code in RETRY_STANDARD:
-            return None
-        if code in TOKEN_REASONS:
-            return TokenError(
-                TOKEN_REASONS[code], f"token refused ({TOKEN_REASONS[code]}): {message}"
-            )
-        cc = close_code(code)
-        if cc is not None and cc.retryable:
-            return None
-        reason = cc.reason if cc is not None else str(detail.get("reason") or code)
-        return BrokenResourceError(
-            f"server closed the connection ({reason}): {message}", code=code, reason=reason
-        )
+        reason = str(detail["reason"]) if detail.get("reason") else None
+        return final_error(code, str(detail.get("message") or fallback), reason)
 
     async def _open(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
         """Connect, join and read the welcome.
@@ -573,11 +549,7 @@ class WebSocketTransport(Transport):
             return None
         finally:
             self._pings.pop(pid, None)
-        rtt = (t3 - t0) - (t2 - t1)
-        offset = ((t1 - t0) + (t2 - t3)) // 2
-        sample = (max(rtt, 0), offset)
-        self._clock.append(sample)
-        return sample
+        return self._clock.add(t0, t1, t2, t3)
 
     async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         for _ in range(self.clock_samples):

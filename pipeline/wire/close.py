@@ -51,7 +51,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-from pipeline.errors import RefusedError
+from pipeline.errors import BrokenResourceError, RefusedError, TokenError
 
 #: Standard close codes after which a client reconnects (normal, going away,
 #: abnormal, server error, restart, try again later, bad gateway).
@@ -162,3 +162,26 @@ def close_code(value: int) -> CloseCode | None:
 def refusal(code: CloseCode, message: str) -> RefusedError:
     """The error that closes a member with ``code`` (its reason) and ``message``."""
     return RefusedError(code.reason, message, code=int(code))
+
+
+def final_error(
+    code: int | None, message: str, reason: str | None = None
+) -> TokenError | BrokenResourceError | None:
+    """How a client reads a close: the error that ends it, or None when a retry may help.
+
+    A token close code gives a :class:`TokenError` with its reason; a final
+    posewire or unknown code a :class:`BrokenResourceError` carrying the code and
+    reason (``reason`` names an unknown code, e.g. from the error message that
+    came before the close); standard and retryable codes give None.
+    """
+    if code is None or code in RETRY_STANDARD:
+        return None
+    if code in TOKEN_REASONS:
+        return TokenError(TOKEN_REASONS[code], f"token refused ({TOKEN_REASONS[code]}): {message}")
+    cc = close_code(code)
+    if cc is not None and cc.retryable:
+        return None
+    why = cc.reason if cc is not None else (reason or str(code))
+    return BrokenResourceError(
+        f"server closed the connection ({why}): {message}", code=code, reason=why
+    )
