@@ -470,7 +470,7 @@ def _memcpy_rows(paced_s: float, flat_s: float) -> list[dict[str, Any]]:
 
 
 def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets at 720p, for both ring receive paths and both pacings."""
+    """The ring's targets at 720p, for both ring receive paths and both pacings."""
     by = {r["name"]: r for r in rows}
     out: list[dict[str, Any]] = []
     for ring_kind in ("ring", "ring zero-copy view"):

@@ -2,7 +2,7 @@
 
 Every test runs ``python -m pipeline`` as a separate process group, hurts it
 the way the real world does (kill -9, SIGSTOP, a stage crashing at start,
-SIGINT, kill -9 of the whole group) and checks what the issue promises:
+SIGINT, kill -9 of the whole group) and checks what the supervisor promises:
 restarts, increasing sequence numbers, the report, exit codes, and that no
 ``posewire`` segment is left in /dev/shm.
 """
