@@ -56,6 +56,8 @@ unit: install
 	fi; \
 	$(COVERAGE_REPORT); \
 	if [ $$status = 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	if [ $$status = 0 ] && [ -z "$(PYTEST_ARGS)" ] && ! $(PY) -m coverage report --format=total >/dev/null; then \
+	  echo "coverage is under fail_under (pyproject.toml)" >&2; status=1; fi; \
 	exit $$status
 
 coverage-report: install
