@@ -290,7 +290,10 @@ class HttpGuard:
             conn.frames = FrameChecker()
             early, conn.early = bytes(conn.early), bytearray()
             if early and not conn.frames.feed(early):
-                self.unmasked(conn)
+                # sent before the 101 was: no close frame can be ordered after it
+                self.metrics.reject("unmasked_frame")
+                assert self._loop is not None
+                self._loop.call_soon(lambda: conn.close(abort=True))
             return
         self._wait(conn)
 
