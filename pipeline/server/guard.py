@@ -7,10 +7,11 @@ protocol factory of the aiohttp server (a thin proxy protocol per connection,
 public asyncio and aiohttp API only) and adds:
 
 * a **deadline**: a connection must send a request (line, headers and body)
-  and be answered within ``server.header_timeout_s`` of its accept or of its
-  previous answer, else it is closed (``slow_headers``: bytes came but no end
-  of headers; ``slow_request``: headers came but no answer; ``idle``: nothing
-  came after an answer, an idle keep-alive connection);
+  and be answered within ``server.header_timeout_s`` of its accept or of the
+  first byte after its previous answer, else it is closed (``slow_headers``:
+  bytes came but no end of headers; ``slow_request``: headers came but no
+  answer); an idle keep-alive connection is closed after :data:`KEEPALIVE_S`
+  (at least the header timeout) without a byte (``idle``);
 * a **cap** on *pending* connections (accepted, not upgraded to a WebSocket):
   ``server.max_pending_connections``, lowered to what the process's file
   descriptor limit leaves (:func:`fd_budget`). At the cap the oldest
@@ -48,6 +49,9 @@ log = logging.getLogger("posewire.server")
 #: aiohttp's per-request error logger is replaced by this one (see :func:`handler_args`)
 HTTP_LOG: Final = logging.getLogger("posewire.server.http")
 
+#: an answered connection may stay idle this long (longer than aiohttp's client
+#: keep-alive of 15 s, so that clients, not the server, close idle connections)
+KEEPALIVE_S: Final = 20.0
 #: descriptors kept free for everything but connections (listening socket, logs, ...)
 FD_RESERVE: Final = 32
 #: request line and header limits passed to aiohttp (a longer line answers 400)
@@ -144,6 +148,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.state = _WAITING
         self.got_bytes = False
+        self.idle = False  # answered, nothing of a next request yet
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""  # last bytes seen while waiting (an end of headers split in two)
         self.early = bytearray()  # bytes after the end of headers, until the answer
@@ -169,7 +174,9 @@ class GuardedProtocol(asyncio.Protocol):
                 self.guard.unmasked(self)
                 return
         elif state == _WAITING:
-            self.got_bytes = True
+            if not self.got_bytes:
+                self.got_bytes = True
+                self.guard.first_bytes(self)
             seen = self.tail + data
             end = seen.find(b"\r\n\r\n")
             if end >= 0:
@@ -268,8 +275,14 @@ class HttpGuard:
         self.pending += 1
         self.metrics.pending_peak = max(self.metrics.pending_peak, self.pending)
         self._by_inner[conn.inner] = conn
-        self._wait(conn)
+        self._wait(conn, self.header_timeout_s)
         return True
+
+    def first_bytes(self, conn: GuardedProtocol) -> None:
+        """The first bytes of a request on an idle keep-alive connection: its deadline."""
+        if conn.idle:
+            conn.idle = False
+            self._arm(conn, self.header_timeout_s)
 
     def headers_done(self, conn: GuardedProtocol) -> None:
         conn.state = _HANDLING
@@ -295,7 +308,8 @@ class HttpGuard:
                 assert self._loop is not None
                 self._loop.call_soon(lambda: conn.close(abort=True))
             return
-        self._wait(conn)
+        self._wait(conn, max(KEEPALIVE_S, self.header_timeout_s))
+        conn.idle = True
 
     def unmasked(self, conn: GuardedProtocol) -> None:
         self.metrics.reject("unmasked_frame")
@@ -315,16 +329,20 @@ class HttpGuard:
         self._drop(conn)
 
     # -- internals
-    def _wait(self, conn: GuardedProtocol) -> None:
+    def _wait(self, conn: GuardedProtocol, deadline_s: float) -> None:
         conn.state = _WAITING
         conn.got_bytes = False
+        conn.idle = False
         conn.tail = b""
         conn.early = bytearray()
         self._waiting.pop(conn, None)
         self._waiting[conn] = None
+        self._arm(conn, deadline_s)
+
+    def _arm(self, conn: GuardedProtocol, deadline_s: float) -> None:
         self._cancel(conn)
         assert self._loop is not None
-        conn.timer = self._loop.call_later(self.header_timeout_s, self._expired, conn)
+        conn.timer = self._loop.call_later(deadline_s, self._expired, conn)
 
     def _expired(self, conn: GuardedProtocol) -> None:
         conn.timer = None
