@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.server.metrics import ServerMetrics
 
@@ -411,8 +412,10 @@ class RateLimitFilter(logging.Filter):
         key = (record.name, str(record.msg)[:80])
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            text = str(exc).splitlines()[0][:200] if str(exc) else ""
+            text = " ".join(str(exc).split())[:200]
             record.msg = f"{record.getMessage()}: {type(exc).__name__}: {text}"
+            if isinstance(exc, HttpProcessingError) and record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's
             record.args = None
             record.exc_info = None
             record.exc_text = None

@@ -68,9 +68,7 @@ class Serve:
         self, tmp: Path, *, dev: bool = False, nofile: int | None = None, **server: Any
     ) -> None:
         cfg = tmp / "pipeline.yaml"
-        cfg.write_text(
-            "server:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in server.items())
-        )
+        cfg.write_text(json.dumps({"server": server}))  # JSON is YAML
         self.log = tmp / "server.log"
         limit = nofile
 
