@@ -405,7 +405,9 @@ def test_low_fd_limit_keeps_the_log_bounded_and_the_server_recovers(tmp_path: Pa
         await asyncio.sleep(0.5)
         t_join = await join_time(srv.port)
         closed = await asyncio.gather(*slow)
-        assert max(closed) <= timeout_s + 1.5
+        # from connect: a connection may wait in the listen backlog while accept()
+        # pauses for a second after EMFILE (asyncio's retry), then the header timeout
+        assert max(closed) <= timeout_s + 3.5, sorted(closed)[-10:]
         # recovered: answers and joins promptly once the slow clients are gone
         t_metrics, m = await timed(metrics(srv.port))
         t_join_after = await join_time(srv.port)
