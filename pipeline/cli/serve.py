@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,19 @@ def server_config(path: Path | None) -> ServerConfig:
     return load_config(path).server if path is not None else ServerConfig()  # type: ignore[call-arg]
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (each connection is a descriptor);
+    returns the limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 def main(args: argparse.Namespace) -> int:
     from pipeline.server.app import serve
 
@@ -42,6 +56,14 @@ def main(args: argparse.Namespace) -> int:
         format="%(asctime)s server %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    soft, _ = raise_fd_limit()
+    if soft != resource.RLIM_INFINITY and soft < cfg.max_connections + cfg.max_pending_connections:
+        logging.getLogger("posewire.server").warning(
+            "file descriptor limit %d is below server.max_connections + "
+            "max_pending_connections (%d): connections are capped to what it leaves",
+            soft,
+            cfg.max_connections + cfg.max_pending_connections,
+        )
     dev = True if args.dev else None
 
     def ready(host: str, port: int) -> None:

@@ -11,10 +11,16 @@ Endpoints
     200 when accepting members, 503 while starting, shutting down or full.
 ``GET /metrics``
     Prometheus text: ``posewire_server_rooms``, ``_members``, ``_connections``,
-    ``_messages_in_total``, ``_messages_out_total``, ``_drops_total``,
-    ``_rejections_total{reason=...}`` and more (:mod:`pipeline.server.metrics`).
+    ``_pending_connections``, ``_messages_in_total``, ``_messages_out_total``,
+    ``_drops_total``, ``_rejections_total{reason=...}`` and more
+    (:mod:`pipeline.server.metrics`).
 ``/api/rooms...``, ``POST /api/dev/token``
     The rooms REST API (:mod:`pipeline.server.api`).
+
+Every connection passes :class:`~pipeline.server.guard.HttpGuard` first: a
+deadline for its request (``server.header_timeout_s``), a cap on connections
+not yet upgraded (``server.max_pending_connections``), masked client frames,
+and one rate-limited log line per bad request instead of a traceback.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from aiohttp import web
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
-from pipeline.server import api, members
+from pipeline.server import api, guard, members
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import RoomManager
 from pipeline.server.state import STATE, ServerState
 from pipeline.server.tokens import KickList, TokenVerifier, resolve_secret
 
 log = logging.getLogger("posewire.server")
+
+#: listen backlog (a burst of connects waits in the kernel, not in our fds)
+BACKLOG = 1024
 
 
 def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> web.Application:
@@ -49,6 +58,11 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     secret = resolve_secret(config, dev=dev_mode)
     metrics = ServerMetrics()
     kicks = KickList()
+    http_guard = guard.HttpGuard(
+        header_timeout_s=config.header_timeout_s,
+        max_pending=config.max_pending_connections,
+        metrics=metrics,
+    )
     state = ServerState(
         config=config,
         manager=RoomManager(config, metrics, kicks),
@@ -56,9 +70,11 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         metrics=metrics,
         secret=secret,
         dev=dev_mode,
+        guard=http_guard,
     )
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     app[STATE] = state
+    app.on_response_prepare.append(http_guard.on_response_prepare)
     members.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -114,15 +130,25 @@ async def serve(
     p = config.port if port is None else port
     if app is None:
         app = create_app(config, host=h, dev=dev)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=3.0)
+    state = app[STATE]
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=3.0, **guard.handler_args()
+    )
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    guard.install_log_filter(state.metrics)
+    restore_handler = guard.install_loop_handler(loop, state.metrics)
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, h, p, backlog=1024)
+        assert runner.server is not None
         try:
-            await site.start()
+            # not a TCPSite: the guard wraps the protocol factory (aiohttp's web.Server)
+            listener = await loop.create_server(
+                state.guard.protocol_factory(runner.server), h, p, backlog=BACKLOG
+            )
         except OSError as exc:
             raise TransportError(f"cannot listen on {h}:{p}: {exc.strerror or exc}") from exc
-        bound = runner.addresses[0]
+        bound = listener.sockets[0].getsockname()
         log.info("posewire server listening on http://%s:%d", h, bound[1])
         if ready_cb is not None:
             ready_cb(h, int(bound[1]))
@@ -131,7 +157,10 @@ async def serve(
         await stop.wait()
         log.info("posewire server stopping")
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
+        restore_handler()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -154,6 +183,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
         members=state.manager.members,
         connections=state.manager.connections,
         ready=state.accepting,
+        pending=state.guard.pending,
     )
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 

@@ -34,11 +34,27 @@ class ServerMetrics:
     connections_total: int = 0
     rejections: Counter[str] = field(default_factory=Counter)
     """Refused or closed connections by reason (see :mod:`pipeline.wire.close`)."""
+    header_timeouts: Counter[str] = field(default_factory=Counter)
+    """Connections closed for a request too slow (``slow_headers``, ``slow_request``)."""
+    idle_closed: int = 0
+    """Idle keep-alive connections closed (nothing sent within the header timeout)."""
+    pending_refused: int = 0
+    """Connections closed at once: the pending cap was reached, all being answered."""
+    pending_evicted: int = 0
+    """Connections still waiting for their headers closed to make room at the cap."""
+    pending_peak: int = 0
+    """Most connections pending at once (accepted, not yet upgraded)."""
+    accept_errors: int = 0
+    """``accept()`` failures for lack of descriptors (EMFILE/ENFILE)."""
+    log_suppressed: int = 0
+    """Log lines suppressed by the rate limit."""
 
     def reject(self, reason: str) -> None:
         self.rejections[reason] += 1
 
-    def render(self, *, rooms: int, members: int, connections: int, ready: bool) -> str:
+    def render(
+        self, *, rooms: int, members: int, connections: int, ready: bool, pending: int = 0
+    ) -> str:
         """Prometheus text format 0.0.4 (plus the process's asyncio tasks and open fds).
 
         ``rejections_total`` has a sample for every close-code reason (0 until
@@ -48,6 +64,8 @@ class ServerMetrics:
         out.add(f"{PREFIX}rooms", rooms)
         out.add(f"{PREFIX}members", members)
         out.add(f"{PREFIX}connections", connections)
+        out.add(f"{PREFIX}pending_connections", pending)
+        out.add(f"{PREFIX}pending_connections_peak", self.pending_peak)
         out.add(f"{PREFIX}ready", 1 if ready else 0)
         out.add(f"{PREFIX}tasks", _tasks())
         out.add(f"{PREFIX}open_fds", _fds())
@@ -61,6 +79,13 @@ class ServerMetrics:
         out.add(f"{PREFIX}drops_total", self.drops)
         out.add(f"{PREFIX}skipped_undecodable_total", self.skipped_undecodable)
         out.add(f"{PREFIX}keyframe_requests_total", self.keyframe_requests)
+        for what in ("slow_headers", "slow_request"):
+            out.add(f"{PREFIX}header_timeouts_total", self.header_timeouts[what], reason=what)
+        out.add(f"{PREFIX}idle_closed_total", self.idle_closed)
+        out.add(f"{PREFIX}pending_refused_total", self.pending_refused)
+        out.add(f"{PREFIX}pending_evicted_total", self.pending_evicted)
+        out.add(f"{PREFIX}accept_errors_total", self.accept_errors)
+        out.add(f"{PREFIX}log_suppressed_total", self.log_suppressed)
         counts = {cc.reason: 0 for cc in CloseCode} | dict(self.rejections)
         for reason in sorted(counts):
             out.add(f"{PREFIX}rejections_total", counts[reason], reason=reason)
@@ -76,6 +101,18 @@ FAMILIES: dict[str, tuple[str, str]] = {
         ("rooms", "gauge", "Open rooms."),
         ("members", "gauge", "Joined members in all rooms."),
         ("connections", "gauge", "Open WebSocket connections."),
+        ("pending_connections", "gauge", "Connections accepted and not yet upgraded."),
+        ("pending_connections_peak", "gauge", "Most pending connections at once."),
+        (
+            "header_timeouts_total",
+            "counter",
+            "Connections closed for a request not complete or answered in time.",
+        ),
+        ("idle_closed_total", "counter", "Idle keep-alive connections closed."),
+        ("pending_refused_total", "counter", "Connections closed at once at the pending cap."),
+        ("pending_evicted_total", "counter", "Waiting connections closed to make room."),
+        ("accept_errors_total", "counter", "accept() failures for lack of descriptors."),
+        ("log_suppressed_total", "counter", "Log lines suppressed by the rate limit."),
         ("ready", "gauge", "1 when accepting members."),
         ("tasks", "gauge", "asyncio tasks in the server process."),
         ("open_fds", "gauge", "Open file descriptors of the server process."),

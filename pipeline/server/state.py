@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from pipeline.config import ServerConfig
+from pipeline.server.guard import HttpGuard
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import RoomManager
 from pipeline.server.tokens import TokenVerifier
@@ -23,6 +24,7 @@ class ServerState:
     metrics: ServerMetrics
     secret: str
     dev: bool
+    guard: HttpGuard
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
 
