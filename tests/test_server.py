@@ -177,7 +177,8 @@ def test_acks_keyframe_requests_presence_broadcast_and_clock() -> None:
             pub = member(srv, "A", publish=True, subscribe=False, subject="pub")
             await pub.connect()
             assert pub.clock_offset_ns is not None and abs(pub.clock_offset_ns) < 50_000_000
-            sub = member(srv, "A", "subscriber", subject="sub")
+            # a moderator: broadcasting needs the 'moderate' permission (issue 11, finding 6)
+            sub = member(srv, "A", "moderator", subject="sub")
             await sub.connect()
             joined = await until(pub, lambda xs: controls(xs, "presence"))
             assert controls(joined, "presence")[0]["member"]["subject"] == "sub"
