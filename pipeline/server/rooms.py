@@ -3,9 +3,14 @@
 Relay rules
 -----------
 * A member publishes on one or more *stream ids* (the ``stream_id`` of the
-  packet header). The first accepted packet with a free stream id claims it
-  for that member until it leaves; a packet carrying a stream id another
-  member owns closes the sender (``stream_spoof``).
+  packet header). A stream id is bound to the token subject that first
+  publishes on it until that token expires (kept in the server's store,
+  :mod:`pipeline.server.store`: it outlives the connection and a restart); a
+  packet on a stream id held by or bound to another subject closes the sender
+  (``stream_spoof``); a newer connection of the bound subject takes the id
+  over (:meth:`Room.claim`). Member ids are bound the same way: only their
+  subject resumes them (:meth:`RoomManager.new_member_id`). Sequence numbers
+  only go forward (:mod:`pipeline.server.streams`: ``stale_packet``).
 * The server acknowledges every packet it accepts (``{"type": "ack"}`` to the
   publisher): over WebSocket every subscriber receives every accepted packet in
   order, unless the server drops it for a slow subscriber, and it then knows

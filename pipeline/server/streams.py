@@ -96,9 +96,9 @@ class StreamState:
                 return f"a new epoch starts with a keyframe (sequence {seq})"
             if now - self.epoch_changed < EPOCH_CHANGE_INTERVAL_S:
                 return f"a new epoch at most every {EPOCH_CHANGE_INTERVAL_S:g}s"
-        if epoch != self.epoch:
-            self.epoch = epoch
+        if self.epoch is not None and epoch != self.epoch:
             self.epoch_changed = now
+        self.epoch = epoch
         self.last_seq = seq
         return None
 

@@ -21,7 +21,9 @@ code  reason                  meaning                                           
 4006  not_joined              anything but ``join`` before joining; a 2nd join    fatal
 4007  too_slow                control backlog to this member overflowed           retries
 4008  too_many_streams        more than ``MAX_STREAMS_PER_MEMBER`` stream ids     fatal
-4009  message_too_large       message over ``server.max_message_bytes``           fatal
+4009  message_too_large       message over ``server.max_message_bytes``; a text   fatal
+                              message over 8192 characters; broadcast data over
+                              4096 bytes
 4010  rate_limited            over ``server.max_messages_per_s`` (1 s burst)      retries
 4011  too_many_connections    ``server.max_connections`` reached                  retries
 4012  room_full               ``server.max_members_per_room`` reached             retries

@@ -5,8 +5,15 @@ pose packets (:mod:`pipeline.codec`). The server parses what members
 send with :func:`parse` (a bad message raises
 :class:`~pipeline.errors.RefusedError` with the close code to close with);
 clients build their messages with the helpers below and read the server's
-with :func:`parse` too (and with :meth:`Backfill.parse`). ``docs/room-protocol.md``
-describes every message.
+with :func:`parse` too (``allowed=SERVER_TYPES``; :func:`member_record` for a
+member record on its own). ``docs/room-protocol.md`` describes every message.
+
+This is the one validation of the member protocol: JSON through
+:func:`pipeline.model.jsonsafe.loads` (bounded nesting, finite numbers, 64-bit
+integers), then per type (:data:`CLIENT_FIELDS`, :data:`SERVER_FIELDS`) the
+type and range of every field: clock offsets within +-1 day, RTTs 0-60 s,
+stream ids 0..2**32-1, sequence numbers and timestamps 0..2**63-1; room names
+and member ids matched whole (``fullmatch``).
 
 Client -> server: ``join`` (first message, once), ``ping``, ``clock``,
 ``keyframe_request``, ``ack``, ``broadcast``, ``kick``, ``leave``.
