@@ -308,7 +308,7 @@ class Room:
         self.created_ns = now_ns()
         self.created_by = created_by
         self.members: dict[str, Member] = {}
-        self.streams: dict[int, StreamState] = {}
+        self.streams: dict[int, StreamState[Member]] = {}
         self.subscribers: tuple[Member, ...] = ()
         self.closed = False
         self._cleanup: asyncio.TimerHandle | None = None
@@ -392,7 +392,7 @@ class Room:
         self.manager.metrics.keyframe_requests += 1
         stream.owner.post({"type": "keyframe_request", "stream_id": stream_id})
 
-    def claim(self, member: Member, stream_id: int) -> StreamState:
+    def claim(self, member: Member, stream_id: int) -> StreamState[Member]:
         """Give ``stream_id`` to ``member``, or refuse (``stream_spoof``).
 
         The stream id is bound to the member's subject (in the store, until its
@@ -410,8 +410,8 @@ class Room:
                 CloseCode.STREAM_SPOOF,
                 f"stream {stream_id} belongs to another subject in room {self.name!r}",
             )
-        stream = self.streams.get(stream_id)
-        holder = stream.owner if stream is not None else None
+        old = self.streams.get(stream_id)
+        holder = old.owner if old is not None else None
         if holder is not None and holder is not member:
             if bound is None and holder.claims.subject != subject:
                 raise refusal(
@@ -424,7 +424,7 @@ class Room:
                 f"stream {stream_id} was taken over by a newer connection of {subject!r}",
             )
         self.manager.store.bind(self.name, key, subject, member.claims.exp)
-        stream = StreamState(stream_id, self._history)
+        stream = StreamState[Member](stream_id, self._history)
         stream.owner = member
         self.streams[stream_id] = stream
         member.streams.add(stream_id)

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from pipeline.server.rooms import Member
+from typing import Final, Generic, TypeVar
 
 HAVE_WINDOW: Final = 256
 EPOCH_CHANGE_INTERVAL_S: Final = 1.0
+OwnerT = TypeVar("OwnerT")
+"""The member type of the relay (:class:`pipeline.server.rooms.Member`)."""
 
 
 @dataclass(slots=True)
@@ -72,12 +71,12 @@ class Have:
         self.seqs.add(seq)
 
 
-class StreamState:
+class StreamState(Generic[OwnerT]):
     """A publisher stream: owner, latest keyframe, the packets after it, the last seq."""
 
     def __init__(self, stream_id: int, history: int) -> None:
         self.stream_id = stream_id
-        self.owner: Member | None = None
+        self.owner: OwnerT | None = None
         self.keyframe: StoredPacket | None = None
         self.since: deque[StoredPacket] = deque(maxlen=max(history - 1, 0))
         self.last_keyframe_request = -1e9
