@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -104,6 +105,8 @@ class Member:
         self.streams: set[int] = set()
         self.clock_offset_ns: int | None = None
         self.joined_ns = now_ns()
+        self.serial = next(manager.serials)
+        """Join order: a newer connection of a subject takes its streams over."""
         self.closed = False
         self.sent = 0
         self.dropped = 0
@@ -400,7 +403,8 @@ class Room:
         after the owner left or the server restarted. The bound subject always
         wins: a newer connection of it takes the stream from whoever holds it
         (an older connection of the same subject, e.g. one not yet known to be
-        dead), and that holder is closed with ``stream_spoof``.
+        dead; never the other way round), and that holder is closed with
+        ``stream_spoof``.
         """
         subject = member.claims.subject
         key = f"stream:{stream_id}"
@@ -413,7 +417,8 @@ class Room:
         old = self.streams.get(stream_id)
         holder = old.owner if old is not None else None
         if holder is not None and holder is not member:
-            if bound is None and holder.claims.subject != subject:
+            same = holder.claims.subject == subject
+            if not ((same and member.serial > holder.serial) or (bound == subject and not same)):
                 raise refusal(
                     CloseCode.STREAM_SPOOF,
                     f"stream {stream_id} belongs to another member of the room",
@@ -466,6 +471,7 @@ class RoomManager:
         self.store = store
         kicks.attach(store)
         self.rooms: dict[str, Room] = {}
+        self.serials = itertools.count()
         self.connections = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_change: Callable[[], None] | None = None
