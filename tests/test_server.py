@@ -525,15 +525,18 @@ def test_clients_reconnect_and_resume_after_server_restart() -> None:
 
 
 def test_stream_ids_free_up_when_the_publisher_leaves() -> None:
+    """For the same subject: a stream id stays bound to its subject (issue 11, finding 5;
+    tests/security/test_rooms.py shows that another subject is refused)."""
+
     async def main() -> None:
         async with running_server() as srv:
-            p1 = member(srv, "A", publish=True, subscribe=False)
+            p1 = member(srv, "A", publish=True, subscribe=False, subject="cam")
             await p1.connect()
             await p1.send(PoseSource(7).next())
             await until(p1, lambda xs: controls(xs, "ack"))
             await p1.close()
             await asyncio.sleep(0.1)
-            p2 = member(srv, "A", publish=True, subscribe=False)
+            p2 = member(srv, "A", publish=True, subscribe=False, subject="cam")
             await p2.connect()
             await p2.send(PoseSource(7).next())
             got = await until(p2, lambda xs: controls(xs, "ack"))
