@@ -69,7 +69,8 @@ class RoomStore(Protocol):
 
     def bind(self, room: str, key: str, subject: str, until: float) -> None:
         """``key`` in ``room`` belongs to ``subject`` until ``until`` (extends, never shortens
-        a binding of the same subject; replaces an expired one of another)."""
+        a binding of the same subject; replaces one of another subject: the caller checked
+        with :meth:`bound_subject` that it expired)."""
 
     def bound_subject(self, room: str, key: str, now: float) -> str | None:
         """The subject ``key`` is bound to in ``room``, or None (never bound or expired)."""
@@ -221,7 +222,7 @@ class SqliteStore(MemoryStore):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
-            db = sqlite3.connect(path, isolation_level=None, timeout=0.2)
+            db = sqlite3.connect(path, isolation_level=None, timeout=0.2, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
