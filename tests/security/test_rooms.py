@@ -47,6 +47,9 @@ from tests.test_server_support import (
 )
 
 DAY_NS = 86_400 * 10**9
+# literal values (not the new constants), so that this file also runs on the unfixed code
+STALE_PACKET = 4017  # CloseCode.STALE_PACKET
+MAX_BROADCAST_BYTES = 4096  # messages.MAX_BROADCAST_BYTES
 
 
 # --------------------------------------------------------------------------- helpers
@@ -318,7 +321,7 @@ def test_broadcast_needs_moderate_and_is_bounded_in_size_and_rate(tmp_path: Path
             assert await refused(sub) == CloseCode.TOKEN_MISSING_PERMISSION
             await legit.step()
             mod, _ = await join_as(srv.port, "A", "moderator", "mod")
-            mod.send_json({"type": "broadcast", "data": "y" * (messages.MAX_BROADCAST_BYTES + 1)})
+            mod.send_json({"type": "broadcast", "data": "y" * (MAX_BROADCAST_BYTES + 1)})
             assert await refused(mod) == CloseCode.MESSAGE_TOO_LARGE
             mod, _ = await join_as(srv.port, "A", "moderator", "mod")
             for i in range(40):  # a flood: the burst passes, then the moderator is closed
@@ -407,7 +410,7 @@ def test_a_publisher_cannot_replay_its_keyframe(tmp_path: Path) -> None:
             await wait_type(rp, "ack")
             for _ in range(50):  # replayed: the first copy closes it
                 rp.send_bytes(key)
-            assert await refused(rp) == CloseCode.STALE_PACKET
+            assert await refused(rp) == STALE_PACKET
             assert rejections(srv, "stale_packet") == 1
             await legit.step()
             # a reconnect starts afresh: a new encoder's keyframe with seq 1 is fine
@@ -425,7 +428,7 @@ def test_a_publisher_cannot_replay_its_keyframe(tmp_path: Path) -> None:
             # ... but not epoch after epoch
             enc = Encoder(CodecConfig(), 5, epoch=2)
             rp.send_bytes(enc.encode(src.frame(1), keyframe=True))
-            assert await refused(rp) == CloseCode.STALE_PACKET
+            assert await refused(rp) == STALE_PACKET
             await legit.step()
             got = await until(watcher, lambda xs: len(seqs(xs, 5)) >= 4, 5.0)
             await asyncio.sleep(0.2)
