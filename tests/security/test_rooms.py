@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from pipeline.codec import CodecConfig, Encoder
@@ -376,7 +377,12 @@ def test_only_the_same_subject_resumes_a_member_id(tmp_path: Path) -> None:
 def test_names_and_ids_are_matched_whole_no_trailing_newline(tmp_path: Path) -> None:
     async def main() -> None:
         async with legit_room(tmp_path) as (srv, legit):
-            code = await join_refused(srv.port, "A\n", token("A\n", "subscriber"))
+            # a token for "A\n" from another issuer (mint_token refuses such a room now)
+            claims = {"sub": "nl", "room": "A\n", "role": "subscriber", "perms": ["subscribe"],
+                      "iat": int(time.time()), "nbf": int(time.time()),
+                      "exp": int(time.time()) + 60, "jti": "nl-1"}  # fmt: skip
+            nl_token = jwt.encode(claims, SECRET, algorithm="HS256")
+            code = await join_refused(srv.port, "A\n", nl_token)
             assert code == CloseCode.MALFORMED_MESSAGE
             code = await join_refused(srv.port, "A", token("A", "subscriber"), resume="m1\n")
             assert code == CloseCode.MALFORMED_MESSAGE
