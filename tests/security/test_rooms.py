@@ -552,3 +552,40 @@ def test_kicks_and_closed_rooms_survive_kill9_of_the_embedded_server_stage(
             if stream is not None:
                 stream.close()
     assert list((tmp_path / "server-data").glob("server-*.sqlite3"))
+
+
+# --------------------------------------------------------------------------- the store itself
+
+
+def test_the_store_is_bounded_private_and_survives_reopening(tmp_path: Path) -> None:
+    from pipeline.server.store import MAX_BINDINGS_PER_SUBJECT, SqliteStore, store_path
+
+    path = store_path(tmp_path, SECRET)
+    assert SECRET not in path.name
+    now = time.time()
+    st = SqliteStore(path)
+    for i in range(3 * MAX_BINDINGS_PER_SUBJECT):  # a join flood of one subject
+        st.bind("A", f"member:m{i}", "flood", now + 60)
+    st.bind("A", "stream:7", "cam", now + 60)
+    st.bind("A", "stream:8", "old", now - 1)  # already expired
+    st.revoke("A", "bob", "jti-1", now + 60)
+    st.close_room("Z", 1)
+    st.close()
+    assert path.stat().st_mode & 0o077 == 0
+    st = SqliteStore(path)
+    kept = [i for i in range(3 * MAX_BINDINGS_PER_SUBJECT)
+            if st.bound_subject("A", f"member:m{i}", now) == "flood"]  # fmt: skip
+    assert kept == list(range(2 * MAX_BINDINGS_PER_SUBJECT, 3 * MAX_BINDINGS_PER_SUBJECT))
+    assert st.bound_subject("A", "stream:7", now) == "cam"
+    assert st.bound_subject("A", "stream:8", now) is None
+    assert st.is_revoked("A", "bob", "other-jti", now)  # the subject, in room A
+    assert st.is_revoked("B", "carol", "jti-1", now)  # the token, everywhere
+    assert not st.is_revoked("B", "bob", "jti-2", now)
+    assert st.is_closed("Z") and not st.is_closed("A")
+    st.reopen_room("Z")
+    st.prune(now + 3600)
+    st.close()
+    st = SqliteStore(path)
+    assert not st.is_closed("Z") and not st.is_revoked("A", "bob", "jti-1", now + 3600)
+    assert st.bound_subject("A", "stream:7", now + 3600) is None
+    st.close()
