@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from pipeline.errors import JsonInputError, RefusedError
 from pipeline.model import jsonsafe
@@ -80,12 +80,12 @@ CLOSE_CODE: Final = (1000, 4999)
 LEAVE: Final = '{"type":"leave"}'
 
 
-def valid_room_name(name: object) -> bool:
+def valid_room_name(name: object) -> TypeGuard[str]:
     """1-64 of letters, digits, ``_ . -``, starting with a letter or digit; nothing else."""
     return isinstance(name, str) and ROOM_NAME_RE.fullmatch(name) is not None
 
 
-def valid_member_id(mid: object) -> bool:
+def valid_member_id(mid: object) -> TypeGuard[str]:
     return isinstance(mid, str) and MEMBER_ID_RE.fullmatch(mid) is not None
 
 
@@ -176,7 +176,6 @@ def field_member_id(obj: Mapping[str, Any], key: str) -> str:
     v = obj.get(key)
     if not valid_member_id(v):
         raise _malformed(f"{_where(obj, key)} must be a member id (1-32 of A-Z a-z 0-9 _ -)")
-    assert isinstance(v, str)
     return v
 
 
