@@ -4,6 +4,10 @@ Runs :func:`pipeline.server.app.serve` inside a supervised process, on
 ``server.host``/``server.port``. It ticks the supervisor from a periodic task,
 publishes the server's counters as stage metrics, and on an orderly stop
 closes every member (1001, they reconnect elsewhere or later) and returns 0.
+Kicks, closed rooms and stream/member-id bindings persist in the server's
+store in ``server.data_dir`` (a relative path resolves against the config
+file's directory), so a restart of this stage forgets none of them; a data
+directory it cannot use is a user error (exit 78, the run exits 2).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from pipeline.config import resolve_path
 from pipeline.errors import ConfigError, TransportError
 from pipeline.runtime.stage import StageContext
 from pipeline.server.app import STATE, create_app, serve
@@ -21,7 +26,7 @@ TICK_S = 0.1
 def run(ctx: StageContext) -> int:
     try:
         return asyncio.run(_main(ctx))
-    except ConfigError as exc:  # no secret, dev mode on a public address
+    except ConfigError as exc:  # no secret, dev mode on a public address, unusable data_dir
         return ctx.refuse(str(exc))
     except TransportError as exc:  # the address is taken or not ours: a restart cannot fix that
         return ctx.refuse(f"server.port: {exc}")
@@ -29,6 +34,8 @@ def run(ctx: StageContext) -> int:
 
 async def _main(ctx: StageContext) -> int:
     cfg = ctx.config.server
+    if cfg.data_dir is not None and not cfg.data_dir.is_absolute():
+        cfg = cfg.model_copy(update={"data_dir": resolve_path(ctx.config, cfg.data_dir)})
     app = create_app(cfg, host=cfg.host)
     state = app[STATE]
     stop = asyncio.Event()

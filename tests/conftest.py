@@ -32,3 +32,13 @@ def _no_leftover_pipelines() -> object:
     from tests.procutil import kill_leftovers
 
     kill_leftovers()
+
+
+@pytest.fixture(autouse=True)
+def _private_server_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test gets its own default server data dir ($XDG_STATE_HOME/posewire): the
+    room server persists kicks, closed rooms and stream/member-id bindings there, and
+    one test's records must not refuse another test's members (or a later run's)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

@@ -177,7 +177,8 @@ def test_acks_keyframe_requests_presence_broadcast_and_clock() -> None:
             pub = member(srv, "A", publish=True, subscribe=False, subject="pub")
             await pub.connect()
             assert pub.clock_offset_ns is not None and abs(pub.clock_offset_ns) < 50_000_000
-            sub = member(srv, "A", "subscriber", subject="sub")
+            # a moderator: broadcasting needs the 'moderate' permission (issue 11, finding 6)
+            sub = member(srv, "A", "moderator", subject="sub")
             await sub.connect()
             joined = await until(pub, lambda xs: controls(xs, "presence"))
             assert controls(joined, "presence")[0]["member"]["subject"] == "sub"
@@ -524,15 +525,18 @@ def test_clients_reconnect_and_resume_after_server_restart() -> None:
 
 
 def test_stream_ids_free_up_when_the_publisher_leaves() -> None:
+    """For the same subject: a stream id stays bound to its subject (issue 11, finding 5;
+    tests/security/test_rooms.py shows that another subject is refused)."""
+
     async def main() -> None:
         async with running_server() as srv:
-            p1 = member(srv, "A", publish=True, subscribe=False)
+            p1 = member(srv, "A", publish=True, subscribe=False, subject="cam")
             await p1.connect()
             await p1.send(PoseSource(7).next())
             await until(p1, lambda xs: controls(xs, "ack"))
             await p1.close()
             await asyncio.sleep(0.1)
-            p2 = member(srv, "A", publish=True, subscribe=False)
+            p2 = member(srv, "A", publish=True, subscribe=False, subject="cam")
             await p2.connect()
             await p2.send(PoseSource(7).next())
             got = await until(p2, lambda xs: controls(xs, "ack"))

@@ -14,6 +14,18 @@ the bytes unchanged; the stream id in the header identifies the publisher
 (``streams`` in its member record). The relay rules are in
 :mod:`pipeline.server.rooms`.
 
+Checks, all before anything acts on a message: a text message is at most
+:data:`~pipeline.wire.messages.MAX_CONTROL_CHARS` characters and goes through
+:func:`pipeline.wire.messages.parse` (nesting depth, finite numbers, every
+field's type and range: the one validation, shared with the clients);
+``broadcast`` needs the ``moderate`` permission (as the REST route does),
+carries at most ``MAX_BROADCAST_BYTES`` of data and at most
+:data:`~pipeline.server.rooms.BROADCASTS_PER_S` per second; a packet's sequence
+number must be after its stream's last one (``stale_packet``); a stream id and a
+member id (``resume``) belong to the token's subject (:meth:`Room.claim
+<pipeline.server.rooms.Room.claim>`, :meth:`RoomManager.new_member_id
+<pipeline.server.rooms.RoomManager.new_member_id>`).
+
 Every violation closes that connection with a close code of
 :mod:`pipeline.wire.close`: it is raised as a
 :class:`~pipeline.errors.RefusedError` carrying the code, and the handler
@@ -33,8 +45,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pipeline.codec import peek_header
 from pipeline.errors import ProtocolError, RefusedError, TokenError
 from pipeline.server.limits import RateLimiter
-from pipeline.server.rooms import Member, StoredPacket, close_ws
+from pipeline.server.rooms import BROADCASTS_PER_S, Member, close_ws
 from pipeline.server.state import STATE, ServerState, bearer
+from pipeline.server.streams import StoredPacket
 from pipeline.wire import messages
 from pipeline.wire.close import (
     MAX_STREAMS_PER_MEMBER,
@@ -156,7 +169,7 @@ async def _join(
     try:
         if msg.type != WSMsgType.TEXT:
             raise refusal(CloseCode.NOT_JOINED, "the first message must be a join (JSON text)")
-        obj = messages.parse(msg.data)
+        obj = messages.parse(msg.data, max_chars=messages.MAX_CONTROL_CHARS)
         if obj["type"] != "join":
             raise refusal(CloseCode.NOT_JOINED, f"{obj['type']!r} before join")
         join = messages.Join.parse(obj)
@@ -180,7 +193,7 @@ async def _join(
     except RefusedError as exc:
         await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         return None
-    member_id, resumed = state.manager.new_member_id(room, join.resume)
+    member_id, resumed = state.manager.new_member_id(room, join.resume, claims)
     transport = request.transport
     member = Member(
         state.manager,
@@ -243,7 +256,8 @@ async def _member_loop(state: ServerState, member: Member, limiter: RateLimiter)
             metrics.bytes_in += len(msg.data)
             if not limiter.allow():
                 raise refusal(CloseCode.RATE_LIMITED, _rate_message(state))
-            await _on_control(state, member, messages.parse(msg.data), t_recv)
+            obj = messages.parse(msg.data, max_chars=messages.MAX_CONTROL_CHARS)
+            await _on_control(state, member, obj, t_recv)
         elif kind == WSMsgType.ERROR:
             if ws.too_large:
                 metrics.reject(CloseCode.MESSAGE_TOO_LARGE.reason)
@@ -267,17 +281,16 @@ async def _on_packet(state: ServerState, member: Member, data: bytes) -> None:
         raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing needs 'publish_pose'")
     room = member.room
     stream = room.streams.get(h.stream_id)
-    if stream is None:
+    if stream is None or stream.owner is not member:
         if len(member.streams) >= MAX_STREAMS_PER_MEMBER:
             raise refusal(
                 CloseCode.TOO_MANY_STREAMS, f"at most {MAX_STREAMS_PER_MEMBER} streams per member"
             )
         member.publish = True
         stream = room.claim(member, h.stream_id)
-    elif stream.owner is not member:
-        raise refusal(
-            CloseCode.STREAM_SPOOF, f"stream {h.stream_id} belongs to another member of the room"
-        )
+    why = stream.stale(h.seq, h.epoch, h.keyframe, time.monotonic())
+    if why is not None:
+        raise refusal(CloseCode.STALE_PACKET, f"stream {h.stream_id}: {why}")
     pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch)
     stream.add(pkt)
     state.metrics.packets_in += 1
@@ -296,20 +309,29 @@ async def _on_control(state: ServerState, member: Member, obj: dict[str, Any], t
              "t2": time.time_ns()}
         )  # fmt: skip
     elif kind == "clock":
-        member.clock_offset_ns = messages.field_int(obj, "offset_ns")
+        member.clock_offset_ns = obj["offset_ns"]  # in range: messages.validate
         room.broadcast(
             {"type": "presence", "event": "update", "member": member.info()}, exclude=member
         )
     elif kind == "keyframe_request":
-        room.request_keyframe(messages.field_int(obj, "stream_id"))
+        room.request_keyframe(obj["stream_id"])
     elif kind == "ack":
         pass  # the server is the acknowledging party over WebSocket (see pipeline.server.rooms)
     elif kind == "broadcast":
+        if MODERATE not in member.claims.perms:
+            raise refusal(
+                CloseCode.TOKEN_MISSING_PERMISSION, "broadcasting needs the 'moderate' permission"
+            )
+        if not member.broadcasts.allow():
+            raise refusal(
+                CloseCode.RATE_LIMITED,
+                f"more than {BROADCASTS_PER_S:g} broadcasts per second",
+            )
         room.broadcast(
             {"type": "broadcast", "from": member.id, "data": obj.get("data")}, exclude=member
         )
     elif kind == "kick":
-        target = messages.field_str(obj, "member", "a member id")
+        target = obj["member"]
         if MODERATE not in member.claims.perms:
             member.post(
                 messages.error(

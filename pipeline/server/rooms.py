@@ -3,9 +3,14 @@
 Relay rules
 -----------
 * A member publishes on one or more *stream ids* (the ``stream_id`` of the
-  packet header). The first accepted packet with a free stream id claims it
-  for that member until it leaves; a packet carrying a stream id another
-  member owns closes the sender (``stream_spoof``).
+  packet header). A stream id is bound to the token subject that first
+  publishes on it until that token expires (kept in the server's store,
+  :mod:`pipeline.server.store`: it outlives the connection and a restart); a
+  packet on a stream id held by or bound to another subject closes the sender
+  (``stream_spoof``); a newer connection of the bound subject takes the id
+  over (:meth:`Room.claim`). Member ids are bound the same way: only their
+  subject resumes them (:meth:`RoomManager.new_member_id`). Sequence numbers
+  only go forward (:mod:`pipeline.server.streams`: ``stale_packet``).
 * The server acknowledges every packet it accepts (``{"type": "ack"}`` to the
   publisher): over WebSocket every subscriber receives every accepted packet in
   order, unless the server drops it for a slow subscriber, and it then knows
@@ -37,113 +42,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import re
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
 
 from pipeline.config import ServerConfig
+from pipeline.errors import ConfigError
+from pipeline.server.limits import RateLimiter
 from pipeline.server.metrics import ServerMetrics
+from pipeline.server.store import RoomStore, open_store
+from pipeline.server.streams import Have, Snapshot, StoredPacket, StreamState
 from pipeline.server.tokens import KickList
 from pipeline.wire.close import CloseCode, close_code, refusal
-from pipeline.wire.messages import Backfill, dumps, error
-from pipeline.wire.tokens import Claims
+from pipeline.wire.messages import Backfill, dumps, error, valid_member_id, valid_room_name
+from pipeline.wire.tokens import Claims, resolve_secret
 
 log = logging.getLogger("posewire.server")
 
 MAX_CONTROL_BACKLOG: Final = 1024
 KEYFRAME_REQUEST_INTERVAL_S: Final = 0.1
-HAVE_WINDOW: Final = 256
-ROOM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-MEMBER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
-MAX_TOMBSTONES: Final = 10000
+BROADCASTS_PER_S: Final = 5.0
+"""Broadcasts one member may send per second (a burst of :data:`BROADCAST_BURST`)."""
+BROADCAST_BURST: Final = 10.0
 
 
 def now_ns() -> int:
     return time.time_ns()
-
-
-@dataclass(slots=True)
-class StoredPacket:
-    """One accepted pose packet with the header fields the relay needs."""
-
-    stream_id: int
-    seq: int
-    ref_seq: int | None
-    keyframe: bool
-    data: bytes
-    epoch: int = 0
-    """The encoder instance (header flags); references never cross epochs."""
-
-
-class _Snapshot:
-    """A late-join snapshot in a member's queue: sent whole, never dropped."""
-
-    __slots__ = ("packets",)
-
-    def __init__(self, packets: list[StoredPacket]) -> None:
-        self.packets = packets
-
-
-class _Have:
-    """Sequence numbers of one stream a subscriber has received since its last keyframe."""
-
-    __slots__ = ("epoch", "order", "seqs")
-
-    def __init__(self) -> None:
-        self.seqs: set[int] = set()
-        self.order: deque[int] = deque()
-        self.epoch = 0
-
-    def reset(self, epoch: int) -> None:
-        self.seqs.clear()
-        self.order.clear()
-        self.epoch = epoch
-
-    def add(self, seq: int) -> None:
-        if len(self.order) >= HAVE_WINDOW:
-            self.seqs.discard(self.order.popleft())
-        self.order.append(seq)
-        self.seqs.add(seq)
-
-
-class StreamState:
-    """A publisher stream: owner, latest keyframe and the packets after it."""
-
-    def __init__(self, stream_id: int, history: int) -> None:
-        self.stream_id = stream_id
-        self.owner: Member | None = None
-        self.keyframe: StoredPacket | None = None
-        self.since: deque[StoredPacket] = deque(maxlen=max(history - 1, 0))
-        self.last_keyframe_request = -1e9
-        self.packets = 0
-
-    def add(self, pkt: StoredPacket) -> None:
-        self.packets += 1
-        if pkt.keyframe:
-            self.keyframe = pkt
-            self.since.clear()
-        elif self.keyframe is not None:
-            self.since.append(pkt)
-
-    def snapshot(self) -> list[StoredPacket]:
-        """The keyframe and the history packets that decode from it, in order."""
-        if self.keyframe is None:
-            return []
-        out = [self.keyframe]
-        have = {self.keyframe.seq}
-        epoch = self.keyframe.epoch
-        for p in self.since:
-            if p.ref_seq is not None and p.ref_seq in have and p.epoch == epoch:
-                out.append(p)
-                have.add(p.seq)
-        return out
 
 
 class Member:
@@ -175,15 +105,18 @@ class Member:
         self.streams: set[int] = set()
         self.clock_offset_ns: int | None = None
         self.joined_ns = now_ns()
+        self.serial = next(manager.serials)
+        """Join order: a newer connection of a subject takes its streams over."""
         self.closed = False
         self.sent = 0
         self.dropped = 0
-        self._queue: deque[StoredPacket | str | _Snapshot] = deque()
+        self._queue: deque[StoredPacket | str | Snapshot] = deque()
         self._queued_packets = 0
         self._bound = manager.config.subscriber_queue
         self._busy = False
         self._wake = asyncio.Event()
-        self._have: dict[int, _Have] = {}
+        self._have: dict[int, Have] = {}
+        self.broadcasts = RateLimiter(BROADCASTS_PER_S, BROADCAST_BURST)
         self._high_water = 64 * 1024
         if transport is not None:
             self._high_water = max(transport.get_write_buffer_limits()[1], 4096)
@@ -221,7 +154,7 @@ class Member:
         have = self._have.get(pkt.stream_id)
         if pkt.keyframe:
             if have is None:
-                have = self._have[pkt.stream_id] = _Have()
+                have = self._have[pkt.stream_id] = Have()
             have.reset(pkt.epoch)
             have.add(pkt.seq)
             return True
@@ -283,7 +216,7 @@ class Member:
             by_stream.setdefault(pkt.stream_id, []).append(pkt)
         for sid, pkts in by_stream.items():
             self.post(Backfill(sid, len(pkts), pkts[0].seq, pkts[-1].seq).message())
-            self._queue.append(_Snapshot(pkts))
+            self._queue.append(Snapshot(pkts))
             self._wake.set()
 
     async def _write_bytes(self, data: bytes) -> None:
@@ -319,7 +252,7 @@ class Member:
                         self._queued_packets -= 1
                         if self._admit(item):
                             await self._write_bytes(item.data)
-                    elif isinstance(item, _Snapshot):
+                    elif isinstance(item, Snapshot):
                         for pkt in item.packets:
                             if self.closed:
                                 break
@@ -378,7 +311,7 @@ class Room:
         self.created_ns = now_ns()
         self.created_by = created_by
         self.members: dict[str, Member] = {}
-        self.streams: dict[int, StreamState] = {}
+        self.streams: dict[int, StreamState[Member]] = {}
         self.subscribers: tuple[Member, ...] = ()
         self.closed = False
         self._cleanup: asyncio.TimerHandle | None = None
@@ -462,8 +395,41 @@ class Room:
         self.manager.metrics.keyframe_requests += 1
         stream.owner.post({"type": "keyframe_request", "stream_id": stream_id})
 
-    def claim(self, member: Member, stream_id: int) -> StreamState:
-        stream = StreamState(stream_id, self._history)
+    def claim(self, member: Member, stream_id: int) -> StreamState[Member]:
+        """Give ``stream_id`` to ``member``, or refuse (``stream_spoof``).
+
+        The stream id is bound to the member's subject (in the store, until its
+        token expires): while the binding lives no other subject gets it, also
+        after the owner left or the server restarted. The bound subject always
+        wins: a newer connection of it takes the stream from whoever holds it
+        (an older connection of the same subject, e.g. one not yet known to be
+        dead; never the other way round), and that holder is closed with
+        ``stream_spoof``.
+        """
+        subject = member.claims.subject
+        key = f"stream:{stream_id}"
+        bound = self.manager.store.bound_subject(self.name, key, time.time())
+        if bound is not None and bound != subject:
+            raise refusal(
+                CloseCode.STREAM_SPOOF,
+                f"stream {stream_id} belongs to another subject in room {self.name!r}",
+            )
+        old = self.streams.get(stream_id)
+        holder = old.owner if old is not None else None
+        if holder is not None and holder is not member:
+            same = holder.claims.subject == subject
+            if not ((same and member.serial > holder.serial) or (bound == subject and not same)):
+                raise refusal(
+                    CloseCode.STREAM_SPOOF,
+                    f"stream {stream_id} belongs to another member of the room",
+                )
+            holder.streams.discard(stream_id)
+            holder.abort(
+                CloseCode.STREAM_SPOOF,
+                f"stream {stream_id} was taken over by a newer connection of {subject!r}",
+            )
+        self.manager.store.bind(self.name, key, subject, member.claims.exp)
+        stream = StreamState[Member](stream_id, self._history)
         stream.owner = member
         self.streams[stream_id] = stream
         member.streams.add(stream_id)
@@ -477,14 +443,35 @@ class Room:
 
 
 class RoomManager:
-    """Every room of one server, the kick list and the limits on rooms and members."""
+    """Every room of one server, the kick list and the limits on rooms and members.
 
-    def __init__(self, config: ServerConfig, metrics: ServerMetrics, kicks: KickList) -> None:
+    What must survive a restart (kicks, closed rooms, stream-id and member-id
+    bindings) is in ``store`` (:mod:`pipeline.server.store`); without one given,
+    the manager opens the server's store from ``config`` (``server.data_dir``;
+    in memory when the token secret is random) and attaches ``kicks`` to it.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+        kicks: KickList,
+        store: RoomStore | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.kicks = kicks
+        if store is None:
+            try:
+                secret = resolve_secret(config)
+            except ConfigError:  # no secret: a dev server's random one dies with it
+                store = open_store(config, "", persistent=False)
+            else:
+                store = open_store(config, secret)
+        self.store = store
+        kicks.attach(store)
         self.rooms: dict[str, Room] = {}
-        self.tombstones: dict[str, int] = {}
+        self.serials = itertools.count()
         self.connections = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_change: Callable[[], None] | None = None
@@ -499,8 +486,8 @@ class RoomManager:
         task.add_done_callback(self._tasks.discard)
 
     def create(self, name: str, *, created_by: str | None = None) -> Room:
-        """Create a room (API): a closed room's tombstone is removed."""
-        if not ROOM_NAME_RE.match(name):
+        """Create a room (API): a closed room is open again."""
+        if not valid_room_name(name):
             raise refusal(CloseCode.ROOM_NOT_FOUND, f"invalid room name {name!r}")
         room = self.rooms.get(name)
         if room is not None:
@@ -509,7 +496,7 @@ class RoomManager:
             raise refusal(
                 CloseCode.TOO_MANY_ROOMS, f"server has {len(self.rooms)} rooms, the maximum"
             )
-        self.tombstones.pop(name, None)
+        self.store.reopen_room(name)
         room = Room(self, name, created_by=created_by)
         self.rooms[name] = room
         room.schedule_cleanup()
@@ -517,12 +504,12 @@ class RoomManager:
         return room
 
     def room_for_join(self, name: str) -> Room:
-        if not ROOM_NAME_RE.match(name):
+        if not valid_room_name(name):
             raise refusal(
                 CloseCode.MALFORMED_MESSAGE,
                 f"invalid room name {name!r}: 1-64 of letters, digits, '_', '.', '-'",
             )
-        if name in self.tombstones:
+        if self.store.is_closed(name):
             raise refusal(CloseCode.ROOM_CLOSED, f"room {name!r} was closed by a moderator")
         room = self.rooms.get(name)
         if room is None:
@@ -535,13 +522,31 @@ class RoomManager:
             )
         return room
 
-    def new_member_id(self, room: Room, resume: str | None) -> tuple[str, bool]:
-        if resume is not None and MEMBER_ID_RE.match(resume) and resume not in room.members:
-            return resume, True
-        while True:
-            mid = "m" + secrets.token_hex(5)
-            if mid not in room.members:
-                return mid, False
+    def new_member_id(self, room: Room, resume: str | None, claims: Claims) -> tuple[str, bool]:
+        """The member id of a joining member, and whether it resumes ``resume``.
+
+        Every member id is bound to its subject (store, until the token
+        expires): only the same subject resumes it, also after a restart.
+        """
+        now = time.time()
+        subject = claims.subject
+        if (
+            resume is not None
+            and valid_member_id(resume)
+            and resume not in room.members
+            and self.store.bound_subject(room.name, f"member:{resume}", now) == subject
+        ):
+            mid, resumed = resume, True
+        else:
+            while True:
+                mid = "m" + secrets.token_hex(5)
+                if mid not in room.members and (
+                    self.store.bound_subject(room.name, f"member:{mid}", now) is None
+                ):
+                    break
+            resumed = False
+        self.store.bind(room.name, f"member:{mid}", subject, claims.exp)
+        return mid, resumed
 
     def cleanup_if_empty(self, name: str) -> None:
         room = self.rooms.get(name)
@@ -556,9 +561,7 @@ class RoomManager:
             return False
         room.closed = True
         room.cancel_cleanup()
-        self.tombstones[name] = now_ns()
-        while len(self.tombstones) > MAX_TOMBSTONES:
-            del self.tombstones[next(iter(self.tombstones))]
+        self.store.close_room(name, now_ns())
         members = list(room.members.values())
         for _m in members:
             self.metrics.reject(CloseCode.ROOM_CLOSED.reason)
@@ -591,3 +594,4 @@ class RoomManager:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.store.close()

@@ -1,5 +1,8 @@
 """Token verification on the server: fixed algorithm, times, room, kick list, permissions.
 
+Kicks are revocations in the server's store (:mod:`pipeline.server.store`):
+they survive a restart.
+
 Verification accepts HS256 only, whatever the token's header says: the
 algorithm is read from the header first so that ``alg: none`` and RS/HS
 confusion get their own refusal reason (``bad_algorithm``) instead of a
@@ -18,6 +21,7 @@ from typing import Any
 import jwt
 
 from pipeline.errors import TokenError
+from pipeline.server.store import MemoryStore, RoomStore
 from pipeline.wire.tokens import (
     ALGORITHM,
     ANY_ROOM,
@@ -63,30 +67,32 @@ __all__ = [
 
 
 class KickList:
-    """Kicked tokens (by jti) and subjects (per room), remembered until the token expires."""
+    """Kicked tokens (by jti, every room) and subjects (per room), refused until the
+    kicked token expires.
 
-    def __init__(self) -> None:
-        self._jti: dict[str, float] = {}
-        self._subject: dict[tuple[str, str], float] = {}
+    The records live in a :class:`~pipeline.server.store.RoomStore`: in memory
+    until the room manager attaches the server's persistent store
+    (:meth:`attach`), so that a kick survives a restart.
+    """
+
+    def __init__(self, store: RoomStore | None = None) -> None:
+        self.store: RoomStore = store if store is not None else MemoryStore()
+
+    def attach(self, store: RoomStore) -> None:
+        """Keep the records in ``store`` (the server's, before it accepts anyone)."""
+        self.store = store
 
     def kick(self, claims: Claims, room: str) -> None:
-        self._jti[claims.jti] = max(self._jti.get(claims.jti, 0.0), claims.exp)
-        key = (room, claims.subject)
-        self._subject[key] = max(self._subject.get(key, 0.0), claims.exp)
+        self.store.revoke(room, claims.subject, claims.jti, claims.exp)
 
     def is_kicked(self, claims: Claims, room: str, now: float) -> bool:
-        exp = self._jti.get(claims.jti)
-        if exp is not None and exp >= now:
-            return True
-        exp = self._subject.get((room, claims.subject))
-        return exp is not None and exp >= now
+        return self.store.is_revoked(room, claims.subject, claims.jti, now)
 
     def prune(self, now: float) -> None:
-        self._jti = {k: v for k, v in self._jti.items() if v >= now}
-        self._subject = {k: v for k, v in self._subject.items() if v >= now}
+        self.store.prune(now)
 
     def __len__(self) -> int:
-        return len(self._jti)
+        return self.store.revocations()
 
 
 class TokenVerifier:

@@ -15,11 +15,15 @@ code  reason                  meaning                                           
                               string ``type``, or a field of the wrong type
 4003  unknown_message_type    a ``type`` the server does not know                 fatal
 4004  bad_packet              binary message that is not a valid pose packet      fatal
-4005  stream_spoof            packet with a stream id owned by another member     fatal
+4005  stream_spoof            packet with a stream id another subject holds or    fatal
+                              is bound to; or taken over by a newer connection
+                              of the same subject
 4006  not_joined              anything but ``join`` before joining; a 2nd join    fatal
 4007  too_slow                control backlog to this member overflowed           retries
 4008  too_many_streams        more than ``MAX_STREAMS_PER_MEMBER`` stream ids     fatal
-4009  message_too_large       message over ``server.max_message_bytes``           fatal
+4009  message_too_large       message over ``server.max_message_bytes``; a text   fatal
+                              message over 8192 characters; broadcast data over
+                              4096 bytes
 4010  rate_limited            over ``server.max_messages_per_s`` (1 s burst)      retries
 4011  too_many_connections    ``server.max_connections`` reached                  retries
 4012  room_full               ``server.max_members_per_room`` reached             retries
@@ -27,6 +31,8 @@ code  reason                  meaning                                           
 4014  room_closed             the room was closed by a moderator                  fatal
 4015  room_not_found          no such room and ``auto_create_rooms`` is off       fatal
 4016  kicked                  a moderator kicked this member                      fatal
+4017  stale_packet            a packet whose sequence number is not after the     fatal
+                              stream's last one (a replay; see rooms.py)
 4101  expired                 token refused: expired                              fatal
 4102  not_yet_valid           token refused: nbf/iat in the future                fatal
 4103  wrong_room              token refused: issued for another room              fatal
@@ -78,6 +84,7 @@ class CloseCode(IntEnum):
     ROOM_CLOSED = 4014
     ROOM_NOT_FOUND = 4015
     KICKED = 4016
+    STALE_PACKET = 4017
     TOKEN_EXPIRED = 4101
     TOKEN_NOT_YET_VALID = 4102
     TOKEN_WRONG_ROOM = 4103
@@ -114,6 +121,7 @@ _REASON: Final[dict[CloseCode, str]] = {
     CloseCode.ROOM_CLOSED: "room_closed",
     CloseCode.ROOM_NOT_FOUND: "room_not_found",
     CloseCode.KICKED: "kicked",
+    CloseCode.STALE_PACKET: "stale_packet",
     CloseCode.TOKEN_EXPIRED: "expired",
     CloseCode.TOKEN_NOT_YET_VALID: "not_yet_valid",
     CloseCode.TOKEN_WRONG_ROOM: "wrong_room",

@@ -5,8 +5,15 @@ pose packets (:mod:`pipeline.codec`). The server parses what members
 send with :func:`parse` (a bad message raises
 :class:`~pipeline.errors.RefusedError` with the close code to close with);
 clients build their messages with the helpers below and read the server's
-with :func:`parse` too (and with :meth:`Backfill.parse`). ``docs/room-protocol.md``
-describes every message.
+with :func:`parse` too (``allowed=SERVER_TYPES``; :func:`member_record` for a
+member record on its own). ``docs/room-protocol.md`` describes every message.
+
+This is the one validation of the member protocol: JSON through
+:func:`pipeline.model.jsonsafe.loads` (bounded nesting, finite numbers, 64-bit
+integers), then per type (:data:`CLIENT_FIELDS`, :data:`SERVER_FIELDS`) the
+type and range of every field: clock offsets within +-1 day, RTTs 0-60 s,
+stream ids 0..2**32-1, sequence numbers and timestamps 0..2**63-1; room names
+and member ids matched whole (``fullmatch``).
 
 Client -> server: ``join`` (first message, once), ``ping``, ``clock``,
 ``keyframe_request``, ``ack``, ``broadcast``, ``kick``, ``leave``.
@@ -17,10 +24,13 @@ Server -> client: ``welcome``, ``presence``, ``pong``, ``ack``,
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
-from pipeline.errors import RefusedError
+from pipeline.errors import JsonInputError, RefusedError
+from pipeline.model import jsonsafe
 from pipeline.wire.close import CloseCode, refusal
 
 #: Types a member may send.
@@ -43,8 +53,40 @@ SERVER_TYPES: Final = frozenset(
 )
 #: Longest accepted ``name``/``resume`` string of a join.
 MAX_NAME_LEN: Final = 256
+#: Longest control (text) message a member may send, in characters; the server's own
+#: messages (a welcome lists every member) are not bounded by it.
+MAX_CONTROL_CHARS: Final = 8192
+#: Largest ``data`` of a broadcast, as compact JSON.
+MAX_BROADCAST_BYTES: Final = 4096
+
+#: Room names and member ids: matched whole (``fullmatch``: no trailing newline).
+ROOM_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+MEMBER_ID_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+
+# Numeric ranges (inclusive) of every numeric field, client and server messages alike.
+DAY_NS: Final = 86_400 * 10**9
+OFFSET_NS: Final = (-DAY_NS, DAY_NS)
+"""A clock offset to the server: within +-1 day."""
+RTT_NS: Final = (0, 60 * 10**9)
+"""A round-trip time: 0 to 60 s."""
+STREAM_ID: Final = (0, 2**32 - 1)
+SEQ: Final = (0, 2**63 - 1)
+TIME_NS: Final = (0, 2**63 - 1)
+"""Wall-clock nanoseconds (``time.time_ns()``)."""
+COUNT: Final = (0, 2**53)
+"""Counters and sizes."""
+CLOSE_CODE: Final = (1000, 4999)
 
 LEAVE: Final = '{"type":"leave"}'
+
+
+def valid_room_name(name: object) -> TypeGuard[str]:
+    """1-64 of letters, digits, ``_ . -``, starting with a letter or digit; nothing else."""
+    return isinstance(name, str) and ROOM_NAME_RE.fullmatch(name) is not None
+
+
+def valid_member_id(mid: object) -> TypeGuard[str]:
+    return isinstance(mid, str) and MEMBER_ID_RE.fullmatch(mid) is not None
 
 
 def dumps(obj: Any) -> str:
@@ -52,22 +94,35 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def parse(text: str, allowed: frozenset[str] = CLIENT_TYPES) -> dict[str, Any]:
-    """A text message as a dict with a known string ``type``.
+def parse(
+    text: str | bytes, allowed: frozenset[str] = CLIENT_TYPES, *, max_chars: int | None = None
+) -> dict[str, Any]:
+    """A text message as a dict with a known string ``type`` and valid fields.
 
-    Raises :class:`RefusedError` with ``malformed_message`` (not a JSON object
-    with a string ``type``) or ``unknown_message_type``.
+    Parsed with :func:`pipeline.model.jsonsafe.loads` (nesting, non-finite and
+    huge numbers refused before anything else looks at them), then every field
+    of its type is checked (:func:`validate`). Raises :class:`RefusedError`
+    with ``message_too_large`` (over ``max_chars``), ``malformed_message`` (not
+    a JSON object with a string ``type``, too deep, a field of the wrong type or
+    out of range) or ``unknown_message_type``. Clients parse the server's
+    messages with ``allowed=SERVER_TYPES``.
     """
+    if max_chars is not None and len(text) > max_chars:
+        raise refusal(
+            CloseCode.MESSAGE_TOO_LARGE,
+            f"control message of {len(text)} characters, at most {max_chars}",
+        )
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise refusal(CloseCode.MALFORMED_MESSAGE, f"not JSON: {exc}") from exc
+        obj = jsonsafe.loads(text)
+    except JsonInputError as exc:
+        raise refusal(CloseCode.MALFORMED_MESSAGE, f"not acceptable JSON: {exc}") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise refusal(
             CloseCode.MALFORMED_MESSAGE, "control messages are JSON objects with a 'type'"
         )
     if obj["type"] not in allowed:
         raise refusal(CloseCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {obj['type'][:40]!r}")
+    validate(obj, server=not allowed <= CLIENT_TYPES)
     return obj
 
 
@@ -75,32 +130,196 @@ def _malformed(message: str) -> RefusedError:
     return refusal(CloseCode.MALFORMED_MESSAGE, message)
 
 
-def field_bool(obj: dict[str, Any], key: str, default: bool) -> bool:
+def _where(obj: Mapping[str, Any], key: str) -> str:
+    return f"{obj.get('type', 'member')}: {key!r}"
+
+
+def field_bool(obj: Mapping[str, Any], key: str, default: bool) -> bool:
     v = obj.get(key, default)
     if not isinstance(v, bool):
-        raise _malformed(f"{obj['type']}: {key!r} must be true or false")
+        raise _malformed(f"{_where(obj, key)} must be true or false")
     return v
 
 
-def field_int(obj: dict[str, Any], key: str) -> int:
+def field_int(obj: Mapping[str, Any], key: str, bounds: tuple[int, int] = SEQ) -> int:
+    """An integer field (not a bool, not a float) within ``bounds``, inclusive."""
     v = obj.get(key)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _malformed(f"{obj['type']}: {key!r} must be an integer")
+        raise _malformed(f"{_where(obj, key)} must be an integer")
+    lo, hi = bounds
+    if not lo <= v <= hi:
+        raise _malformed(f"{_where(obj, key)} must be within {lo}..{hi}")
     return v
 
 
-def field_str(obj: dict[str, Any], key: str, what: str) -> str:
+def field_opt_int(obj: Mapping[str, Any], key: str, bounds: tuple[int, int]) -> int | None:
+    if obj.get(key) is None:
+        return None
+    return field_int(obj, key, bounds)
+
+
+def field_str(obj: Mapping[str, Any], key: str, what: str, max_len: int = MAX_NAME_LEN) -> str:
     v = obj.get(key)
-    if not isinstance(v, str):
-        raise _malformed(f"{obj['type']}: {key!r} must be {what}")
+    if not isinstance(v, str) or len(v) > max_len:
+        raise _malformed(f"{_where(obj, key)} must be {what}")
     return v
 
 
-def field_opt_str(obj: dict[str, Any], key: str) -> str | None:
+def field_opt_str(obj: Mapping[str, Any], key: str) -> str | None:
     v = obj.get(key)
     if v is not None and (not isinstance(v, str) or len(v) > MAX_NAME_LEN):
-        raise _malformed(f"{obj['type']}: {key!r} must be a string")
+        raise _malformed(f"{_where(obj, key)} must be a string")
     return v
+
+
+def field_member_id(obj: Mapping[str, Any], key: str) -> str:
+    v = obj.get(key)
+    if not valid_member_id(v):
+        raise _malformed(f"{_where(obj, key)} must be a member id (1-32 of A-Z a-z 0-9 _ -)")
+    return v
+
+
+def field_data(obj: Mapping[str, Any], key: str = "data") -> Any:
+    """A broadcast's free-form ``data``: any JSON value up to :data:`MAX_BROADCAST_BYTES`."""
+    v = obj.get(key)
+    size = len(dumps(v).encode())
+    if size > MAX_BROADCAST_BYTES:
+        raise refusal(
+            CloseCode.MESSAGE_TOO_LARGE,
+            f"{_where(obj, key)} is {size} bytes of JSON, at most {MAX_BROADCAST_BYTES}",
+        )
+    return v
+
+
+def member_record(obj: Any) -> dict[str, Any]:
+    """A member record (``welcome.members[]``, ``presence.member``) as the server writes it.
+
+    Clients check every record they receive with it: a publisher's absurd
+    ``clock_offset_ns`` (or any field out of range) is refused here, before a
+    latency computation can overflow.
+    """
+    if not isinstance(obj, dict):
+        raise _malformed("a member record must be an object")
+    rec: dict[str, Any] = obj
+    field_member_id(rec, "id")
+    field_str(rec, "subject", "a string")
+    field_str(rec, "role", "a string")
+    field_opt_str(rec, "name")
+    field_bool(rec, "publish", False)
+    field_bool(rec, "subscribe", False)
+    streams = rec.get("streams", [])
+    if not isinstance(streams, list) or len(streams) > 64:
+        raise _malformed("member: 'streams' must be a list of stream ids")
+    for i in range(len(streams)):
+        field_int({"type": "member", f"streams[{i}]": streams[i]}, f"streams[{i}]", STREAM_ID)
+    field_opt_int(rec, "clock_offset_ns", OFFSET_NS)
+    field_opt_int(rec, "joined_ns", TIME_NS)
+    field_opt_int(rec, "packets_sent", COUNT)
+    field_opt_int(rec, "packets_dropped", COUNT)
+    return rec
+
+
+def _ping(obj: Mapping[str, Any]) -> None:
+    field_opt_int(obj, "id", SEQ)
+    field_opt_int(obj, "t0", TIME_NS)
+
+
+def _clock(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "offset_ns", OFFSET_NS)
+    field_opt_int(obj, "rtt_ns", RTT_NS)
+
+
+def _stream(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "stream_id", STREAM_ID)
+
+
+def _ack(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "stream_id", STREAM_ID)
+    field_int(obj, "seq", SEQ)
+
+
+def _nothing(obj: Mapping[str, Any]) -> None:
+    pass
+
+
+def _welcome(obj: Mapping[str, Any]) -> None:
+    field_member_id(obj, "member_id")
+    field_str(obj, "room", "a room name")
+    field_bool(obj, "resumed", False)
+    field_str(obj, "role", "a string")
+    field_int(obj, "server_time_ns", TIME_NS)
+    members = obj.get("members", [])
+    if not isinstance(members, list):
+        raise _malformed("welcome: 'members' must be a list")
+    for m in members:
+        member_record(m)
+
+
+def _presence(obj: Mapping[str, Any]) -> None:
+    if obj.get("event") not in ("join", "leave", "update"):
+        raise _malformed("presence: 'event' must be join, leave or update")
+    member_record(obj.get("member"))
+
+
+def _pong(obj: Mapping[str, Any]) -> None:
+    _ping(obj)
+    field_int(obj, "t1", TIME_NS)
+    field_int(obj, "t2", TIME_NS)
+
+
+def _backfill(obj: Mapping[str, Any]) -> None:
+    Backfill.parse(obj)
+
+
+def _server_broadcast(obj: Mapping[str, Any]) -> None:
+    field_str(obj, "from", "a member id or api:SUBJECT", MAX_NAME_LEN + 4)
+    field_data(obj)
+
+
+def _error(obj: Mapping[str, Any]) -> None:
+    field_opt_int(obj, "code", CLOSE_CODE)
+    field_str(obj, "reason", "a string")
+    field_str(obj, "message", "a string", 4096)
+
+
+#: Per type, the one check of its fields: what a member sends ...
+CLIENT_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
+    "join": lambda obj: Join.parse(obj),
+    "ping": _ping,
+    "clock": _clock,
+    "keyframe_request": _stream,
+    "ack": _ack,
+    "broadcast": field_data,
+    "kick": lambda obj: field_member_id(obj, "member"),
+    "leave": _nothing,
+}
+#: ... and what the server sends (checked by the clients).
+SERVER_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
+    "welcome": _welcome,
+    "presence": _presence,
+    "pong": _pong,
+    "ack": _ack,
+    "keyframe_request": _stream,
+    "backfill": _backfill,
+    "broadcast": _server_broadcast,
+    "kicked": lambda obj: field_member_id(obj, "member"),
+    "error": _error,
+}
+
+
+def validate(obj: Mapping[str, Any], *, server: bool = False) -> None:
+    """Check every field of a message of a known type (``server``: a server message).
+
+    Type, range and finiteness of every numeric field; strings are bounded;
+    room names and member ids are matched whole. Unknown extra fields are
+    ignored. Raises :class:`RefusedError` (``malformed_message``, or
+    ``message_too_large`` for a broadcast over :data:`MAX_BROADCAST_BYTES`).
+    """
+    table = SERVER_FIELDS if server else CLIENT_FIELDS
+    check = table.get(obj["type"])
+    if check is None:
+        raise refusal(CloseCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {obj['type'][:40]!r}")
+    check(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +349,7 @@ class Join:
         return dumps(msg)
 
     @classmethod
-    def parse(cls, obj: dict[str, Any]) -> Join:
+    def parse(cls, obj: Mapping[str, Any]) -> Join:
         """Fields of a parsed ``join``; ``token``/``room`` may be absent (None) but not
         of another type (the server may take them from the request)."""
         token = obj.get("token")
@@ -144,7 +363,7 @@ class Join:
             room=room,
             publish=field_bool(obj, "publish", False),
             subscribe=field_bool(obj, "subscribe", True),
-            resume=field_opt_str(obj, "resume"),
+            resume=None if obj.get("resume") is None else field_member_id(obj, "resume"),
             name=field_opt_str(obj, "name"),
         )
 
@@ -197,10 +416,10 @@ class Backfill:
         }
 
     @classmethod
-    def parse(cls, obj: dict[str, Any]) -> Backfill:
+    def parse(cls, obj: Mapping[str, Any]) -> Backfill:
         return cls(
-            field_int(obj, "stream_id"),
-            field_int(obj, "count"),
-            field_int(obj, "first_seq"),
-            field_int(obj, "last_seq"),
+            field_int(obj, "stream_id", STREAM_ID),
+            field_int(obj, "count", COUNT),
+            field_int(obj, "first_seq", SEQ),
+            field_int(obj, "last_seq", SEQ),
         )

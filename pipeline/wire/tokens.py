@@ -38,6 +38,7 @@ import jwt
 
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TokenError
+from pipeline.wire.messages import valid_room_name
 
 ALGORITHM: Final = "HS256"
 SECRET_ENV: Final = "POSEWIRE_SECRET"
@@ -149,8 +150,11 @@ def mint_token(
     jti: str | None = None,
 ) -> str:
     """Sign a token for ``subject`` in ``room`` with ``role`` (HS256)."""
-    if not room or len(room) > 64:
-        raise TokenError("malformed", "room must be 1 to 64 characters")
+    if room != ANY_ROOM and not valid_room_name(room):
+        raise TokenError(
+            "malformed",
+            f"room {room[:80]!r}: 1-64 of letters, digits, '_', '.', '-' (or '*': every room)",
+        )
     if not 0 < ttl_s <= MAX_TTL_S:
         raise TokenError("malformed", f"ttl must be in (0, {MAX_TTL_S:.0f}] seconds, got {ttl_s}")
     t = time.time() if now is None else now

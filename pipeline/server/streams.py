@@ -1,0 +1,123 @@
+"""Publisher streams of a room: stored packets, history, what a subscriber has, replays.
+
+A stream is the packets of one ``stream_id`` (the packet header's) in one room,
+published by one member at a time (its *owner*). The relay rules that use these
+are in :mod:`pipeline.server.rooms`; who may own a stream id (bindings to the
+token's subject) is decided there too.
+
+Replays: within one owner's connection the sequence numbers of a stream only
+go forward. A packet whose ``seq`` is not after the stream's last accepted one
+is refused (``stale_packet``), whatever it carries, so a publisher cannot make
+the server relay (and every subscriber reset its history for) the same
+keyframe again and again. The one exception is a keyframe of a *new epoch*
+(a restarted encoder numbers its frames afresh), accepted at most once every
+:data:`EPOCH_CHANGE_INTERVAL_S` per stream. A new connection (a reconnect)
+starts a new stream state, and its publisher sends a keyframe first anyway.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+HAVE_WINDOW: Final = 256
+EPOCH_CHANGE_INTERVAL_S: Final = 1.0
+OwnerT = TypeVar("OwnerT")
+"""The member type of the relay (:class:`pipeline.server.rooms.Member`)."""
+
+
+@dataclass(slots=True)
+class StoredPacket:
+    """One accepted pose packet with the header fields the relay needs."""
+
+    stream_id: int
+    seq: int
+    ref_seq: int | None
+    keyframe: bool
+    data: bytes
+    epoch: int = 0
+    """The encoder instance (header flags); references never cross epochs."""
+
+
+class Snapshot:
+    """A late-join snapshot in a member's queue: sent whole, never dropped."""
+
+    __slots__ = ("packets",)
+
+    def __init__(self, packets: list[StoredPacket]) -> None:
+        self.packets = packets
+
+
+class Have:
+    """Sequence numbers of one stream a subscriber has received since its last keyframe."""
+
+    __slots__ = ("epoch", "order", "seqs")
+
+    def __init__(self) -> None:
+        self.seqs: set[int] = set()
+        self.order: deque[int] = deque()
+        self.epoch = 0
+
+    def reset(self, epoch: int) -> None:
+        self.seqs.clear()
+        self.order.clear()
+        self.epoch = epoch
+
+    def add(self, seq: int) -> None:
+        if len(self.order) >= HAVE_WINDOW:
+            self.seqs.discard(self.order.popleft())
+        self.order.append(seq)
+        self.seqs.add(seq)
+
+
+class StreamState(Generic[OwnerT]):
+    """A publisher stream: owner, latest keyframe, the packets after it, the last seq."""
+
+    def __init__(self, stream_id: int, history: int) -> None:
+        self.stream_id = stream_id
+        self.owner: OwnerT | None = None
+        self.keyframe: StoredPacket | None = None
+        self.since: deque[StoredPacket] = deque(maxlen=max(history - 1, 0))
+        self.last_keyframe_request = -1e9
+        self.packets = 0
+        self.last_seq = -1
+        self.epoch: int | None = None
+        self.epoch_changed = -1e9
+
+    def stale(self, seq: int, epoch: int, keyframe: bool, now: float) -> str | None:
+        """Why a packet is a replay (see the module docstring), or None to accept it;
+        an accepted packet advances the stream's last sequence number."""
+        if self.epoch is not None and seq <= self.last_seq:
+            if epoch == self.epoch:
+                return f"sequence {seq} is not after {self.last_seq}, the stream's last"
+            if not keyframe:
+                return f"a new epoch starts with a keyframe (sequence {seq})"
+            if now - self.epoch_changed < EPOCH_CHANGE_INTERVAL_S:
+                return f"a new epoch at most every {EPOCH_CHANGE_INTERVAL_S:g}s"
+        if self.epoch is not None and epoch != self.epoch:
+            self.epoch_changed = now
+        self.epoch = epoch
+        self.last_seq = seq
+        return None
+
+    def add(self, pkt: StoredPacket) -> None:
+        self.packets += 1
+        if pkt.keyframe:
+            self.keyframe = pkt
+            self.since.clear()
+        elif self.keyframe is not None:
+            self.since.append(pkt)
+
+    def snapshot(self) -> list[StoredPacket]:
+        """The keyframe and the history packets that decode from it, in order."""
+        if self.keyframe is None:
+            return []
+        out = [self.keyframe]
+        have = {self.keyframe.seq}
+        epoch = self.keyframe.epoch
+        for p in self.since:
+            if p.ref_seq is not None and p.ref_seq in have and p.epoch == epoch:
+                out.append(p)
+                have.add(p.seq)
+        return out
