@@ -37,8 +37,9 @@ from aiohttp import web
 from pipeline.errors import JsonInputError, RefusedError, TokenError
 from pipeline.model import jsonsafe
 from pipeline.model.net import is_loopback
-from pipeline.server.rooms import ROOM_NAME_RE, Room
+from pipeline.server.rooms import Room
 from pipeline.server.state import STATE, bearer
+from pipeline.wire import messages
 from pipeline.wire.close import CloseCode
 from pipeline.wire.tokens import ANY_ROOM, MODERATE, Claims, mint_token
 
@@ -200,7 +201,8 @@ async def api_broadcast(request: web.Request) -> web.Response:
     claims = _moderator(request, name)
     body = await _json_body(request)
     room = _room_or_404(request, name)
-    room.broadcast({"type": "broadcast", "from": f"api:{claims.subject}", "data": body.get("data")})
+    data = messages.field_data(body)  # the same 4 KB bound as a member's broadcast
+    room.broadcast({"type": "broadcast", "from": f"api:{claims.subject}", "data": data})
     return web.json_response({"members": len(room.members)})
 
 
@@ -228,7 +230,7 @@ async def _dev_token(request: web.Request) -> web.Response:
         raise _refused(
             400, "dev_token_role", f"dev tokens are publisher or subscriber tokens, not {role!r}"
         )
-    if room == ANY_ROOM or not ROOM_NAME_RE.fullmatch(room):
+    if room == ANY_ROOM or not messages.valid_room_name(room):
         raise _refused(400, "dev_token_room", f"dev tokens are for one named room, not {room!r}")
     if subject is not None and (
         not isinstance(subject, str)
