@@ -84,6 +84,8 @@ class TransportStatistics:
     packets_received: int = 0
     bytes_received: int = 0
     controls_received: int = 0
+    bad_messages: int = 0
+    """Messages from the far side refused and ignored (not JSON, too deep, out of range)."""
     dropped_received: int = 0
     """Received items dropped because the consumer did not keep up (oldest first)."""
     acks: int = 0
