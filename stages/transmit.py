@@ -81,13 +81,19 @@ def run(ctx: StageContext) -> int:
     try:
         return asyncio.run(Transmitter(ctx).main())
     except TokenError as exc:  # a refused token: retrying cannot fix it
+        _linger(ctx)
         return ctx.refuse(f"transmit.token: refused by the server ({exc.reason}): {exc}")
     except BrokenResourceError as exc:  # kicked, stream id taken, ...: retrying cannot fix it
-        return ctx.refuse(
-            f"transmit: the room server refused this publisher for good ({exc.reason}): {exc}"
-        )
+        _linger(ctx)
+        return ctx.refuse(f"the room server refused this publisher for good ({exc.reason}): {exc}")
     except (ConfigError, RegistryError) as exc:  # no secret, no such transport
         return ctx.refuse(str(exc))
+
+
+def _linger(ctx: StageContext) -> None:
+    """Stay two heartbeats longer, so that the supervisor (metrics, alert, report) sees the
+    refused state before the stage exits."""
+    ctx.sleep(2 * ctx.config.supervisor.heartbeat_interval_ms / 1000)
 
 
 class Transmitter:

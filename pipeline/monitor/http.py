@@ -265,6 +265,8 @@ class HTTPServer(ThreadingHTTPServer):
                 )
             with contextlib.suppress(OSError):
                 request.setblocking(False)
+                request.recv(MAX_BODY)  # what has arrived (unread bytes would turn FIN into RST)
+            with contextlib.suppress(OSError):
                 request.send(_BUSY)
             self.shutdown_request(request)
             return
