@@ -160,6 +160,7 @@ class Transmitter:
             packets = ctx.ring("packets")
             while not ctx.stopping:
                 self._tick()
+                sender.check()  # a final refusal stops the stage even while no packet comes
                 if self.pending_switch is not None:
                     target, self.pending_switch = self.pending_switch, None
                     if target != sender.kind:

@@ -326,16 +326,19 @@ class Sender:
             elif isinstance(item, StateChange) and item.connected:
                 self.on_feedback(feedback.pack_keyframe_request())
 
+    def check(self) -> None:
+        """Raise the final refusal in force, if any (the caller stops)."""
+        if self.refused is not None and self.refused.final:
+            raise self.refused.error
+
     async def send(self, packet: bytes) -> bool:
         """Wait for the throttle, then send on the active transport; False if it failed.
 
         While refused the packet is dropped and counted (False); a final refusal is
         raised (:class:`TokenError` or :class:`BrokenResourceError`).
         """
-        ref = self.refused
-        if ref is not None:
-            if ref.final:
-                raise ref.error
+        if self.refused is not None:
+            self.check()
             self.dropped_refused += 1
             return False
         t_wait = time.monotonic()
