@@ -210,7 +210,7 @@ async def _fake_publisher(port: int, room: str, offsets: list[int]) -> list[Any]
     try:
         for i in range(60):
             ws.send_bytes(src.next(keyframe=i % 10 == 0))
-            if i % 20 == 10 and offsets:
+            if i in (30, 45) and offsets:
                 ws.send_text(f'{{"type":"clock","offset_ns":{offsets.pop(0)},"rtt_ns":1000}}')
             await ws.writer.drain()
             await asyncio.sleep(0.03)
