@@ -104,14 +104,9 @@ class Throttle:
             self._tokens -= nbytes
 
     def on_set(self, args: dict[str, Any]) -> dict[str, Any] | None:
-        """``set`` handler: applies ``max_bandwidth_kbps``; refuses any other key and a
+        """``set`` handler: applies ``max_bandwidth_kbps`` (other keys are the business of
+        ``set``'s generic parameters; the monitor refuses names nobody knows); refuses a
         value that is not a finite number in [0, :data:`MAX_BANDWIDTH_KBPS`] or null."""
-        unknown = sorted(k for k in args if k != "max_bandwidth_kbps")
-        if unknown:
-            raise CommandError(
-                f"set: unknown argument(s) {', '.join(map(repr, unknown))} "
-                "(transmit knows max_bandwidth_kbps)"
-            )
         if "max_bandwidth_kbps" not in args:
             return None
         value = args["max_bandwidth_kbps"]
