@@ -232,6 +232,7 @@ class HTTPServer(ThreadingHTTPServer):
     ``request_timeout_s``."""
 
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: refusals are answered, not left in SYN limbo
     monitor: Endpoint
 
     def __init__(
