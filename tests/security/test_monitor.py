@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from pipeline.model.prometheus import parse_exposition
-from tests.procutil import ROOT, TRACE, start, stop, trace_config, wait_for
+from tests.procutil import ROOT, STARTED, TRACE, start, stop, trace_config, wait_for
 
 pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
@@ -57,6 +57,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         f"  max_connections: {MAX_CONNECTIONS}\n  request_timeout_s: {REQUEST_TIMEOUT_S}",
     )
     proc = start(cfg, "--run-id", run_id, "--duration", "120")
+    STARTED.remove(proc)  # shared by this module's tests: stopped here, not after each test
     run_dir = tmp / "run" / run_id
     try:
         assert wait_for((run_dir / "monitor.url").exists, 30), "monitor did not start"
