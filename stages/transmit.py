@@ -8,17 +8,25 @@ from the far side (acks, keyframe requests) goes to the encode stage through
 the ``feedback`` ring.
 
 Connecting is retried with capped backoff while the ring absorbs (and, when
-full, drops and counts) what arrives meanwhile; a refused token is a user
-error (no retry, the run stops with exit 2).
+full, drops and counts) what arrives meanwhile. A refusal by the server is a
+visible state (``transport_refused`` 1, ``transport_refused_<reason>`` 1,
+``transport_connected`` 0, every packet meanwhile counted in
+``packets_dropped_total`` and ``packets_refused_total``, one log line, the
+monitor's ``transport_refused`` alert): a closed or missing room is retried
+with capped backoff until it is (re)opened; a refusal no retry can fix (a
+refused, expired or revoked token, a kick, a stream id owned by another
+publisher, a protocol violation) is a user error: the stage stops with
+``ctx.refuse`` and the run with exit 2 and the message.
 
 Commands: ``switch_transport`` (``{"to": KIND}``, make-before-break) and
 ``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
 argument is refused with a :class:`~pipeline.errors.CommandError`.
 
 Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
-(send failures), ``acks_total``, ``fps``, capture-to-send latency
-``latency_ms_p50/p95/p99`` (wall clock; the capture timestamp travels with each
-packet), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none),
+(send failures and packets refused), ``packets_refused_total``,
+``transport_refusals_total``, ``transport_refused``, ``acks_total``, ``fps``,
+capture-to-send latency ``latency_ms_p50/p95/p99`` (wall clock; the capture
+timestamp travels with each packet), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none),
 ``throttled_ms_total``, ``transport_active_<kind>`` (1 for the one in use),
 ``transport_switches_total``, ``transport_connected``.
 """
@@ -32,7 +40,14 @@ import time
 from typing import Any
 
 from pipeline.config import TransportKind, resolve_path
-from pipeline.errors import ConfigError, RegistryError, RingError, TokenError, WouldBlock
+from pipeline.errors import (
+    BrokenResourceError,
+    ConfigError,
+    RegistryError,
+    RingError,
+    TokenError,
+    WouldBlock,
+)
 from pipeline.model.stats import Rate, Window
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
@@ -58,13 +73,27 @@ def publisher_token(ctx: StageContext) -> str:
     )
 
 
+#: seconds between two metric updates of the stage (the heartbeat carries them)
+METRICS_INTERVAL_S = 0.1
+
+
 def run(ctx: StageContext) -> int:
     try:
         return asyncio.run(Transmitter(ctx).main())
     except TokenError as exc:  # a refused token: retrying cannot fix it
+        _linger(ctx)
         return ctx.refuse(f"transmit.token: refused by the server ({exc.reason}): {exc}")
+    except BrokenResourceError as exc:  # kicked, stream id taken, ...: retrying cannot fix it
+        _linger(ctx)
+        return ctx.refuse(f"the room server refused this publisher for good ({exc.reason}): {exc}")
     except (ConfigError, RegistryError) as exc:  # no secret, no such transport
         return ctx.refuse(str(exc))
+
+
+def _linger(ctx: StageContext) -> None:
+    """Stay two heartbeats longer, so that the supervisor (metrics, alert, report) sees the
+    refused state before the stage exits."""
+    ctx.sleep(2 * ctx.config.supervisor.heartbeat_interval_ms / 1000)
 
 
 class Transmitter:
@@ -85,9 +114,12 @@ class Transmitter:
             context,
             on_feedback=self._feedback,
             stopping=lambda: ctx.stopping,
-            tick=ctx.tick,
+            tick=self._tick,
             log=ctx.log,
         )
+        self.rate = Rate()
+        self.latency = Window()
+        self._published = 0.0
         self.pending_switch: TransportKind | None = None
         ctx.on("set", self.sender.throttle.on_set)
         ctx.on("switch_transport", self._on_switch)
@@ -97,6 +129,24 @@ class Transmitter:
         self.pending_switch = kind
         return {"from": self.sender.kind.value, "to": kind.value}
 
+    def _tick(self) -> None:
+        """Stay alive and keep the metrics current (also while connecting or refused)."""
+        self.ctx.tick()
+        self._publish()
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < METRICS_INTERVAL_S:
+            return
+        self._published = now
+        fresh = self.sender.metrics()
+        for key in [k for k in self.ctx.metrics if k.startswith("transport_refused_")]:
+            if key not in fresh:  # the reason of a refusal that is over
+                del self.ctx.metrics[key]
+        self.ctx.metrics.update(
+            {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}
+        )
+
     def _feedback(self, message: bytes) -> None:
         with contextlib.suppress(RingError):
             self.feedback.send(message)
@@ -104,14 +154,13 @@ class Transmitter:
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender
         loop = asyncio.get_running_loop()
-        if not await sender.activate(sender.kind):
-            return 0
-        packets = ctx.ring("packets")
-        latency = Window()
-        rate = Rate()
         try:
+            if not await sender.activate(sender.kind):
+                return 0
+            packets = ctx.ring("packets")
             while not ctx.stopping:
-                ctx.tick()
+                self._tick()
+                sender.check()  # a final refusal stops the stage even while no packet comes
                 if self.pending_switch is not None:
                     target, self.pending_switch = self.pending_switch, None
                     if target != sender.kind:
@@ -125,11 +174,9 @@ class Transmitter:
                     continue
                 if not await sender.send(bytes(item.data)):
                     continue
-                rate.tick()
-                latency.add((time.time_ns() - item.ts_ns) / 1e6)
-                ctx.metrics.update(
-                    {**sender.metrics(), "fps": rate.per_second(), **latency.summary("latency_ms")}
-                )
+                self.rate.tick()
+                self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
         finally:
+            self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()
         return 0

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "token": "pipeline.cli.token",
     "receive": "pipeline.cli.receive",
     "report": "pipeline.cli.report",
+    "ctl": "pipeline.cli.ctl",
 }
 
 EXIT_USAGE = 2

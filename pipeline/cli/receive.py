@@ -97,6 +97,11 @@ def _print_summary(rep: dict[str, Any]) -> None:
         f"backfill {bf['count']} frames (age p50 {ms(bf['age_ms']['p50'])} ms, "
         f"max {ms(bf['age_ms']['max'])} ms)"
     )
+    if rep["bad_member_records"] or rep["bad_messages"]:
+        print(
+            f"  refused from the room: {rep['bad_member_records']} bad member records, "
+            f"{rep['bad_messages']} bad messages (ignored)"
+        )
     for sid, s in rep["publishers"].items():
         sl = s["latency_ms"]
         print(

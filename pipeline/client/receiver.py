@@ -24,12 +24,20 @@ server (minimum-RTT ping sample) before the first packet is counted, and
 every publisher reports its own offset to the server (``clock_offset_ns`` in
 its member record); the latency is ``(decode time + our offset) - (capture
 time + publisher offset)``, both sides on the server's clock.
+
+What other members say is not trusted: a member record whose
+``clock_offset_ns`` is not an integer within :data:`MAX_CLOCK_OFFSET_NS` (a
+publisher may send anything, e.g. 10**400) is counted in
+``bad_member_records`` and its frames are reported uncorrected
+(``clock_corrected`` false), never used in arithmetic; messages that are not
+bounded JSON are dropped by the transport (``bad_messages``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -44,7 +52,12 @@ from pipeline.transports.base import Control, Packet, StateChange
 from pipeline.transports.websocket import WebSocketTransport
 from pipeline.wire.messages import Backfill
 
+log = logging.getLogger("posewire.receiver")
+
 KEYFRAME_REQUEST_INTERVAL_S = 0.1
+#: the largest clock offset a member record may claim (one day in ns); NOTE: a local check
+#: until the shared validators of pipeline.wire.messages (issue 11, SEC-2) land: use those then
+MAX_CLOCK_OFFSET_NS = 86_400 * 10**9
 #: latency samples kept per stream for the report (8 bytes each: 8 MB at the cap, ~9 h at 30 fps)
 MAX_LATENCY_SAMPLES = 1_000_000
 
@@ -56,6 +69,20 @@ def _warm() -> None:
     if not _warmed:
         warm_kernels()
         _warmed = True
+
+
+def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
+    """A member record's ``clock_offset_ns``: (value or None, whether the record is bad).
+
+    Missing or null is not bad (the publisher did not measure yet); anything but an
+    integer within :data:`MAX_CLOCK_OFFSET_NS` is.
+    """
+    value = record.get("clock_offset_ns")
+    if value is None:
+        return None, False
+    if type(value) is not int or not -MAX_CLOCK_OFFSET_NS <= value <= MAX_CLOCK_OFFSET_NS:
+        return None, True
+    return value, False
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
@@ -117,6 +144,9 @@ class StreamStats:
     """Capture-to-decode age of each decoded backfill packet."""
     clock_corrected: bool = True
     """False when the publisher's clock offset was unknown for some frame."""
+    bad_member_records: int = 0
+    """Times the publisher's member record was refused (e.g. an absurd clock offset)."""
+    bad_record: bool = False
     last_keyframe_request: float = -1e9
     bf_remaining: int = 0
     """Packets still to come of the announced backfill."""
@@ -186,7 +216,13 @@ class StreamStats:
                 },
             },
             "clock_corrected": self.clock_corrected,
+            "bad_member_records": self.bad_member_records,
         }
+
+
+def _text(value: object) -> str | None:
+    """A string field of a member record (anything else: None), at most 256 characters."""
+    return value[:256] if isinstance(value, str) else None
 
 
 class Receiver:
@@ -327,11 +363,21 @@ class Receiver:
         if st.first_decoded_at is None:
             st.first_decoded_at = st.received
         owner = self.transport.stream_owner(h.stream_id)
+        pub_off: int | None = None
+        bad = False
         if owner is not None:
-            st.member_id = owner.get("id")
-            st.subject = owner.get("subject")
-        pub_off = owner.get("clock_offset_ns") if owner is not None else None
-        if not isinstance(pub_off, int):
+            st.member_id = _text(owner.get("id"))
+            st.subject = _text(owner.get("subject"))
+            pub_off, bad = clock_offset(owner)
+        if bad and not st.bad_record:
+            st.bad_member_records += 1
+            log.warning(
+                "stream %d: member %s sent an invalid clock offset: ignored (latency uncorrected)",
+                h.stream_id,
+                st.member_id,
+            )
+        st.bad_record = bad
+        if pub_off is None:
             pub_off = 0
             st.clock_corrected = False
         my_off = self.transport.clock_offset_ns or 0
@@ -391,4 +437,6 @@ class Receiver:
                 },
             },
             "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
+            "bad_member_records": sum(s.bad_member_records for s in self.streams.values()),
+            "bad_messages": stats.bad_messages,
         }

@@ -23,7 +23,12 @@ ALERTS: dict[str, str] = {
     "switch_rate": "transport switches / packets sent over monitor.alert_window_s",
     "compression_ratio": "bytes per frame on the wire / 528 (raw float32) over "
     "monitor.alert_window_s",
+    "transport_refused": "1 while the room server refuses the sender (kicked, token refused, "
+    "room closed...: the egress stage's transport_refused metric)",
 }
+
+#: threshold of the ``transport_refused`` alert (the metric is 0 or 1)
+TRANSPORT_REFUSED_THRESHOLD = 0.5
 
 
 def round_figure(v: float | None, digits: int = 4) -> float | None:

@@ -33,7 +33,6 @@ over restarts by the supervisor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -50,12 +49,14 @@ from typing import Any
 from pipeline.config import MonitorConfig
 from pipeline.model.prometheus import Exposition
 from pipeline.model.stats import percentiles
-from pipeline.monitor.alerts import ALERTS, AlertBook, round_figure
+from pipeline.monitor.alerts import ALERTS, TRANSPORT_REFUSED_THRESHOLD, AlertBook, round_figure
 from pipeline.monitor.http import (
     METRICS,
     ControlRequest,
     HTTPServer,
     make_server,
+    new_control_token,
+    publish_endpoint,
     render_exposition,
 )
 from pipeline.monitor.live import LiveStatus
@@ -130,6 +131,7 @@ class Monitor:
                 "drop_rate": cfg.alert_drop_rate,
                 "switch_rate": cfg.alert_switch_rate,
                 "compression_ratio": cfg.alert_compression_ratio,
+                "transport_refused": TRANSPORT_REFUSED_THRESHOLD,
             },
             cfg.alert_hold_s,
         )
@@ -159,6 +161,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._live: LiveStatus | None = None
         self._closed = False
+        self.control_token = new_control_token()
+        """The run's control secret (``<run_dir>/control.token``)."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -176,7 +180,14 @@ class Monitor:
     def start(self) -> None:
         """Bind the metrics port (``SupervisorError`` if it cannot) and start the status."""
         if self.cfg.enabled:
-            self._server = make_server(self.cfg.host, self.cfg.port, self)
+            self._server = make_server(
+                self.cfg.host,
+                self.cfg.port,
+                self,
+                max_connections=self.cfg.max_connections,
+                request_timeout_s=self.cfg.request_timeout_s,
+                control_token=self.control_token,
+            )
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
                 kwargs={"poll_interval": 0.2},
@@ -186,8 +197,7 @@ class Monitor:
             self._thread.start()
             log.info("monitor: %s/metrics", self.url)
             if self.run_dir is not None:
-                with contextlib.suppress(OSError):
-                    (self.run_dir / "monitor.url").write_text(f"{self.url}\n", encoding="utf-8")
+                publish_endpoint(self.run_dir, str(self.url), self.control_token)
         want = self.cfg.status
         if want == "on" or (want == "auto" and sys.stdout.isatty()):
             self._live = LiveStatus()
@@ -326,6 +336,7 @@ class Monitor:
         self.alerts.update("drop_rate", drop_rate if d_captured > 0 else None, mono, since)
         self.alerts.update("switch_rate", switch_rate if d_packets > 0 else None, mono, since)
         self.alerts.update("compression_ratio", compression, mono, since)
+        self.alerts.update("transport_refused", tx.get("transport_refused"), mono, since)
 
         transport = self._transport(tx)
         self.current = {
@@ -406,7 +417,12 @@ class Monitor:
         """The monitor's part of the run report (merged into the supervisor's)."""
         metrics = {name: st.all_metrics() for name, st in stages.items()}
         tx = self._egress(metrics)
-        duration = max(time.monotonic() - self.started_mono, 1e-9)
+        mono = time.monotonic()
+        # a refusal that ended the run may have come after the last sample
+        self.alerts.update(
+            "transport_refused", tx.get("transport_refused"), mono, mono - self.started_mono
+        )
+        duration = max(mono - self.started_mono, 1e-9)
         stage_out: dict[str, Any] = {}
         for name in stages:
             hist = self._proc_hist.get(name, {"cpu": [], "rss": []})

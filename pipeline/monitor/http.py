@@ -3,27 +3,53 @@
 A stdlib :class:`~http.server.ThreadingHTTPServer` in a daemon thread serves
 ``GET /metrics`` (Prometheus text, every family declared in :data:`METRICS`,
 names ``posewire_*``), ``GET /status`` (the last sample as JSON) and accepts
-``POST /control/<stage>/<command>`` with a JSON object of arguments from
-loopback clients only. The request is queued as a :class:`ControlRequest`; the
-supervisor's loop takes it, sends it to the stage on its own thread (ZeroMQ
-sockets are not thread-safe) and the HTTP answer carries the command id (the
-stage's reply is logged by the supervisor).
+``POST /control/<stage>/<command>`` with a JSON object of arguments. The
+request is queued as a :class:`ControlRequest`; the supervisor's loop takes it,
+sends it to the stage on its own thread (ZeroMQ sockets are not thread-safe)
+and the HTTP answer carries the command id (the stage's reply is logged by the
+supervisor).
+
+Control is for the user of this run only (a web page in their browser must not
+reach it, by CSRF or DNS rebinding): a control request is refused (403/415)
+unless it comes from a loopback peer, names a loopback ``Host``, carries no
+foreign ``Origin`` (only ``http://`` loopback origins pass), has
+``Content-Type: application/json`` and the run's secret in the
+:data:`TOKEN_HEADER` header: a random token the monitor writes, mode 0600, to
+``<run_dir>/control.token`` (:data:`CONTROL_TOKEN_FILE`; ``python -m pipeline
+ctl`` sends it). The body is parsed with :func:`pipeline.model.jsonsafe.loads`
+and the arguments are checked per command (:func:`check_args`: known names,
+finite numbers in range); anything else is a 400 naming it.
+
+Bounded: at most ``monitor.max_connections`` connections are served at once
+(more are answered 503 and closed at once, never given a thread), and a
+request must arrive whole within ``monitor.request_timeout_s`` (an idle or
+trickling connection is closed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import io
 import json
 import logging
+import math
+import os
+import secrets
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pipeline.errors import SupervisorError
+from pipeline.config import TransportKind
+from pipeline.errors import JsonInputError, SupervisorError
+from pipeline.model import jsonsafe
 from pipeline.model.net import is_loopback
 from pipeline.model.prometheus import Exposition
 from pipeline.monitor.alerts import AlertBook
@@ -126,20 +152,174 @@ class Endpoint(Protocol):
     def submit(self, req: ControlRequest) -> None: ...
 
 
+#: the header that carries the run's control secret
+TOKEN_HEADER = "X-Posewire-Control-Token"
+#: the file in the run directory that holds it (mode 0600)
+CONTROL_TOKEN_FILE = "control.token"
+#: the file in the run directory that holds the monitor's URL
+MONITOR_URL_FILE = "monitor.url"
+#: the largest control request body
+MAX_BODY = 65536
+
+#: ``set`` arguments the pipeline knows: name -> (min, max) of a finite number (or null)
+SET_ARGUMENTS: dict[str, tuple[float, float]] = {
+    "max_bandwidth_kbps": (0.0, 10_000_000.0),  # as transmit.max_bandwidth_kbps (0: no cap)
+}
+
+
+def new_control_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (0600, no symlink followed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
+def publish_endpoint(run_dir: Path, url: str, token: str) -> None:
+    """Write the control token (0600), then the URL, into the private run directory."""
+    with contextlib.suppress(OSError):
+        write_private(run_dir / CONTROL_TOKEN_FILE, f"{token}\n")
+        (run_dir / MONITOR_URL_FILE).write_text(f"{url}\n", encoding="utf-8")
+
+
+def _number(name: str, value: object, lo: float, hi: float, nullable: bool) -> str | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{name} must be a number{' or null' if nullable else ''}, got {value!r}"
+    if not math.isfinite(value) or not lo <= value <= hi:
+        return f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value!r}"
+    return None
+
+
+def check_args(cmd: str, args: Mapping[str, Any]) -> str | None:
+    """What is wrong with the arguments of command ``cmd`` (None: nothing).
+
+    ``set`` takes the names of :data:`SET_ARGUMENTS`; ``switch_transport`` one ``to``
+    naming a transport kind; ``stop``, ``pause``, ``resume`` and ``keyframe`` none.
+    """
+    if cmd == "set":
+        known: Mapping[str, object] = SET_ARGUMENTS
+    elif cmd == "switch_transport":
+        known = {"to": None}
+    else:
+        known = {}
+    unknown = sorted(k for k in args if k not in known)
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        return f"{cmd}: unknown argument(s) {', '.join(map(repr, unknown))} (allowed: {allowed})"
+    if cmd == "set":
+        if not args:
+            return f"set: no argument (allowed: {', '.join(sorted(SET_ARGUMENTS))})"
+        for name, value in args.items():
+            lo, hi = SET_ARGUMENTS[name]
+            problem = _number(name, value, lo, hi, nullable=True)
+            if problem is not None:
+                return f"set: {problem}"
+    if cmd == "switch_transport":
+        kinds = [k.value for k in TransportKind]
+        if args.get("to") not in kinds:
+            return f"switch_transport: 'to' must be one of {', '.join(kinds)}"
+    return None
+
+
 class HTTPServer(ThreadingHTTPServer):
+    """Threads bounded by ``max_connections``; a request must arrive within
+    ``request_timeout_s``."""
+
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: refusals are answered, not left in SYN limbo
     monitor: Endpoint
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_connections: int = 16,
+        request_timeout_s: float = 5.0,
+        control_token: str | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self.control_token = control_token
+        self.refused_connections = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._last_refusal_log = 0.0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):  # no thread for this one
+            self.refused_connections += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log >= 10.0:
+                self._last_refusal_log = now
+                log.warning(
+                    "monitor: %d connections already open (monitor.max_connections): "
+                    "refusing more (%d refused so far)",
+                    self.max_connections,
+                    self.refused_connections,
+                )
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.recv(MAX_BODY)  # what has arrived (unread bytes would turn FIN into RST)
+            with contextlib.suppress(OSError):
+                request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away or misbehaved: one line, no traceback
+        log.debug("monitor: connection from %s ended with an error", client_address)
+
+
+_BUSY_BODY = b'{"error": "too many monitor connections"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 class _Server6(HTTPServer):
     address_family = socket.AF_INET6
 
 
-def make_server(host: str, port: int, monitor: Endpoint) -> HTTPServer:
-    """Bind ``host:port`` (0: any free port); ``SupervisorError`` if it cannot."""
+def make_server(
+    host: str,
+    port: int,
+    monitor: Endpoint,
+    *,
+    max_connections: int = 16,
+    request_timeout_s: float = 5.0,
+    control_token: str | None = None,
+) -> HTTPServer:
+    """Bind ``host:port`` (0: any free port); ``SupervisorError`` if it cannot.
+
+    Control requests need ``control_token`` (None: control is refused)."""
     cls = _Server6 if ":" in host else HTTPServer
     try:
-        server = cls((host, port), _Handler)
+        server = cls(
+            (host, port),
+            _Handler,
+            max_connections=max_connections,
+            request_timeout_s=request_timeout_s,
+            control_token=control_token,
+        )
     except OSError as exc:
         raise SupervisorError(
             f"monitor: cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
@@ -149,12 +329,51 @@ def make_server(host: str, port: int, monitor: Endpoint) -> HTTPServer:
     return server
 
 
+def _hostname(url: str) -> str:
+    """The host of ``url`` (``//host:port`` for a Host header); "" when malformed."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail once the handler's deadline has passed (a request must
+    arrive whole in time: no slowloris)."""
+
+    def __init__(self, sock: socket.socket, handler: _Handler) -> None:
+        self.sock = sock
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        left = self.handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """``GET /metrics``, ``GET /status``, ``POST /control/<stage>/<command>``."""
 
     server: HTTPServer
     server_version = "posewire-monitor"
     protocol_version = "HTTP/1.1"
+    deadline = 0.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.deadline = time.monotonic() + self.server.request_timeout_s
+        self.rfile.close()  # (a makefile keeps the socket open until closed)
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self) -> None:
+        # each request (also the next on a kept-alive connection) gets the full time
+        self.deadline = time.monotonic() + self.server.request_timeout_s
+        super().handle_one_request()
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -171,11 +390,39 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(
                 HTTPStatus.OK,
                 b"posewire monitor: GET /metrics, GET /status, "
-                b"POST /control/<stage>/<command> (loopback)\n",
+                b"POST /control/<stage>/<command> (loopback, with the run's control token)\n",
                 "text/plain; charset=utf-8",
             )
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+
+    def _forbidden(self) -> tuple[HTTPStatus, str] | None:
+        """Why this control request may not come in (None: it may)."""
+        if not is_loopback(str(self.client_address[0])):
+            return HTTPStatus.FORBIDDEN, "control is accepted from loopback clients only"
+        host = self.headers.get("Host")
+        if not host or not is_loopback(_hostname(f"//{host}")):
+            return HTTPStatus.FORBIDDEN, f"control needs a loopback Host header, got {host!r}"
+        origin = self.headers.get("Origin")
+        if origin is not None and (
+            not origin.startswith("http://") or not is_loopback(_hostname(origin))
+        ):
+            return HTTPStatus.FORBIDDEN, f"control refuses cross-origin requests ({origin!r})"
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return (
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"control needs Content-Type: application/json, got {ctype or 'none'!r}",
+            )
+        expected = self.server.control_token
+        given = self.headers.get(TOKEN_HEADER) or ""
+        if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
+            return (
+                HTTPStatus.FORBIDDEN,
+                f"control needs the run's secret in {TOKEN_HEADER} (the run directory's "
+                f"{CONTROL_TOKEN_FILE}; python -m pipeline ctl sends it)",
+            )
+        return None
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -183,8 +430,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) != 3 or parts[0] != "control":
             self._error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
             return
-        if not is_loopback(str(self.client_address[0])):
-            self._error(HTTPStatus.FORBIDDEN, "control is accepted from loopback clients only")
+        refused = self._forbidden()
+        if refused is not None:
+            log.warning("monitor: control request refused: %s", refused[1])
+            self._error(*refused)
             return
         _, stage, cmd = parts
         mon = self.server.monitor
@@ -195,14 +444,18 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
             return
-        if length > 65536:
+        if length > MAX_BODY:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body larger than 64 KiB")
             return
-        raw = self.rfile.read(length) if length else b""
         try:
-            args = json.loads(raw) if raw.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._error(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}")
+            raw = self.rfile.read(length) if length else b""
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        try:
+            args = jsonsafe.loads(raw) if raw.strip() else {}
+        except JsonInputError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, f"body is not acceptable JSON: {exc}")
             return
         if not isinstance(args, dict):
             self._error(HTTPStatus.BAD_REQUEST, "body must be a JSON object of arguments")
@@ -216,6 +469,10 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.BAD_REQUEST,
                 f"unknown command {cmd!r} (commands: {', '.join(sorted(control.COMMANDS))})",
             )
+            return
+        problem = check_args(cmd, args)
+        if problem is not None:
+            self._error(HTTPStatus.BAD_REQUEST, problem)
             return
         req = ControlRequest(stage, cmd, args)
         mon.submit(req)
@@ -231,6 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, "application/json")
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str) -> None:
+        self.connection.settimeout(self.server.request_timeout_s)  # a reader that stalls
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))

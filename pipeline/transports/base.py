@@ -17,6 +17,11 @@ Error vocabulary (the rings' one, from :mod:`pipeline.errors`):
   :class:`~pipeline.errors.TokenError` instead.
 * :class:`~pipeline.errors.TransportError` (their base): could not connect (yet).
 
+:func:`refusal_of` reads a refusal (a token refusal or a broken resource) as a
+:class:`Refusal`: its short reason and whether retrying can ever succeed (a
+closed or missing room may be (re)opened; a kick, a refused token or a protocol
+violation cannot be undone by retrying).
+
 A transport never blocks the caller on a reconnect: while it is
 disconnected, :meth:`Transport.send` drops the packet and counts it in
 ``send_failures``.
@@ -30,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.errors import ClosedResourceError, TokenError
+from pipeline.errors import BrokenResourceError, ClosedResourceError, TokenError
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,8 @@ class TransportStatistics:
     packets_received: int = 0
     bytes_received: int = 0
     controls_received: int = 0
+    bad_messages: int = 0
+    """Messages from the far side refused and ignored (not JSON, too deep, out of range)."""
     dropped_received: int = 0
     """Received items dropped because the consumer did not keep up (oldest first)."""
     acks: int = 0
@@ -166,3 +173,29 @@ class TransportContext:
     subscribe: bool = False
     resolve_path: Callable[[Path], Path] = Path
     """Makes a configured path absolute (relative to the configuration file)."""
+
+
+#: Refusals after which retrying (with backoff) can succeed: a moderator may reopen a
+#: closed room, a missing room may be created.
+RETRY_LATER_REASONS: frozenset[str] = frozenset({"room_closed", "room_not_found"})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The far side refused this member: why, and whether a retry can ever succeed."""
+
+    reason: str
+    """Short machine-readable reason (a close code's reason, e.g. ``kicked``)."""
+    message: str
+    final: bool
+    """True when no retry can succeed (kicked, token refused, protocol violation)."""
+    error: TokenError | BrokenResourceError
+
+
+def refusal_of(exc: TokenError | BrokenResourceError) -> Refusal:
+    """Classify a refusal: a token refusal is final; a broken resource is final unless its
+    reason is in :data:`RETRY_LATER_REASONS`."""
+    if isinstance(exc, TokenError):
+        return Refusal(f"token_{exc.reason}", str(exc), True, exc)
+    reason = exc.reason or (str(exc.code) if exc.code is not None else "unknown")
+    return Refusal(reason, str(exc), reason not in RETRY_LATER_REASONS, exc)

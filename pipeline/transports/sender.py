@@ -13,6 +13,17 @@ waits a whole keyframe interval.
 :class:`Throttle` caps the send rate with a token bucket: a packet waits until
 the bucket has room, so a low cap backs packets up into the ring (latency
 grows, the ring drops the oldest).
+
+A refusal by the far side (a token refused, a kick, a closed room, a stream id
+owned by another publisher: :func:`~pipeline.transports.base.refusal_of`) is a
+visible state, never a silent one: :attr:`Sender.refused` holds it, the
+metrics say ``transport_refused`` 1 (and ``transport_refused_<reason>`` 1,
+``transport_connected`` 0), every packet offered meanwhile is dropped and
+counted in ``packets_dropped_total``, and it is logged once. A refusal that a
+retry can fix (the room was closed or does not exist yet) is retried in the
+background with capped backoff (:data:`REFUSED_BACKOFF_MAX_S`) and cleared
+when the server accepts us again; a final one (kicked, token refused, protocol
+violation) makes :meth:`Sender.send` raise it, and the caller stops.
 """
 
 from __future__ import annotations
@@ -20,17 +31,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.codec import feedback
 from pipeline.config import TransmitConfig, TransportKind
-from pipeline.errors import ClosedResourceError, CommandError, TokenError, TransportError
+from pipeline.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    CommandError,
+    TokenError,
+    TransportError,
+)
 from pipeline.transports import TRANSPORTS, make_transport
-from pipeline.transports.base import Control, StateChange, Transport, TransportContext
+from pipeline.transports.base import (
+    Control,
+    Refusal,
+    StateChange,
+    Transport,
+    TransportContext,
+    refusal_of,
+)
 
 CONNECT_BACKOFF_MAX_S = 2.0
+#: cap of the backoff between retries after a refusal that a retry may fix
+REFUSED_BACKOFF_MAX_S = 5.0
+#: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
+MAX_BANDWIDTH_KBPS = 10_000_000.0
 
 
 class Throttle:
@@ -75,14 +104,21 @@ class Throttle:
             self._tokens -= nbytes
 
     def on_set(self, args: dict[str, Any]) -> dict[str, Any] | None:
-        """``set`` handler: applies ``max_bandwidth_kbps``, ignores other keys."""
+        """``set`` handler: applies ``max_bandwidth_kbps`` (other keys are the business of
+        ``set``'s generic parameters; the monitor refuses names nobody knows); refuses a
+        value that is not a finite number in [0, :data:`MAX_BANDWIDTH_KBPS`] or null."""
         if "max_bandwidth_kbps" not in args:
             return None
         value = args["max_bandwidth_kbps"]
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_BANDWIDTH_KBPS  # NaN and inf fail this too
         ):
-            raise CommandError(f"max_bandwidth_kbps must be a number >= 0 or null, got {value!r}")
+            raise CommandError(
+                f"max_bandwidth_kbps must be a number in [0, {MAX_BANDWIDTH_KBPS:g}] or null, "
+                f"got {value!r}"
+            )
         self.set_rate(float(value) if value else None)
         return {"max_bandwidth_kbps": self.kbps}
 
@@ -99,6 +135,11 @@ def parse_kind(value: object) -> TransportKind:
         names = ", ".join(k.value for k in known)
         raise CommandError(f"switch_transport: 'to' must be one of {names}")
     return kind
+
+
+def metric_name(reason: str) -> str:
+    """``reason`` as a metric-name suffix: lower-case letters, digits and ``_``, short."""
+    return re.sub(r"[^a-z0-9_]+", "_", reason.lower()).strip("_")[:40] or "unknown"
 
 
 class Sender:
@@ -134,50 +175,129 @@ class Sender:
         self.failed = 0
         self.bytes_sent = 0
         self.throttled_ms = 0.0
+        self.dropped_refused = 0
+        """Packets dropped because the far side refused us (counted once each)."""
+        self.refusals = 0
+        self.refused: Refusal | None = None
+        """The refusal in force (None while accepted)."""
+        self._recovery: asyncio.Task[None] | None = None
+
+    def _note_refusal(self, exc: TokenError | BrokenResourceError) -> Refusal:
+        """Enter (or stay in) the refused state; logged once per refusal."""
+        ref = refusal_of(exc)
+        if self.refused is None or self.refused.reason != ref.reason:
+            self.refusals += 1
+            if ref.final:
+                self.log.error("transport %s refused for good: %s", self.kind.value, ref.message)
+            else:
+                self.log.warning(
+                    "transport %s refused (%s): %s; retrying with backoff (at most %g s); "
+                    "packets are dropped meanwhile",
+                    self.kind.value,
+                    ref.reason,
+                    ref.message,
+                    REFUSED_BACKOFF_MAX_S,
+                )
+        self.refused = ref
+        return ref
 
     async def connect(self, kind: TransportKind) -> Transport | None:
         """Connect ``kind``, retrying with capped backoff; ``None`` if stopping first.
 
-        A refused token raises :class:`TokenError` (no retry).
+        A final refusal (token refused, kicked...) raises it (no retry); a refusal a
+        retry may fix is retried with a longer backoff and shown in :attr:`refused`.
         """
         delay = 0.05
+        cap = CONNECT_BACKOFF_MAX_S
         warned = False
         while not self.stopping():
             transport = make_transport(kind.value, self.cfg, self.context)
             try:
                 await transport.connect()
-                self.log.info("transport %s connected", kind.value)
+                if self.refused is not None:
+                    self.log.info(
+                        "transport %s accepted again (was refused: %s)",
+                        kind.value,
+                        self.refused.reason,
+                    )
+                    self.refused = None
+                else:
+                    self.log.info("transport %s connected", kind.value)
                 return transport
-            except TokenError:
-                raise
+            except (TokenError, BrokenResourceError) as exc:
+                with contextlib.suppress(TransportError, TokenError):
+                    await transport.close()
+                if self._note_refusal(exc).final:
+                    raise
+                cap = REFUSED_BACKOFF_MAX_S
             except TransportError as exc:
                 if not warned:
                     self.log.warning("cannot connect %s yet (%s): retrying", kind.value, exc)
                     warned = True
-                with contextlib.suppress(TransportError):
+                with contextlib.suppress(TransportError, TokenError):
                     await transport.close()
             end = time.monotonic() + delay
             while time.monotonic() < end and not self.stopping():
                 self.tick()
                 await asyncio.sleep(0.05)
-            delay = min(delay * 2, CONNECT_BACKOFF_MAX_S)
+            delay = min(delay * 2, cap)
         return None
 
     async def activate(self, kind: TransportKind) -> bool:
         """Make-before-break: connect ``kind``, then retire the old transport."""
+        self._cancel_recovery()
         new = await self.connect(kind)
         if new is None:
             return False
         old, old_pump = self.transport, self.pump
-        self.transport, self.kind = new, kind
-        self.pump = asyncio.get_running_loop().create_task(self._pump(new))
+        switched = old is not None and kind != self.kind
+        self._install(new, kind)
         if old is not None:
-            self.switches += 1
-            self.log.info("switched transport %s -> %s", old.kind, kind.value)
+            if switched:
+                self.switches += 1
+                self.log.info("switched transport %s -> %s", old.kind, kind.value)
             await self._retire(old, old_pump)
+        return True
+
+    def _install(self, new: Transport, kind: TransportKind) -> None:
+        self.transport, self.kind = new, kind
+        self.refused = None
+        self.pump = asyncio.get_running_loop().create_task(self._pump(new))
         # the far side may not have our reference frames: start from a keyframe
         self.on_feedback(feedback.pack_keyframe_request())
-        return True
+
+    def _refused_by(self, transport: Transport, exc: TokenError | BrokenResourceError) -> None:
+        """The active transport was refused: show it; retry in the background if that
+        can help (a final refusal is raised by the next :meth:`send`)."""
+        if transport is not self.transport:
+            return
+        if self._note_refusal(exc).final or self._recovery is not None:
+            return
+        self._recovery = asyncio.get_running_loop().create_task(self._recover(self.kind))
+
+    async def _recover(self, kind: TransportKind) -> None:
+        """Reconnect after a refusal a retry may fix; a final refusal is kept in
+        :attr:`refused` for :meth:`send` to raise."""
+        try:
+            new = await self.connect(kind)
+        except (TokenError, BrokenResourceError):
+            return  # recorded by connect as a final refusal
+        except TransportError as exc:  # no such transport any more: keep refusing visibly
+            self.log.error("transport %s cannot be made: %s", kind.value, exc)
+            return
+        finally:
+            self._recovery = None
+        if new is None:
+            return
+        old, old_pump = self.transport, self.pump
+        self._install(new, kind)
+        if old is not None:
+            await self._retire(old, old_pump)
+
+    def _cancel_recovery(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
 
     async def _pump(self, transport: Transport) -> None:
         """What the far side says: acks and keyframe requests go to the encoder."""
@@ -186,7 +306,10 @@ class Sender:
                 item = await transport.recv()
             except (ClosedResourceError, asyncio.CancelledError):
                 return
-            except (TransportError, TokenError) as exc:  # the far side ended it
+            except (BrokenResourceError, TokenError) as exc:  # the far side refused us
+                self._refused_by(transport, exc)
+                return
+            except TransportError as exc:  # the far side ended it
                 self.log.warning("transport %s broke: %s", transport.kind, exc)
                 return
             if isinstance(item, Control):
@@ -198,11 +321,21 @@ class Sender:
             elif isinstance(item, StateChange) and item.connected:
                 self.on_feedback(feedback.pack_keyframe_request())
 
+    def check(self) -> None:
+        """Raise the final refusal in force, if any (the caller stops)."""
+        if self.refused is not None and self.refused.final:
+            raise self.refused.error
+
     async def send(self, packet: bytes) -> bool:
         """Wait for the throttle, then send on the active transport; False if it failed.
 
-        A refused token raises :class:`TokenError`.
+        While refused the packet is dropped and counted (False); a final refusal is
+        raised (:class:`TokenError` or :class:`BrokenResourceError`).
         """
+        if self.refused is not None:
+            self.check()
+            self.dropped_refused += 1
+            return False
         t_wait = time.monotonic()
         while (wait := self.throttle.delay()) > 0 and not self.stopping():
             self.tick()  # stay alive, and a set command may lift the cap
@@ -210,8 +343,18 @@ class Sender:
         self.throttled_ms += (time.monotonic() - t_wait) * 1000
         self.throttle.consume(len(packet))
         assert self.transport is not None
+        transport = self.transport
+        if not transport.connected:  # reconnecting: the transport would drop it silently
+            self.failed += 1
+            return False
         try:
-            await self.transport.send(packet)
+            await transport.send(packet)
+        except (TokenError, BrokenResourceError) as exc:
+            self.dropped_refused += 1
+            self._refused_by(transport, exc)
+            if self.refused is not None and self.refused.final:
+                raise
+            return False
         except TransportError as exc:
             self.failed += 1
             if self.failed == 1 or self.failed % 100 == 0:
@@ -226,14 +369,19 @@ class Sender:
         out: dict[str, float] = {
             "packets_sent_total": self.sent,
             "bytes_sent_total": self.bytes_sent,
-            "packets_dropped_total": self.failed,
+            "packets_dropped_total": self.failed + self.dropped_refused,
+            "packets_refused_total": self.dropped_refused,
+            "transport_refusals_total": self.refusals,
+            "transport_refused": 0.0 if self.refused is None else 1.0,
             "acks_total": self.acks,
             "bandwidth_limit_kbps": self.throttle.kbps or 0.0,
             "throttled_ms_total": self.throttled_ms,
             "transport_switches_total": self.switches,
         }
+        if self.refused is not None:
+            out[f"transport_refused_{metric_name(self.refused.reason)}"] = 1.0
         if self.transport is not None:
-            out["transport_connected"] = float(self.transport.connected)
+            out["transport_connected"] = float(self.refused is None and self.transport.connected)
             rtt = self.transport.statistics().ack_rtt_ms
             if rtt is not None:
                 out["ack_rtt_ms"] = rtt
@@ -242,6 +390,7 @@ class Sender:
         return out
 
     async def close(self) -> None:
+        self._cancel_recovery()
         if self.transport is not None:
             await self._retire(self.transport, self.pump)
             self.transport = None

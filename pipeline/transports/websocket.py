@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import random
 import statistics as pystats
@@ -43,7 +42,14 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from pipeline.config import TransmitConfig
-from pipeline.errors import BrokenResourceError, ClosedResourceError, TokenError, TransportError
+from pipeline.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    JsonInputError,
+    TokenError,
+    TransportError,
+)
+from pipeline.model import jsonsafe
 from pipeline.transports import TRANSPORTS
 from pipeline.transports.base import (
     Control,
@@ -64,6 +70,10 @@ _WINDOW = 128
 
 #: What ends a transport for good: a token refusal or a final close.
 Fatal = TokenError | BrokenResourceError
+
+_W = aiohttp.WSMsgType
+#: message types that end a connection
+_ENDED = frozenset({_W.CLOSE, _W.CLOSING, _W.CLOSED, _W.ERROR})
 
 
 def ws_url(url: str) -> str:
@@ -391,19 +401,14 @@ class WebSocketTransport(Transport):
                 while True:
                     msg = await ws.receive()
                     if msg.type == aiohttp.WSMsgType.TEXT:
-                        obj = json.loads(msg.data)
+                        obj = self._parse(msg.data) or {}
                         if obj.get("type") == "welcome":
                             self._on_welcome(obj)
                             return ws
                         if obj.get("type") == "error":
                             self._last_error = obj
                         continue
-                    if msg.type in (
-                        aiohttp.WSMsgType.CLOSE,
-                        aiohttp.WSMsgType.CLOSING,
-                        aiohttp.WSMsgType.CLOSED,
-                        aiohttp.WSMsgType.ERROR,
-                    ):
+                    if msg.type in _ENDED:
                         code = ws.close_code
                         err = self._refusal(code, f"closed with code {code}")
                         if err is not None:
@@ -487,37 +492,35 @@ class WebSocketTransport(Transport):
                 stats.bytes_received += len(msg.data)
                 self._put(Packet(msg.data, t))
             elif kind == aiohttp.WSMsgType.TEXT:
-                try:
-                    obj = json.loads(msg.data)
-                except ValueError:
-                    log.warning("server sent invalid JSON; ignored")
-                    continue
-                if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+                obj = self._parse(msg.data)
+                if obj is not None:
                     self._on_control(obj, t)
-            elif kind in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            ):
+            elif kind in _ENDED:
                 return ws.close_code
+
+    def _parse(self, text: str) -> dict[str, Any] | None:
+        """A server message: a JSON object with a string ``type`` (bounded by
+        :func:`pipeline.model.jsonsafe.loads`); anything else is counted and ignored."""
+        try:
+            obj = jsonsafe.loads(text)
+        except JsonInputError as exc:
+            obj = exc
+        if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+            return obj
+        self._stats.bad_messages += 1
+        if self._stats.bad_messages == 1:  # once: a hostile peer must not flood the log
+            log.warning("server sent a message that is not a typed JSON object (%s); ignored", obj)
+        return None
 
     def _on_control(self, obj: dict[str, Any], t: int) -> None:
         kind = obj["type"]
         self._stats.controls_received += 1
         if kind == "pong":
-            fut = (
-                self._pings.pop(obj.get("id", -1), None) if isinstance(obj.get("id"), int) else None
-            )
+            pid = obj.get("id")
+            fut = self._pings.pop(pid, None) if isinstance(pid, int) else None
             t0, t1, t2 = obj.get("t0"), obj.get("t1"), obj.get("t2")
-            if (
-                fut is not None
-                and not fut.done()
-                and isinstance(t0, int)
-                and isinstance(t1, int)
-                and isinstance(t2, int)
-            ):
-                fut.set_result((t0, t1, t2, t))
+            if fut is not None and not fut.done() and all(type(v) is int for v in (t0, t1, t2)):
+                fut.set_result((int(t0 or 0), int(t1 or 0), int(t2 or 0), t))
             return
         if kind == "ack":
             self._stats.acks += 1
