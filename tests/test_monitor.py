@@ -36,9 +36,10 @@ def _get(url: str) -> str:
     return body.decode()
 
 
-def _post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+def _post(url: str, body: Any, token: str = "") -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST")
+    headers = {"Content-Type": "application/json", "X-Posewire-Control-Token": token}
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
@@ -140,6 +141,7 @@ def test_forced_alert_is_raised_and_cleared_in_metrics_and_report(tmp_path: Path
         assert wait_for(url_file.exists, 30), "monitor did not start"
         base = url_file.read_text().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", base), base
+        secret = (url_file.parent / "control.token").read_text().strip()
         metrics = f"{base}/metrics"
         assert wait_for(
             lambda: (_sample(_get(metrics), "posewire_packets_sent_total") or 0) > 20, 30
@@ -148,12 +150,12 @@ def test_forced_alert_is_raised_and_cleared_in_metrics_and_report(tmp_path: Path
         assert _sample(first, "posewire_alert_active", alert="drop_rate") == 0
 
         # bad control requests are refused with a reason
-        assert _post(f"{base}/control/nosuch/set", {})[0] == 404
-        assert _post(f"{base}/control/transmit/explode", {})[0] == 400
-        assert _post(f"{base}/control/transmit/set", b"[1, 2]")[0] == 400
-        assert _post(f"{base}/control/transmit/set", b"{not json")[0] == 400
+        assert _post(f"{base}/control/nosuch/set", {}, secret)[0] == 404
+        assert _post(f"{base}/control/transmit/explode", {}, secret)[0] == 400
+        assert _post(f"{base}/control/transmit/set", b"[1, 2]", secret)[0] == 400
+        assert _post(f"{base}/control/transmit/set", b"{not json", secret)[0] == 400
 
-        status, body = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": 0.5})
+        status, body = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": 0.5}, secret)
         assert status == 202 and body["id"] > 0, body
         raised: list[str] = []
 
@@ -174,7 +176,7 @@ def test_forced_alert_is_raised_and_cleared_in_metrics_and_report(tmp_path: Path
         )
         assert limit == 0.5
 
-        status, _ = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": 0})
+        status, _ = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": 0}, secret)
         assert status == 202
         assert wait_for(lambda: alert_is(0), 30, 0.2), "drop_rate alert never cleared"
         after = raised[-1]

@@ -25,9 +25,9 @@ every publisher reports its own offset to the server (``clock_offset_ns`` in
 its member record); the latency is ``(decode time + our offset) - (capture
 time + publisher offset)``, both sides on the server's clock.
 
-What other members say is not trusted: a member record whose
-``clock_offset_ns`` is not an integer within :data:`MAX_CLOCK_OFFSET_NS` (a
-publisher may send anything, e.g. 10**400) is counted in
+What other members say is not trusted: a member record the shared validator
+(:func:`pipeline.wire.messages.member_record`) refuses, e.g. a
+``clock_offset_ns`` beyond a day (a publisher may send anything, 10**400) is counted in
 ``bad_member_records`` and its frames are reported uncorrected
 (``clock_corrected`` false), never used in arithmetic; messages that are not
 bounded JSON are dropped by the transport (``bad_messages``).
@@ -50,14 +50,12 @@ from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import percentiles
 from pipeline.transports.base import Control, Packet, StateChange
 from pipeline.transports.websocket import WebSocketTransport
+from pipeline.wire import messages
 from pipeline.wire.messages import Backfill
 
 log = logging.getLogger("posewire.receiver")
 
 KEYFRAME_REQUEST_INTERVAL_S = 0.1
-#: the largest clock offset a member record may claim (one day in ns); NOTE: a local check
-#: until the shared validators of pipeline.wire.messages (issue 11, SEC-2) land: use those then
-MAX_CLOCK_OFFSET_NS = 86_400 * 10**9
 #: latency samples kept per stream for the report (8 bytes each: 8 MB at the cap, ~9 h at 30 fps)
 MAX_LATENCY_SAMPLES = 1_000_000
 
@@ -74,15 +72,17 @@ def _warm() -> None:
 def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
     """A member record's ``clock_offset_ns``: (value or None, whether the record is bad).
 
-    Missing or null is not bad (the publisher did not measure yet); anything but an
-    integer within :data:`MAX_CLOCK_OFFSET_NS` is.
+    The record is checked with the shared validator (:func:`pipeline.wire.messages.
+    member_record`, the one the server applies): a record it refuses (an offset
+    beyond a day, a field of the wrong type) is bad, and its offset is not used.
+    Missing or null is not bad (the publisher did not measure yet).
     """
-    value = record.get("clock_offset_ns")
-    if value is None:
-        return None, False
-    if type(value) is not int or not -MAX_CLOCK_OFFSET_NS <= value <= MAX_CLOCK_OFFSET_NS:
+    try:
+        messages.member_record(record)
+    except RefusedError:
         return None, True
-    return value, False
+    value = record.get("clock_offset_ns")
+    return (value if isinstance(value, int) else None), False
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
