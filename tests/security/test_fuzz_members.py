@@ -31,6 +31,8 @@ get its ``pong`` or a close frame. An example fails when the server
 
 * dies, or logs a ``Traceback`` (the log excerpt is in the message);
 * drops a connection without a close frame, or does not answer within 5 s;
+* still counts a connection in ``posewire_server_connections`` 5 s after every
+  client of the example has gone (a handler that never ends);
 * closes with 1011 (internal error) or a code outside 1000-1014 and 4000-4999;
 * closes with a 4xxx code without the ``error`` message announcing it, or sends
   a text message that is not a JSON object with a string ``type``.
@@ -539,6 +541,26 @@ async def run_script(port: int, script: Script) -> list[str]:
 # --------------------------------------------------------------------------- the test
 
 
+def _settle(srv: LiveServer) -> str | None:
+    """Wait until the server has finished every connection of the example.
+
+    Its handler decrements ``posewire_server_connections`` in the same step that
+    ends it (and in which aiohttp would log its traceback), so once the gauge is
+    0 the log holds everything this example caused.
+    """
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while True:
+        try:
+            n = srv.metrics(timeout=ANSWER_TIMEOUT_S).get("posewire_server_connections", 0.0)
+        except (OSError, AssertionError) as exc:
+            return f"/metrics failed: {exc!r}"
+        if n == 0:
+            return None
+        if time.monotonic() > deadline:
+            return f"{n:g} connections still open {ANSWER_TIMEOUT_S}s after every client left"
+        time.sleep(0.005)
+
+
 def _log_excerpt(srv: LiveServer, start: int) -> str:
     tbs = srv.tracebacks(start)
     return "\n----\n".join(tbs[:3])[-6000:]
@@ -608,7 +630,10 @@ def test_fuzz_member_protocol_against_a_live_server(
         problems = asyncio.run(run_script(srv.port, script))
         if not srv.alive():
             problems.append(f"the server died (exit {srv.proc.returncode})")
-        time.sleep(0.005)  # let the server finish logging what this example caused
+        else:
+            problem = _settle(srv)
+            if problem is not None:
+                problems.append(problem)
         tracebacks = _log_excerpt(srv, log_start)
         if tracebacks:
             problems.append(f"traceback in the server log:\n{tracebacks}")
