@@ -35,9 +35,14 @@ get its ``pong`` or a close frame. An example fails when the server
   client of the example has gone (a handler that never ends);
 * closes with 1011 (internal error) or a code outside 1000-1014 and 4000-4999;
 * closes with a 4xxx code without the ``error`` message announcing it, or sends
-  a text message that is not a JSON object with a string ``type``.
+  a text message that is not a JSON object with a string ``type``, or that the
+  clients' parser (:func:`pipeline.model.jsonsafe.loads`: bounded depth, finite
+  numbers, 64-bit integers) must refuse: what one member sends must never reach
+  another in a form that crashes or is refused by the other's client.
 
-Hypothesis then shrinks the script to a small repro. Bounded: ``max_examples``
+Hypothesis then shrinks the script to a small repro.
+``POSEWIRE_FUZZ_COLLECT=1`` keeps going instead and fails at the end with one
+example of every kind of problem seen (to survey a server, not for CI). Bounded: ``max_examples``
 (``$POSEWIRE_FUZZ_EXAMPLES``, default 250), at most ``GENERATE_BUDGET_S`` of
 generating (later examples return at once) and ``SHRINK_BUDGET_S`` of
 shrinking; every connection and every wait has a timeout. Afterwards the same
@@ -53,6 +58,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import struct
 import time
 from collections.abc import Callable
@@ -64,11 +70,15 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from pipeline.codec import peek_header
+from pipeline.errors import JsonInputError
+from pipeline.model import jsonsafe
 from pipeline.transports.base import Packet
 from pipeline.transports.websocket import WebSocketTransport
 from tests.security.conftest import LiveServer
 from tests.test_server_support import PoseSource, RawWS, token
 
+COLLECT = os.environ.get("POSEWIRE_FUZZ_COLLECT", "") not in ("", "0")
+"""Keep going after a failure; at the end, fail with one example of every kind of problem."""
 MAX_EXAMPLES = int(os.environ.get("POSEWIRE_FUZZ_EXAMPLES", "250"))
 GENERATE_BUDGET_S = float(os.environ.get("POSEWIRE_FUZZ_BUDGET_S", "45"))
 SHRINK_BUDGET_S = 60.0
@@ -196,7 +206,7 @@ def _nest(depth: int, kind: str) -> Raw:
 
 
 deep = st.builds(_nest, st.integers(20, 5000), st.sampled_from(["list", "dict"]))
-huge_str = st.integers(1_000, 70_000).map(lambda n: "x" * n)
+huge_str = st.integers(1_000, 70_000).map(lambda n: Raw('"' + "x" * n + '"'))
 odd_values = st.one_of(json_values, deep, huge_str, big_ints)
 refs = st.builds(Ref, st.integers(0, 2), st.booleans())
 ids = st.one_of(refs, st.text(max_size=40), odd_values)
@@ -397,9 +407,9 @@ class Conn:
 
     def _on_text(self, payload: bytes) -> None:
         try:
-            obj = json.loads(payload)
-        except ValueError:
-            self.bad_texts.append(payload[:200].decode("utf-8", "replace"))
+            obj = jsonsafe.loads(payload)
+        except JsonInputError as exc:
+            self.bad_texts.append(f"{exc}: {payload[:200].decode('utf-8', 'replace')}")
             return
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             self.bad_texts.append(payload[:200].decode("utf-8", "replace"))
@@ -476,7 +486,7 @@ class Conn:
 
     def _check(self) -> str | None:
         if self.bad_texts:
-            return f"server sent text that is not a JSON object with a type: {self.bad_texts[0]!r}"
+            return f"server sent a text message its clients must refuse: {self.bad_texts[0]!r}"
         if self.eof_without_close:
             return "the server dropped the connection without a close frame"
         code = self.close_code
@@ -541,6 +551,14 @@ async def run_script(port: int, script: Script) -> list[str]:
 # --------------------------------------------------------------------------- the test
 
 
+def _kind(problem: str) -> str:
+    """A problem's kind: its first line without connection numbers and quoted values."""
+    first = problem.split("\n", 1)[0]
+    first = re.sub(r"^conn \d+: ", "", first)
+    first = re.sub(r"'.*", "", first)
+    return re.sub(r"\d+", "N", first)[:100]
+
+
 def _settle(srv: LiveServer) -> str | None:
     """Wait until the server has finished every connection of the example.
 
@@ -559,11 +577,6 @@ def _settle(srv: LiveServer) -> str | None:
         if time.monotonic() > deadline:
             return f"{n:g} connections still open {ANSWER_TIMEOUT_S}s after every client left"
         time.sleep(0.005)
-
-
-def _log_excerpt(srv: LiveServer, start: int) -> str:
-    tbs = srv.tracebacks(start)
-    return "\n----\n".join(tbs[:3])[-6000:]
 
 
 async def _legitimate_pair(srv: LiveServer) -> tuple[int, int, int]:
@@ -606,6 +619,8 @@ def test_fuzz_member_protocol_against_a_live_server(
     started = time.monotonic()
     stats = {"run": 0, "skipped": 0, "failed": 0}
     first_failure: list[float] = []
+    collected: dict[str, str] = {}
+    counts: dict[str, int] = {}
 
     def out_of_budget() -> bool:
         now = time.monotonic()
@@ -634,9 +649,18 @@ def test_fuzz_member_protocol_against_a_live_server(
             problem = _settle(srv)
             if problem is not None:
                 problems.append(problem)
-        tracebacks = _log_excerpt(srv, log_start)
+        tracebacks = srv.tracebacks(log_start)
         if tracebacks:
-            problems.append(f"traceback in the server log:\n{tracebacks}")
+            exc_line = tracebacks[0].splitlines()[-1].strip()[:120]
+            excerpt = "\n----\n".join(tracebacks[:3])[-6000:]
+            problems.append(f"traceback in the server log ({exc_line}):\n{excerpt}")
+        if problems and COLLECT:
+            for problem in problems:
+                key = _kind(problem)
+                if key not in collected:
+                    collected[key] = f"{problem[:3000]}\nscript: {script!r}"[:6000]
+                counts[key] = counts.get(key, 0) + 1
+            return
         if problems:
             stats["failed"] += 1
             if not first_failure:
@@ -648,6 +672,9 @@ def test_fuzz_member_protocol_against_a_live_server(
         fuzz()
     finally:
         print(f"fuzz: {stats} in {time.monotonic() - started:.1f}s")
+    if collected:
+        summary = [f"[{counts[k]}x] {k}\n{v}" for k, v in collected.items()]
+        raise AssertionError(f"{len(collected)} kinds of problem:\n\n" + "\n\n".join(summary))
     # the server survived: alive, healthy, and a legitimate pair still works
     assert srv.alive(), f"server exited {srv.proc.returncode}"
     status, body = srv.get("/healthz")
