@@ -43,7 +43,7 @@ get its ``pong`` or a close frame. An example fails when the server
 Hypothesis then shrinks the script to a small repro.
 ``POSEWIRE_FUZZ_COLLECT=1`` keeps going instead and fails at the end with one
 example of every kind of problem seen (to survey a server, not for CI). Bounded: ``max_examples``
-(``$POSEWIRE_FUZZ_EXAMPLES``, default 250), at most ``GENERATE_BUDGET_S`` of
+(``$POSEWIRE_FUZZ_EXAMPLES``, default 1000), at most ``GENERATE_BUDGET_S`` of
 generating (later examples return at once) and ``SHRINK_BUDGET_S`` of
 shrinking; every connection and every wait has a timeout. Afterwards the same
 server must answer ``/healthz`` and ``/metrics``, and a real publisher and
@@ -79,7 +79,7 @@ from tests.test_server_support import PoseSource, RawWS, token
 
 COLLECT = os.environ.get("POSEWIRE_FUZZ_COLLECT", "") not in ("", "0")
 """Keep going after a failure; at the end, fail with one example of every kind of problem."""
-MAX_EXAMPLES = int(os.environ.get("POSEWIRE_FUZZ_EXAMPLES", "250"))
+MAX_EXAMPLES = int(os.environ.get("POSEWIRE_FUZZ_EXAMPLES", "1000"))
 GENERATE_BUDGET_S = float(os.environ.get("POSEWIRE_FUZZ_BUDGET_S", "45"))
 SHRINK_BUDGET_S = 60.0
 ANSWER_TIMEOUT_S = 5.0
@@ -183,7 +183,9 @@ class Script:
 
 # --------------------------------------------------------------------------- strategies
 
-big_ints = st.sampled_from([10**400, -(10**400), 2**63, 2**64, -(2**63) - 1, 10**19])
+big_ints = st.sampled_from([10**400, -(10**400), 2**63, 2**64, -(2**63) - 1, 10**19]).map(
+    lambda n: Raw(str(n))
+)
 json_scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -217,9 +219,9 @@ TOKEN_KINDS = (
 )  # fmt: skip
 tokens = st.builds(
     Tok,
-    st.sampled_from(TOKEN_KINDS),
+    st.sampled_from(TOKEN_KINDS[:3] * 3 + TOKEN_KINDS),  # valid tokens more often
     st.integers(0, 2),
-    st.sampled_from(ROOMS),
+    st.sampled_from(ROOMS[:1] * 3 + ROOMS),  # mostly the same room
 )
 room_names = st.one_of(
     st.sampled_from(ROOMS),
@@ -229,8 +231,9 @@ room_names = st.one_of(
 
 
 def _maybe(key: str, good: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Any]]:
-    """``(key, value)``: mostly a good value, sometimes an odd one, or a missing field."""
-    return st.tuples(st.just(key), st.one_of(good, good, good, odd_values))
+    """``(key, value)``: mostly a good value (7 in 8), else an odd one."""
+    value = st.integers(0, 7).flatmap(lambda k: odd_values if k == 0 else good)
+    return st.tuples(st.just(key), value)
 
 
 @st.composite
@@ -250,6 +253,17 @@ def joins(draw: st.DrawFn) -> Text:
     if draw(st.integers(0, 5)) == 0:
         fields.append((draw(st.text(max_size=8)), draw(odd_values)))
     return Text(tuple(fields))
+
+
+valid_joins = st.builds(
+    lambda kind, subject, publish: Text(
+        (("type", "join"), ("token", Tok(kind, subject)), ("room", ROOMS[0]),
+         ("publish", publish and kind != "subscriber"))
+    ),
+    st.sampled_from(TOKEN_KINDS[:3]),
+    st.integers(0, 2),
+    st.booleans(),
+)  # fmt: skip
 
 
 def _control(kind: str, specs: list[tuple[str, st.SearchStrategy[Any]]]) -> st.SearchStrategy[Text]:
@@ -308,7 +322,10 @@ def scripts(draw: st.DrawFn) -> Script:
     n_conns = draw(st.integers(1, 3))
     steps: list[tuple[int, Action]] = []
     for c in range(n_conns):
-        if draw(st.integers(0, 4)):  # mostly a join first (a valid one most of the time)
+        first = draw(st.integers(0, 9))  # mostly a join first, a valid one most of the time
+        if first >= 4:
+            steps.append((c, draw(valid_joins)))
+        elif first >= 1:
             steps.append((c, draw(joins())))
     steps += draw(
         st.lists(st.tuples(st.integers(0, n_conns - 1), actions), min_size=1, max_size=10)
@@ -361,6 +378,10 @@ class Context:
             return json.dumps(self.member_id(v))
         if isinstance(v, Tok):
             return json.dumps(self.token(v))
+        if isinstance(v, list):
+            return "[" + ",".join(self.render(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ",".join(f"{json.dumps(k)}:{self.render(x)}" for k, x in v.items()) + "}"
         return json.dumps(v, allow_nan=True)
 
 
@@ -379,6 +400,7 @@ class Conn:
         self.got_pong = asyncio.Event()
         self.bad_texts: list[str] = []
         self.we_closed = False
+        self.sent_close = False
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -409,10 +431,14 @@ class Conn:
         try:
             obj = jsonsafe.loads(payload)
         except JsonInputError as exc:
-            self.bad_texts.append(f"{exc}: {payload[:200].decode('utf-8', 'replace')}")
+            m = re.match(rb'\{"type":"(\w+)"', payload)
+            kind = m.group(1).decode() if m else "?"
+            why = re.sub(r"[\d.]+", "N", str(exc).split(":")[0])
+            text = payload[:300].decode("utf-8", "replace")
+            self.bad_texts.append(f"a {kind} message ({why}): {text!r}")
             return
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-            self.bad_texts.append(payload[:200].decode("utf-8", "replace"))
+            self.bad_texts.append(f"not an object with a type: {payload[:300]!r}")
             return
         self.texts.append(obj)
         if obj["type"] == "welcome":
@@ -461,11 +487,19 @@ class Conn:
                 ws.send_frame(0x1, b'{"type":"ping","id":"\xff\xfe"}')
             elif kind == "close":
                 ws.send_frame(0x8, struct.pack("!H", 1000))
+                self.sent_close = True  # RFC 6455: no more data frames after a close
         with contextlib.suppress(ConnectionError):
             await ws.writer.drain()
 
     async def finish(self, sentinel: int) -> str | None:
         """Sentinel ping, then close; the anomaly seen, if any."""
+        if self.sent_close and not self.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    await self.closed.wait()
+            if not self.closed.is_set():
+                self._stop()
+                return f"no close frame within {ANSWER_TIMEOUT_S}s of ours"
         if not self.closed.is_set():
             self.ws.send_text(json.dumps({"type": "ping", "id": sentinel}))
             with contextlib.suppress(ConnectionError):
@@ -486,7 +520,7 @@ class Conn:
 
     def _check(self) -> str | None:
         if self.bad_texts:
-            return f"server sent a text message its clients must refuse: {self.bad_texts[0]!r}"
+            return f"server sent text its clients must refuse: {self.bad_texts[0]}"
         if self.eof_without_close:
             return "the server dropped the connection without a close frame"
         code = self.close_code
@@ -528,7 +562,7 @@ async def run_script(port: int, script: Script) -> list[str]:
                 except (OSError, TimeoutError, AssertionError) as exc:
                     problems.append(f"conn {ci}: could not connect: {exc!r}")
                     continue
-            if conn.closed.is_set():
+            if conn.closed.is_set() or conn.sent_close:
                 continue
             try:
                 await conn.send(action, ctx)
