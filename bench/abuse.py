@@ -22,7 +22,8 @@ in room B at ``--fps`` (30 Hz) with real codec packets from a CMU trace
      ``--flood-rate`` x ``max_messages_per_s`` (1.25: over the limit; when the
      server closes it, it reconnects);
    * ``--a-subscribers`` (8) subscribers in room A receiving all of it, half of
-     them reading, half stalled (a raw socket that never reads).
+     them reading, half stalled (a raw socket that never reads; whether the
+     server closed them shows in the ``rejections`` column: ``too_slow``).
 
    After ``--ramp-s``, the pair is measured again for ``--attack-s`` seconds.
 3. **after**: the attacker is gone; the server is sampled for ``--recover-s``.
@@ -31,7 +32,8 @@ Throughout, every 0.5 s: the server's open fds and RSS (psutil, so also when the
 server does not answer) and its asyncio tasks, connections, members and any
 ``*pending*`` gauge (from its ``/metrics``; a scrape that fails or takes longer
 than 2 s is counted). The server's log is measured per phase (lines, bytes,
-tracebacks, ``accept() out of system resource`` lines).
+tracebacks, ``accept() out of system resource`` lines), and the refusals it
+counted during the attack (``posewire_server_rejections_total`` by reason).
 
 Targets (with the attack running): the pair's p99 relay latency <= 5 ms and 0
 lost; the server's fds <= ``max_pending_connections`` + members + 64, its
@@ -230,6 +232,28 @@ class Sampler(threading.Thread):
             s["tasks"] = s["connections"] = s["members"] = s["pending"] = None
             s["scrape_failed"] = 1
         return s
+
+
+def _rejections(url: str) -> dict[str, float] | None:
+    """``posewire_server_rejections_total`` by reason, or None when /metrics fails."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S) as r:
+            m = _parse_metrics(r.read().decode())
+    except (OSError, ValueError):
+        return None
+    out = {}
+    for k, v in m.items():
+        got = re.match(r'posewire_server_rejections_total\{reason="([^"]+)"\}', k)
+        if got:
+            out[got.group(1)] = v
+    return out
+
+
+def _diff(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    if before is None or after is None:
+        return "/metrics failed"
+    d = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0}
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) or "none"
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
@@ -554,7 +578,8 @@ async def _attack_main(url: str, port: int, p: Params, seconds: float, results: 
             sock.close()
             return
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-        subs.open_at_end += 0 if writer.is_closing() else 1
+        # it never reads, so it cannot tell whether the server closed it: see the
+        # attack row's ``rejections`` (``too_slow``)
         writer.close()
 
     tasks = [asyncio.create_task(slow_client(i)) for i in range(p.slow_clients)]
@@ -674,6 +699,7 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
             started = attack_res.get(timeout=120)
             if "fatal" in started:
                 raise RuntimeError(f"attack process failed: {started['fatal']}")
+            rej0 = _rejections(server.url)
             time.sleep(p.ramp_s)
             sampler.phase = "attack"
             pair_cmds.put(p.attack_s)
@@ -684,6 +710,7 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
             if "fatal" in attack:
                 raise RuntimeError(f"attack process failed: {attack['fatal']}")
             attacker.join(30)
+            rejected = _diff(rej0, _rejections(server.url))
             offsets["after"] = server.log_size()
             sampler.phase = "after"
             time.sleep(p.recover_s)
@@ -714,7 +741,7 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
     b = _pair_row("baseline: pair alone", base) | _phase_stats(samples, "baseline")
     b |= _log_figures(logs["baseline"])
     a = _pair_row("attack: pair + abuse", under) | _phase_stats(samples, "attack")
-    a |= _log_figures(logs["attack"])
+    a |= _log_figures(logs["attack"]) | {"rejections": rejected}
     after = {"name": "after: abuse stopped"} | _phase_stats(samples, "after")
     after |= _log_figures(logs["after"])
     rows = [b, a, after]
@@ -777,7 +804,7 @@ PAIR_COLUMNS = [
     "relay_p95_ms", "relay_p99_ms", "relay_max_ms", "server_fds_max", "server_rss_mb_max",
     "server_tasks_max",
     "server_pending_max", "server_cpu_cores", "scrape_max_ms", "scrapes_failed", "log_lines",
-    "tracebacks", "accept_errors",
+    "tracebacks", "accept_errors", "rejections",
 ]  # fmt: skip
 ATTACK_COLUMNS = [
     "name", "connects", "connect_failures", "sent", "sent_per_s", "mb_sent", "received",
