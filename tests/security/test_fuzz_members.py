@@ -30,7 +30,9 @@ After the script, every connection still open sends a sentinel ``ping`` and must
 get its ``pong`` or a close frame. An example fails when the server
 
 * dies, or logs a ``Traceback`` (the log excerpt is in the message);
-* drops a connection without a close frame, or does not answer within 5 s;
+* ends a connection (FIN) without a close frame, or does not answer within 5 s
+  (a reset is not counted: our sentinel ping may cross the server's close and
+  make its kernel reset the connection, a race of the test, not a server bug);
 * still counts a connection in ``posewire_server_connections`` 5 s after every
   client of the example has gone (a handler that never ends);
 * closes with 1011 (internal error) or a code outside 1000-1014 and 4000-4999;
@@ -393,7 +395,7 @@ class Conn:
         self.texts: list[Any] = []
         self.close_code: int | None = None
         self.closed = asyncio.Event()
-        self.eof_without_close = False
+        self.eof_without_close: str | None = None
         self.member_id: str | None = None
         self.welcome = asyncio.Event()
         self.pongs: set[Any] = set()
@@ -419,9 +421,12 @@ class Conn:
                     break
                 if op == 0x1:
                     self._on_text(payload)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except asyncio.IncompleteReadError:
             if not self.we_closed:
-                self.eof_without_close = True
+                self.eof_without_close = "FIN"
+        except ConnectionError:
+            if not self.we_closed:
+                self.eof_without_close = "RST"
         finally:
             self.closed.set()
             self.welcome.set()
@@ -521,8 +526,11 @@ class Conn:
     def _check(self) -> str | None:
         if self.bad_texts:
             return f"server sent text its clients must refuse: {self.bad_texts[0]}"
-        if self.eof_without_close:
-            return "the server dropped the connection without a close frame"
+        if self.eof_without_close == "FIN":
+            return "the server ended the connection (FIN) without a close frame"
+        # a reset (RST) is not flagged: when our sentinel ping crosses the server's
+        # close frame, the server's kernel resets the connection (unread data) and
+        # ours may discard the close frame before we read it: a race of the test
         code = self.close_code
         if code is None:
             return None
