@@ -13,7 +13,8 @@ in room B at ``--fps`` (30 Hz) with real codec packets from a CMU trace
 
    * ``--slow-clients`` (500) TCP clients that send ``GET /ws HTTP/1.1`` and then
      trickle one byte of a header line every ``--trickle-s`` seconds, never
-     finishing the request; a client the server closes reconnects (at most
+     finishing the request; a client the server closes reconnects (after 0.1 s,
+     or 1 s when it was refused within a second; at most
      ``MAX_CONNECTS_PER_SLOW_CLIENT`` times), as a real attacker would;
    * a broadcast flood: a moderator member of room A sends ``broadcast``
      messages of ``--broadcast-bytes`` (60 KB) at ``--broadcast-rate`` x the
@@ -461,13 +462,14 @@ async def _attack_main(url: str, port: int, p: Params, seconds: float, results: 
                     slow.received += len(data)
             except ConnectionError:
                 closed = True
+            lifetime = time.monotonic() - t0
             if closed:
-                slow.closed(_status_of(answer), time.monotonic() - t0)
+                slow.closed(_status_of(answer), lifetime)
             else:
                 slow.open_at_end += 1
             writer.close()
-            if closed:
-                await asyncio.sleep(0.1)
+            if closed:  # reconnect at once, or after 1 s when refused at once
+                await asyncio.sleep(1.0 if lifetime < 1.0 else 0.1)
 
     async def member(name: str, tally: Tally, role: str, send: Any) -> None:
         reconnects = 0
