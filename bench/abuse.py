@@ -80,6 +80,7 @@ from bench.common import (
     at_most,
     markdown_table,
     percentile,
+    progress,
     report,
     target,
     targets_table,
@@ -687,12 +688,15 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
             sampler.start()
             offsets = {"baseline": server.log_size()}
             sampler.phase = "baseline"
+            total_s = p.baseline_s + p.ramp_s + p.attack_s + p.recover_s
+            progress(0, total_s, "baseline")
             pair_cmds.put(p.baseline_s)
             base = pair_res.get(timeout=p.baseline_s + 60)
             if "fatal" in base:
                 raise RuntimeError(f"pair process failed: {base['fatal']}")
             offsets["attack"] = server.log_size()
             sampler.phase = "ramp"
+            progress(p.baseline_s, total_s, "attack starting")
             total = p.ramp_s + p.attack_s + 1.0
             attacker = ctx.Process(
                 target=_attack_worker, args=(server.url, server.port, p, total, attack_res)
@@ -704,6 +708,7 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
             rej0 = _rejections(server.url)
             time.sleep(p.ramp_s)
             sampler.phase = "attack"
+            progress(p.baseline_s + p.ramp_s, total_s, "attack")
             pair_cmds.put(p.attack_s)
             under = pair_res.get(timeout=p.attack_s + 60)
             if "fatal" in under:
@@ -715,6 +720,7 @@ def run(p: Params, nofile: int | None) -> tuple[Rows, Rows, dict[str, Any]]:
             rejected = _diff(rej0, _rejections(server.url))
             offsets["after"] = server.log_size()
             sampler.phase = "after"
+            progress(total_s - p.recover_s, total_s, "after the attack")
             time.sleep(p.recover_s)
             sampler.phase = "end"
             pair_cmds.put(None)

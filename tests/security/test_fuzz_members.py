@@ -44,8 +44,10 @@ get its ``pong`` or a close frame. An example fails when the server
 
 Hypothesis then shrinks the script to a small repro.
 ``POSEWIRE_FUZZ_COLLECT=1`` keeps going instead and fails at the end with one
-example of every kind of problem seen (to survey a server, not for CI). Bounded: ``max_examples``
-(``$POSEWIRE_FUZZ_EXAMPLES``, default 1000), at most ``GENERATE_BUDGET_S`` of
+example of every kind of problem seen (to survey a server, not for CI).
+
+Bounded: ``max_examples`` (``$POSEWIRE_FUZZ_EXAMPLES``, default 1000: about
+15 s on a 2-CPU machine), at most ``GENERATE_BUDGET_S`` of
 generating (later examples return at once) and ``SHRINK_BUDGET_S`` of
 shrinking; every connection and every wait has a timeout. Afterwards the same
 server must answer ``/healthz`` and ``/metrics``, and a real publisher and
