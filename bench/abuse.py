@@ -30,8 +30,8 @@ in room B at ``--fps`` (30 Hz) with real codec packets from a CMU trace
 3. **after**: the attacker is gone; the server is sampled for ``--recover-s``.
 
 Throughout, every 0.5 s: the server's open fds and RSS (psutil, so also when the
-server does not answer) and its asyncio tasks, connections, members and any
-``*pending*`` gauge (from its ``/metrics``; a scrape that fails or takes longer
+server does not answer) and its asyncio tasks, connections, members and pending connections
+(``posewire_server_pending_connections``, from its ``/metrics``; a scrape that fails or takes longer
 than 2 s is counted). The server's log is measured per phase (lines, bytes,
 tracebacks, ``accept() out of system resource`` lines), and the refusals it
 counted during the attack (``posewire_server_rejections_total`` by reason).
@@ -86,6 +86,7 @@ from bench.common import (
     targets_table,
 )
 from pipeline.config import ServerConfig, traces_dir
+from pipeline.model.prometheus import samples_as_written
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = traces_dir() / "cmu02_05_punch_strike.npz"
@@ -222,12 +223,11 @@ class Sampler(threading.Thread):
             with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as r:
                 text = r.read().decode()
             s["scrape_ms"] = (time.monotonic() - t0) * 1000
-            m = _parse_metrics(text)
+            m = samples_as_written(text)
             s["tasks"] = m.get("posewire_server_tasks")
             s["connections"] = m.get("posewire_server_connections")
             s["members"] = m.get("posewire_server_members")
-            pending = [v for k, v in m.items() if "pending" in k and "{" not in k]
-            s["pending"] = max(pending) if pending else None
+            s["pending"] = m.get("posewire_server_pending_connections")
             s["scrape_failed"] = 0
         except (OSError, ValueError):
             s["scrape_ms"] = (time.monotonic() - t0) * 1000
@@ -240,7 +240,7 @@ def _rejections(url: str) -> dict[str, float] | None:
     """``posewire_server_rejections_total`` by reason, or None when /metrics fails."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S) as r:
-            m = _parse_metrics(r.read().decode())
+            m = samples_as_written(r.read().decode())
     except (OSError, ValueError):
         return None
     out = {}
@@ -256,15 +256,6 @@ def _diff(before: dict[str, float] | None, after: dict[str, float] | None) -> st
         return "/metrics failed"
     d = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0) > 0}
     return ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) or "none"
-
-
-def _parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 # --------------------------------------------------------------------------- the pair (room B)

@@ -114,3 +114,15 @@ def _split_labels(body: str) -> Iterable[str]:
             part += ch
     if part:
         yield part
+
+
+def samples_as_written(text: str) -> dict[str, float]:
+    """Every sample keyed by its series as written (``name{label="v"}``): quick look-ups
+    in tests and tools that know the exact series they want."""
+    out: dict[str, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out

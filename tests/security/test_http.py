@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.model.prometheus import samples_as_written
 from tests.test_server_support import ROOT, SECRET, RawWS, running_server, token
 
 # --------------------------------------------------------------------------- helpers
@@ -45,19 +46,10 @@ async def http(
     return int(status_line.split()[1]), headers, payload
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 async def metrics(port: int) -> dict[str, float]:
     status, _, body = await http(port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1")
     assert status == 200
-    return parse_metrics(body.decode())
+    return samples_as_written(body.decode())
 
 
 class Serve:
