@@ -1,0 +1,206 @@
+"""Real aiortc peers in separate processes, across network namespaces (tests/netns.py).
+
+Host a and host b are joined through a router namespace where nftables makes the
+faults. Signaling goes through this test over the peers' stdin/stdout. The figures
+(RTT, delivered fraction, latency percentiles, blackout detection time) are printed
+(`pytest -s`) and recorded as junit properties; docs/testing.md quotes them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns import (
+    FAULT_TABLE,
+    OUTSIDE,
+    PREFIX,
+    Peer,
+    Topology,
+    leftovers,
+    namespaces,
+    sweep_stale,
+    topology,
+    unavailable_reason,
+)
+
+PEER = "tests.netns_peer"
+COUNT, HZ = 300, 30.0
+TEST_NET = ipaddress.ip_network("10.77.0.0/16")
+
+Record = Callable[[str, object], None]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+def report(record: Record, name: str, value: float) -> None:
+    record(name, round(value, 3))
+    print(f"netns figure: {name} = {value:.3f}")
+
+
+@pytest.fixture
+def net() -> Iterator[Topology]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with topology(("a", "b")) as made:
+        yield made
+
+
+def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Peer, Peer]:
+    """An aiortc peer in host a (offerer) and one in host b, signaled through this test."""
+    limit = ["--max-seconds", str(max_seconds)]
+    a = net.start_python("a", PEER, ["rtc", "--role", "offer", *limit], log_dir)
+    b = net.start_python("b", PEER, ["rtc", "--role", "answer", *limit], log_dir)
+    offer = a.expect("sdp", timeout=20)
+    b.send({"cmd": "sdp", "type": offer["type"], "sdp": offer["sdp"]})
+    answer = b.expect("sdp", timeout=20)
+    a.send({"cmd": "sdp", "type": answer["type"], "sdp": answer["sdp"]})
+    for sdp in (offer["sdp"], answer["sdp"]):
+        # only the hosts' own addresses are offered: no loopback, nothing outside
+        candidates = re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+ typ (\w+)", sdp)
+        assert candidates, sdp
+        for address, kind in candidates:
+            assert kind == "host" and ipaddress.ip_address(address) in TEST_NET, candidates
+    a.expect("open", timeout=15)
+    b.expect("open", timeout=15)
+    return a, b
+
+
+def stream(a: Peer, b: Peer) -> tuple[int, list[float], list[float]]:
+    """COUNT datagrams at HZ from a to b on the unordered channel: (sent, one-way ms, rtt ms)."""
+    a.send({"cmd": "stream", "count": COUNT, "hz": HZ, "grace_s": 0.5})
+    streamed = a.expect("streamed", timeout=COUNT / HZ + 10)
+    b.send({"cmd": "report"})
+    received = b.expect("received", timeout=5)
+    return int(streamed["sent"]), list(received["latency_ms"]), list(streamed["rtt_ms"])
+
+
+# -- the hosts ------------------------------------------------------------------------
+
+
+def test_hosts_reach_each_other_and_nothing_else(net: Topology, tmp_path: Path) -> None:
+    a, b = net.host("a"), net.host("b")
+    echo = net.start_python("b", PEER, ["udp-echo", "--port", "4000", "--count", "5"], tmp_path)
+    echo.expect("ready", timeout=10)
+    pinged = a.run_python(PEER, "udp-ping", "--to", b.address, "--port", "4000", "--count", "5")
+    assert len(pinged["rtt_ms"]) == 5, pinged
+    assert echo.expect("echoed", timeout=5)["count"] == 5
+    assert net.router is not None
+    for host in (a, b, net.router):
+        routes = host.run(["ip", "route", "show"]).stdout
+        assert "default" not in routes, routes
+    for host in (a, b):
+        # connect() on a UDP socket only looks the route up: nothing is sent
+        away = host.run_python(PEER, "outside", "--to", OUTSIDE)
+        assert away == {"ev": "outside", "reachable": False, "errno": "ENETUNREACH"}
+
+
+# -- aiortc peers across the router -------------------------------------------------------
+
+
+def test_clean_path_delivers_everything(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    a, b = connect(net, tmp_path)
+    sent, latency, rtt = stream(a, b)
+    assert sent == COUNT
+    assert len(latency) == COUNT  # every datagram of the unordered channel arrived
+    assert len(rtt) == COUNT  # and every echo came back
+    a.send({"cmd": "ping", "count": 10, "interval_s": 0.02})
+    pinged = a.expect("pinged", timeout=5)
+    assert len(pinged["rtt_ms"]) == 10  # the reliable control channel echoes
+    report(record_property, "clean_rtt_p50_ms", percentile(rtt, 50))
+    report(record_property, "clean_rtt_p95_ms", percentile(rtt, 95))
+    report(record_property, "clean_oneway_p50_ms", percentile(latency, 50))
+    report(record_property, "clean_control_rtt_p50_ms", percentile(pinged["rtt_ms"], 50))
+
+
+def test_random_udp_loss_loses_packets_not_time(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    a, b = connect(net, tmp_path)
+    net.drop_udp(20)
+    assert "numgen random mod 100 < 20" in net.fault_rules()
+    sent, latency, _ = stream(a, b)
+    net.clear_faults()
+    delivered = len(latency) / sent
+    p95 = percentile(latency, 95)
+    report(record_property, "loss20_delivered", delivered)
+    report(record_property, "loss20_oneway_p50_ms", percentile(latency, 50))
+    report(record_property, "loss20_oneway_p95_ms", p95)
+    assert 0.6 <= delivered <= 0.95
+    assert p95 < 50.0  # no head-of-line stall behind the lost ones
+
+
+def test_udp_blackout_is_noticed_by_the_heartbeat(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    a, b = connect(net, tmp_path)
+    time.sleep(0.5)  # heartbeats flowing both ways
+    begun = time.monotonic_ns()
+    net.blackout_udp()
+    in_force = time.monotonic_ns()
+    # measured from before the rule was applied: an upper bound on the detection time
+    detected = {side: (peer.expect("dead", timeout=3)["t_ns"] - begun) / 1e6
+                for side, peer in (("a", a), ("b", b))}  # fmt: skip
+    assert net.dropped_packets() > 0
+    report(record_property, "blackout_nft_apply_ms", (in_force - begun) / 1e6)
+    for side, ms in detected.items():
+        report(record_property, f"blackout_detect_{side}_ms", ms)
+        assert ms < 300.0, detected
+    restored = time.monotonic_ns()
+    net.clear_faults()
+    # the reliable control channel comes back by itself (SCTP retransmission)
+    for side, peer in (("a", a), ("b", b)):
+        alive = peer.expect("alive", timeout=10)
+        report(record_property, f"blackout_recover_{side}_ms", (alive["t_ns"] - restored) / 1e6)
+
+
+# -- cleanup ----------------------------------------------------------------------------
+
+
+def test_everything_is_gone_afterwards(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    # a stale namespace of a run that is gone (its pid is dead) is swept away
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"{PREFIX}{gone.pid}-1-a"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    with topology(("a", "b", "c")) as net:
+        assert stale not in namespaces()
+        made = net.namespace_names
+        assert len(made) == 4 and set(made) <= set(namespaces())
+        net.drop_tcp(10)
+        assert FAULT_TABLE in net.fault_rules()
+        net.start_python("c", PEER, ["udp-echo", "--port", "4000", "--max-seconds", "30"], tmp_path)
+        prefix = net.prefix
+    assert leftovers(prefix) == []
+    assert not set(made) & set(namespaces())
+    assert sweep_stale() == []
+
+
+def test_cleanup_on_failure(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match="boom"), topology() as net:
+        prefix = net.prefix
+        net.start_python("a", PEER, ["udp-echo", "--port", "4000", "--max-seconds", "30"], tmp_path)
+        raise RuntimeError("boom")
+    assert leftovers(prefix) == []
