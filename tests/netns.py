@@ -22,6 +22,7 @@ namespace whose pid is no longer alive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -58,6 +59,7 @@ class NetnsError(RuntimeError):
     """A namespace command failed."""
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
     """Why namespace hosts cannot be made here, or None when they can."""
     if sys.platform != "linux":
@@ -76,7 +78,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 10.0
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if check and done.returncode != 0:
         raise NetnsError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
@@ -130,7 +134,9 @@ class Host:
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, timeout: float = 10.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 10.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace and wait for it."""
         return _run(self.exec_argv(argv), check=check, timeout=timeout)
 
@@ -207,14 +213,18 @@ class Peer:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{self.host.name}: no {event!r} within {timeout} s; log: {self.tail()}")
+                raise TimeoutError(
+                    f"{self.host.name}: no {event!r} within {timeout} s; log: {self.tail()}"
+                )
             try:
                 message = self._lines.get(timeout=left)
             except queue.Empty:
                 continue
             if message is None:
                 self._lines.put(None)
-                raise EOFError(f"{self.host.name}: peer exited before {event!r}; log: {self.tail()}")
+                raise EOFError(
+                    f"{self.host.name}: peer exited before {event!r}; log: {self.tail()}"
+                )
             if message.get("ev") == event:
                 return message
 
@@ -222,7 +232,7 @@ class Peer:
         self._log_file.flush()
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
-    def close(self, timeout: float = 3.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 self.send({"cmd": "quit"})
@@ -265,7 +275,10 @@ class Topology:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -294,8 +307,23 @@ class Topology:
             address, gateway = f"10.77.{index}.2", f"10.77.{index}.1"
             self._add_namespace(name)
             # the pair is born inside the two namespaces: nothing in the parent namespace
-            _run(["ip", "-n", router.name, "link", "add", f"h{short}", "type", "veth",
-                  "peer", "name", "eth0", "netns", name])  # fmt: skip
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    router.name,
+                    "link",
+                    "add",
+                    f"h{short}",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    name,
+                ]
+            )
             _run(["ip", "-n", router.name, "addr", "add", f"{gateway}/24", "dev", f"h{short}"])
             _run(["ip", "-n", router.name, "link", "set", f"h{short}", "up"])
             _run(["ip", "-n", name, "addr", "add", f"{address}/24", "dev", "eth0"])
@@ -364,11 +392,14 @@ class Topology:
     def _drop(self, proto: str, percent: int) -> None:
         if not 0 <= percent <= 100:
             raise ValueError(f"percent {percent} not in 0..100")
-        rule = f"meta l4proto {proto} counter drop" if percent == 100 else (
-            f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop"
+        rule = (
+            f"meta l4proto {proto} counter drop"
+            if percent == 100
+            else (f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop")
         )
-        self._nft(f"flush chain inet {FAULT_TABLE} forward\n"
-                  f"add rule inet {FAULT_TABLE} forward {rule}\n")  # fmt: skip
+        self._nft(
+            f"flush chain inet {FAULT_TABLE} forward\nadd rule inet {FAULT_TABLE} forward {rule}\n"
+        )
 
     def fault_rules(self) -> str:
         """The router's fault chain as `nft` lists it."""
@@ -378,7 +409,9 @@ class Topology:
     def dropped_packets(self) -> int:
         """Packets the router's fault rules dropped so far (from a counter on each rule)."""
         assert self.router is not None
-        listing = self.router.run(["nft", "-j", "list", "chain", "inet", FAULT_TABLE, "forward"]).stdout
+        listing = self.router.run(
+            ["nft", "-j", "list", "chain", "inet", FAULT_TABLE, "forward"]
+        ).stdout
         total = 0
         for item in json.loads(listing).get("nftables", []):
             for expr in item.get("rule", {}).get("expr", []):

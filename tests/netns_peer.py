@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import selectors
 import socket
 import struct
 import sys
@@ -180,7 +181,9 @@ class RtcPeer:
         begun = now_ns()
         while not self.stop.is_set():
             try:
-                line = await asyncio.wait_for(reader.readline(), timeout=max(self.time_left(), 0.01))
+                line = await asyncio.wait_for(
+                    reader.readline(), timeout=max(self.time_left(), 0.01)
+                )
             except TimeoutError:
                 break
             if not line:
@@ -198,17 +201,27 @@ class RtcPeer:
             elif name == "stream":
                 self.tasks.append(
                     asyncio.create_task(
-                        self.stream(int(command["count"]), float(command["hz"]),
-                                    float(command.get("grace_s", 0.5)))  # fmt: skip
+                        self.stream(
+                            int(command["count"]),
+                            float(command["hz"]),
+                            float(command.get("grace_s", 0.5)),
+                        )
                     )
                 )
             elif name == "ping":
                 self.tasks.append(
-                    asyncio.create_task(self.ping(int(command["count"]), float(command["interval_s"])))
+                    asyncio.create_task(
+                        self.ping(int(command["count"]), float(command["interval_s"]))
+                    )
                 )
             elif name == "report":
-                emit({"ev": "received", "latency_ms": list(self.latency_ms.values()),
-                      "seqs": sorted(self.latency_ms)})  # fmt: skip
+                emit(
+                    {
+                        "ev": "received",
+                        "latency_ms": list(self.latency_ms.values()),
+                        "seqs": sorted(self.latency_ms),
+                    }
+                )
             elif name == "quit":
                 break
         self.stop.set()
@@ -221,8 +234,13 @@ class RtcPeer:
     async def _when_open(self, begun: int) -> None:
         await asyncio.wait_for(self.opened.wait(), timeout=15)
         self.last_heard_ns = now_ns()
-        emit({"ev": "open", "connect_ms": (now_ns() - begun) / 1e6,
-              "ice": self.pc.iceConnectionState})  # fmt: skip
+        emit(
+            {
+                "ev": "open",
+                "connect_ms": (now_ns() - begun) / 1e6,
+                "ice": self.pc.iceConnectionState,
+            }
+        )
         self.tasks.append(asyncio.create_task(self.heartbeat()))
         self.tasks.append(asyncio.create_task(self.watch()))
 
@@ -233,20 +251,27 @@ async def _rtc(role: str, max_seconds: float) -> None:
 
 
 def udp_echo(port: int, count: int, max_seconds: float) -> None:
-    """Echo up to `count` datagrams for at most `max_seconds`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    """Echo up to `count` datagrams for at most `max_seconds`, or until stdin quits."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        selectors.DefaultSelector() as sel,
+    ):
         sock.bind(("0.0.0.0", port))
+        sel.register(sock, selectors.EVENT_READ)
+        sel.register(sys.stdin, selectors.EVENT_READ)
         emit({"ev": "ready", "port": port})
         deadline = time.monotonic() + max_seconds
         echoed = 0
         while echoed < count and time.monotonic() < deadline:
-            sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
+            ready = sel.select(timeout=max(deadline - time.monotonic(), 0.01))
+            if any(key.fileobj is sys.stdin for key, _ in ready):
+                line = sys.stdin.readline()
+                if not line or json.loads(line).get("cmd") == "quit":
+                    break
+            if any(key.fileobj is sock for key, _ in ready):
                 data, source = sock.recvfrom(2048)
-            except TimeoutError:
-                break
-            sock.sendto(data, source)
-            echoed += 1
+                sock.sendto(data, source)
+                echoed += 1
         emit({"ev": "echoed", "count": echoed})
 
 
@@ -271,7 +296,13 @@ def outside(address: str) -> None:
         try:
             sock.connect((address, 9))
         except OSError as error:
-            emit({"ev": "outside", "reachable": False, "errno": errno.errorcode.get(error.errno or 0, "")})
+            emit(
+                {
+                    "ev": "outside",
+                    "reachable": False,
+                    "errno": errno.errorcode.get(error.errno or 0, ""),
+                }
+            )
             return
     emit({"ev": "outside", "reachable": True, "errno": ""})
 

@@ -12,11 +12,9 @@ import ipaddress
 import math
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -155,8 +153,10 @@ def test_udp_blackout_is_noticed_by_the_heartbeat(
     net.blackout_udp()
     in_force = time.monotonic_ns()
     # measured from before the rule was applied: an upper bound on the detection time
-    detected = {side: (peer.expect("dead", timeout=3)["t_ns"] - begun) / 1e6
-                for side, peer in (("a", a), ("b", b))}  # fmt: skip
+    detected = {
+        side: (peer.expect("dead", timeout=3)["t_ns"] - begun) / 1e6
+        for side, peer in (("a", a), ("b", b))
+    }
     assert net.dropped_packets() > 0
     report(record_property, "blackout_nft_apply_ms", (in_force - begun) / 1e6)
     for side, ms in detected.items():
