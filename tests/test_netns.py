@@ -58,7 +58,7 @@ def net() -> Iterator[Topology]:
         yield made
 
 
-def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Peer, Peer]:
+def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Peer, Peer, float]:
     """An aiortc peer in host a (offerer) and one in host b, signaled through this test."""
     limit = ["--max-seconds", str(max_seconds)]
     a = net.start_python("a", PEER, ["rtc", "--role", "offer", *limit], log_dir)
@@ -73,9 +73,9 @@ def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Pe
         assert candidates, sdp
         for address, kind in candidates:
             assert kind == "host" and ipaddress.ip_address(address) in TEST_NET, candidates
-    a.expect("open", timeout=15)
+    opened = a.expect("open", timeout=15)
     b.expect("open", timeout=15)
-    return a, b
+    return a, b, float(opened["connect_ms"])
 
 
 def stream(a: Peer, b: Peer) -> tuple[int, list[float], list[float]]:
@@ -113,7 +113,7 @@ def test_hosts_reach_each_other_and_nothing_else(net: Topology, tmp_path: Path) 
 def test_clean_path_delivers_everything(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    a, b = connect(net, tmp_path)
+    a, b, connect_ms = connect(net, tmp_path)
     sent, latency, rtt = stream(a, b)
     assert sent == COUNT
     assert len(latency) == COUNT  # every datagram of the unordered channel arrived
@@ -121,6 +121,7 @@ def test_clean_path_delivers_everything(
     a.send({"cmd": "ping", "count": 10, "interval_s": 0.02})
     pinged = a.expect("pinged", timeout=5)
     assert len(pinged["rtt_ms"]) == 10  # the reliable control channel echoes
+    report(record_property, "offer_to_open_ms", connect_ms)
     report(record_property, "clean_rtt_p50_ms", percentile(rtt, 50))
     report(record_property, "clean_rtt_p95_ms", percentile(rtt, 95))
     report(record_property, "clean_oneway_p50_ms", percentile(latency, 50))
@@ -130,7 +131,7 @@ def test_clean_path_delivers_everything(
 def test_random_udp_loss_loses_packets_not_time(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    a, b = connect(net, tmp_path)
+    a, b, _ = connect(net, tmp_path)
     net.drop_udp(20)
     assert "numgen random mod 100 < 20" in net.fault_rules()
     sent, latency, _ = stream(a, b)
@@ -147,7 +148,7 @@ def test_random_udp_loss_loses_packets_not_time(
 def test_udp_blackout_is_noticed_by_the_heartbeat(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    a, b = connect(net, tmp_path)
+    a, b, _ = connect(net, tmp_path)
     time.sleep(0.5)  # heartbeats flowing both ways
     begun = time.monotonic_ns()
     net.blackout_udp()
