@@ -82,6 +82,7 @@ from bench.common import (
     percentile,
     progress,
     report,
+    stop_process,
     target,
     targets_table,
 )
@@ -179,13 +180,7 @@ class ServerProcess:
             return fh.read() if end is None else fh.read(max(0, end - start))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

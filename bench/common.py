@@ -34,6 +34,8 @@ import json
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -307,3 +309,31 @@ def _jsonable(value: Any) -> Any:
     if callable(item):
         return _jsonable(item())
     return str(value)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def stop_process(
+    proc: subprocess.Popen[Any],
+    timeout: float = 10.0,
+    *,
+    sig: int = signal.SIGTERM,
+    kill_group: bool = False,
+) -> int:
+    """Ask a child to stop (``sig``), wait ``timeout``, then SIGKILL it (its process group
+    with ``kill_group``) and reap it. Returns its exit code; a process already gone is
+    just reaped. Benchmarks and tests stop their servers and pipelines with this."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if kill_group:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -51,6 +51,7 @@ from bench.common import (
     at_most,
     percentile,
     report,
+    stop_process,
     target,
 )
 from pipeline.config import traces_dir
@@ -126,12 +127,7 @@ class ServerProcess:
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

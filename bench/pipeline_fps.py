@@ -44,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import add_json_flag, at_least, percentile, report
+from bench.common import add_json_flag, at_least, percentile, report, stop_process
 from pipeline.runtime.stage import stage_processes
 
 NAME = "pipeline_fps"
@@ -180,13 +180,7 @@ rings: {{max_frame_width: 1280, max_frame_height: 720}}
     finally:
         for ring in rings.values():
             ring.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, 20, sig=signal.SIGINT, kill_group=True)
     data = json.loads(report_path.read_text(encoding="utf-8"))
     metrics = data["stages"]["detect"]["metrics"]
     detected = p1.written - p0.written

@@ -64,6 +64,7 @@ from bench.common import (
     report,
     result,
     save_result,
+    stop_process,
     target,
     targets_table,
 )
@@ -237,16 +238,7 @@ def stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | Non
     """SIGINT, wait ``timeout``; then SIGKILL the process group. Returns the exit code."""
     if proc is None:
         return None
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    return stop_process(proc, timeout, sig=signal.SIGINT, kill_group=True)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes] | None], timeout: float) -> None:

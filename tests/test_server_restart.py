@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
+from bench.common import stop_process
 from pipeline.client.receiver import Receiver
 from pipeline.transports.base import Control, StateChange
 from pipeline.transports.websocket import WebSocketTransport
@@ -130,12 +130,7 @@ def test_embedded_server_stage_kill9_is_restarted_and_clients_stream_again(
     try:
         asyncio.run(main())
     finally:
-        sup.send_signal(signal.SIGINT)
-        try:
-            sup.wait(15)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait(5)
+        stop_process(sup, 15, sig=signal.SIGINT)
         for stream in (sup.stdout, sup.stderr):
             if stream is not None:
                 stream.close()

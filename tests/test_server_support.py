@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from bench.common import stop_process
 from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig, traces_dir
 from pipeline.model.pose import PoseFrame
@@ -306,13 +307,7 @@ class ServeProcess:
         self._close_pipes()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._close_pipes()
         return int(self.proc.returncode)
 

@@ -14,10 +14,8 @@ end of the test).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import stop_process
+from pipeline.model.prometheus import samples_as_written
 from tests.test_server_support import ROOT, SECRET
 
 READY_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
@@ -135,26 +135,13 @@ class LiveServer:
         """``/metrics`` as ``{"name{labels}": value}``."""
         status, text = self.get("/metrics", timeout)
         assert status == 200, (status, text[:200])
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return samples_as_written(text)
 
     # ------------------------------------------------------------------ stopping
 
     def stop(self) -> int | None:
         """SIGTERM (SIGKILL after 10 s); the exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc, kill_group=True)
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import stop_process
 from pipeline.model.prometheus import samples_as_written
 from tests.test_server_support import ROOT, SECRET, RawWS, running_server, token
 
@@ -84,13 +85,7 @@ class Serve:
         self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.log.read_text(errors="replace")

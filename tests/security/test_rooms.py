@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from typing import Any
 import jwt
 import pytest
 
+from bench.common import stop_process
 from pipeline.codec import CodecConfig, Encoder
 from pipeline.errors import RefusedError
 from pipeline.transports.base import Control, Received
@@ -542,12 +542,7 @@ def test_kicks_and_closed_rooms_survive_kill9_of_the_embedded_server_stage(
     try:
         asyncio.run(main())
     finally:
-        sup.send_signal(signal.SIGINT)
-        try:
-            sup.wait(15)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait(5)
+        stop_process(sup, 15, sig=signal.SIGINT)
         for stream in (sup.stdout, sup.stderr):
             if stream is not None:
                 stream.close()
