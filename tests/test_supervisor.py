@@ -122,7 +122,7 @@ def test_head_of_the_data_path_waits_for_a_slow_consumer(tmp_path: Path) -> None
     proc = start(
         trace_config(tmp_path),
         "--duration",
-        "6",
+        "10",  # 2 s held + start-up leaves several seconds of flow even on a loaded machine
         "--report",
         str(report),
         env={"POSEWIRE_FAULT": "encode:slow_start"},
