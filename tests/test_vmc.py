@@ -1,0 +1,213 @@
+"""VMC output: the skeleton solver on known poses and the OSC bundles on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pythonosc.dispatcher import Dispatcher
+from pythonosc.osc_server import ThreadingOSCUDPServer
+
+from pipeline.client import skeleton as sk
+from pipeline.client.skeleton import BONE_INDEX, BONES, F64, SkeletonSolver, qangle_deg, solve_local
+from pipeline.client.vmc import VmcSender, landmark_address, parse_target
+from pipeline.errors import TransportError
+from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+
+TRACES = Path(__file__).resolve().parent.parent / "data" / "pose-traces"
+
+
+def tpose_unity() -> F64:
+    """A T-pose facing the camera, in Unity's frame (x performer's right, y up, z forward)."""
+    p = np.zeros((NUM_LANDMARKS, 3))
+    for side, s in ((-1.0, "L"), (1.0, "R")):
+        p[sk.L_HIP if s == "L" else sk.R_HIP] = (0.1 * side, 0.0, 0.0)
+        p[sk.L_SH if s == "L" else sk.R_SH] = (0.2 * side, 0.5, 0.0)
+        p[sk.L_EL if s == "L" else sk.R_EL] = (0.48 * side, 0.5, 0.0)
+        p[sk.L_WR if s == "L" else sk.R_WR] = (0.74 * side, 0.5, 0.0)
+        p[sk.L_INDEX if s == "L" else sk.R_INDEX] = (0.84 * side, 0.5, 0.02)
+        p[sk.L_PINKY if s == "L" else sk.R_PINKY] = (0.84 * side, 0.5, -0.02)
+        p[sk.L_KNEE if s == "L" else sk.R_KNEE] = (0.1 * side, -0.45, 0.0)
+        p[sk.L_ANK if s == "L" else sk.R_ANK] = (0.1 * side, -0.9, 0.0)
+        p[sk.L_HEEL if s == "L" else sk.R_HEEL] = (0.1 * side, -0.96, -0.05)
+        p[sk.L_TOE if s == "L" else sk.R_TOE] = (0.1 * side, -0.96, 0.16)
+        p[sk.L_EAR if s == "L" else sk.R_EAR] = (0.075 * side, 0.68, 0.0)
+    p[sk.NOSE] = (0.0, 0.68, 0.11)
+    return p
+
+
+def to_mediapipe(unity: F64) -> F64:
+    """Unity frame -> MediaPipe world frame (x image right, y down, z away from camera)."""
+    return -unity
+
+
+def angle_between(q: F64, expected: F64) -> float:
+    return float(qangle_deg(sk.qmul(sk.qconj(expected[None]), q[None]))[0])
+
+
+def axis_angle(axis: tuple[float, float, float], deg: float) -> F64:
+    a = np.asarray(axis, float) / np.linalg.norm(axis)
+    h = np.radians(deg) / 2
+    return np.array([*(a * np.sin(h)), np.cos(h)])
+
+
+def test_tpose_gives_identity() -> None:
+    q = solve_local(to_mediapipe(tpose_unity()))[0]
+    angles = qangle_deg(q)
+    assert q.shape == (len(BONES), 4)
+    assert angles.max() < 1.0, dict(zip(BONES, angles.round(3), strict=True))
+
+
+def test_right_arm_raised_90_degrees() -> None:
+    p = tpose_unity()
+    p[sk.R_EL] = (0.2, 0.78, 0.0)
+    p[sk.R_WR] = (0.2, 1.04, 0.0)
+    p[sk.R_INDEX] = (0.22, 1.14, 0.0)
+    p[sk.R_PINKY] = (0.18, 1.14, 0.0)
+    q = solve_local(to_mediapipe(p))[0]
+    upper = q[BONE_INDEX["RightUpperArm"]]
+    # +x (the rest direction) onto +y: 90 degrees about +z (Unity frame, numerically)
+    assert angle_between(upper, axis_angle((0, 0, 1), 90)) < 5.0
+    assert abs(qangle_deg(upper) - 90.0) < 5.0
+    assert qangle_deg(q[BONE_INDEX["RightLowerArm"]]) < 1.0
+    others = [b for b in BONES if not b.startswith("Right") or "Leg" in b or "Foot" in b]
+    assert qangle_deg(q[[BONE_INDEX[b] for b in others]]).max() < 1.0
+
+
+def test_left_elbow_bent_90_degrees() -> None:
+    p = tpose_unity()
+    p[sk.L_WR] = (-0.48, 0.5, 0.26)  # forearm points forward
+    p[sk.L_INDEX] = (-0.46, 0.5, 0.36)
+    p[sk.L_PINKY] = (-0.50, 0.5, 0.36)
+    q = solve_local(to_mediapipe(p))[0]
+    lower = q[BONE_INDEX["LeftLowerArm"]]
+    assert abs(qangle_deg(lower) - 90.0) < 5.0
+    # -x onto +z: about +y
+    assert angle_between(lower, axis_angle((0, 1, 0), 90)) < 5.0
+    assert qangle_deg(q[BONE_INDEX["LeftUpperArm"]]) < 1.0
+    assert qangle_deg(q[BONE_INDEX["LeftHand"]]) < 1.0
+
+
+def test_turned_body_moves_only_the_hips() -> None:
+    """The whole T-pose turned 90 degrees about the vertical: Hips turn, the rest stays."""
+    p = tpose_unity()
+    turn = axis_angle((0, 1, 0), 90)
+    q = solve_local(to_mediapipe(sk.qrotate(np.broadcast_to(turn, (NUM_LANDMARKS, 4)), p)))[0]
+    assert angle_between(q[BONE_INDEX["Hips"]], turn) < 1.0
+    assert qangle_deg(q[1:]).max() < 1.0
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason="data/pose-traces missing")
+def test_cmu_traces_give_finite_unit_quaternions() -> None:
+    files = sorted(TRACES.glob("*.npz"))
+    assert files
+    for f in files:
+        world = np.load(f)["world"]
+        q = solve_local(world)
+        assert q.shape == (len(world), len(BONES), 4)
+        assert np.isfinite(q).all(), f.name
+        assert np.abs(np.linalg.norm(q, axis=-1) - 1.0).max() < 1e-6, f.name
+
+
+def test_invisible_landmarks_keep_the_previous_rotation() -> None:
+    solver = SkeletonSolver()
+    p = tpose_unity()
+    vis = np.ones(NUM_LANDMARKS)
+    first = solver.solve(to_mediapipe(p), vis)
+    p2 = p.copy()
+    p2[sk.L_WR] = (-0.48, 0.5, 0.26)
+    vis[sk.L_WR] = 0.1
+    second = solver.solve(to_mediapipe(p2), vis)
+    i = BONE_INDEX["LeftLowerArm"]
+    assert np.allclose(second[i], first[i])
+    vis[sk.L_WR] = 1.0
+    third = solver.solve(to_mediapipe(p2), vis)
+    assert abs(qangle_deg(third[i]) - 90.0) < 1.0
+    nan = np.full((NUM_LANDMARKS, 3), np.nan)
+    assert np.allclose(solver.solve(nan), third)
+
+
+def test_parse_target_and_bad_hosts() -> None:
+    assert parse_target("127.0.0.1") == ("127.0.0.1", 39539)
+    assert parse_target("localhost:9000") == ("localhost", 9000)
+    assert parse_target("[::1]:9000") == ("::1", 9000)
+    for bad in ("host:0", "host:70000", "host:x", ":9000"):
+        with pytest.raises(TransportError):
+            parse_target(bad)
+    with pytest.raises(TransportError, match="cannot be resolved"):
+        VmcSender("no-such-host.invalid", 39539)
+    with pytest.raises(TransportError):
+        VmcSender("127.0.0.1", 0)
+    assert landmark_address("a b/c") == "/posewire/a_b_c/landmarks"
+
+
+def _frame(seq: int, world: F64) -> PoseFrame:
+    image = np.ones((1, NUM_LANDMARKS, 4), np.float32)
+    image[0, :, :3] = 0.5
+    return PoseFrame(seq, time.time_ns(), image, world[None].astype(np.float32))
+
+
+def test_unreachable_port_does_not_fail() -> None:
+    with VmcSender("127.0.0.1", 9, landmarks=True) as sender:  # nobody listens on discard
+        for i in range(5):
+            assert sender.send(_frame(i, to_mediapipe(tpose_unity())), "m")
+
+
+def test_osc_bundles_30_per_second_without_loss() -> None:
+    received: list[tuple[str, tuple[Any, ...]]] = []
+    lock = threading.Lock()
+
+    def handler(address: str, *args: Any) -> None:
+        with lock:
+            received.append((address, args))
+
+    dispatcher = Dispatcher()
+    dispatcher.set_default_handler(handler)
+    server = ThreadingOSCUDPServer(("127.0.0.1", 0), dispatcher)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    if TRACES.is_dir():
+        world = np.load(TRACES / "cmu02_05_punch_strike.npz")["world"][:60]
+    else:
+        world = np.broadcast_to(to_mediapipe(tpose_unity()), (60, NUM_LANDMARKS, 3))
+    n = 60
+    try:
+        with VmcSender("127.0.0.1", port, landmarks=True) as sender:
+            t0 = time.monotonic()
+            for i in range(n):
+                assert sender.send(_frame(i, world[i]), "alice")
+                other = sender.send(_frame(i, world[i]), "bob")  # not the driving member
+                assert not other
+                time.sleep(max(0.0, t0 + (i + 1) / 30 - time.monotonic()))
+        deadline = time.monotonic() + 2.0
+        expect = n * (3 + len(BONES)) + 2 * n
+        while time.monotonic() < deadline and len(received) < expect:
+            time.sleep(0.02)
+    finally:
+        server.shutdown()
+        server.server_close()
+    by_addr: dict[str, list[tuple[Any, ...]]] = {}
+    for addr, args in received:
+        by_addr.setdefault(addr, []).append(args)
+    assert len(by_addr["/VMC/Ext/T"]) == n
+    assert len(by_addr["/VMC/Ext/OK"]) == n
+    assert len(by_addr["/VMC/Ext/Root/Pos"]) == n
+    assert len(by_addr["/VMC/Ext/Bone/Pos"]) == n * len(BONES)
+    assert len(by_addr["/posewire/alice/landmarks"]) == n
+    assert len(by_addr["/posewire/bob/landmarks"]) == n
+    for args in by_addr["/VMC/Ext/Bone/Pos"] + by_addr["/VMC/Ext/Root/Pos"]:
+        assert len(args) == 8 and isinstance(args[0], str)
+        assert all(type(a) is float for a in args[1:])
+        q = np.array(args[4:])
+        assert abs(np.linalg.norm(q) - 1.0) < 1e-5
+    assert {a[0] for a in by_addr["/VMC/Ext/Bone/Pos"]} == set(BONES)
+    assert {a[0] for a in by_addr["/VMC/Ext/Root/Pos"]} == {"root"}
+    assert all(a == (1,) and type(a[0]) is int for a in by_addr["/VMC/Ext/OK"])
+    ts = [a[0] for a in by_addr["/VMC/Ext/T"]]
+    assert all(type(t) is float for t in ts) and ts == sorted(ts)
+    assert all(len(a) == 4 * NUM_LANDMARKS for a in by_addr["/posewire/alice/landmarks"])
