@@ -111,6 +111,21 @@ def test_cmu_traces_give_finite_unit_quaternions() -> None:
         assert q.shape == (len(world), len(BONES), 4)
         assert np.isfinite(q).all(), f.name
         assert np.abs(np.linalg.norm(q, axis=-1) - 1.0).max() < 1e-6, f.name
+        # forward kinematics with the solved rotations points every limb bone where the
+        # landmarks do (within 1 degree)
+        p = sk.to_unity(world)
+        glob: dict[str, F64] = {}
+        for bone in BONES:
+            parent = sk.PARENT[bone]
+            loc = q[:, BONE_INDEX[bone]]
+            glob[bone] = loc if parent is None else sk.qmul(glob[parent], loc)
+            if bone in sk.SWING:
+                rest, a, b = sk.SWING[bone]
+                seen = p[:, list(b)].mean(axis=1) - p[:, list(a)].mean(axis=1)
+                got = sk.qrotate(glob[bone], np.broadcast_to(rest, seen.shape))
+                cos = np.sum(got * seen, axis=1) / np.linalg.norm(seen, axis=1)
+                err = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+                assert err.max() < 1.0, (f.name, bone, err.max())
 
 
 def test_invisible_landmarks_keep_the_previous_rotation() -> None:
