@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,10 +17,11 @@ from pythonosc.osc_server import ThreadingOSCUDPServer
 from pipeline.client import skeleton as sk
 from pipeline.client.skeleton import BONE_INDEX, BONES, F64, SkeletonSolver, qangle_deg, solve_local
 from pipeline.client.vmc import VmcSender, landmark_address, parse_target
+from pipeline.config import traces_dir
 from pipeline.errors import TransportError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 
-TRACES = Path(__file__).resolve().parent.parent / "data" / "pose-traces"
+TRACES = traces_dir()
 
 
 def tpose_unity() -> F64:
@@ -226,3 +229,57 @@ def test_osc_bundles_30_per_second_without_loss() -> None:
     ts = [a[0] for a in by_addr["/VMC/Ext/T"]]
     assert all(type(t) is float for t in ts) and ts == sorted(ts)
     assert all(len(a) == 4 * NUM_LANDMARKS for a in by_addr["/posewire/alice/landmarks"])
+
+
+def test_receive_vmc_drives_an_avatar_from_a_real_pipeline(tmp_path: Path) -> None:
+    """A sender pipeline (trace source with world landmarks, embedded server) and a real
+    ``pipeline receive --vmc``: a python-osc server on loopback gets VMC bundles."""
+    from tests import procutil
+    from tests.test_server_support import SECRET, free_port, token
+
+    got: list[tuple[str, tuple[Any, ...]]] = []
+    dispatcher = Dispatcher()
+    dispatcher.set_default_handler(lambda address, *args: got.append((address, args)))
+    osc = ThreadingOSCUDPServer(("127.0.0.1", 0), dispatcher)
+    threading.Thread(target=osc.serve_forever, daemon=True).start()
+    port = free_port()
+    cfg = procutil.write_config(
+        tmp_path,
+        f"""
+source: {{kind: trace, path: {procutil.TRACE}, loop: true}}
+encode: {{world_landmarks: true}}
+transmit: {{primary: websocket, server_url: "http://127.0.0.1:{port}", room: vmc}}
+server: {{embedded: true, host: 127.0.0.1, port: {port}, secret: {SECRET},
+          data_dir: {tmp_path / "state"}}}
+supervisor: {{run_dir: {tmp_path / "run"}}}
+monitor: {{enabled: false}}
+""",
+    )
+    sup = procutil.start(cfg, env={"POSEWIRE_SECRET": ""})
+    try:
+        assert procutil.wait_for(lambda: _port_open(port), 30), "embedded server not up"
+        rx = subprocess.run(
+            [sys.executable, "-m", "pipeline", "receive", "--server",
+             f"http://127.0.0.1:{port}", "--room", "vmc", "--token",
+             token("vmc", "subscriber"), "--duration", "3", "--vmc",
+             f"127.0.0.1:{osc.server_address[1]}"],
+            cwd=procutil.ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        procutil.stop(sup)
+        osc.shutdown()
+        osc.server_close()
+    assert rx.returncode == 0, rx.stderr[-2000:]
+    bones = [args for address, args in got if address == "/VMC/Ext/Bone/Pos"]
+    oks = [args for address, args in got if address == "/VMC/Ext/OK"]
+    assert len(oks) >= 30, (len(oks), rx.stdout[-500:])  # about 90 frames in 3 s
+    assert {b[0] for b in bones} >= {"Hips", "RightUpperArm", "LeftLowerLeg"}
+    q = np.array([b[4:8] for b in bones], dtype=np.float64)
+    assert np.all(np.isfinite(q)) and np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-3)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -18,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from pipeline.client.receiver import ReceivedPose, Receiver
+from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.errors import BrokenResourceError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
 
@@ -80,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the poses: FILE.jsonl or FILE.npz")
     parser.add_argument("--report", type=Path, help="write the report as JSON")
     parser.add_argument(
+        "--vmc", metavar="HOST[:PORT]", help="send VMC bundles (OSC/UDP, default port 39539)"
+    )
+    parser.add_argument(
+        "--osc-landmarks", action="store_true", help="with --vmc: also /posewire/<member>/landmarks"
+    )
+    parser.add_argument(
         "--connect-timeout", type=float, default=3.0, help="give up connecting after S seconds"
     )
 
@@ -125,6 +132,7 @@ async def _main(args: argparse.Namespace) -> int:
     out: Path | None = args.out
     jsonl: IO[str] | None = None
     stop = asyncio.Event()
+    vmc = VmcSender(*parse_target(args.vmc), landmarks=args.osc_landmarks) if args.vmc else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -132,6 +140,8 @@ async def _main(args: argparse.Namespace) -> int:
     def on_pose(p: ReceivedPose) -> None:
         if jsonl is not None:
             jsonl.write(json.dumps(pose_json(p), separators=(",", ":")) + "\n")
+        if vmc is not None:
+            vmc.send(p.frame, p.member_id)
 
     receiver = Receiver(
         args.server,
@@ -154,6 +164,8 @@ async def _main(args: argparse.Namespace) -> int:
         await receiver.close()
         if jsonl is not None:
             jsonl.close()
+        if vmc is not None:
+            vmc.close()
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
