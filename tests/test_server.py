@@ -207,7 +207,11 @@ def test_acks_keyframe_requests_presence_broadcast_and_clock() -> None:
 
 def test_slow_subscriber_drops_oldest_and_only_gets_decodable_chains() -> None:
     async def main() -> None:
-        async with running_server(subscriber_queue=256, max_messages_per_s=100000) as srv:
+        # the slow member reads nothing until the publisher is done, so it cannot answer
+        # the server's pings: a long heartbeat keeps a slow run (coverage) from dropping it
+        async with running_server(
+            subscriber_queue=256, max_messages_per_s=100000, heartbeat_s=300
+        ) as srv:
             fast = member(srv, "A", "subscriber", subject="fast")
             await fast.connect()
             slow = await raw_join(srv, "A", "subscriber", rcvbuf=4096)
