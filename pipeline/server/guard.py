@@ -465,10 +465,16 @@ def install_loop_handler(
     previous = loop.get_exception_handler()
 
     def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
         if context.get("message") == ACCEPT_EXHAUSTED:
             metrics.accept_errors += 1
-            exc = context.get("exception")
             HTTP_LOG.warning("%s: %s (accepting again in 1 s)", ACCEPT_EXHAUSTED, exc)
+            return
+        if isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            # asyncio 3.11 re-arms accepting a second after EMFILE and does not cancel
+            # that timer when the server closes: it then fires on the closed socket
+            # (fd -1). Harmless: the socket is gone on purpose.
+            log.debug("accept retry after the listening socket closed: %s", exc)
             return
         if previous is not None:
             previous(lp, context)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import resource
 import struct
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bench.common import stop_process
 from pipeline.model.prometheus import samples_as_written
@@ -444,3 +447,37 @@ def test_unmasked_client_frame_is_closed_with_1002() -> None:
             ws.close()
 
     asyncio.run(main())
+
+
+def test_accept_retry_after_close_is_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio 3.11 re-arms accepting a second after EMFILE and fires that timer on the
+    closed listening socket at shutdown (ValueError, fd -1): no traceback for that;
+    any other callback error still reaches the default handler."""
+    from pipeline.server.guard import install_loop_handler
+    from pipeline.server.metrics import ServerMetrics
+
+    class Handle:
+        def __repr__(self) -> str:
+            return "<TimerHandle BaseSelectorEventLoop._start_serving(...)>"
+
+    loop = asyncio.new_event_loop()
+    try:
+        undo = install_loop_handler(loop, ServerMetrics())
+        with caplog.at_level(logging.DEBUG):
+            loop.call_exception_handler(
+                {
+                    "message": "Exception in callback BaseSelectorEventLoop._start_serving",
+                    "exception": ValueError("Invalid file descriptor: -1"),
+                    "handle": Handle(),
+                }
+            )
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            loop.call_exception_handler({"message": "boom", "exception": KeyError("x")})
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR]
+        undo()
+    finally:
+        loop.close()
