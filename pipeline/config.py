@@ -60,8 +60,73 @@ class EncodeConfig(ConfigModel):
     reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
     keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
     world_landmarks: bool = Field(False, description="Send world landmarks too.")
+    references: Literal["auto", "previous", "keyframe"] = Field(
+        "auto",
+        description="What a delta packet predicts from: 'previous' (the previous packet, "
+        "smallest, for reliable transports), 'keyframe' (the stream's latest keyframe: every "
+        "delta decodes on its own, for lossy channels); auto: keyframe when transmit uses webrtc.",
+    )
     stream_id: int | None = Field(
         None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
+    )
+
+
+class IceServer(ConfigModel):
+    """A STUN or TURN server (the WebRTC ``RTCIceServer`` dictionary)."""
+
+    urls: list[str] = Field(
+        min_length=1, max_length=8, description="stun:, turn: or turns: URLs (host:port)."
+    )
+    username: str | None = Field(None, max_length=512, description="TURN user name.")
+    credential: str | None = Field(None, max_length=512, description="TURN password.")
+
+    @field_validator("urls")
+    @classmethod
+    def _schemes(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            scheme, _, rest = url.partition(":")
+            if scheme not in ("stun", "stuns", "turn", "turns") or not rest:
+                raise ValueError(f"{url!r} is not a stun:, stuns:, turn: or turns: URL")
+        return urls
+
+    @model_validator(mode="after")
+    def _turn_credentials(self) -> IceServer:
+        if any(u.startswith("turn") for u in self.urls) and (
+            self.username is None or self.credential is None
+        ):
+            raise ValueError("a TURN server needs username and credential")
+        return self
+
+
+class RtcConfig(ConfigModel):
+    """WebRTC peer connections (``docs/webrtc.md``): ICE, heartbeat, flow control."""
+
+    ice_transport_policy: Literal["all", "relay"] = Field(
+        "all", description="relay: use TURN relay candidates only."
+    )
+    heartbeat_ms: int = Field(
+        80, ge=10, le=10000, description="Send a heartbeat after this long without sending."
+    )
+    dead_after_ms: int = Field(
+        250, ge=30, le=60000, description="The path is dead after this long without receiving."
+    )
+    watermark_ms: int = Field(
+        100,
+        ge=10,
+        le=5000,
+        description="Most pose data the lossy channel may hold (bufferedAmount).",
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="ICE + DTLS + SCTP must be up within this."
+    )
+
+
+class ServerRtcConfig(RtcConfig):
+    """The room server's WebRTC side."""
+
+    enabled: bool = Field(True, description="Accept WebRTC offers from members.")
+    max_peers: int = Field(
+        500, ge=0, le=100000, description="Peer connections per server (offers past it refused)."
     )
 
 
@@ -110,14 +175,19 @@ class TransmitConfig(ConfigModel):
         description="Cap of the send rate in kbit/s (token bucket: packets wait); none: no cap. "
         "Settable at run time with the set command (0 or null lifts it).",
     )
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        max_length=8,
+        description="WebRTC STUN/TURN servers; empty (default): host candidates only, nothing "
+        "asked of servers outside (aiortc would otherwise ask a public STUN server).",
+    )
+    webrtc: RtcConfig = Field(
+        default_factory=lambda: RtcConfig(heartbeat_ms=250, dead_after_ms=250),
+        description="WebRTC transport: heartbeat, dead-path detection, flow control.",
+    )
 
     @model_validator(mode="after")
     def _available(self) -> TransmitConfig:
-        for name, kind in (("primary", self.primary), ("fallback", self.fallback)):
-            if kind == TransportKind.WEBRTC:
-                raise ValueError(
-                    f"transmit.{name}: webrtc is not available in this build (use websocket)"
-                )
         if self.fallback is not None:
             raise ValueError(
                 "transmit.fallback: automatic transport switching is not available in this "
@@ -202,6 +272,16 @@ class ServerConfig(ConfigModel):
         le=100000,
         description="Connections accepted but not yet a joined member or an answered "
         "request; past this, new connections are closed at once.",
+    )
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        max_length=8,
+        description="WebRTC STUN/TURN servers; empty (default): host candidates only, nothing "
+        "asked of servers outside (aiortc would otherwise ask a public STUN server).",
+    )
+    webrtc: ServerRtcConfig = Field(
+        default_factory=lambda: ServerRtcConfig(heartbeat_ms=80, dead_after_ms=1000),
+        description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
     )
 
 
