@@ -182,7 +182,9 @@ class TransmitConfig(ConfigModel):
         "asked of servers outside (aiortc would otherwise ask a public STUN server).",
     )
     webrtc: RtcConfig = Field(
-        default_factory=lambda: RtcConfig(heartbeat_ms=250, dead_after_ms=250),
+        default_factory=lambda: RtcConfig.model_validate(
+            {"heartbeat_ms": 250, "dead_after_ms": 250}
+        ),
         description="WebRTC transport: heartbeat, dead-path detection, flow control.",
     )
 
@@ -280,7 +282,9 @@ class ServerConfig(ConfigModel):
         "asked of servers outside (aiortc would otherwise ask a public STUN server).",
     )
     webrtc: ServerRtcConfig = Field(
-        default_factory=lambda: ServerRtcConfig(heartbeat_ms=80, dead_after_ms=1000),
+        default_factory=lambda: ServerRtcConfig.model_validate(
+            {"heartbeat_ms": 80, "dead_after_ms": 1000}
+        ),
         description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
     )
 

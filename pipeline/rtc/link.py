@@ -214,7 +214,7 @@ class PeerLink:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
             raise ProtocolError(f"{kind}: unusable SDP: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - aiortc's parser raises arbitrary errors
+        except Exception as exc:
             raise ProtocolError(f"{kind}: unusable SDP: {type(exc).__name__}: {exc}") from exc
 
     async def add_candidate(self, line: object, mid: object, index: object) -> None:
@@ -330,5 +330,5 @@ class PeerLink:
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(Exception):  # noqa: BLE001 - closing a half-built aiortc peer
+        with contextlib.suppress(Exception):
             await self.pc.close()
