@@ -26,7 +26,16 @@ BROKEN: list[tuple[str, str, list[str]]] = [
     ("negative", "supervisor:\n  max_restarts: -1\n", ["supervisor.max_restarts (line 2)"]),
     ("bad enum", "source:\n  kind: webcam\n", ["source.kind (line 2)", "'camera'"]),
     ("bad enum transport", "transmit:\n  primary: carrier_pigeon\n", ["transmit.primary (line 2)"]),
-    ("unavailable transport", "transmit:\n  primary: webrtc\n", ["transmit", "not available"]),
+    (
+        "turn without credentials",
+        "transmit:\n  ice_servers:\n    - urls: [turn:10.0.0.1:3478]\n",
+        ["transmit.ice_servers.0 (line 3)", "username and credential"],
+    ),
+    (
+        "bad ice url",
+        "server:\n  ice_servers:\n    - urls: [http://x]\n",
+        ["server.ice_servers.0.urls (line 3)", "not a stun:"],
+    ),
     ("reserved audio", "audio:\n  enabled: true\n", ["audio (line 1)", "not available"]),
     (
         "missing file",

@@ -33,6 +33,9 @@ code  reason                  meaning                                           
 4016  kicked                  a moderator kicked this member                      fatal
 4017  stale_packet            a packet whose sequence number is not after the     fatal
                               stream's last one (a replay; see rooms.py)
+4018  bad_signaling           WebRTC signaling refused: SDP too large or of the   fatal
+                              wrong shape, a malformed candidate, an unexpected
+                              data channel (``docs/webrtc.md``)
 4101  expired                 token refused: expired                              fatal
 4102  not_yet_valid           token refused: nbf/iat in the future                fatal
 4103  wrong_room              token refused: issued for another room              fatal
@@ -85,6 +88,7 @@ class CloseCode(IntEnum):
     ROOM_NOT_FOUND = 4015
     KICKED = 4016
     STALE_PACKET = 4017
+    BAD_SIGNALING = 4018
     TOKEN_EXPIRED = 4101
     TOKEN_NOT_YET_VALID = 4102
     TOKEN_WRONG_ROOM = 4103
@@ -122,6 +126,7 @@ _REASON: Final[dict[CloseCode, str]] = {
     CloseCode.ROOM_NOT_FOUND: "room_not_found",
     CloseCode.KICKED: "kicked",
     CloseCode.STALE_PACKET: "stale_packet",
+    CloseCode.BAD_SIGNALING: "bad_signaling",
     CloseCode.TOKEN_EXPIRED: "expired",
     CloseCode.TOKEN_NOT_YET_VALID: "not_yet_valid",
     CloseCode.TOKEN_WRONG_ROOM: "wrong_room",

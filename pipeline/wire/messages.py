@@ -16,9 +16,11 @@ stream ids 0..2**32-1, sequence numbers and timestamps 0..2**63-1; room names
 and member ids matched whole (``fullmatch``).
 
 Client -> server: ``join`` (first message, once), ``ping``, ``clock``,
-``keyframe_request``, ``ack``, ``broadcast``, ``kick``, ``leave``.
+``keyframe_request``, ``ack``, ``broadcast``, ``kick``, ``leave``; WebRTC
+(``docs/webrtc.md``): ``rtc_offer``, ``rtc_candidate``, ``rtc_close``, ``hb``.
 Server -> client: ``welcome``, ``presence``, ``pong``, ``ack``,
-``keyframe_request``, ``broadcast``, ``kicked``, ``error``, ``backfill``.
+``keyframe_request``, ``broadcast``, ``kicked``, ``error``, ``backfill``;
+WebRTC: ``rtc_answer``, ``rtc_state``, ``hb``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,20 @@ from pipeline.wire.close import CloseCode, refusal
 
 #: Types a member may send.
 CLIENT_TYPES: Final = frozenset(
-    {"join", "ping", "clock", "keyframe_request", "ack", "broadcast", "kick", "leave"}
+    {
+        "join",
+        "ping",
+        "clock",
+        "keyframe_request",
+        "ack",
+        "broadcast",
+        "kick",
+        "leave",
+        "hb",
+        "rtc_offer",
+        "rtc_candidate",
+        "rtc_close",
+    }
 )
 #: Types the server sends.
 SERVER_TYPES: Final = frozenset(
@@ -49,6 +64,9 @@ SERVER_TYPES: Final = frozenset(
         "kicked",
         "error",
         "backfill",
+        "hb",
+        "rtc_answer",
+        "rtc_state",
     }
 )
 #: Longest accepted ``name``/``resume`` string of a join.
@@ -242,6 +260,38 @@ def _nothing(obj: Mapping[str, Any]) -> None:
     pass
 
 
+SESSION: Final = (1, 2**31 - 1)
+"""A WebRTC session number (``docs/webrtc.md``)."""
+
+
+def _rtc_sdp(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "session", SESSION)
+    field_str(obj, "sdp", "an SDP string", MAX_CONTROL_CHARS)
+
+
+def _rtc_candidate(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "session", SESSION)
+    cand = obj.get("candidate")
+    if not isinstance(cand, str) or len(cand) > 512:
+        raise _malformed("rtc_candidate: 'candidate' must be a string of at most 512 characters")
+    mid = obj.get("sdpMid")
+    if mid is not None and not (isinstance(mid, str) and len(mid) <= 32):
+        raise _malformed("rtc_candidate: 'sdpMid' must be a short string or null")
+    field_opt_int(obj, "sdpMLineIndex", (0, 64))
+
+
+def _rtc_session(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "session", SESSION)
+
+
+def _rtc_state(obj: Mapping[str, Any]) -> None:
+    field_int(obj, "session", SESSION)
+    if obj.get("state") not in ("open", "closed"):
+        raise _malformed("rtc_state: 'state' must be open or closed")
+    if "reason" in obj:
+        field_str(obj, "reason", "a string", 4096)
+
+
 def _welcome(obj: Mapping[str, Any]) -> None:
     field_member_id(obj, "member_id")
     field_str(obj, "room", "a room name")
@@ -292,6 +342,10 @@ CLIENT_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "broadcast": field_data,
     "kick": lambda obj: field_member_id(obj, "member"),
     "leave": _nothing,
+    "hb": _nothing,
+    "rtc_offer": _rtc_sdp,
+    "rtc_candidate": _rtc_candidate,
+    "rtc_close": _rtc_session,
 }
 #: ... and what the server sends (checked by the clients).
 SERVER_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
@@ -304,6 +358,9 @@ SERVER_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "broadcast": _server_broadcast,
     "kicked": lambda obj: field_member_id(obj, "member"),
     "error": _error,
+    "hb": _nothing,
+    "rtc_answer": _rtc_sdp,
+    "rtc_state": _rtc_state,
 }
 
 
