@@ -110,6 +110,11 @@ def test_longest_interval_decodes_with_two_late_packets_in_between() -> None:
         res = dec.decode(packets[i])
         assert isinstance(res, Decoded), i
         assert_close(res.frame, frames[i], CodecConfig())
+    # the margin is exactly that: a third late packet evicts the keyframe first
+    order = [*range(k - 3), k, k - 3, k - 2, k - 1, *range(k + 1, 2 * k)]
+    dec = Decoder()
+    results = {i: dec.decode(packets[i]) for i in order}
+    assert [i for i, r in results.items() if isinstance(r, NeedKeyframe)] == [2 * k - 1]
 
 
 def test_refresh_request_makes_the_next_packet_a_keyframe() -> None:
