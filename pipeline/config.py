@@ -105,7 +105,7 @@ class RtcConfig(ConfigModel):
         "all", description="relay: use TURN relay candidates only."
     )
     heartbeat_ms: int = Field(
-        80, ge=10, le=10000, description="Send a heartbeat after this long without sending."
+        250, ge=10, le=10000, description="Send a heartbeat after this long without sending."
     )
     dead_after_ms: int = Field(
         250, ge=30, le=60000, description="The path is dead after this long without receiving."
@@ -124,6 +124,16 @@ class RtcConfig(ConfigModel):
 class ServerRtcConfig(RtcConfig):
     """The room server's WebRTC side."""
 
+    heartbeat_ms: int = Field(
+        80,
+        ge=10,
+        le=10000,
+        description="Send a heartbeat after this long without sending (clients notice a dead "
+        "path after 250 ms of silence: keep this well below).",
+    )
+    dead_after_ms: int = Field(
+        1000, ge=30, le=60000, description="The path is dead after this long without receiving."
+    )
     enabled: bool = Field(True, description="Accept WebRTC offers from members.")
     max_peers: int = Field(
         500, ge=0, le=100000, description="Peer connections per server (offers past it refused)."
@@ -282,9 +292,7 @@ class ServerConfig(ConfigModel):
         "asked of servers outside (aiortc would otherwise ask a public STUN server).",
     )
     webrtc: ServerRtcConfig = Field(
-        default_factory=lambda: ServerRtcConfig.model_validate(
-            {"heartbeat_ms": 80, "dead_after_ms": 1000}
-        ),
+        default_factory=ServerRtcConfig,
         description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
     )
 
