@@ -192,9 +192,7 @@ class TransmitConfig(ConfigModel):
         "asked of servers outside (aiortc would otherwise ask a public STUN server).",
     )
     webrtc: RtcConfig = Field(
-        default_factory=lambda: RtcConfig.model_validate(
-            {"heartbeat_ms": 250, "dead_after_ms": 250}
-        ),
+        default_factory=lambda: RtcConfig.model_validate({}),
         description="WebRTC transport: heartbeat, dead-path detection, flow control.",
     )
 
@@ -292,7 +290,7 @@ class ServerConfig(ConfigModel):
         "asked of servers outside (aiortc would otherwise ask a public STUN server).",
     )
     webrtc: ServerRtcConfig = Field(
-        default_factory=ServerRtcConfig,
+        default_factory=lambda: ServerRtcConfig.model_validate({}),
         description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
     )
 
