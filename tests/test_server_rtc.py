@@ -21,6 +21,7 @@ import pytest
 
 from bench.common import stop_process
 from pipeline.model.prometheus import parse_exposition
+from pipeline.server.streams import StoredPacket, StreamState
 from tests.netns import Peer, Topology, python_env, topology, unavailable_reason
 from tests.test_server_support import SECRET, token
 
@@ -256,3 +257,29 @@ def test_metrics_show_the_webrtc_series(rig: Rig) -> None:
             value = metric(m, "relay_latency_ms", transport=transport, quantile=q)
             print(f"rtc figure: relay latency {transport} p{float(q) * 100:g} = {value:.3f} ms")
             assert 0 <= value < 1000
+
+
+def test_unordered_acceptance_drops_instead_of_refusing() -> None:
+    """StreamState.unordered: late deltas, duplicates and old keyframes are dropped; a
+    keyframe overtaken by newer deltas (other channel) is still taken."""
+    stream = StreamState[object](1, history=10)
+
+    def take(seq: int, keyframe: bool = False, epoch: int = 0) -> bool:
+        ok = stream.unordered(seq, epoch, keyframe, time.monotonic()) is None
+        if ok:
+            stream.add(StoredPacket(1, seq, None if keyframe else seq - 1, keyframe, b"", epoch))
+        return ok
+
+    assert take(1, keyframe=True)
+    assert take(3)
+    assert not take(2)  # late
+    assert not take(3)  # duplicate
+    assert take(5)
+    assert take(4, keyframe=True)  # a keyframe overtaken by delta 5: still the newest keyframe
+    assert stream.keyframe is not None and stream.keyframe.seq == 4
+    assert stream.last_seq == 5
+    assert not take(4, keyframe=True)  # duplicate keyframe
+    assert not take(1, keyframe=True)  # older than the stored keyframe
+    assert not take(2, epoch=1)  # a new epoch must start with a keyframe: dropped, not refused
+    # the strict check (WebSocket) refuses what unordered drops
+    assert stream.stale(2, 0, False, time.monotonic()) is not None
