@@ -174,10 +174,14 @@ class Client:
     async def _publish(self, c: dict[str, Any]) -> None:
         kf = int(c.get("keyframe_interval", 30))
         sid = int(c["stream_id"])
+        via_rtc = c.get("path", "rtc") == "rtc"
         source = self.sources.get(sid)
         if source is None:  # one encoder per stream: a second publish goes on from it
-            source = self.sources[sid] = PoseSource(sid, self.trace(), keyframe_interval=kf)
-        via_rtc = c.get("path", "rtc") == "rtc"
+            # over WebRTC every delta predicts from the keyframe (docs/webrtc.md)
+            refs = "keyframe" if via_rtc else "previous"
+            source = self.sources[sid] = PoseSource(
+                sid, self.trace(), keyframe_interval=kf, references=refs
+            )
         interval = float(c.get("interval_ms", 20)) / 1000
         seqs = []
         for _ in range(int(c["count"])):

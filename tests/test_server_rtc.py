@@ -9,6 +9,7 @@ leaves a dead link behind), the metrics test last.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -23,7 +24,7 @@ from bench.common import stop_process
 from pipeline.model.prometheus import parse_exposition
 from pipeline.server.streams import StoredPacket, StreamState
 from tests.netns import Peer, Topology, python_env, topology, unavailable_reason
-from tests.test_server_support import SECRET, token
+from tests.test_server_support import SECRET, raw_join, running_server, token
 
 CLIENT = "tests.rtc_client"
 PORT = 8765
@@ -283,3 +284,32 @@ def test_unordered_acceptance_drops_instead_of_refusing() -> None:
     assert not take(2, epoch=1)  # a new epoch must start with a keyframe: dropped, not refused
     # the strict check (WebSocket) refuses what unordered drops
     assert stream.stale(2, 0, False, time.monotonic()) is not None
+
+
+def test_refused_offers_and_early_candidates_on_loopback() -> None:
+    """What is decided before any peer connection exists (no network needed): the
+    non-closing refusals, and a candidate before its offer (closing, 4018)."""
+
+    async def run() -> None:
+        offer = {"type": "rtc_offer", "session": 1, "sdp": "v=0"}
+        async with running_server(webrtc={"enabled": False}) as srv:
+            ws = await raw_join(srv, "rtc-off")
+            ws.send_json(offer)
+            got = await ws.read_text()
+            assert got["type"] == "error" and got["reason"] == "webrtc_disabled"
+            ws.send_json({"type": "ping", "id": 1})  # the membership goes on
+            assert (await ws.read_text())["type"] == "pong"
+            ws.close()
+        async with running_server(webrtc={"enabled": True, "max_peers": 0}) as srv:
+            ws = await raw_join(srv, "rtc-full")
+            ws.send_json(offer)
+            got = await ws.read_text()
+            assert got["type"] == "error" and got["reason"] == "too_many_peers"
+            ws.send_json({"type": "rtc_candidate", "session": 2, "candidate": ""})
+            code, _ = await ws.read_until_close()
+            assert code == 4018
+            assert srv.state.metrics.rejections["bad_signaling"] == 1
+            assert srv.state.metrics.rtc_offers == 1
+            ws.close()
+
+    asyncio.run(run())
