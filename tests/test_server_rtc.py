@@ -139,8 +139,13 @@ def test_webrtc_publisher_to_webrtc_and_websocket_subscribers(rig: Rig) -> None:
     assert seqs(got_rtc, 7) == sent  # every packet, in order, on a clean path
     assert seqs(got_ws, 7) == sent
     assert not seqs(got_rtc, 7, ("ws",))  # all of it on the channels
-    kinds = {(p[2], p[3]) for p in got_rtc["packets"]}
-    assert kinds == {(True, "control"), (False, "pose")}  # keyframes reliable, deltas lossy
+    # keyframes reliable; deltas reliable during the first keyframe interval, lossy once the
+    # stream has shown a whole interval of keyframe-anchored deltas (server.streams.anchored)
+    by_seq = {p[1]: (p[2], p[3]) for p in got_rtc["packets"] if p[0] == 7}
+    assert {by_seq[s] for s in sent if by_seq[s][0]} == {(True, "control")}
+    first_interval, later = sent[1:30], sent[31:60] + sent[61:90]
+    assert {by_seq[s] for s in first_interval} == {(False, "control")}
+    assert {by_seq[s] for s in later} == {(False, "pose")}
     assert report(pub)["acks"] == 90  # acks on the control channel (or the WebSocket)
 
     # a late joiner on WebRTC: a backfill first (on control when its channels open)
@@ -159,12 +164,15 @@ def test_webrtc_publisher_to_webrtc_and_websocket_subscribers(rig: Rig) -> None:
     live = seqs(rep, 7, ("pose", "control"))
     assert live[-len(more) :] == more
 
-    # local keyframe repair: the stored keyframe comes again on control
+    # a keyframe request from a member that was sent the keyframe (reliably, on control):
+    # a delta overtook its keyframe; nothing is re-sent, the request is counted
+    key = ("posewire_server_keyframe_repairs_skipped_total", frozenset())
+    before = rig.metrics().get(key, 0.0)
     sub_rtc.send({"cmd": "keyframe_request", "stream_id": 7, "path": "rtc"})
-    msg = sub_rtc.expect("ctl", timeout=5)["msg"]
-    while msg["type"] != "backfill":
-        msg = sub_rtc.expect("ctl", timeout=5)["msg"]
-    assert msg["stream_id"] == 7
+    deadline = time.monotonic() + 5
+    while rig.metrics().get(key, 0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rig.metrics().get(key, 0.0) == before + 1
 
 
 def test_websocket_publisher_to_webrtc_subscriber(rig: Rig) -> None:
@@ -248,7 +256,8 @@ def test_metrics_show_the_webrtc_series(rig: Rig) -> None:
     assert metric(m, "rtc_open_total") >= 6
     assert metric(m, "rtc_dead_total") >= 1
     assert metric(m, "rtc_peers") >= 1
-    assert metric(m, "keyframe_repairs_total") >= 1
+    assert metric(m, "keyframe_repairs_skipped_total") >= 1
+    assert metric(m, "keyframe_repairs_total") >= 0
     for name in ("rtc_dropped_stale_total", "late_packets_total"):
         assert metric(m, name) >= 0
     for transport in ("websocket", "webrtc"):
@@ -313,3 +322,25 @@ def test_refused_offers_and_early_candidates_on_loopback() -> None:
             ws.close()
 
     asyncio.run(run())
+
+
+def test_a_stream_goes_lossy_only_after_a_whole_anchored_interval() -> None:
+    """StreamState.anchored: deltas may take the lossy channel once a whole keyframe
+    interval predicted from its keyframe; one delta chained on another revokes it."""
+    stream = StreamState[object](1, history=64)
+
+    def add(seq: int, ref: int | None) -> StoredPacket:
+        pkt = StoredPacket(1, seq, ref, ref is None, b"", 0)
+        stream.add(pkt)
+        return pkt
+
+    add(0, None)
+    first = [add(s, 0) for s in range(1, 5)]
+    assert not any(p.lossy for p in first)  # not yet known
+    add(5, None)
+    second = [add(s, 5) for s in range(6, 10)]
+    assert all(p.lossy for p in second) and stream.anchored
+    chained = add(10, 9)  # predicts from the previous packet: back to reliable
+    assert not chained.lossy and not stream.anchored
+    add(11, None)
+    assert not add(12, 11).lossy  # the interval before was not anchored throughout

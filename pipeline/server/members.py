@@ -100,14 +100,23 @@ def add_routes(app: web.Application) -> None:
 
 
 def repair_keyframe(state: ServerState, member: Member, stream_id: int) -> None:
-    """A ``keyframe_request``: a member on an open WebRTC link lost something on its
-    lossy channel, so the stored keyframe and its chained history are re-sent to it on
-    ``control`` (a ``backfill``), at most every :data:`REPAIR_INTERVAL_S` per stream;
-    the publisher is asked only when nothing is stored (or over the WebSocket)."""
+    """A ``keyframe_request`` from a member on an open WebRTC link.
+
+    Keyframes and the deltas that do not decode on their own travel on the reliable
+    channel, so a member that was sent the stream's latest keyframe will have it:
+    the request came from a delta that overtook it on the lossy channel, and is
+    ignored (counted). Otherwise the stored keyframe and its chained history are
+    re-sent on ``control`` (a ``backfill``), at most every
+    :data:`REPAIR_INTERVAL_S` per stream; the publisher is asked only when nothing
+    is stored (or over the WebSocket)."""
     room = member.room
     stream = room.streams.get(stream_id)
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
+        return
+    if member.holds_keyframe(stream.keyframe):
+        # it went on the reliable channel: the delta that asked raced ahead of it
+        state.metrics.keyframe_repairs_skipped += 1
         return
     now = time.monotonic()
     if now - member.repaired.get(stream_id, -1e9) < REPAIR_INTERVAL_S:

@@ -65,6 +65,8 @@ class ServerMetrics:
     """Packets from a data channel dropped as late, duplicate or an old keyframe."""
     keyframe_repairs: int = 0
     """Stored keyframes re-sent to a WebRTC member that asked for one."""
+    keyframe_repairs_skipped: int = 0
+    """Keyframe requests of WebRTC members that were already sent the keyframe (reliably)."""
     by_transport: dict[str, Counter[str]] = field(
         default_factory=lambda: {t: Counter() for t in TRANSPORTS}
     )
@@ -134,6 +136,7 @@ class ServerMetrics:
         out.add(f"{PREFIX}rtc_dropped_stale_total", self.rtc_dropped_stale)
         out.add(f"{PREFIX}late_packets_total", self.late_packets)
         out.add(f"{PREFIX}keyframe_repairs_total", self.keyframe_repairs)
+        out.add(f"{PREFIX}keyframe_repairs_skipped_total", self.keyframe_repairs_skipped)
         for transport in TRANSPORTS:
             c = self.by_transport[transport]
             for what in ("messages_in", "messages_out", "bytes_in", "bytes_out"):
@@ -204,6 +207,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
             "Data-channel packets dropped as late, duplicate or an old keyframe.",
         ),
         ("keyframe_repairs_total", "counter", "Stored keyframes re-sent to WebRTC members."),
+        (
+            "keyframe_repairs_skipped_total",
+            "counter",
+            "Keyframe requests of WebRTC members already sent the keyframe on control.",
+        ),
         ("transport_messages_in_total", "counter", "Messages received, per transport."),
         ("transport_messages_out_total", "counter", "Messages sent, per transport."),
         ("transport_bytes_in_total", "counter", "Bytes received, per transport."),

@@ -6,10 +6,13 @@ are described in :mod:`pipeline.server.rooms`.
 
 The sink is chosen when an item is written, so whatever is queued when a link
 opens or dies goes out on the path that works then. On an open WebRTC link
-(``link``, set by :mod:`pipeline.server.rtc`): delta packets on the lossy
-``pose`` channel (dropped at its watermark, counted ``rtc_dropped_stale``),
-keyframes, snapshot packets and control text on the reliable ``control``
-channel. Signaling (:class:`WsText`) always goes on the WebSocket.
+(``link``, set by :mod:`pipeline.server.rtc`): delta packets that decode on their
+own (:attr:`StoredPacket.lossy <pipeline.server.streams.StoredPacket.lossy>`:
+keyframe-anchored streams) on the lossy ``pose`` channel (dropped at its
+watermark, counted ``rtc_dropped_stale``); keyframes, snapshot packets, deltas of
+streams that predict from the previous packet (one loss would break their chain)
+and control text on the reliable ``control`` channel.
+Signaling (:class:`WsText`) always goes on the WebSocket.
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class MemberOutput:
         self._undecodable(pkt.stream_id)
         return False
 
+    def holds_keyframe(self, kf: StoredPacket) -> bool:
+        """Whether keyframe ``kf`` was written to this member (on a reliable path)."""
+        have = self._have.get(kf.stream_id)
+        return have is not None and have.epoch == kf.epoch and kf.seq in have.seqs
+
     async def send_packet(self, pkt: StoredPacket) -> None:
         """Relay one packet: straight to the socket when it has room, else via the queue."""
         if self.closed:
@@ -175,7 +183,7 @@ class MemberOutput:
         link = self.link
         if link is not None and link.is_open:
             data = pkt.data
-            if pkt.keyframe or not live:
+            if not (live and pkt.lossy):  # keyframes, snapshots, chained deltas
                 link.send_control(data)
             elif not link.send_pose(data):
                 self.metrics.rtc_dropped_stale += 1

@@ -46,6 +46,10 @@ class StoredPacket:
     """The encoder instance (header flags); references never cross epochs."""
     t_recv_ns: int = 0
     """``time.monotonic_ns()`` when the server received it (relay latency); 0: unknown."""
+    lossy: bool = False
+    """A delta that may go on a lossy channel: it predicts from the stream's latest
+    keyframe and the stream's deltas have done so for a whole keyframe interval
+    (:attr:`StreamState.anchored`); every other packet needs a reliable path."""
 
 
 class Snapshot:
@@ -96,6 +100,13 @@ class StreamState(Generic[OwnerT]):
         self.last_seq = -1
         self.epoch: int | None = None
         self.epoch_changed = -1e9
+        self.anchored = False
+        """Every delta of the last complete keyframe interval predicted from its keyframe
+        (the publisher's ``references: keyframe`` mode): such deltas decode on their
+        own, so they may be lost without harm. Learned, never assumed: a stream starts
+        unanchored and loses the status at the first delta that predicts from another
+        frame."""
+        self._interval_anchored = False
 
     def stale(self, seq: int, epoch: int, keyframe: bool, now: float) -> str | None:
         """Why a packet is a replay (see the module docstring), or None to accept it;
@@ -132,9 +143,15 @@ class StreamState(Generic[OwnerT]):
     def add(self, pkt: StoredPacket) -> None:
         self.packets += 1
         if pkt.keyframe:
+            if self.keyframe is not None and self.since:
+                self.anchored = self._interval_anchored
+            self._interval_anchored = True
             self.keyframe = pkt
             self.since.clear()
         elif self.keyframe is not None:
+            if pkt.ref_seq != self.keyframe.seq or pkt.epoch != self.keyframe.epoch:
+                self._interval_anchored = self.anchored = False
+            pkt.lossy = self.anchored
             self.since.append(pkt)
 
     def snapshot(self) -> list[StoredPacket]:
