@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.client.receiver import ReceivedPose, Receiver
+from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.errors import BrokenResourceError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout", type=float, default=3.0, help="give up connecting after S seconds"
     )
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORT_CHOICES,
+        default="auto",
+        help="webrtc (data channels), websocket, or auto (default): webrtc when the server "
+        "takes offers and this host can reach it (not on loopback), else websocket, saying why",
+    )
 
 
 def _print_summary(rep: dict[str, Any]) -> None:
@@ -104,6 +111,20 @@ def _print_summary(rep: dict[str, Any]) -> None:
         f"backfill {bf['count']} frames (age p50 {ms(bf['age_ms']['p50'])} ms, "
         f"max {ms(bf['age_ms']['max'])} ms)"
     )
+    tr = rep["transport"]
+    st = tr["stats"]
+    extra = st["extra"]
+    line = f"  transport {tr['kind']} (asked: {tr['requested']})"
+    if tr["why_not_webrtc"]:
+        line += f": {tr['why_not_webrtc']}"
+    if tr["kind"] == "webrtc":
+        line += (
+            f": {extra.get('packets_via_webrtc')} packets over the data channels, "
+            f"{extra.get('packets_via_websocket')} over the WebSocket; opened "
+            f"{extra.get('rtc_opens')}x (last in {ms(extra.get('rtc_open_ms'))} ms), dead paths "
+            f"{extra.get('rtc_dead_detections')}"
+        )
+    print(line)
     if rep["bad_member_records"] or rep["bad_messages"]:
         print(
             f"  refused from the room: {rep['bad_member_records']} bad member records, "
@@ -148,6 +169,7 @@ async def _main(args: argparse.Namespace) -> int:
         args.room,
         args.token,
         connect_timeout_s=args.connect_timeout,
+        transport_kind=args.transport,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
     )
