@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,7 @@ from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.errors import BrokenResourceError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
+from pipeline.transports.base import StateChange
 
 __all__ = ["Receiver", "add_arguments", "main", "pose_json", "write_npz"]
 
@@ -164,6 +166,10 @@ async def _main(args: argparse.Namespace) -> int:
         if vmc is not None:
             vmc.send(p.frame, p.member_id)
 
+    def on_state(change: StateChange) -> None:
+        what = "up" + (" (resumed)" if change.resumed else "") if change.connected else "down"
+        print(f"{time.time_ns()} transport {what} {change.reason}".rstrip(), flush=True)
+
     receiver = Receiver(
         args.server,
         args.room,
@@ -172,9 +178,15 @@ async def _main(args: argparse.Namespace) -> int:
         transport_kind=args.transport,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
+        on_state=on_state,
     )
     failure: BrokenResourceError | None = None
     await receiver.connect()
+    stats = receiver.transport.statistics()
+    print(
+        f"joined room {args.room} as member {receiver.transport.member_id} over {stats.kind}",
+        flush=True,
+    )
     try:
         if out is not None and out.suffix == ".jsonl":
             jsonl = out.open("w", encoding="utf-8")

@@ -261,6 +261,7 @@ class Receiver:
         connect_timeout_s: float = 3.0,
         keep_poses: bool = False,
         on_pose: Callable[[ReceivedPose], None] | None = None,
+        on_state: Callable[[StateChange], None] | None = None,
         transport: MemberTransport | None = None,
         transport_kind: str = "websocket",
         warm: bool = True,
@@ -272,6 +273,7 @@ class Receiver:
         self.room = room
         self.keep_poses = keep_poses
         self.on_pose = on_pose
+        self.on_state = on_state
         self.warm = warm
         self.poses: list[ReceivedPose] = []
         self.streams: dict[int, StreamStats] = {}
@@ -335,6 +337,8 @@ class Receiver:
             await self._on_packet(item)
         elif isinstance(item, StateChange):
             self.events.append(item)
+            if self.on_state is not None:
+                self.on_state(item)
             if not item.connected:
                 self.disconnects += 1
             else:

@@ -59,6 +59,8 @@ log = logging.getLogger("posewire.transport.webrtc")
 #: how often the link is ticked: heartbeat and dead-path check (dead_after_ms + TICK_S
 #: bounds the detection time after the last packet received)
 TICK_S: Final = 0.02
+#: at most this long waiting on close for the channels' buffers to drain
+FLUSH_S: Final = 0.5
 #: clock pings over the control channel right after it opens
 CHANNEL_CLOCK_SAMPLES: Final = 4
 #: server ``error`` reasons that answer an offer: no retry can help / a retry may
@@ -207,6 +209,14 @@ class WebRtcTransport(WebSocketTransport):
     async def close(self) -> None:
         if self._closed:
             return
+        link = self._link
+        if link is not None and link.is_open:  # let what was sent leave before the leave
+            deadline = time.monotonic() + FLUSH_S
+            while link.pose.bufferedAmount + link.control.bufferedAmount > 0:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)
         await super().close()
         if self._rtc_task is not None:
             self._rtc_task.cancel()
