@@ -220,7 +220,7 @@ def test_udp_blackout_is_detected_within_300ms_and_the_link_comes_back(
     assert "rtc_dead" in down, down
     assert "(resumed)" in up, up
     assert extra["rtc_dead_detections"] == 1, extra
-    assert extra["rtc_opens"] >= 2 and extra["rtc_open"], extra
+    assert extra["rtc_opens"] == 2, extra  # opened, dead, opened again
     assert rep["member_id"] == member, (rep["member_id"], member)  # the same membership
     detected_ms = (extra["rtc_last_dead_ns"] - t_installed) / 1e6
     detected_before_ms = (extra["rtc_last_dead_ns"] - t_before) / 1e6

@@ -209,6 +209,11 @@ class WebRtcTransport(WebSocketTransport):
     async def close(self) -> None:
         if self._closed:
             return
+        if self._rtc_task is not None:  # no dead-path verdict on a link we are ending
+            self._rtc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rtc_task
+            self._rtc_task = None
         link = self._link
         if link is not None and link.is_open:  # let what was sent leave before the leave
             deadline = time.monotonic() + FLUSH_S
@@ -218,11 +223,6 @@ class WebRtcTransport(WebSocketTransport):
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.02)
         await super().close()
-        if self._rtc_task is not None:
-            self._rtc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rtc_task
-            self._rtc_task = None
         self._fail(TransportError("transport closed"))
         if self._link is not None:
             self._retire(self._link)
