@@ -159,8 +159,9 @@ def test_webrtc_sender_to_webrtc_and_websocket_receivers(
         server.stop()
     metrics = json.loads(sender_report.read_text())["stages"]["transmit"]["metrics"]
     assert metrics["transport_active_webrtc"] == 1, metrics
+    assert metrics["rtc_dead_detections"] == 0, err[-3000:]
     sent = int(metrics["packets_sent_total"])
-    assert sent > 60, metrics
+    assert sent > 20, metrics
     assert metrics.get("rtc_pose_sent", 0) > 0 and metrics.get("rtc_control_sent", 0) > 0, metrics
     for name, rep in reports.items():
         (stream,) = rep["publishers"].values()
@@ -257,4 +258,4 @@ def test_primary_webrtc_against_a_loopback_server_uses_the_websocket(tmp_path: P
     assert metrics["transport_active_websocket"] == 1, metrics
     assert metrics["transport_active_webrtc"] == 0, metrics
     assert metrics["transport_unavailable_webrtc"] == 1, metrics
-    assert metrics["packets_sent_total"] > 20, metrics
+    assert metrics["packets_sent_total"] > 20, (metrics, err[-4000:])

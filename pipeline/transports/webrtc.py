@@ -59,6 +59,8 @@ log = logging.getLogger("posewire.transport.webrtc")
 #: how often the link is ticked: heartbeat and dead-path check (dead_after_ms + TICK_S
 #: bounds the detection time after the last packet received)
 TICK_S: Final = 0.02
+#: before declaring a path dead, the loop runs this long to read what already arrived
+CONFIRM_S: Final = 0.005
 #: at most this long waiting on close for the channels' buffers to drain
 FLUSH_S: Final = 0.5
 #: clock pings over the control channel right after it opens
@@ -375,6 +377,10 @@ class WebRtcTransport(WebSocketTransport):
         while not self._closed:
             link = self._link
             while link is not None and link is self._link and self._up:
+                if time.monotonic() - link.last_rx > self.rtc.dead_after_ms / 1000:
+                    # about to be declared dead: first let what already arrived be read
+                    # (a stalled loop must not be mistaken for a dead path)
+                    await asyncio.sleep(CONFIRM_S)
                 reason = link.tick()
                 if reason is not None:
                     self._dead(link, reason)
