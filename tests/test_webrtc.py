@@ -235,6 +235,44 @@ def test_udp_blackout_is_detected_within_300ms_and_the_link_comes_back(
     assert stream["decoded"] > 60, stream
 
 
+def test_publisher_link_dies_and_reopens_keyframe_first(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    server = _server(net)
+    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
+    try:
+        rx.line("joined room A", 20)
+        sender, sender_report = _sender(net, tmp_path, server, "webrtc", 8.0)
+        assert wait_for(lambda: len(rx.poses()) > 20, 20), rx.tail()
+        net.blackout_udp()
+        t_installed = time.time_ns()
+        time.sleep(1.0)
+        net.clear_faults()
+        assert _wait(sender, 40), "the sender did not end"
+        code, _, err = stop(sender)
+        assert code == 0, err[-3000:]
+        time.sleep(0.5)
+        rep = rx.finish()
+        poses = rx.poses()
+    finally:
+        rx.kill()
+        server.stop()
+    metrics = json.loads(sender_report.read_text())["stages"]["transmit"]["metrics"]
+    assert metrics["rtc_dead_detections"] == 1 and metrics["rtc_opens"] == 2, metrics
+    assert "WebRTC path dead" in err, err[-3000:]
+    silence = metrics["rtc_last_dead_silence_ms"]
+    figure(record_property, "publisher_silence_at_detection_ms", silence)
+    (stream,) = rep["publishers"].values()
+    # after the reopen the publisher sends a keyframe first: nothing undecodable
+    assert stream["need_keyframe"] == 0, stream
+    after = [p for p in poses if p["capture_ts_ns"] > t_installed + 1_000_000_000]
+    assert len(after) > 10, stream  # decoding resumed after the blackout
+    # lost: only what went into the dead path before it was detected (~0.3 s at 30 fps)
+    lost = metrics["packets_sent_total"] - stream["decoded"]
+    figure(record_property, "publisher_packets_lost_in_blackout", lost)
+    assert 0 <= lost <= 12, (stream, metrics)
+
+
 def test_primary_webrtc_against_a_loopback_server_uses_the_websocket(tmp_path: Path) -> None:
     port = free_port()
     report = tmp_path / "report.json"

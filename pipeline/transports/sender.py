@@ -8,7 +8,10 @@ connected before the old one is closed. What the far side says goes to the
 encoder as feedback records (:mod:`pipeline.codec.feedback`): the server's
 acks (the encoder may predict from an acknowledged frame) and keyframe
 requests; a (re)connect or a switch asks for a keyframe too, so that nobody
-waits a whole keyframe interval.
+waits a whole keyframe interval. After a reconnect (``StateChange(True)``: the
+WebSocket resumed, a dead WebRTC link reopened) the far side may lack the
+references of the next deltas: they are skipped (``packets_skipped_for_keyframe_total``)
+until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
 :class:`Throttle` caps the send rate with a token bucket: a packet waits until
 the bucket has room, so a low cap backs packets up into the ring (latency
@@ -36,12 +39,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.codec import feedback
+from pipeline.codec import feedback, peek_header
 from pipeline.config import TransmitConfig, TransportKind
 from pipeline.errors import (
     BrokenResourceError,
     ClosedResourceError,
     CommandError,
+    ProtocolError,
     TokenError,
     TransportError,
     TransportUnavailable,
@@ -61,6 +65,8 @@ CONNECT_BACKOFF_MAX_S = 2.0
 REFUSED_BACKOFF_MAX_S = 5.0
 #: what replaces a transport that cannot work here at all (TransportUnavailable)
 FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
+#: after a reconnect, deltas are skipped until a keyframe, at most this long
+KEYFRAME_WAIT_S = 1.0
 #: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
 MAX_BANDWIDTH_KBPS = 10_000_000.0
 
@@ -129,6 +135,13 @@ class Throttle:
 _NAMES = {TransportKind.WEBSOCKET: "WebSocket", TransportKind.WEBRTC: "WebRTC"}
 
 
+def _is_keyframe(packet: bytes) -> bool:
+    try:
+        return peek_header(packet).keyframe
+    except ProtocolError:
+        return True  # not ours to judge here: the far side refuses it
+
+
 def parse_kind(value: object) -> TransportKind:
     """The ``to`` of a ``switch_transport`` command; :class:`CommandError` unless it names a
     transport of this build."""
@@ -187,6 +200,9 @@ class Sender:
         self.refused: Refusal | None = None
         """The refusal in force (None while accepted)."""
         self._recovery: asyncio.Task[None] | None = None
+        self._keyframe_wait: float | None = None
+        """Since when deltas are held back until the keyframe asked for after a reconnect."""
+        self.skipped_for_keyframe = 0
         self.unavailable: dict[TransportKind, str] = {}
         """Transports that cannot work here (why), replaced by :data:`FALLBACK_OF` theirs."""
 
@@ -341,7 +357,10 @@ class Sender:
                 elif item.type == "keyframe_request":
                     self.on_feedback(feedback.pack_keyframe_request())
             elif isinstance(item, StateChange) and item.connected:
+                # back after a drop (a reconnect, a reopened WebRTC link): the far side
+                # may lack our references; the next packet it gets is a keyframe
                 self.on_feedback(feedback.pack_keyframe_request())
+                self._keyframe_wait = time.monotonic()
 
     def check(self) -> None:
         """Raise the final refusal in force, if any (the caller stops)."""
@@ -369,6 +388,12 @@ class Sender:
         if not transport.connected:  # reconnecting: the transport would drop it silently
             self.failed += 1
             return False
+        if self._keyframe_wait is not None:
+            if _is_keyframe(packet) or time.monotonic() - self._keyframe_wait > KEYFRAME_WAIT_S:
+                self._keyframe_wait = None
+            else:
+                self.skipped_for_keyframe += 1
+                return False
         try:
             await transport.send(packet)
         except (TokenError, BrokenResourceError) as exc:
@@ -399,6 +424,7 @@ class Sender:
             "bandwidth_limit_kbps": self.throttle.kbps or 0.0,
             "throttled_ms_total": self.throttled_ms,
             "transport_switches_total": self.switches,
+            "packets_skipped_for_keyframe_total": self.skipped_for_keyframe,
         }
         if self.refused is not None:
             out[f"transport_refused_{metric_name(self.refused.reason)}"] = 1.0
