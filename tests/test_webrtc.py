@@ -297,3 +297,14 @@ def test_primary_webrtc_against_a_loopback_server_uses_the_websocket(tmp_path: P
     assert metrics["transport_active_webrtc"] == 0, metrics
     assert metrics["transport_unavailable_webrtc"] == 1, metrics
     assert metrics["packets_sent_total"] > 20, (metrics, err[-4000:])
+
+
+def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "receive", "--server", "http://127.0.0.1:9",
+         "--room", "A", "--token", "t", "--transport", "webrtc"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "WebRTC cannot reach a server on 127.0.0.1: aioice offers no loopback" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -46,7 +46,14 @@ from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
-from pipeline.errors import ClosedResourceError, ProtocolError, TransportError, TransportUnavailable
+from pipeline.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    ProtocolError,
+    TokenError,
+    TransportError,
+    TransportUnavailable,
+)
 from pipeline.model.net import is_loopback
 from pipeline.rtc.link import LinkStats, PeerLink
 from pipeline.transports import TRANSPORTS
@@ -349,9 +356,13 @@ class WebRtcTransport(WebSocketTransport):
                     f"WebRTC: the data channels did not open within {timeout:g} s "
                     "(no working ICE candidate pair?)"
                 )
-        except (ProtocolError, ConnectionError) as exc:
+        except (ProtocolError, ConnectionError, TransportError) as exc:
             self._counts["failures"] += 1
             self._retire(link, session=session)
+            if self._fatal is not None:  # the server closed the member for good (e.g. 4018)
+                raise self._fatal from exc
+            if isinstance(exc, TransportError):
+                raise
             raise TransportError(f"WebRTC: {exc}") from exc
         except BaseException:
             self._counts["failures"] += 1
@@ -374,7 +385,7 @@ class WebRtcTransport(WebSocketTransport):
 
     async def _rtc_loop(self) -> None:
         """Tick the open link; on a dead path report it and open a fresh one."""
-        while not self._closed:
+        while not self._closed and self.unavailable is None:
             link = self._link
             while link is not None and link is self._link and self._up:
                 if time.monotonic() - link.last_rx > self.rtc.dead_after_ms / 1000:
@@ -413,7 +424,9 @@ class WebRtcTransport(WebSocketTransport):
             except TransportUnavailable as exc:  # the server stopped taking offers
                 self._fall_back(str(exc))
                 self._put(StateChange(self.connected, reason="webrtc_unavailable"))
-                await asyncio.Event().wait()  # nothing more to do until closed
+                return
+            except (TokenError, BrokenResourceError):
+                return  # the WebSocket's final refusal: recv() raises it
             except TransportError as exc:
                 log.debug("WebRTC reopen failed: %s", exc)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
