@@ -22,6 +22,14 @@ largest distance, in frames, from a lost packet to a later undecodable one
 (targets: at most one round trip with acks, one keyframe interval without),
 and the maximum error of every pose that was decoded.
 
+Reference modes (``CodecConfig.references``): bytes per frame of ``previous``
+(every delta predicts from the previous packet, the default) against ``keyframe``
+(every delta predicts from the latest keyframe, for the lossy WebRTC pose
+channel) with keyframe intervals 30 and 15, and the fraction of frames decoded
+when the same seeded loss hits the delta packets only (keyframes travel
+reliably), without feedback (an SFU forwards one stream to many subscribers),
+plus ``previous`` with acks for comparison.
+
 Run: ``python -m bench codec [--trace FILE.npz] [--noise SIGMA] [--loss P] [--json]``
 (``python -m bench.codec`` too). ``--fit`` refits the predictor coefficients on
 the traces and prints them with their leave-one-clip-out cost instead.
@@ -293,9 +301,17 @@ def run_baseline(clip: Clip, noise: float, method: str) -> dict[str, Any]:
 
 
 def run_loss(
-    clip: Clip, loss: float, mode: str, rtt: int, config: CodecConfig, seed: int
+    clip: Clip,
+    loss: float,
+    mode: str,
+    rtt: int,
+    config: CodecConfig,
+    seed: int,
+    *,
+    keyframes_lost: bool = True,
 ) -> dict[str, Any]:
-    """Stream ``clip`` through seeded random loss; feedback arrives ``rtt`` frames late."""
+    """Stream ``clip`` through seeded random loss; feedback arrives ``rtt`` frames late.
+    ``keyframes_lost=False``: the loss spares keyframes (they travel reliably)."""
     frames = frames_of(clip)
     rng = np.random.default_rng(seed)
     lost_mask = rng.random(len(frames)) < loss
@@ -319,7 +335,7 @@ def run_loss(
                 enc.on_feedback(fb)
         pkt = enc.encode(f)
         sizes.append(len(pkt))
-        if lost_mask[i]:
+        if lost_mask[i] and (keyframes_lost or not peek_header(pkt).keyframe):
             lost += 1
             last_lost = i
             continue
@@ -337,9 +353,12 @@ def run_loss(
         "clip": clip.name,
         "loss": loss,
         "feedback": mode,
+        "references": config.references,
+        "keyframe_interval": config.effective_keyframe_interval(),
         "frames": len(frames),
         "lost": lost,
         "decoded": decoded,
+        "decoded_fraction": decoded / len(frames),
         "undecodable": undecodable,
         "max_frames_loss_to_undecodable": worst_gap,
         "max_err_px": worst_err,
@@ -347,6 +366,62 @@ def run_loss(
         "keyframes": enc.stats.keyframes,
         "refreshes": enc.stats.refreshes,
     }
+
+
+def reference_rows(
+    clips: Sequence[Clip], noise: float, losses: Sequence[float], rtt: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The reference modes compared: (bytes rows, loss rows), aggregated over the clips.
+
+    Bytes: one pose, 30 fps, detector noise, keyframe intervals 30 and 15. Loss: the
+    delta packets of the noisy clips lost at random (seeded as in the loss table),
+    keyframes delivered; the decoded fraction counts every frame (1 - loss at best)."""
+    size_rows = []
+    for interval in (30, 15):
+        for refs in ("previous", "keyframe"):
+            config = CodecConfig(keyframe_interval=interval, references=refs)
+            sel = [run_posewire(noisy(c, noise), noise, config) for c in clips]
+            frames = sum(r["frames"] for r in sel)
+            size_rows.append(
+                {
+                    "name": f"all clips refs={refs} interval={interval}",
+                    "references": refs,
+                    "keyframe_interval": interval,
+                    "frames": frames,
+                    "bytes_per_frame_mean": sum(
+                        r["bytes_per_frame_mean"] * r["frames"] for r in sel
+                    )
+                    / frames,
+                    "keyframe_bytes_mean": statistics.fmean(r["keyframe_bytes_mean"] for r in sel),
+                    "max_err_px": max(r["max_err_px"] for r in sel),
+                }
+            )
+    loss_rows = []
+    cases = (("previous", "none"), ("previous", "acks"), ("keyframe", "none"))
+    for loss in losses:
+        for refs, fb in cases:
+            config = CodecConfig(references=refs)  # type: ignore[arg-type]
+            sel = [
+                run_loss(noisy(c, noise), loss, fb, rtt, config, 100 + k, keyframes_lost=False)
+                for k, c in enumerate(clips)
+            ]
+            frames = sum(r["frames"] for r in sel)
+            decoded = sum(r["decoded"] for r in sel)
+            loss_rows.append(
+                {
+                    "name": f"all clips delta loss {loss:.0%} refs={refs} feedback={fb}",
+                    "loss": loss,
+                    "references": refs,
+                    "feedback": fb,
+                    "frames": frames,
+                    "lost": sum(r["lost"] for r in sel),
+                    "decoded": decoded,
+                    "undecodable": sum(r["undecodable"] for r in sel),
+                    "decoded_fraction": decoded / frames,
+                    "max_err_px": max(r["max_err_px"] for r in sel),
+                }
+            )
+    return size_rows, loss_rows
 
 
 def checksum_rows(size: int = 64) -> list[dict[str, Any]]:
@@ -499,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss_rows.append(
                     run_loss(noisy(clip, args.noise), loss, mode, args.rtt, config, seed=100 + k)
                 )
+    ref_sizes, ref_loss = reference_rows(clips, args.noise, losses, args.rtt)
     csum = checksum_rows()
 
     # aggregates over every clip, per method and noise (frame-weighted)
@@ -552,8 +628,22 @@ def main(argv: list[str] | None = None) -> int:
             max(r["max_frames_loss_to_undecodable"] for r in none_rows),
             config.keyframe_interval,
         ),
+        at_least(
+            "keyframe references: decoded / delivered frames under delta loss",
+            min(
+                r["decoded"] / (r["frames"] - r["lost"])
+                for r in ref_loss
+                if r["references"] == "keyframe"
+            ),
+            1.0,
+        ),
+        at_most(
+            "keyframe references: max error px under delta loss",
+            max(r["max_err_px"] for r in ref_loss),
+            PRECISION_PX,
+        ),
     ]
-    all_rows = summary + rows + loss_rows + csum
+    all_rows = summary + rows + loss_rows + ref_sizes + ref_loss + csum
     if args.json:
         report("codec", all_rows, targets, as_json=True, params=vars_jsonable(args))
         return 0
@@ -602,6 +692,37 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes_per_frame_mean",
                 "keyframes",
                 "refreshes",
+            ],
+        )
+    )
+    print("\n## reference modes: bytes per frame (noise, 1 pose, 30 fps)\n")
+    print(
+        markdown_table(
+            ref_sizes,
+            [
+                "references",
+                "keyframe_interval",
+                "frames",
+                "bytes_per_frame_mean",
+                "keyframe_bytes_mean",
+                "max_err_px",
+            ],
+        )
+    )
+    print("\n## reference modes: delta packets lost at random, keyframes delivered\n")
+    print(
+        markdown_table(
+            ref_loss,
+            [
+                "loss",
+                "references",
+                "feedback",
+                "frames",
+                "lost",
+                "decoded",
+                "undecodable",
+                "decoded_fraction",
+                "max_err_px",
             ],
         )
     )

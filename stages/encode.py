@@ -16,15 +16,23 @@ NaN and infinities are still refused by the codec, and counted.
 The default stream id is derived from the run id and kept below 2**14, so
 that it costs two bytes per packet (a one-byte id, below 128, saves one
 more: set ``encode.stream_id`` when you control the room's publishers).
+
+``encode.references`` chooses what delta packets predict from
+(:attr:`~pipeline.codec.CodecConfig.references`); ``auto`` is ``keyframe`` when
+``transmit.primary`` or ``transmit.fallback`` is webrtc (the unordered, lossy pose
+channel: every delta decodes on its own), else ``previous``. The start log line
+and the ``references_keyframe`` metric (1 or 0) show the mode in use.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
+from typing import Literal
 
-from pipeline.codec import CodecConfig, Encoder, feedback, peek_header, warm_kernels
+from pipeline.codec import HISTORY, CodecConfig, Encoder, feedback, peek_header, warm_kernels
 from pipeline.codec.ranges import clamp_image
+from pipeline.config import Config, TransportKind
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import Rate, Window
@@ -37,6 +45,17 @@ def stream_id_for(ctx: StageContext) -> int:
     """The configured stream id, else one derived from the run id (stable across restarts)."""
     sid = ctx.config.encode.stream_id
     return sid if sid is not None else zlib.crc32(ctx.spec.run_id.encode()) & 0x3FFF
+
+
+def references_for(config: Config) -> Literal["previous", "keyframe"]:
+    """The codec's reference mode: ``encode.references``, with ``auto`` resolved to
+    ``keyframe`` when the transmit stage may use webrtc, else ``previous``."""
+    mode = config.encode.references
+    if mode != "auto":
+        return mode
+    tx = config.transmit
+    webrtc = TransportKind.WEBRTC in (tx.primary, tx.fallback)
+    return "keyframe" if webrtc else "previous"
 
 
 def clamp_to_codec_range(frame: PoseFrame) -> int:
@@ -55,15 +74,26 @@ def prepare() -> None:
 
 def run(ctx: StageContext) -> int:
     cfg = ctx.config.encode
-    encoder = Encoder(
-        CodecConfig(
-            precision_px=cfg.precision_px,
-            reference_width_px=cfg.reference_width_px,
-            keyframe_interval=cfg.keyframe_interval,
-            world=cfg.world_landmarks,
-        ),
-        stream_id_for(ctx),
+    references = references_for(ctx.config)
+    codec = CodecConfig(
+        precision_px=cfg.precision_px,
+        reference_width_px=cfg.reference_width_px,
+        keyframe_interval=cfg.keyframe_interval,
+        world=cfg.world_landmarks,
+        references=references,
     )
+    encoder = Encoder(codec, stream_id_for(ctx))
+    interval = codec.effective_keyframe_interval()
+    ctx.log.info(
+        "delta packets predict from the %s (encode.references: %s), keyframe every %d frames%s",
+        "latest keyframe" if references == "keyframe" else "previous packet",
+        cfg.references,
+        interval,
+        f" (keyframe_interval {cfg.keyframe_interval} clamped: decoders keep {HISTORY} frames)"
+        if interval != cfg.keyframe_interval
+        else "",
+    )
+    ctx.metrics["references_keyframe"] = float(references == "keyframe")
     poses = ctx.ring("poses")
     packets = ctx.ring("packets")
     fb = ctx.ring("feedback")
@@ -122,6 +152,7 @@ def run(ctx: StageContext) -> int:
                 "bytes_per_frame": sizes.mean(),
                 "compression_ratio": sizes.mean() / RAW_FLOAT32_BYTES,
                 "fps": rate.per_second(),
+                "references_keyframe": float(references == "keyframe"),
                 **encode_us.summary("encode_us"),
             }
         )

@@ -147,6 +147,14 @@ class Encoder:
     No packet references a frame older than the newest keyframe, so the newest
     keyframe and the packets after it always suffice to decode (late joiners).
 
+    With ``config.references == "keyframe"`` every delta packet predicts from the
+    stream's latest keyframe instead (kept in the encoder until the next keyframe),
+    so a delta packet decodes whenever its keyframe did, whatever else was lost;
+    the keyframe interval is then at most ``HISTORY - 1``
+    (:meth:`CodecConfig.effective_keyframe_interval`) and a refresh request is
+    answered with a keyframe: the packets go to many receivers, none of whose
+    acknowledged frames is known to be held by all.
+
     A frame whose packet would not fit under :data:`MAX_PACKET_BYTES` is sent
     without its world landmarks (counted in ``stats.world_dropped``); when even
     that does not fit, :meth:`encode` raises :class:`PacketTooLargeError` and
@@ -174,6 +182,11 @@ class Encoder:
         epoch, stream id)."""
         self._history: dict[int, Entry] = {}
         self._prev: Entry | None = None
+        self._keyframe_refs = config.references == "keyframe"
+        """Delta packets predict from ``_key`` (the latest keyframe), not ``_prev``."""
+        self._interval = config.effective_keyframe_interval()
+        self._key: Entry | None = None
+        """The latest keyframe (the reference of every delta packet in keyframe mode)."""
         self._since_key = 0
         self._force_key = False
         self._refresh = False
@@ -224,7 +237,7 @@ class Encoder:
 
     def _choose_ref(self, seq: int, keyframe: bool) -> Entry | None:
         prev = self._prev
-        interval = self.config.keyframe_interval
+        interval = self._interval
         if (
             keyframe
             or self._force_key
@@ -234,6 +247,11 @@ class Encoder:
             or (interval > 0 and self._since_key + 1 >= interval)
         ):
             return None
+        if self._keyframe_refs:
+            key = self._key
+            if self._refresh or key is None or seq - key.seq > MAX_REF_DELTA:
+                return None
+            return key
         if not self._refresh:
             return prev
         acked = self._acked
@@ -275,9 +293,10 @@ class Encoder:
             self._history.clear()  # older frames are never referenced again
             self._acked = None
             self._recovered_at = seq
+            self._key = entry
         else:
             self._since_key += 1
-            if ref is not self._prev:
+            if ref is not self._prev and not self._keyframe_refs:
                 self.stats.refreshes += 1
                 self._recovered_at = seq
         self._refresh = False

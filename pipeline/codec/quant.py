@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.codec.header import get_varint, put_varint
 from pipeline.codec.ranges import (
+    HISTORY,
     IMAGE_HI,
     IMAGE_LO,
     MAX_STEPS_OTHER,
@@ -34,6 +35,14 @@ from pipeline.model.pose import MAX_POSES, NUM_LANDMARKS
 FloatArray = npt.NDArray[np.float64]
 
 # --------------------------------------------------------------------------- config
+
+REFERENCE_MODES = ("previous", "keyframe")
+"""The values of :attr:`CodecConfig.references`."""
+MAX_KEYFRAME_REF_INTERVAL = HISTORY - 1
+"""Largest keyframe interval in keyframe-reference mode. A decoder keeps the last
+:data:`HISTORY` decoded frames of a stream in insertion order: a keyframe followed by
+its ``HISTORY - 2`` delta packets is still held when the last of them arrives, even
+when two late packets of the previous interval were decoded in between."""
 
 
 @dataclass
@@ -69,6 +78,24 @@ class CodecConfig:
     landmarks are accurate to a few centimetres at best)."""
     max_poses: int = MAX_POSES
     """Most poses accepted in one frame (1..8)."""
+    references: Literal["previous", "keyframe"] = "previous"
+    """What a delta packet predicts from. ``"previous"``: the previous packet (the
+    smallest packets; one loss makes the following packets undecodable until a
+    refresh or keyframe). ``"keyframe"``: the stream's latest keyframe, so every
+    delta packet decodes on its own once its keyframe arrived (for lossy, unordered
+    channels; larger packets). In keyframe mode the keyframe interval is at most
+    :data:`MAX_KEYFRAME_REF_INTERVAL` (see :meth:`effective_keyframe_interval`)."""
+
+    def effective_keyframe_interval(self) -> int:
+        """The keyframe interval the encoder applies: ``keyframe_interval``, except in
+        keyframe mode, where it is clamped to :data:`MAX_KEYFRAME_REF_INTERVAL` (0,
+        "only on request", becomes that bound too), so that the keyframe stays within
+        the :data:`HISTORY` frames a decoder keeps."""
+        if self.references != "keyframe":
+            return self.keyframe_interval
+        if self.keyframe_interval == 0:
+            return MAX_KEYFRAME_REF_INTERVAL
+        return min(self.keyframe_interval, MAX_KEYFRAME_REF_INTERVAL)
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +116,10 @@ class CodecConfig:
             problems.append(f"world_precision_m must be > 0, got {self.world_precision_m}")
         if not 1 <= self.max_poses <= MAX_POSES:
             problems.append(f"max_poses must be 1..{MAX_POSES}, got {self.max_poses}")
+        if self.references not in REFERENCE_MODES:
+            problems.append(
+                f"references must be one of {', '.join(REFERENCE_MODES)}, got {self.references!r}"
+            )
         if not problems:
             try:
                 Quant.from_config(self)

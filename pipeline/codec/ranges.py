@@ -43,9 +43,10 @@ for _bound in (IMAGE_LO, IMAGE_HI, WORLD_LO, WORLD_HI):
     _bound.flags.writeable = False
 
 HISTORY = 32
-"""Decoded frames a decoder keeps per stream. An encoder predicts from nothing older
-than its last ``HISTORY // 2`` packets, so a decoder always still has the reference
-unless the packet that made it was lost."""
+"""Decoded frames a decoder keeps per stream (in insertion order). An encoder predicts
+from nothing older than its last ``HISTORY // 2`` packets, or in keyframe-reference mode
+from its latest keyframe at most ``HISTORY - 2`` packets back, so a decoder still has
+the reference unless the packet that made it was lost."""
 PREDICTOR_DEPTH = 3
 """Frames a prediction uses: the reference, its reference, and that one's."""
 

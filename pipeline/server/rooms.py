@@ -28,7 +28,12 @@ Relay rules
   queue from which the *oldest pose packet* is dropped (and counted) when full.
   Control messages in the queue are never dropped; a member whose control
   backlog exceeds ``MAX_CONTROL_BACKLOG`` is closed (``too_slow``). The relay
-  never awaits a slow member.
+  never awaits a slow member. (The queue and writer: :mod:`pipeline.server.output`.)
+* WebRTC members (``docs/webrtc.md``, :mod:`pipeline.server.rtc`): the same rules;
+  on an open link deltas go on the lossy channel (dropped at its watermark rather
+  than queued), everything else on the reliable one. A WebRTC subscriber that asks
+  for a keyframe gets the stored one again (a *repair*, at most every 100 ms per
+  stream) instead of the publisher being asked.
 * Late join: per stream the server keeps the latest keyframe and up to
   ``server.history_packets - 1`` packets after it. A joining subscriber gets
   the member list and then, for every stream, a ``backfill`` message
@@ -41,14 +46,12 @@ Relay rules
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -56,19 +59,16 @@ from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError
 from pipeline.server.limits import RateLimiter
 from pipeline.server.metrics import ServerMetrics
+from pipeline.server.output import MemberOutput
 from pipeline.server.store import RoomStore, open_store
-from pipeline.server.streams import Have, Snapshot, StoredPacket, StreamState
+from pipeline.server.streams import StoredPacket, StreamState
 from pipeline.server.tokens import KickList
 from pipeline.wire.close import CloseCode, close_code, refusal
-from pipeline.wire.messages import Backfill, dumps, error, valid_member_id, valid_room_name
+from pipeline.wire.messages import dumps, error, valid_member_id, valid_room_name
 from pipeline.wire.tokens import Claims, resolve_secret
-
-if TYPE_CHECKING:  # aiortc is imported at the first offer, not at start-up
-    from pipeline.rtc.link import PeerLink
 
 log = logging.getLogger("posewire.server")
 
-MAX_CONTROL_BACKLOG: Final = 1024
 KEYFRAME_REQUEST_INTERVAL_S: Final = 0.1
 BROADCASTS_PER_S: Final = 5.0
 """Broadcasts one member may send per second (a burst of :data:`BROADCAST_BURST`)."""
@@ -79,14 +79,7 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-class WsText(str):
-    """A queued text message that goes on the WebSocket even while a link is open
-    (signaling: ``rtc_answer``, ``rtc_state``)."""
-
-    __slots__ = ()
-
-
-class Member:
+class Member(MemberOutput):
     """One joined WebSocket connection (and its WebRTC link, when one is open)."""
 
     def __init__(
@@ -104,10 +97,7 @@ class Member:
         limiter: RateLimiter | None = None,
     ) -> None:
         self.manager = manager
-        self.metrics = manager.metrics
         self.room = room
-        self.ws = ws
-        self.transport = transport
         self.claims = claims
         self.id = member_id
         self.publish = publish
@@ -118,27 +108,17 @@ class Member:
         self.joined_ns = now_ns()
         self.serial = next(manager.serials)
         """Join order: a newer connection of a subject takes its streams over."""
-        self.closed = False
-        self.sent = 0
-        self.dropped = 0
-        self._queue: deque[StoredPacket | str | Snapshot] = deque()
-        self._queued_packets = 0
-        self._bound = manager.config.subscriber_queue
-        self._busy = False
-        self._wake = asyncio.Event()
-        self._have: dict[int, Have] = {}
         self.broadcasts = RateLimiter(BROADCASTS_PER_S, BROADCAST_BURST)
         self.limiter = limiter or RateLimiter(manager.config.max_messages_per_s)
         """Messages from this member, WebSocket and data channels together."""
-        self.link: PeerLink | None = None
-        """The open WebRTC link the output goes to (:mod:`pipeline.server.rtc`), or None."""
         self.repaired: dict[int, float] = {}
         """Per stream: when a stored keyframe was last re-sent to this member (monotonic)."""
-        self._high_water = 64 * 1024
-        if transport is not None:
-            self._high_water = max(transport.get_write_buffer_limits()[1], 4096)
-        self._writer = asyncio.get_running_loop().create_task(
-            self._writer_loop(), name=f"posewire-member-{member_id}"
+        super().__init__(
+            manager.metrics,
+            ws,
+            transport,
+            bound=manager.config.subscriber_queue,
+            name=f"posewire-member-{member_id}",
         )
 
     # ------------------------------------------------------------------ info
@@ -158,173 +138,8 @@ class Member:
             "packets_dropped": self.dropped,
         }
 
-    # ------------------------------------------------------------------ output
-    #
-    # One queue and one writer, two sinks: the WebSocket, or the member's open
-    # WebRTC link (``self.link``, set by :mod:`pipeline.server.rtc`). The sink is
-    # chosen when an item is written, so whatever is queued when a link opens or
-    # dies goes out on the path that works then. On the link: delta packets on
-    # the lossy ``pose`` channel (dropped at its watermark), keyframes, snapshot
-    # packets and control text on the reliable ``control`` channel. Signaling
-    # (:class:`WsText`) always goes on the WebSocket.
-
-    @property
-    def on_link(self) -> bool:
-        link = self.link
-        return link is not None and link.is_open
-
-    @property
-    def transport_name(self) -> str:
-        return "webrtc" if self.on_link else "websocket"
-
-    def _writable(self, n: int) -> bool:
-        if self.on_link:
-            return True  # the lossy channel has its own watermark, control is reliable
-        t = self.transport
-        if t is None or t.is_closing():
-            return False
-        return t.get_write_buffer_size() + n + 16 < self._high_water
-
-    def _admit(self, pkt: StoredPacket) -> bool:
-        """Whether this member can decode ``pkt``; records it as received if so."""
-        have = self._have.get(pkt.stream_id)
-        if pkt.keyframe:
-            if have is None:
-                have = self._have[pkt.stream_id] = Have()
-            have.reset(pkt.epoch)
-            have.add(pkt.seq)
-            return True
-        if (
-            have is not None
-            and pkt.ref_seq is not None
-            and pkt.ref_seq in have.seqs
-            and pkt.epoch == have.epoch
-        ):
-            have.add(pkt.seq)
-            return True
-        self.metrics.skipped_undecodable += 1
-        self.room.request_keyframe(pkt.stream_id)
-        return False
-
-    async def send_packet(self, pkt: StoredPacket) -> None:
-        """Relay one packet: straight to the socket when it has room, else via the queue."""
-        if self.closed:
-            return
-        if self._queue or self._busy or not self._writable(len(pkt.data)):
-            self._post_packet(pkt)
-            return
-        if self._admit(pkt):
-            await self._write_packet(pkt, live=True)
-
-    def _post_packet(self, pkt: StoredPacket) -> None:
-        self._queue.append(pkt)
-        self._queued_packets += 1
-        if self._queued_packets > self._bound:
-            for i, item in enumerate(self._queue):
-                if isinstance(item, StoredPacket):
-                    del self._queue[i]
-                    break
-            self._queued_packets -= 1
-            self.dropped += 1
-            self.metrics.drops += 1
-        self._wake.set()
-
-    def post_text(self, text: str) -> None:
-        """Queue one control message (never dropped; too large a backlog closes the member)."""
-        if self.closed:
-            return
-        self._queue.append(text)
-        if len(self._queue) - self._queued_packets > MAX_CONTROL_BACKLOG:  # snapshots: at most 1
-            self.abort(CloseCode.TOO_SLOW, "control messages to this member backed up")
-            return
-        self._wake.set()
-
-    def post(self, obj: dict[str, Any]) -> None:
-        self.post_text(dumps(obj))
-
-    def post_ws(self, obj: dict[str, Any]) -> None:
-        """Queue a signaling message: always written on the WebSocket."""
-        self.post_text(WsText(dumps(obj)))
-
-    def post_snapshot(self, packets: list[StoredPacket]) -> None:
-        """Queue a late-join snapshot: never dropped, outside the bound, chained by construction.
-
-        Per stream, a ``backfill`` message announces the packets that follow it.
-        """
-        by_stream: dict[int, list[StoredPacket]] = {}
-        for pkt in packets:
-            by_stream.setdefault(pkt.stream_id, []).append(pkt)
-        for sid, pkts in by_stream.items():
-            self.post(Backfill(sid, len(pkts), pkts[0].seq, pkts[-1].seq).message())
-            self._queue.append(Snapshot(pkts))
-            self._wake.set()
-
-    async def _write_packet(self, pkt: StoredPacket, *, live: bool) -> None:
-        """Write one admitted packet on the current sink; ``live``: not from a snapshot
-        (its relay latency is measured; snapshot packets go on the reliable channel)."""
-        link = self.link
-        if link is not None and link.is_open:
-            data = pkt.data
-            if pkt.keyframe or not live:
-                link.send_control(data)
-            elif not link.send_pose(data):
-                self.metrics.rtc_dropped_stale += 1
-                have = self._have.get(pkt.stream_id)
-                if have is not None:
-                    have.discard(pkt.seq)
-                return
-            self._sent(pkt, "webrtc", live)
-            return
-        try:
-            await self.ws.send_bytes(pkt.data)
-        except ConnectionError:
-            self.closed = True
-            return
-        self._sent(pkt, "websocket", live)
-
-    def _sent(self, pkt: StoredPacket, transport: str, live: bool) -> None:
-        self.sent += 1
-        self.metrics.packets_out += 1
-        self.metrics.count_out(transport, len(pkt.data))
-        if live and pkt.t_recv_ns:
-            self.metrics.latency[transport].add((time.monotonic_ns() - pkt.t_recv_ns) / 1e6)
-
-    async def _write_text(self, text: str) -> None:
-        link = self.link
-        if link is not None and link.is_open and not isinstance(text, WsText):
-            link.send_control(text)
-            self.metrics.count_out("webrtc", len(text))
-            return
-        try:
-            await self.ws.send_str(text)
-        except ConnectionError:
-            self.closed = True
-            return
-        self.metrics.count_out("websocket", len(text))
-
-    async def _writer_loop(self) -> None:
-        queue = self._queue
-        while not self.closed:
-            await self._wake.wait()
-            self._wake.clear()
-            self._busy = True
-            try:
-                while queue and not self.closed:
-                    item = queue.popleft()
-                    if isinstance(item, StoredPacket):
-                        self._queued_packets -= 1
-                        if self._admit(item):
-                            await self._write_packet(item, live=True)
-                    elif isinstance(item, Snapshot):
-                        for pkt in item.packets:
-                            if self.closed:
-                                break
-                            if self._admit(pkt):
-                                await self._write_packet(pkt, live=False)
-                    else:
-                        await self._write_text(item)
-            finally:
-                self._busy = False
+    def _undecodable(self, stream_id: int) -> None:
+        self.room.request_keyframe(stream_id)
 
     # ------------------------------------------------------------------ closing
 
@@ -342,13 +157,6 @@ class Member:
             return
         self.metrics.reject(code.reason)
         self.manager.spawn(self.close(code, message))
-
-    async def stop_writer(self) -> None:
-        self.closed = True
-        self._wake.set()
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
 
 
 async def close_ws(ws: web.WebSocketResponse, code: int, message: str = "") -> None:
