@@ -3,9 +3,15 @@
 Reads packets in order (a bounded queue that drops the oldest when full) and
 sends them with a :class:`~pipeline.transports.sender.Sender` on the active
 transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
-(a local sink) or ``websocket`` (a room on the room server). What comes back
-from the far side (acks, keyframe requests) goes to the encode stage through
-the ``feedback`` ring.
+(a local sink), ``websocket`` or ``webrtc`` (a room on the room server; WebRTC
+puts deltas on the lossy pose channel). What comes back from the far side
+(acks, keyframe requests) goes to the encode stage through the ``feedback``
+ring, and so does a keyframe request whenever the transport comes up again
+(a reconnect, a reopened WebRTC link), so that a keyframe follows at once.
+
+Where WebRTC cannot work at all (a server on loopback: aioice offers no
+loopback candidates) the stage says why in one log line and uses the
+WebSocket (``transport_active_websocket`` 1, ``transport_unavailable_webrtc`` 1).
 
 Connecting is retried with capped backoff while the ring absorbs (and, when
 full, drops and counts) what arrives meanwhile. A refusal by the server is a
@@ -28,7 +34,9 @@ Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 capture-to-send latency ``latency_ms_p50/p95/p99`` (wall clock; the capture
 timestamp travels with each packet), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none),
 ``throttled_ms_total``, ``transport_active_<kind>`` (1 for the one in use),
-``transport_switches_total``, ``transport_connected``.
+``transport_switches_total``, ``transport_connected``, ``transport_unavailable_<kind>``;
+over WebRTC the link's counters ``rtc_*`` (``rtc_dead_detections``, ``rtc_pose_dropped_stale``,
+``rtc_opens``...).
 """
 
 from __future__ import annotations

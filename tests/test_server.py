@@ -615,8 +615,12 @@ def test_transports_are_found_by_kind_and_a_toy_transport_is_one_registration(
     assert isinstance(ft, FileTransport) and ft.path == tmp_path / "p.bin"
     ws = make_transport("websocket", cfg, ctx)
     assert isinstance(ws, WebSocketTransport) and ws.publish and not ws.subscribe
-    with pytest.raises(RegistryError, match="unknown transport 'webrtc'"):
-        make_transport("webrtc", cfg, ctx)
+    from pipeline.transports.webrtc import WebRtcTransport
+
+    rtc = make_transport("webrtc", cfg, ctx)
+    assert isinstance(rtc, WebRtcTransport) and rtc.publish and not rtc.subscribe
+    with pytest.raises(RegistryError, match="unknown transport 'carrier-pigeon'"):
+        make_transport("carrier-pigeon", cfg, ctx)
 
     class Memory(Transport):
         kind = "memory"
@@ -694,8 +698,9 @@ def test_throttle_and_switch_arguments_are_command_errors() -> None:
         with pytest.raises(CommandError, match="max_bandwidth_kbps"):
             th.on_set({"max_bandwidth_kbps": bad})
     assert parse_kind("websocket").value == "websocket"
-    for bad_kind in ("webrtc", "carrier-pigeon", None):
-        with pytest.raises(CommandError, match="one of file, websocket"):
+    assert parse_kind("webrtc").value == "webrtc"
+    for bad_kind in ("carrier-pigeon", None):
+        with pytest.raises(CommandError, match="one of file, websocket, webrtc"):
             parse_kind(bad_kind)
 
 

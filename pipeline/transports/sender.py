@@ -8,7 +8,10 @@ connected before the old one is closed. What the far side says goes to the
 encoder as feedback records (:mod:`pipeline.codec.feedback`): the server's
 acks (the encoder may predict from an acknowledged frame) and keyframe
 requests; a (re)connect or a switch asks for a keyframe too, so that nobody
-waits a whole keyframe interval.
+waits a whole keyframe interval. After a reconnect (``StateChange(True)``: the
+WebSocket resumed, a dead WebRTC link reopened) the far side may lack the
+references of the next deltas: they are skipped (``packets_skipped_for_keyframe_total``)
+until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
 :class:`Throttle` caps the send rate with a token bucket: a packet waits until
 the bucket has room, so a low cap backs packets up into the ring (latency
@@ -36,14 +39,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.codec import feedback
+from pipeline.codec import feedback, peek_header
 from pipeline.config import TransmitConfig, TransportKind
 from pipeline.errors import (
     BrokenResourceError,
     ClosedResourceError,
     CommandError,
+    ProtocolError,
     TokenError,
     TransportError,
+    TransportUnavailable,
 )
 from pipeline.transports import TRANSPORTS, make_transport
 from pipeline.transports.base import (
@@ -58,6 +63,10 @@ from pipeline.transports.base import (
 CONNECT_BACKOFF_MAX_S = 2.0
 #: cap of the backoff between retries after a refusal that a retry may fix
 REFUSED_BACKOFF_MAX_S = 5.0
+#: what replaces a transport that cannot work here at all (TransportUnavailable)
+FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
+#: after a reconnect, deltas are skipped until a keyframe, at most this long
+KEYFRAME_WAIT_S = 1.0
 #: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
 MAX_BANDWIDTH_KBPS = 10_000_000.0
 
@@ -123,6 +132,16 @@ class Throttle:
         return {"max_bandwidth_kbps": self.kbps}
 
 
+_NAMES = {TransportKind.WEBSOCKET: "WebSocket", TransportKind.WEBRTC: "WebRTC"}
+
+
+def _is_keyframe(packet: bytes) -> bool:
+    try:
+        return peek_header(packet).keyframe
+    except ProtocolError:
+        return True  # not ours to judge here: the far side refuses it
+
+
 def parse_kind(value: object) -> TransportKind:
     """The ``to`` of a ``switch_transport`` command; :class:`CommandError` unless it names a
     transport of this build."""
@@ -181,6 +200,11 @@ class Sender:
         self.refused: Refusal | None = None
         """The refusal in force (None while accepted)."""
         self._recovery: asyncio.Task[None] | None = None
+        self._keyframe_wait: float | None = None
+        """Since when deltas are held back until the keyframe asked for after a reconnect."""
+        self.skipped_for_keyframe = 0
+        self.unavailable: dict[TransportKind, str] = {}
+        """Transports that cannot work here (why), replaced by :data:`FALLBACK_OF` theirs."""
 
     def _note_refusal(self, exc: TokenError | BrokenResourceError) -> Refusal:
         """Enter (or stay in) the refused state; logged once per refusal."""
@@ -201,16 +225,21 @@ class Sender:
         self.refused = ref
         return ref
 
-    async def connect(self, kind: TransportKind) -> Transport | None:
+    async def connect(self, kind: TransportKind) -> tuple[Transport, TransportKind] | None:
         """Connect ``kind``, retrying with capped backoff; ``None`` if stopping first.
 
         A final refusal (token refused, kicked...) raises it (no retry); a refusal a
         retry may fix is retried with a longer backoff and shown in :attr:`refused`.
+        A transport that cannot work here at all
+        (:class:`~pipeline.errors.TransportUnavailable`) is replaced by its
+        :data:`FALLBACK_OF` (said once in the log, and in :attr:`unavailable`).
         """
         delay = 0.05
         cap = CONNECT_BACKOFF_MAX_S
         warned = False
         while not self.stopping():
+            if kind in self.unavailable and kind in FALLBACK_OF:
+                kind = FALLBACK_OF[kind]
             transport = make_transport(kind.value, self.cfg, self.context)
             try:
                 await transport.connect()
@@ -223,7 +252,15 @@ class Sender:
                     self.refused = None
                 else:
                     self.log.info("transport %s connected", kind.value)
-                return transport
+                return transport, kind
+            except TransportUnavailable as exc:
+                with contextlib.suppress(TransportError, TokenError):
+                    await transport.close()
+                if kind not in FALLBACK_OF:
+                    raise
+                self.unavailable[kind] = str(exc)
+                self.log.warning("%s; using the %s", exc, _NAMES[FALLBACK_OF[kind]])
+                continue
             except (TokenError, BrokenResourceError) as exc:
                 with contextlib.suppress(TransportError, TokenError):
                     await transport.close()
@@ -246,9 +283,10 @@ class Sender:
     async def activate(self, kind: TransportKind) -> bool:
         """Make-before-break: connect ``kind``, then retire the old transport."""
         self._cancel_recovery()
-        new = await self.connect(kind)
-        if new is None:
+        made = await self.connect(kind)
+        if made is None:
             return False
+        new, kind = made
         old, old_pump = self.transport, self.pump
         switched = old is not None and kind != self.kind
         self._install(new, kind)
@@ -279,7 +317,7 @@ class Sender:
         """Reconnect after a refusal a retry may fix; a final refusal is kept in
         :attr:`refused` for :meth:`send` to raise."""
         try:
-            new = await self.connect(kind)
+            made = await self.connect(kind)
         except (TokenError, BrokenResourceError):
             return  # recorded by connect as a final refusal
         except TransportError as exc:  # no such transport any more: keep refusing visibly
@@ -287,10 +325,10 @@ class Sender:
             return
         finally:
             self._recovery = None
-        if new is None:
+        if made is None:
             return
         old, old_pump = self.transport, self.pump
-        self._install(new, kind)
+        self._install(*made)
         if old is not None:
             await self._retire(old, old_pump)
 
@@ -319,7 +357,10 @@ class Sender:
                 elif item.type == "keyframe_request":
                     self.on_feedback(feedback.pack_keyframe_request())
             elif isinstance(item, StateChange) and item.connected:
+                # back after a drop (a reconnect, a reopened WebRTC link): the far side
+                # may lack our references; the next packet it gets is a keyframe
                 self.on_feedback(feedback.pack_keyframe_request())
+                self._keyframe_wait = time.monotonic()
 
     def check(self) -> None:
         """Raise the final refusal in force, if any (the caller stops)."""
@@ -347,6 +388,12 @@ class Sender:
         if not transport.connected:  # reconnecting: the transport would drop it silently
             self.failed += 1
             return False
+        if self._keyframe_wait is not None:
+            if _is_keyframe(packet) or time.monotonic() - self._keyframe_wait > KEYFRAME_WAIT_S:
+                self._keyframe_wait = None
+            else:
+                self.skipped_for_keyframe += 1
+                return False
         try:
             await transport.send(packet)
         except (TokenError, BrokenResourceError) as exc:
@@ -377,16 +424,25 @@ class Sender:
             "bandwidth_limit_kbps": self.throttle.kbps or 0.0,
             "throttled_ms_total": self.throttled_ms,
             "transport_switches_total": self.switches,
+            "packets_skipped_for_keyframe_total": self.skipped_for_keyframe,
         }
         if self.refused is not None:
             out[f"transport_refused_{metric_name(self.refused.reason)}"] = 1.0
         if self.transport is not None:
             out["transport_connected"] = float(self.refused is None and self.transport.connected)
-            rtt = self.transport.statistics().ack_rtt_ms
-            if rtt is not None:
-                out["ack_rtt_ms"] = rtt
+            stats = self.transport.statistics()
+            if stats.ack_rtt_ms is not None:
+                out["ack_rtt_ms"] = stats.ack_rtt_ms
+            for key, value in stats.extra.items():  # the WebRTC link's counters
+                if (
+                    key.startswith("rtc_")
+                    and not key.endswith("_ns")
+                    and type(value) in (int, float)
+                ):
+                    out[key] = value
         for k in TransportKind:
             out[f"transport_active_{k.value}"] = float(k == self.kind)
+            out[f"transport_unavailable_{k.value}"] = float(k in self.unavailable)
         return out
 
     async def close(self) -> None:
