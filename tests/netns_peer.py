@@ -1,4 +1,4 @@
-"""Processes that tests/test_netns.py runs inside the namespace hosts (tests/netns.py).
+"""Processes that tests/test_netns.py runs inside the namespace hosts (bench/netns.py).
 
     python -m tests.netns_peer rtc --role offer|answer [--max-seconds S]
     python -m tests.netns_peer udp-echo --port P [--count N] [--max-seconds S]

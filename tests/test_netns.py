@@ -1,4 +1,4 @@
-"""Real aiortc peers in separate processes, across network namespaces (tests/netns.py).
+"""Real aiortc peers in separate processes, across network namespaces (bench/netns.py).
 
 Host a and host b are joined through a router namespace where nftables makes the
 faults. Signaling goes through this test over the peers' stdin/stdout. The figures
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import (
+from bench.netns import (
     FAULT_TABLE,
     OUTSIDE,
     PREFIX,

@@ -9,9 +9,13 @@ Every host has one veth to the router and a route to 10.77.0.0/16 through it, an
 nothing else: no default route anywhere, no interface in the parent namespace. The
 veth pairs are created directly inside the namespaces, so nothing is ever added to
 the machine's own namespace and deleting the namespaces removes everything (veths,
-routes, the router's nftables table). Faults (random UDP/TCP loss, a UDP blackout)
-are nftables rules on the router's forward hook, so they act on traffic between
-hosts and never on the machine's own traffic.
+routes, the router's nftables table). Faults (random UDP/TCP loss, a UDP blackout),
+on every forwarded packet or on one host's link in one direction, are nftables rules
+on the router's forward hook, so they act on traffic between hosts and never on the
+machine's own traffic. `Topology.turn` runs coturn in the router namespace.
+
+Used by the tests (tests/test_netns.py, tests/test_turn.py) and by the benchmarks
+(bench/transport.py), hence its place in bench/ (mypy-checked).
 
 Cleanup: `Topology.close` (a context manager and the test fixture's finalizer) kills
 the processes still running in the namespaces and deletes them; `sweep_stale` (run
@@ -31,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +44,8 @@ from itertools import count
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from bench.common import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +57,13 @@ SUBNET = "10.77.0.0/16"
 FAULT_TABLE = "pw_fault"
 #: an address that must stay unreachable from every host (TEST-NET-1, RFC 5737)
 OUTSIDE = "192.0.2.1"
+#: coturn (Debian package `coturn`) and how `Topology.turn` runs it
+TURNSERVER = "/usr/bin/turnserver"
+TURN_PORT = 3478
+TURN_REALM = "posewire.test"
+TURN_MIN_PORT, TURN_MAX_PORT = 49152, 49407
+TURN_PEERS = "10.77.0.0-10.77.255.255"
+TURN_START_S = 10.0
 
 _NAME = re.compile(r"^pw-(\d+)-\d+-[a-z]$")
 _serial = count(1)
@@ -375,49 +389,233 @@ class Topology:
             raise NetnsError(f"nft: {done.stderr.strip()}\n{script}")
 
     def clear_faults(self) -> None:
+        """Remove every fault rule (the counters go with them)."""
         self._nft(f"flush chain inet {FAULT_TABLE} forward\n")
 
-    def drop_udp(self, percent: int) -> None:
-        """Drop `percent` % of forwarded UDP packets at random (both directions)."""
-        self._drop("udp", percent)
+    def drop_udp(self, percent: int, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop `percent` % of forwarded UDP packets at random; replaces every other fault.
 
-    def drop_tcp(self, percent: int) -> None:
-        """Drop `percent` % of forwarded TCP segments at random (both directions)."""
-        self._drop("tcp", percent)
+        Without `host`: all traffic between hosts, both ways. With `host`: only on that
+        host's link, `direction` "to" (router -> host), "from" (host -> router) or "both".
+        Returns the rule's name (its key in `drop_counters`).
+        """
+        self.clear_faults()
+        return self.add_drop("udp", percent, host=host, direction=direction)
 
-    def blackout_udp(self) -> None:
-        """Drop every forwarded UDP packet."""
-        self._drop("udp", 100)
+    def drop_tcp(self, percent: int, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop `percent` % of forwarded TCP segments at random; replaces every other fault."""
+        self.clear_faults()
+        return self.add_drop("tcp", percent, host=host, direction=direction)
 
-    def _drop(self, proto: str, percent: int) -> None:
-        if not 0 <= percent <= 100:
-            raise ValueError(f"percent {percent} not in 0..100")
-        rule = (
-            f"meta l4proto {proto} counter drop"
-            if percent == 100
-            else (f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop")
-        )
-        self._nft(
-            f"flush chain inet {FAULT_TABLE} forward\nadd rule inet {FAULT_TABLE} forward {rule}\n"
-        )
+    def blackout_udp(self, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop every forwarded UDP packet (between hosts: the router's own traffic, e.g.
+        a TURN server in the router namespace, is not forwarded and keeps working)."""
+        self.clear_faults()
+        return self.add_drop("udp", 100, host=host, direction=direction)
+
+    def add_drop(
+        self,
+        proto: str,
+        percent: int,
+        *,
+        host: str | None = None,
+        direction: str = "both",
+        name: str | None = None,
+    ) -> str:
+        """Add one drop rule beside the existing ones; returns its name.
+
+        `proto` "udp" or "tcp"; `percent` 0..100 (100: every packet, no `numgen`);
+        `host` a host's short name (its router-side veth `h<short>`), None for every
+        forwarded packet; `direction` "to" the host (`oifname`), "from" it (`iifname`)
+        or "both" (two rules under one name). `name` defaults to
+        ``<proto>-<percent>-<host|all>-<direction>``; the rule carries it as its nft
+        comment, and `drop_counters` adds its packets up under it.
+        """
+        rule_name = name or f"{proto}-{percent}-{host or 'all'}-{direction}"
+        for match in self._link_matches(host, direction):
+            self._nft(
+                f"add rule inet {FAULT_TABLE} forward {match}"
+                f"{_drop_rule(proto, percent)} comment {json.dumps(rule_name)}\n"
+            )
+        return rule_name
+
+    def _link_matches(self, host: str | None, direction: str) -> list[str]:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r}: one of {', '.join(DIRECTIONS)}")
+        if host is None:
+            if direction != "both":
+                raise ValueError(f"direction {direction!r} needs a host (whose link?)")
+            return [""]
+        if host not in self.hosts:
+            raise ValueError(f"no host {host!r} in this topology ({', '.join(self.hosts)})")
+        link = json.dumps(f"h{host}")
+        matches = {"to": [f"oifname {link} "], "from": [f"iifname {link} "]}
+        return matches.get(direction, [f"oifname {link} ", f"iifname {link} "])
 
     def fault_rules(self) -> str:
         """The router's fault chain as `nft` lists it."""
         assert self.router is not None
         return self.router.run(["nft", "list", "chain", "inet", FAULT_TABLE, "forward"]).stdout
 
-    def dropped_packets(self) -> int:
-        """Packets the router's fault rules dropped so far (from a counter on each rule)."""
+    def drop_counters(self) -> dict[str, int]:
+        """Packets dropped so far per rule name (the counter of each rule, by its comment)."""
         assert self.router is not None
         listing = self.router.run(
             ["nft", "-j", "list", "chain", "inet", FAULT_TABLE, "forward"]
         ).stdout
-        total = 0
+        counts: dict[str, int] = {}
         for item in json.loads(listing).get("nftables", []):
-            for expr in item.get("rule", {}).get("expr", []):
+            rule = item.get("rule")
+            if rule is None:
+                continue
+            name = str(rule.get("comment", f"handle-{rule.get('handle')}"))
+            for expr in rule.get("expr", []):
                 if "counter" in expr:
-                    total += int(expr["counter"]["packets"])
-        return total
+                    counts[name] = counts.get(name, 0) + int(expr["counter"]["packets"])
+        return counts
+
+    def dropped_packets(self) -> int:
+        """Packets the router's fault rules dropped so far (all rules together)."""
+        return sum(self.drop_counters().values())
+
+    # -- TURN (coturn in the router namespace) ------------------------------------------
+
+    @contextlib.contextmanager
+    def turn(
+        self,
+        user: str,
+        password: str,
+        *,
+        realm: str = TURN_REALM,
+        port: int = TURN_PORT,
+        log_dir: Path | None = None,
+    ) -> Iterator[TurnServer]:
+        """coturn (`/usr/bin/turnserver`) in the router namespace for the `with` block.
+
+        It listens on the router's address on every host link (10.77.i.1) and relays
+        from them, with long-term credentials `user`/`password` in `realm`, UDP and TCP
+        only (no TLS, no DTLS, no CLI), peers allowed in 10.77.0.0/16 only, relay ports
+        TURN_MIN_PORT..TURN_MAX_PORT. Traffic to and from the router itself is not
+        forwarded, so the fault rules (e.g. `blackout_udp`) never touch the TURN path.
+        Returns once it listens on every address; stops it at the end.
+        """
+        assert self.router is not None
+        if shutil.which(TURNSERVER) is None and not Path(TURNSERVER).exists():
+            raise NetnsError(f"{TURNSERVER} is missing: apt-get install -y coturn")
+        with contextlib.ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pw-turn-")))
+            logs = log_dir or work
+            log = logs / f"{self.router.name}-turnserver.log"
+            config = work / "turnserver.conf"
+            config.write_text("# empty: every option is on the command line\n")
+            addresses = [h.gateway for h in self.hosts.values()]
+            argv = [
+                TURNSERVER,
+                "-c", str(config),
+                "--listening-port", str(port),
+                *(arg for a in addresses for arg in ("--listening-ip", a)),
+                *(arg for a in addresses for arg in ("--relay-ip", a)),
+                "--min-port", str(TURN_MIN_PORT),
+                "--max-port", str(TURN_MAX_PORT),
+                "--lt-cred-mech",
+                "--realm", realm,
+                "--user", f"{user}:{password}",
+                "--fingerprint",
+                f"--allowed-peer-ip={TURN_PEERS}",
+                "--no-multicast-peers",
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+                "--no-rfc5780",
+                "--no-software-attribute",
+                "--userdb", str(work / "turndb"),
+                "--pidfile", str(work / "turnserver.pid"),
+                "--log-file", str(log),
+                "--simple-log",
+                "--no-stdout-log",
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                self.router.exec_argv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            stack.callback(stop_process, proc, 5.0)
+            server = TurnServer(
+                addresses=tuple(addresses),
+                port=port,
+                username=user,
+                credential=password,
+                realm=realm,
+                log=log,
+                pid=proc.pid,
+            )
+            self._wait_listening(proc, server)
+            yield server
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes], server: TurnServer) -> None:
+        assert self.router is not None
+        wanted = {f"{a}:{server.port}" for a in server.addresses}
+        deadline = time.monotonic() + TURN_START_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise NetnsError(
+                    f"turnserver exited with {proc.returncode}; log: {server.log_tail()}"
+                )
+            listening = self.router.run(["ss", "-H", "-u", "-l", "-n"]).stdout
+            local = {line.split()[3] for line in listening.splitlines() if len(line.split()) > 3}
+            if wanted <= local:
+                return
+            time.sleep(0.05)
+        raise NetnsError(
+            f"turnserver not listening on {sorted(wanted)} within {TURN_START_S} s; "
+            f"log: {server.log_tail()}"
+        )
+
+
+DIRECTIONS = ("both", "to", "from")
+PROTOCOLS = ("udp", "tcp")
+
+
+def _drop_rule(proto: str, percent: int) -> str:
+    if proto not in PROTOCOLS:
+        raise ValueError(f"protocol {proto!r}: one of {', '.join(PROTOCOLS)}")
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent {percent} not in 0..100")
+    if percent == 100:
+        return f"meta l4proto {proto} counter drop"
+    return f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop"
+
+
+@dataclass(frozen=True)
+class TurnServer:
+    """A running coturn: where it listens and the credentials to use."""
+
+    addresses: tuple[str, ...]  # the router's address on each host link
+    port: int
+    username: str
+    credential: str
+    realm: str
+    log: Path
+    pid: int
+
+    def url(self, address: str) -> str:
+        """The `turn:` URL on one of its addresses (UDP)."""
+        return f"turn:{address}:{self.port}?transport=udp"
+
+    def ice_server(self, host: Host) -> dict[str, Any]:
+        """An RTCIceServer-shaped dict for a host: the TURN address on the host's own link."""
+        return {
+            "urls": [self.url(host.gateway)],
+            "username": self.username,
+            "credential": self.credential,
+        }
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
 
 
 @contextlib.contextmanager
