@@ -246,10 +246,15 @@ class Peer:
         self._log_file.flush()
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
-    def close(self, timeout: float = 2.0) -> None:
+    def ask_to_quit(self) -> None:
+        """Send {"cmd": "quit"} (no wait); `close` waits."""
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 self.send({"cmd": "quit"})
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self.proc.poll() is None:
+            self.ask_to_quit()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -260,6 +265,20 @@ class Peer:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._log_file.close()
+
+
+def signal_peers(offerer: Peer, answerer: Peer, timeout: float = 20.0) -> tuple[str, str]:
+    """Carry the offer to the answerer and the answer back (no trickle: aiortc puts every
+    candidate in the SDP); returns (offer SDP, answer SDP).
+
+    The peers speak the JSON-lines signaling of tests/netns_peer.py: they print
+    ``{"ev": "sdp", "type", "sdp"}`` and read ``{"cmd": "sdp", "type", "sdp"}``.
+    """
+    offer = offerer.expect("sdp", timeout=timeout)
+    answerer.send({"cmd": "sdp", "type": offer["type"], "sdp": offer["sdp"]})
+    answer = answerer.expect("sdp", timeout=timeout)
+    offerer.send({"cmd": "sdp", "type": answer["type"], "sdp": answer["sdp"]})
+    return str(offer["sdp"]), str(answer["sdp"])
 
 
 @dataclass
@@ -353,13 +372,23 @@ class Topology:
 
     def close(self) -> None:
         """Stop every peer, delete every namespace (veths and nft tables go with them)."""
+        self.stop_peers()
+        for name in reversed(self._made):
+            _delete_namespace(name)
+        self._made.clear()
+
+    def stop_peers(self) -> None:
+        """Ask every peer to quit (all at once), wait for each, kill it after 2 s.
+
+        Call it inside a `turn()` block when the peers use the relay: an aiortc peer
+        that closes deletes its TURN allocation, which waits while coturn is gone.
+        """
+        for peer in self.peers:
+            peer.ask_to_quit()
         for peer in self.peers:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 peer.close()
         self.peers.clear()
-        for name in reversed(self._made):
-            _delete_namespace(name)
-        self._made.clear()
 
     # -- processes ---------------------------------------------------------------
 
