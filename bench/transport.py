@@ -22,7 +22,7 @@ timestamp (the namespaces share one clock). 30 Hz, a bounded count of packets.
 Per transport and loss (0, 5, 20 %): latency p50/p95/p99, delivered fraction, server
 CPU seconds per 1,000 delivered packets (``/proc/<pid>/stat`` of the server). Then a
 ramp: 1 publisher and N subscribers (N = 25, 50, 100, 200, ...; all subscribers of a
-step in one or two processes, bounded), each step passes when the server used at most
+step in processes of at most 100 peers each, bounded), each step passes when the server used at most
 one core, the relay p95 was <= 10 ms and >= 95 % was delivered; the figure is the
 largest passing N + 1. The WebSocket rows are the baseline of the same run.
 
@@ -64,7 +64,7 @@ MAX_SAMPLES = 100_000
 """Arrival times a subscriber process reports at most (evenly thinned)."""
 RAMP_P95_MS = 10.0
 RAMP_DELIVERED = 0.95
-SUBSCRIBERS_PER_PROCESS = 200
+SUBSCRIBERS_PER_PROCESS = 100
 
 
 @dataclasses.dataclass(frozen=True)
