@@ -77,6 +77,11 @@ class BrokenResourceError(RingError, TransportError):
         super().__init__(message)
 
 
+class TransportUnavailable(TransportError):
+    """A transport that cannot work here at all (retrying cannot help), e.g. WebRTC to a
+    server on loopback (aioice offers no loopback candidates); the message says why."""
+
+
 class WouldBlock(RingError, TransportError):
     """A non-blocking operation found nothing to do."""
 

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.config import traces_dir
@@ -52,6 +52,40 @@ monitor:
     )
 
 
+def sender_config(
+    tmp_path: Path,
+    port: int,
+    *,
+    primary: str = "websocket",
+    host: str = "127.0.0.1",
+    embedded: bool = True,
+    room: str = "A",
+    loop: bool = True,
+) -> Path:
+    """A trace-replay pipeline publishing into room ``room`` of the server at
+    ``host:port`` (its embedded server there, or an external one)."""
+    server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
+    return write_config(
+        tmp_path,
+        f"""
+source:
+  kind: trace
+  path: {TRACE}
+  loop: {"true" if loop else "false"}
+transmit:
+  primary: {primary}
+  server_url: http://{host}:{port}
+  room: {room}
+{server}supervisor:
+  run_dir: {tmp_path / "run"}
+  heartbeat_interval_ms: 100
+  heartbeat_timeout_ms: 1500
+monitor:
+  enabled: false
+""",
+    )
+
+
 #: every pipeline a test started; tests/conftest.py kills what is still alive after each test
 STARTED: list[subprocess.Popen[str]] = []
 
@@ -67,12 +101,15 @@ def kill_leftovers() -> None:
                 proc.communicate(timeout=10)
 
 
-def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``python -m pipeline CONFIG ARGS`` in its own process group."""
+def start(
+    config: Path, *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """``python -m pipeline CONFIG ARGS`` in its own process group (started through
+    ``prefix``, e.g. ``ip netns exec NS``, when given)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", str(config), *args],
+        [*prefix, sys.executable, "-m", "pipeline", str(config), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.server.tokens import mint_token
-from tests.procutil import ROOT, TRACE, start, stop, wait_for, wait_stages, write_config
+from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for, wait_stages
 
 pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
@@ -31,27 +31,7 @@ def _free_port() -> int:
 
 
 def _sender_config(tmp_path: Path, port: int) -> Path:
-    return write_config(
-        tmp_path,
-        f"""
-source:
-  kind: trace
-  path: {TRACE}
-transmit:
-  primary: websocket
-  server_url: http://127.0.0.1:{port}
-  room: A
-server:
-  embedded: true
-  port: {port}
-supervisor:
-  run_dir: {tmp_path / "run"}
-  heartbeat_interval_ms: 100
-  heartbeat_timeout_ms: 1500
-monitor:
-  enabled: false
-""",
-    )
+    return sender_config(tmp_path, port)
 
 
 def _receive(port: int, room: str, name: str, duration: float, tmp: Path) -> subprocess.Popen[str]:

@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,24 +282,27 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """``python -m pipeline serve`` as a real process on 127.0.0.1."""
+    """``python -m pipeline serve`` as a real process on 127.0.0.1 (or on ``host``, started
+    through ``prefix``, e.g. ``ip netns exec NS`` for a namespace host of tests/netns.py)."""
 
-    def __init__(self, port: int = 0, *args: str) -> None:
+    def __init__(
+        self, port: int = 0, *args: str, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+    ) -> None:
         env = {**os.environ, "POSEWIRE_SECRET": SECRET}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1",
+            [*prefix, sys.executable, "-m", "pipeline", "serve", "--host", host,
              "--port", str(port), "--log-level", "WARNING", *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        m = re.search(rf"http://{re.escape(host)}:(\d+)", line)
         if m is None:
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise AssertionError(f"server did not start: {line!r} {err}")
         self.port = int(m.group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
 
     def kill9(self) -> None:
         self.proc.kill()

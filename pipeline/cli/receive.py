@@ -12,15 +12,17 @@ import argparse
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from pipeline.client.receiver import ReceivedPose, Receiver
+from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.errors import BrokenResourceError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
+from pipeline.transports.base import StateChange
 
 __all__ = ["Receiver", "add_arguments", "main", "pose_json", "write_npz"]
 
@@ -89,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout", type=float, default=3.0, help="give up connecting after S seconds"
     )
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORT_CHOICES,
+        default="auto",
+        help="webrtc (data channels), websocket, or auto (default): webrtc when the server "
+        "takes offers and this host can reach it (not on loopback), else websocket, saying why",
+    )
 
 
 def _print_summary(rep: dict[str, Any]) -> None:
@@ -104,6 +113,20 @@ def _print_summary(rep: dict[str, Any]) -> None:
         f"backfill {bf['count']} frames (age p50 {ms(bf['age_ms']['p50'])} ms, "
         f"max {ms(bf['age_ms']['max'])} ms)"
     )
+    tr = rep["transport"]
+    st = tr["stats"]
+    extra = st["extra"]
+    line = f"  transport {tr['kind']} (asked: {tr['requested']})"
+    if tr["why_not_webrtc"]:
+        line += f": {tr['why_not_webrtc']}"
+    if tr["kind"] == "webrtc":
+        line += (
+            f": {extra.get('packets_via_webrtc')} packets over the data channels, "
+            f"{extra.get('packets_via_websocket')} over the WebSocket; opened "
+            f"{extra.get('rtc_opens')}x (last in {ms(extra.get('rtc_open_ms'))} ms), dead paths "
+            f"{extra.get('rtc_dead_detections')}"
+        )
+    print(line)
     if rep["bad_member_records"] or rep["bad_messages"]:
         print(
             f"  refused from the room: {rep['bad_member_records']} bad member records, "
@@ -143,16 +166,27 @@ async def _main(args: argparse.Namespace) -> int:
         if vmc is not None:
             vmc.send(p.frame, p.member_id)
 
+    def on_state(change: StateChange) -> None:
+        what = "up" + (" (resumed)" if change.resumed else "") if change.connected else "down"
+        print(f"{time.time_ns()} transport {what} {change.reason}".rstrip(), flush=True)
+
     receiver = Receiver(
         args.server,
         args.room,
         args.token,
         connect_timeout_s=args.connect_timeout,
+        transport_kind=args.transport,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
+        on_state=on_state,
     )
     failure: BrokenResourceError | None = None
     await receiver.connect()
+    stats = receiver.transport.statistics()
+    print(
+        f"joined room {args.room} as member {receiver.transport.member_id} over {stats.kind}",
+        flush=True,
+    )
     try:
         if out is not None and out.suffix == ".jsonl":
             jsonl = out.open("w", encoding="utf-8")

@@ -48,7 +48,8 @@ from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_ker
 from pipeline.errors import ProtocolError, RefusedError, TransportError
 from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import percentiles
-from pipeline.transports.base import Control, Packet, StateChange
+from pipeline.transports.base import Control, MemberTransport, Packet, StateChange
+from pipeline.transports.webrtc import WebRtcTransport
 from pipeline.transports.websocket import WebSocketTransport
 from pipeline.wire import messages
 from pipeline.wire.messages import Backfill
@@ -56,6 +57,9 @@ from pipeline.wire.messages import Backfill
 log = logging.getLogger("posewire.receiver")
 
 KEYFRAME_REQUEST_INTERVAL_S = 0.1
+#: what ``--transport`` may name: auto is WebRTC when the server takes offers and this
+#: host can reach it (not on loopback), else the WebSocket (saying why)
+TRANSPORT_CHOICES = ("auto", "webrtc", "websocket")
 #: latency samples kept per stream for the report (8 bytes each: 8 MB at the cap, ~9 h at 30 fps)
 MAX_LATENCY_SAMPLES = 1_000_000
 
@@ -83,6 +87,25 @@ def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
         return None, True
     value = record.get("clock_offset_ns")
     return (value if isinstance(value, int) else None), False
+
+
+def member_transport(
+    kind: str, url: str, room: str, token: str, name: str, connect_timeout_s: float
+) -> MemberTransport:
+    """A subscribing member's transport: ``websocket``, ``webrtc`` (fails where WebRTC
+    cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why)."""
+    if kind not in TRANSPORT_CHOICES:
+        choices = ", ".join(TRANSPORT_CHOICES)
+        raise TransportError(f"transport must be one of {choices}, not {kind!r}")
+    options: dict[str, Any] = {
+        "publish": False,
+        "subscribe": True,
+        "name": name,
+        "connect_timeout_s": connect_timeout_s,
+    }
+    if kind == "websocket":
+        return WebSocketTransport(url, room, token, **options)
+    return WebRtcTransport(url, room, token, optional=kind == "auto", **options)
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
@@ -238,21 +261,19 @@ class Receiver:
         connect_timeout_s: float = 3.0,
         keep_poses: bool = False,
         on_pose: Callable[[ReceivedPose], None] | None = None,
-        transport: WebSocketTransport | None = None,
+        on_state: Callable[[StateChange], None] | None = None,
+        transport: MemberTransport | None = None,
+        transport_kind: str = "websocket",
         warm: bool = True,
     ) -> None:
-        self.transport = transport or WebSocketTransport(
-            url,
-            room,
-            token,
-            publish=False,
-            subscribe=True,
-            name=name or "receiver",
-            connect_timeout_s=connect_timeout_s,
+        self.transport_kind = transport_kind
+        self.transport = transport or member_transport(
+            transport_kind, url, room, token, name or "receiver", connect_timeout_s
         )
         self.room = room
         self.keep_poses = keep_poses
         self.on_pose = on_pose
+        self.on_state = on_state
         self.warm = warm
         self.poses: list[ReceivedPose] = []
         self.streams: dict[int, StreamStats] = {}
@@ -316,6 +337,8 @@ class Receiver:
             await self._on_packet(item)
         elif isinstance(item, StateChange):
             self.events.append(item)
+            if self.on_state is not None:
+                self.on_state(item)
             if not item.connected:
                 self.disconnects += 1
             else:
@@ -439,4 +462,10 @@ class Receiver:
             "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
             "bad_member_records": sum(s.bad_member_records for s in self.streams.values()),
             "bad_messages": stats.bad_messages,
+            "transport": {
+                "requested": self.transport_kind,
+                "kind": stats.kind,
+                "why_not_webrtc": stats.extra.get("webrtc_unavailable"),
+                "stats": stats.as_dict(),
+            },
         }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import socket
+import termios
 
 
 def is_loopback(host: str) -> bool:
@@ -23,3 +26,15 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def unsent_bytes(sock: socket.socket | None) -> int:
+    """Bytes written to a TCP socket but not yet sent (``TIOCOUTQ``); 0 when unknown."""
+    if sock is None:
+        return 0
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+        return int.from_bytes(buf, "little")
+    except (OSError, ValueError):
+        return 0

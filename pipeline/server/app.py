@@ -4,7 +4,8 @@ Endpoints
 ---------
 ``GET /ws[?room=R]``
     The member WebSocket (:mod:`pipeline.server.members`; messages in
-    :mod:`pipeline.wire.messages`, close codes in :mod:`pipeline.wire.close`).
+    :mod:`pipeline.wire.messages`, close codes in :mod:`pipeline.wire.close`),
+    also the signaling of a member's WebRTC link (:mod:`pipeline.server.rtc`).
 ``GET /healthz``
     200 ``ok`` while the process runs.
 ``GET /readyz``
@@ -13,7 +14,7 @@ Endpoints
     Prometheus text: ``posewire_server_rooms``, ``_members``, ``_connections``,
     ``_pending_connections``, ``_messages_in_total``, ``_messages_out_total``,
     ``_drops_total``, ``_rejections_total{reason=...}`` and more
-    (:mod:`pipeline.server.metrics`).
+    (:mod:`pipeline.server.metrics`), the WebRTC ones (``_rtc_peers``, ...).
 ``/api/rooms...``, ``POST /api/dev/token``
     The rooms REST API (:mod:`pipeline.server.api`).
 
@@ -38,7 +39,8 @@ from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
 from pipeline.server import api, guard, members
 from pipeline.server.metrics import ServerMetrics
-from pipeline.server.rooms import RoomManager
+from pipeline.server.rooms import Member, RoomManager
+from pipeline.server.rtc import RtcHub
 from pipeline.server.state import STATE, ServerState
 from pipeline.server.tokens import KickList, TokenVerifier, resolve_secret
 
@@ -63,6 +65,13 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         max_pending=config.max_pending_connections,
         metrics=metrics,
     )
+
+    async def on_binary(member: Member, data: bytes) -> None:
+        await members.handle_binary(state, member, data, members.WEBRTC)
+
+    async def on_text(member: Member, text: str) -> None:
+        await members.handle_text(state, member, text, time.time_ns(), members.WEBRTC)
+
     state = ServerState(
         config=config,
         manager=RoomManager(config, metrics, kicks),
@@ -71,6 +80,7 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         secret=secret,
         dev=dev_mode,
         guard=http_guard,
+        rtc=RtcHub(config, metrics, on_binary=on_binary, on_text=on_text),
     )
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     app[STATE] = state
@@ -105,6 +115,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE]
     state.ready = False
+    await state.rtc.shutdown()
     await state.manager.shutdown()
 
 

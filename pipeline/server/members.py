@@ -61,6 +61,12 @@ from pipeline.wire.tokens import MODERATE, PUBLISH_POSE, SUBSCRIBE
 log = logging.getLogger("posewire.server")
 
 CLOSE_TIMEOUT_S = 2.0
+WEBSOCKET = "websocket"
+WEBRTC = "webrtc"
+#: the signaling messages (``docs/webrtc.md``): on the WebSocket only, after join
+SIGNALING = frozenset({"rtc_offer", "rtc_candidate", "rtc_close"})
+#: a WebRTC member's keyframe repairs, at most one per stream this often
+REPAIR_INTERVAL_S = 0.1
 
 
 class MemberSocket(web.WebSocketResponse):
@@ -91,6 +97,24 @@ class MemberSocket(web.WebSocketResponse):
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/ws", ws_handler)
+
+
+def repair_keyframe(state: ServerState, member: Member, stream_id: int) -> None:
+    """A ``keyframe_request``: a member on an open WebRTC link lost something on its
+    lossy channel, so the stored keyframe and its chained history are re-sent to it on
+    ``control`` (a ``backfill``), at most every :data:`REPAIR_INTERVAL_S` per stream;
+    the publisher is asked only when nothing is stored (or over the WebSocket)."""
+    room = member.room
+    stream = room.streams.get(stream_id)
+    if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
+        room.request_keyframe(stream_id)
+        return
+    now = time.monotonic()
+    if now - member.repaired.get(stream_id, -1e9) < REPAIR_INTERVAL_S:
+        return
+    member.repaired[stream_id] = now
+    state.metrics.keyframe_repairs += 1
+    member.post_snapshot(stream.snapshot())
 
 
 async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, message: str) -> None:
@@ -133,11 +157,12 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if member is None:
             return ws
         try:
-            await _member_loop(state, member, limiter)
+            await _member_loop(state, member)
         except RefusedError as exc:
             await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         finally:
             member.room.remove(member)
+            await state.rtc.member_left(member)
             await member.stop_writer()
             if not ws.closed:
                 await close_ws(ws, 1000)
@@ -158,7 +183,8 @@ async def _join(
             state, ws, CloseCode.AUTH_TIMEOUT, f"no join message within {cfg.auth_timeout_s}s"
         )
         return None
-    state.metrics.messages_in += 1
+    size = len(msg.data) if isinstance(msg.data, (str, bytes)) else 0
+    state.metrics.count_in(WEBSOCKET, size)
     limiter.allow()
     if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
         return None
@@ -170,6 +196,8 @@ async def _join(
         if msg.type != WSMsgType.TEXT:
             raise refusal(CloseCode.NOT_JOINED, "the first message must be a join (JSON text)")
         obj = messages.parse(msg.data, max_chars=messages.MAX_CONTROL_CHARS)
+        if obj["type"] in SIGNALING:
+            raise refusal(CloseCode.BAD_SIGNALING, f"{obj['type']!r} before join")
         if obj["type"] != "join":
             raise refusal(CloseCode.NOT_JOINED, f"{obj['type']!r} before join")
         join = messages.Join.parse(obj)
@@ -205,6 +233,7 @@ async def _join(
         publish=join.publish,
         subscribe=join.subscribe,
         name=join.name,
+        limiter=limiter,
     )
     member.post(
         {
@@ -221,6 +250,7 @@ async def _join(
                 "max_messages_per_s": cfg.max_messages_per_s,
                 "subscriber_queue": cfg.subscriber_queue,
             },
+            "webrtc": {"enabled": cfg.webrtc.enabled},
         }
     )
     if join.subscribe:
@@ -237,30 +267,19 @@ async def _join(
     return member
 
 
-async def _member_loop(state: ServerState, member: Member, limiter: RateLimiter) -> None:
+async def _member_loop(state: ServerState, member: Member) -> None:
     ws = member.ws
     assert isinstance(ws, MemberSocket)
-    metrics = state.metrics
     while True:
         msg = await ws.receive()
-        t_recv = time.time_ns()
         kind = msg.type
         if kind == WSMsgType.BINARY:
-            metrics.messages_in += 1
-            metrics.bytes_in += len(msg.data)
-            if not limiter.allow():
-                raise refusal(CloseCode.RATE_LIMITED, _rate_message(state))
-            await _on_packet(state, member, msg.data)
+            await handle_binary(state, member, msg.data, WEBSOCKET)
         elif kind == WSMsgType.TEXT:
-            metrics.messages_in += 1
-            metrics.bytes_in += len(msg.data)
-            if not limiter.allow():
-                raise refusal(CloseCode.RATE_LIMITED, _rate_message(state))
-            obj = messages.parse(msg.data, max_chars=messages.MAX_CONTROL_CHARS)
-            await _on_control(state, member, obj, t_recv)
+            await handle_text(state, member, msg.data, time.time_ns(), WEBSOCKET)
         elif kind == WSMsgType.ERROR:
             if ws.too_large:
-                metrics.reject(CloseCode.MESSAGE_TOO_LARGE.reason)
+                state.metrics.reject(CloseCode.MESSAGE_TOO_LARGE.reason)
             return
         else:  # CLOSE, CLOSING, CLOSED; PING/PONG are handled by aiohttp
             return
@@ -268,11 +287,48 @@ async def _member_loop(state: ServerState, member: Member, limiter: RateLimiter)
             return
 
 
-def _rate_message(state: ServerState) -> str:
-    return f"more than {state.config.max_messages_per_s:g} messages per second"
+def count_in(state: ServerState, member: Member, size: int, transport: str) -> None:
+    """Count one message from ``member`` and take it from its rate limit (WebSocket and
+    data channels share one limiter); :class:`RefusedError` ``rate_limited`` past it."""
+    state.metrics.count_in(transport, size)
+    if not member.limiter.allow():
+        raise refusal(
+            CloseCode.RATE_LIMITED,
+            f"more than {state.config.max_messages_per_s:g} messages per second",
+        )
 
 
-async def _on_packet(state: ServerState, member: Member, data: bytes) -> None:
+async def handle_binary(
+    state: ServerState, member: Member, data: bytes, transport: str, *, counted: bool = False
+) -> None:
+    """One binary message (a pose packet) from ``member``, over the WebSocket or a data
+    channel (``transport``: ``websocket``, ``webrtc``); ``counted``: already taken from
+    the rate limit. Violations raise :class:`RefusedError`."""
+    if not counted:
+        count_in(state, member, len(data), transport)
+    await _on_packet(state, member, data, ordered=transport == WEBSOCKET)
+
+
+async def handle_text(
+    state: ServerState,
+    member: Member,
+    text: str,
+    t_recv: int,
+    transport: str,
+    *,
+    counted: bool = False,
+) -> None:
+    """One JSON text message from ``member`` (WebSocket or the ``control`` channel)."""
+    if not counted:
+        count_in(state, member, len(text), transport)
+    obj = messages.parse(text, max_chars=messages.MAX_CONTROL_CHARS)
+    if transport != WEBSOCKET and obj["type"] in SIGNALING:
+        raise refusal(CloseCode.BAD_SIGNALING, f"{obj['type']!r} belongs on the WebSocket")
+    await _on_control(state, member, obj, t_recv)
+
+
+async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered: bool) -> None:
+    t_recv = time.monotonic_ns()
     try:
         h = peek_header(data)
     except ProtocolError as exc:
@@ -288,10 +344,14 @@ async def _on_packet(state: ServerState, member: Member, data: bytes) -> None:
             )
         member.publish = True
         stream = room.claim(member, h.stream_id)
-    why = stream.stale(h.seq, h.epoch, h.keyframe, time.monotonic())
-    if why is not None:
-        raise refusal(CloseCode.STALE_PACKET, f"stream {h.stream_id}: {why}")
-    pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch)
+    if ordered:
+        why = stream.stale(h.seq, h.epoch, h.keyframe, time.monotonic())
+        if why is not None:
+            raise refusal(CloseCode.STALE_PACKET, f"stream {h.stream_id}: {why}")
+    elif stream.unordered(h.seq, h.epoch, h.keyframe, time.monotonic()) is not None:
+        state.metrics.late_packets += 1
+        return
+    pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch, t_recv)
     stream.add(pkt)
     state.metrics.packets_in += 1
     member.post_text(messages.ack(h.stream_id, h.seq))
@@ -314,7 +374,11 @@ async def _on_control(state: ServerState, member: Member, obj: dict[str, Any], t
             {"type": "presence", "event": "update", "member": member.info()}, exclude=member
         )
     elif kind == "keyframe_request":
-        room.request_keyframe(obj["stream_id"])
+        repair_keyframe(state, member, obj["stream_id"])
+    elif kind in SIGNALING:
+        await state.rtc.signal(member, obj)
+    elif kind == "hb":
+        pass  # liveness of the data channels; the link notes every arrival
     elif kind == "ack":
         pass  # the server is the acknowledging party over WebSocket (see pipeline.server.rooms)
     elif kind == "broadcast":

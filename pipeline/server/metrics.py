@@ -8,7 +8,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.model.prometheus import Exposition
+from pipeline.model.stats import Window
 from pipeline.wire.close import CloseCode
+
+TRANSPORTS: tuple[str, ...] = ("websocket", "webrtc")
+#: relay latency samples kept per transport (the percentiles' window)
+LATENCY_WINDOW = 2048
 
 
 @dataclass
@@ -48,9 +53,45 @@ class ServerMetrics:
     """``accept()`` failures for lack of descriptors (EMFILE/ENFILE)."""
     log_suppressed: int = 0
     """Log lines suppressed by the rate limit."""
+    rtc_peers: int = 0
+    """Open WebRTC links (both channels open), a gauge kept by :mod:`pipeline.server.rtc`."""
+    rtc_offers: int = 0
+    rtc_open: int = 0
+    rtc_dead: int = 0
+    """Links closed because nothing arrived for ``server.webrtc.dead_after_ms``."""
+    rtc_dropped_stale: int = 0
+    """Delta packets not sent on a pose channel holding more than the watermark."""
+    late_packets: int = 0
+    """Packets from a data channel dropped as late, duplicate or an old keyframe."""
+    keyframe_repairs: int = 0
+    """Stored keyframes re-sent to a WebRTC member that asked for one."""
+    by_transport: dict[str, Counter[str]] = field(
+        default_factory=lambda: {t: Counter() for t in TRANSPORTS}
+    )
+    """Per transport (``websocket``, ``webrtc``): messages_in/out, bytes_in/out."""
+    latency: dict[str, Window] = field(
+        default_factory=lambda: {t: Window(LATENCY_WINDOW) for t in TRANSPORTS}
+    )
+    """Relay latency per transport (ms): received -> handed to the subscriber's socket/channel."""
 
     def reject(self, reason: str) -> None:
         self.rejections[reason] += 1
+
+    def count_in(self, transport: str, size: int) -> None:
+        """One message received from a member over ``transport``."""
+        self.messages_in += 1
+        self.bytes_in += size
+        c = self.by_transport[transport]
+        c["messages_in"] += 1
+        c["bytes_in"] += size
+
+    def count_out(self, transport: str, size: int) -> None:
+        """One message handed to a member's socket or channel."""
+        self.messages_out += 1
+        self.bytes_out += size
+        c = self.by_transport[transport]
+        c["messages_out"] += 1
+        c["bytes_out"] += size
 
     def render(
         self, *, rooms: int, members: int, connections: int, ready: bool, pending: int = 0
@@ -86,6 +127,23 @@ class ServerMetrics:
         out.add(f"{PREFIX}pending_evicted_total", self.pending_evicted)
         out.add(f"{PREFIX}accept_errors_total", self.accept_errors)
         out.add(f"{PREFIX}log_suppressed_total", self.log_suppressed)
+        out.add(f"{PREFIX}rtc_peers", self.rtc_peers)
+        out.add(f"{PREFIX}rtc_offers_total", self.rtc_offers)
+        out.add(f"{PREFIX}rtc_open_total", self.rtc_open)
+        out.add(f"{PREFIX}rtc_dead_total", self.rtc_dead)
+        out.add(f"{PREFIX}rtc_dropped_stale_total", self.rtc_dropped_stale)
+        out.add(f"{PREFIX}late_packets_total", self.late_packets)
+        out.add(f"{PREFIX}keyframe_repairs_total", self.keyframe_repairs)
+        for transport in TRANSPORTS:
+            c = self.by_transport[transport]
+            for what in ("messages_in", "messages_out", "bytes_in", "bytes_out"):
+                out.add(f"{PREFIX}transport_{what}_total", c[what], transport=transport)
+            window = self.latency[transport]
+            summary = window.summary("p") if len(window) else {}
+            for q, key in (("0.5", "p_p50"), ("0.95", "p_p95"), ("0.99", "p_p99")):
+                out.add(
+                    f"{PREFIX}relay_latency_ms", summary.get(key), transport=transport, quantile=q
+                )
         counts = {cc.reason: 0 for cc in CloseCode} | dict(self.rejections)
         for reason in sorted(counts):
             out.add(f"{PREFIX}rejections_total", counts[reason], reason=reason)
@@ -131,6 +189,31 @@ FAMILIES: dict[str, tuple[str, str]] = {
         ),
         ("keyframe_requests_total", "counter", "Keyframe requests sent to publishers."),
         ("rejections_total", "counter", "Refused or closed connections by reason."),
+        ("rtc_peers", "gauge", "Open WebRTC links (both data channels open)."),
+        ("rtc_offers_total", "counter", "WebRTC offers received."),
+        ("rtc_open_total", "counter", "WebRTC links that opened."),
+        ("rtc_dead_total", "counter", "WebRTC links closed as dead (heartbeat silence)."),
+        (
+            "rtc_dropped_stale_total",
+            "counter",
+            "Delta packets dropped at the pose channel's watermark.",
+        ),
+        (
+            "late_packets_total",
+            "counter",
+            "Data-channel packets dropped as late, duplicate or an old keyframe.",
+        ),
+        ("keyframe_repairs_total", "counter", "Stored keyframes re-sent to WebRTC members."),
+        ("transport_messages_in_total", "counter", "Messages received, per transport."),
+        ("transport_messages_out_total", "counter", "Messages sent, per transport."),
+        ("transport_bytes_in_total", "counter", "Bytes received, per transport."),
+        ("transport_bytes_out_total", "counter", "Bytes sent, per transport."),
+        (
+            "relay_latency_ms",
+            "gauge",
+            "Relay latency (received -> handed to the subscriber's socket or channel), "
+            "percentiles over the last packets, per transport.",
+        ),
     )
 }
 

@@ -48,7 +48,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -63,6 +63,9 @@ from pipeline.wire.close import CloseCode, close_code, refusal
 from pipeline.wire.messages import Backfill, dumps, error, valid_member_id, valid_room_name
 from pipeline.wire.tokens import Claims, resolve_secret
 
+if TYPE_CHECKING:  # aiortc is imported at the first offer, not at start-up
+    from pipeline.rtc.link import PeerLink
+
 log = logging.getLogger("posewire.server")
 
 MAX_CONTROL_BACKLOG: Final = 1024
@@ -76,8 +79,15 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+class WsText(str):
+    """A queued text message that goes on the WebSocket even while a link is open
+    (signaling: ``rtc_answer``, ``rtc_state``)."""
+
+    __slots__ = ()
+
+
 class Member:
-    """One joined WebSocket connection."""
+    """One joined WebSocket connection (and its WebRTC link, when one is open)."""
 
     def __init__(
         self,
@@ -91,6 +101,7 @@ class Member:
         publish: bool,
         subscribe: bool,
         name: str | None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.manager = manager
         self.metrics = manager.metrics
@@ -117,6 +128,12 @@ class Member:
         self._wake = asyncio.Event()
         self._have: dict[int, Have] = {}
         self.broadcasts = RateLimiter(BROADCASTS_PER_S, BROADCAST_BURST)
+        self.limiter = limiter or RateLimiter(manager.config.max_messages_per_s)
+        """Messages from this member, WebSocket and data channels together."""
+        self.link: PeerLink | None = None
+        """The open WebRTC link the output goes to (:mod:`pipeline.server.rtc`), or None."""
+        self.repaired: dict[int, float] = {}
+        """Per stream: when a stored keyframe was last re-sent to this member (monotonic)."""
         self._high_water = 64 * 1024
         if transport is not None:
             self._high_water = max(transport.get_write_buffer_limits()[1], 4096)
@@ -142,8 +159,27 @@ class Member:
         }
 
     # ------------------------------------------------------------------ output
+    #
+    # One queue and one writer, two sinks: the WebSocket, or the member's open
+    # WebRTC link (``self.link``, set by :mod:`pipeline.server.rtc`). The sink is
+    # chosen when an item is written, so whatever is queued when a link opens or
+    # dies goes out on the path that works then. On the link: delta packets on
+    # the lossy ``pose`` channel (dropped at its watermark), keyframes, snapshot
+    # packets and control text on the reliable ``control`` channel. Signaling
+    # (:class:`WsText`) always goes on the WebSocket.
+
+    @property
+    def on_link(self) -> bool:
+        link = self.link
+        return link is not None and link.is_open
+
+    @property
+    def transport_name(self) -> str:
+        return "webrtc" if self.on_link else "websocket"
 
     def _writable(self, n: int) -> bool:
+        if self.on_link:
+            return True  # the lossy channel has its own watermark, control is reliable
         t = self.transport
         if t is None or t.is_closing():
             return False
@@ -178,7 +214,7 @@ class Member:
             self._post_packet(pkt)
             return
         if self._admit(pkt):
-            await self._write_bytes(pkt.data)
+            await self._write_packet(pkt, live=True)
 
     def _post_packet(self, pkt: StoredPacket) -> None:
         self._queue.append(pkt)
@@ -206,6 +242,10 @@ class Member:
     def post(self, obj: dict[str, Any]) -> None:
         self.post_text(dumps(obj))
 
+    def post_ws(self, obj: dict[str, Any]) -> None:
+        """Queue a signaling message: always written on the WebSocket."""
+        self.post_text(WsText(dumps(obj)))
+
     def post_snapshot(self, packets: list[StoredPacket]) -> None:
         """Queue a late-join snapshot: never dropped, outside the bound, chained by construction.
 
@@ -219,25 +259,48 @@ class Member:
             self._queue.append(Snapshot(pkts))
             self._wake.set()
 
-    async def _write_bytes(self, data: bytes) -> None:
+    async def _write_packet(self, pkt: StoredPacket, *, live: bool) -> None:
+        """Write one admitted packet on the current sink; ``live``: not from a snapshot
+        (its relay latency is measured; snapshot packets go on the reliable channel)."""
+        link = self.link
+        if link is not None and link.is_open:
+            data = pkt.data
+            if pkt.keyframe or not live:
+                link.send_control(data)
+            elif not link.send_pose(data):
+                self.metrics.rtc_dropped_stale += 1
+                have = self._have.get(pkt.stream_id)
+                if have is not None:
+                    have.discard(pkt.seq)
+                return
+            self._sent(pkt, "webrtc", live)
+            return
         try:
-            await self.ws.send_bytes(data)
+            await self.ws.send_bytes(pkt.data)
         except ConnectionError:
             self.closed = True
             return
+        self._sent(pkt, "websocket", live)
+
+    def _sent(self, pkt: StoredPacket, transport: str, live: bool) -> None:
         self.sent += 1
-        self.metrics.messages_out += 1
         self.metrics.packets_out += 1
-        self.metrics.bytes_out += len(data)
+        self.metrics.count_out(transport, len(pkt.data))
+        if live and pkt.t_recv_ns:
+            self.metrics.latency[transport].add((time.monotonic_ns() - pkt.t_recv_ns) / 1e6)
 
     async def _write_text(self, text: str) -> None:
+        link = self.link
+        if link is not None and link.is_open and not isinstance(text, WsText):
+            link.send_control(text)
+            self.metrics.count_out("webrtc", len(text))
+            return
         try:
             await self.ws.send_str(text)
         except ConnectionError:
             self.closed = True
             return
-        self.metrics.messages_out += 1
-        self.metrics.bytes_out += len(text)
+        self.metrics.count_out("websocket", len(text))
 
     async def _writer_loop(self) -> None:
         queue = self._queue
@@ -251,13 +314,13 @@ class Member:
                     if isinstance(item, StoredPacket):
                         self._queued_packets -= 1
                         if self._admit(item):
-                            await self._write_bytes(item.data)
+                            await self._write_packet(item, live=True)
                     elif isinstance(item, Snapshot):
                         for pkt in item.packets:
                             if self.closed:
                                 break
                             if self._admit(pkt):
-                                await self._write_bytes(pkt.data)
+                                await self._write_packet(pkt, live=False)
                     else:
                         await self._write_text(item)
             finally:

@@ -11,6 +11,7 @@ from pipeline.config import ServerConfig
 from pipeline.server.guard import HttpGuard
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import RoomManager
+from pipeline.server.rtc import RtcHub
 from pipeline.server.tokens import TokenVerifier
 
 
@@ -25,6 +26,7 @@ class ServerState:
     secret: str
     dev: bool
     guard: HttpGuard
+    rtc: RtcHub
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
 

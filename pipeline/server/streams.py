@@ -13,6 +13,12 @@ keyframe again and again. The one exception is a keyframe of a *new epoch*
 (a restarted encoder numbers its frames afresh), accepted at most once every
 :data:`EPOCH_CHANGE_INTERVAL_S` per stream. A new connection (a reconnect)
 starts a new stream state, and its publisher sends a keyframe first anyway.
+
+Packets that arrived on a WebRTC data channel (``docs/webrtc.md``) may come out
+of order: :meth:`StreamState.unordered` is the same check, but what it rejects is
+dropped and counted (``late``) instead of refused, and a keyframe that arrives
+after newer deltas (keyframes travel on the reliable channel, deltas on the lossy
+one) is still taken when it is newer than the stream's stored keyframe.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class StoredPacket:
     data: bytes
     epoch: int = 0
     """The encoder instance (header flags); references never cross epochs."""
+    t_recv_ns: int = 0
+    """``time.monotonic_ns()`` when the server received it (relay latency); 0: unknown."""
 
 
 class Snapshot:
@@ -70,6 +78,10 @@ class Have:
         self.order.append(seq)
         self.seqs.add(seq)
 
+    def discard(self, seq: int) -> None:
+        """Forget ``seq`` (it was not sent after all: the lossy channel's watermark)."""
+        self.seqs.discard(seq)
+
 
 class StreamState(Generic[OwnerT]):
     """A publisher stream: owner, latest keyframe, the packets after it, the last seq."""
@@ -100,6 +112,22 @@ class StreamState(Generic[OwnerT]):
         self.epoch = epoch
         self.last_seq = seq
         return None
+
+    def unordered(self, seq: int, epoch: int, keyframe: bool, now: float) -> str | None:
+        """Acceptance of a packet from a data channel: why it is dropped (late, a
+        duplicate, a keyframe not newer than the stored one), or None to accept it.
+
+        A late keyframe of the current epoch newer than the stored keyframe is
+        accepted without moving the stream's last sequence number back.
+        """
+        if self.epoch is not None and epoch == self.epoch and seq <= self.last_seq:
+            if not keyframe:
+                return f"sequence {seq} is not after {self.last_seq}, the stream's last"
+            kf = self.keyframe
+            if kf is not None and kf.epoch == epoch and seq <= kf.seq:
+                return f"keyframe {seq} is not after the stored keyframe {kf.seq}"
+            return None
+        return self.stale(seq, epoch, keyframe, now)
 
     def add(self, pkt: StoredPacket) -> None:
         self.packets += 1

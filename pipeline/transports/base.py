@@ -33,7 +33,7 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pipeline.errors import BrokenResourceError, ClosedResourceError, TokenError
 
@@ -155,6 +155,37 @@ class Transport(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class MemberTransport(Protocol):
+    """What a receiving member needs of its transport: a joined member of one room
+    (:class:`~pipeline.transports.websocket.WebSocketTransport`,
+    :class:`~pipeline.transports.webrtc.WebRtcTransport`)."""
+
+    url: str
+    """The server's member endpoint."""
+    member_id: str | None
+    """Our member id (from the welcome; kept across a resume)."""
+    members: dict[str, dict[str, Any]]
+    """The room's member records by id (kept current by presence)."""
+
+    @property
+    def clock_offset_ns(self) -> int | None:
+        """Server clock minus local clock, or None before it was measured."""
+
+    def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
+        """The member record publishing ``stream_id``, if known."""
+
+    async def request_keyframe(self, stream_id: int) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
+
+    async def connect(self) -> None: ...
+
+    async def recv(self) -> Received: ...
+
+    async def close(self) -> None: ...
+
+    def statistics(self) -> TransportStatistics: ...
 
 
 def _no_token() -> str:

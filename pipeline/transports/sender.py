@@ -44,6 +44,7 @@ from pipeline.errors import (
     CommandError,
     TokenError,
     TransportError,
+    TransportUnavailable,
 )
 from pipeline.transports import TRANSPORTS, make_transport
 from pipeline.transports.base import (
@@ -58,6 +59,8 @@ from pipeline.transports.base import (
 CONNECT_BACKOFF_MAX_S = 2.0
 #: cap of the backoff between retries after a refusal that a retry may fix
 REFUSED_BACKOFF_MAX_S = 5.0
+#: what replaces a transport that cannot work here at all (TransportUnavailable)
+FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
 #: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
 MAX_BANDWIDTH_KBPS = 10_000_000.0
 
@@ -123,6 +126,9 @@ class Throttle:
         return {"max_bandwidth_kbps": self.kbps}
 
 
+_NAMES = {TransportKind.WEBSOCKET: "WebSocket", TransportKind.WEBRTC: "WebRTC"}
+
+
 def parse_kind(value: object) -> TransportKind:
     """The ``to`` of a ``switch_transport`` command; :class:`CommandError` unless it names a
     transport of this build."""
@@ -181,6 +187,8 @@ class Sender:
         self.refused: Refusal | None = None
         """The refusal in force (None while accepted)."""
         self._recovery: asyncio.Task[None] | None = None
+        self.unavailable: dict[TransportKind, str] = {}
+        """Transports that cannot work here (why), replaced by :data:`FALLBACK_OF` theirs."""
 
     def _note_refusal(self, exc: TokenError | BrokenResourceError) -> Refusal:
         """Enter (or stay in) the refused state; logged once per refusal."""
@@ -201,16 +209,21 @@ class Sender:
         self.refused = ref
         return ref
 
-    async def connect(self, kind: TransportKind) -> Transport | None:
+    async def connect(self, kind: TransportKind) -> tuple[Transport, TransportKind] | None:
         """Connect ``kind``, retrying with capped backoff; ``None`` if stopping first.
 
         A final refusal (token refused, kicked...) raises it (no retry); a refusal a
         retry may fix is retried with a longer backoff and shown in :attr:`refused`.
+        A transport that cannot work here at all
+        (:class:`~pipeline.errors.TransportUnavailable`) is replaced by its
+        :data:`FALLBACK_OF` (said once in the log, and in :attr:`unavailable`).
         """
         delay = 0.05
         cap = CONNECT_BACKOFF_MAX_S
         warned = False
         while not self.stopping():
+            if kind in self.unavailable and kind in FALLBACK_OF:
+                kind = FALLBACK_OF[kind]
             transport = make_transport(kind.value, self.cfg, self.context)
             try:
                 await transport.connect()
@@ -223,7 +236,15 @@ class Sender:
                     self.refused = None
                 else:
                     self.log.info("transport %s connected", kind.value)
-                return transport
+                return transport, kind
+            except TransportUnavailable as exc:
+                with contextlib.suppress(TransportError, TokenError):
+                    await transport.close()
+                if kind not in FALLBACK_OF:
+                    raise
+                self.unavailable[kind] = str(exc)
+                self.log.warning("%s; using the %s", exc, _NAMES[FALLBACK_OF[kind]])
+                continue
             except (TokenError, BrokenResourceError) as exc:
                 with contextlib.suppress(TransportError, TokenError):
                     await transport.close()
@@ -246,9 +267,10 @@ class Sender:
     async def activate(self, kind: TransportKind) -> bool:
         """Make-before-break: connect ``kind``, then retire the old transport."""
         self._cancel_recovery()
-        new = await self.connect(kind)
-        if new is None:
+        made = await self.connect(kind)
+        if made is None:
             return False
+        new, kind = made
         old, old_pump = self.transport, self.pump
         switched = old is not None and kind != self.kind
         self._install(new, kind)
@@ -279,7 +301,7 @@ class Sender:
         """Reconnect after a refusal a retry may fix; a final refusal is kept in
         :attr:`refused` for :meth:`send` to raise."""
         try:
-            new = await self.connect(kind)
+            made = await self.connect(kind)
         except (TokenError, BrokenResourceError):
             return  # recorded by connect as a final refusal
         except TransportError as exc:  # no such transport any more: keep refusing visibly
@@ -287,10 +309,10 @@ class Sender:
             return
         finally:
             self._recovery = None
-        if new is None:
+        if made is None:
             return
         old, old_pump = self.transport, self.pump
-        self._install(new, kind)
+        self._install(*made)
         if old is not None:
             await self._retire(old, old_pump)
 
@@ -382,11 +404,19 @@ class Sender:
             out[f"transport_refused_{metric_name(self.refused.reason)}"] = 1.0
         if self.transport is not None:
             out["transport_connected"] = float(self.refused is None and self.transport.connected)
-            rtt = self.transport.statistics().ack_rtt_ms
-            if rtt is not None:
-                out["ack_rtt_ms"] = rtt
+            stats = self.transport.statistics()
+            if stats.ack_rtt_ms is not None:
+                out["ack_rtt_ms"] = stats.ack_rtt_ms
+            for key, value in stats.extra.items():  # the WebRTC link's counters
+                if (
+                    key.startswith("rtc_")
+                    and not key.endswith("_ns")
+                    and type(value) in (int, float)
+                ):
+                    out[key] = value
         for k in TransportKind:
             out[f"transport_active_{k.value}"] = float(k == self.kind)
+            out[f"transport_unavailable_{k.value}"] = float(k in self.unavailable)
         return out
 
     async def close(self) -> None:

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import random
 import statistics as pystats
-import termios
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -50,6 +48,7 @@ from pipeline.errors import (
     TransportError,
 )
 from pipeline.model import jsonsafe
+from pipeline.model.net import unsent_bytes
 from pipeline.transports import TRANSPORTS
 from pipeline.transports.base import (
     Control,
@@ -60,7 +59,7 @@ from pipeline.transports.base import (
     TransportContext,
     TransportStatistics,
 )
-from pipeline.transports.clock import ClockOffset
+from pipeline.transports.clock import ClockSync
 from pipeline.wire import messages
 from pipeline.wire.close import final_error
 
@@ -136,9 +135,7 @@ class WebSocketTransport(Transport):
         self._closed = False
         self._fatal: Fatal | None = None
         self._last_error: dict[str, Any] | None = None
-        self._pings: dict[int, asyncio.Future[tuple[int, int, int, int]]] = {}
-        self._ping_id = 0
-        self._clock = ClockOffset()
+        self._sync = ClockSync()
         self._sent_at: deque[int] = deque()
         self._ack_rtts: deque[float] = deque(maxlen=_WINDOW)
         self._send_times: deque[float] = deque(maxlen=_WINDOW)
@@ -156,7 +153,7 @@ class WebSocketTransport(Transport):
         publish: bool = True,
         subscribe: bool = False,
         name: str | None = None,
-    ) -> WebSocketTransport:
+    ) -> Self:
         """A transport for the transmit stage from the ``transmit`` config section."""
         return cls(
             cfg.server_url,
@@ -165,10 +162,17 @@ class WebSocketTransport(Transport):
             publish=publish,
             subscribe=subscribe,
             name=name,
-            reconnect_initial_s=cfg.reconnect_initial_s,
-            reconnect_max_s=cfg.reconnect_max_s,
-            connect_timeout_s=cfg.connect_timeout_s,
+            **cls.options(cfg),
         )
+
+    @classmethod
+    def options(cls, cfg: TransmitConfig) -> dict[str, Any]:
+        """The constructor options the ``transmit`` section sets."""
+        return {
+            "reconnect_initial_s": cfg.reconnect_initial_s,
+            "reconnect_max_s": cfg.reconnect_max_s,
+            "connect_timeout_s": cfg.connect_timeout_s,
+        }
 
     # ------------------------------------------------------------------ public API
 
@@ -179,11 +183,11 @@ class WebSocketTransport(Transport):
     @property
     def clock_offset_ns(self) -> int | None:
         """Server clock minus local clock from the minimum-RTT sample, or None."""
-        return self._clock.offset_ns
+        return self._sync.estimate.offset_ns
 
     @property
     def clock_rtt_ns(self) -> int | None:
-        return self._clock.rtt_ns
+        return self._sync.estimate.rtt_ns
 
     def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
         """The member record publishing ``stream_id``, if known."""
@@ -236,7 +240,11 @@ class WebSocketTransport(Transport):
         except ConnectionError:
             self._stats.send_failures += 1
             return
-        self._send_times.append((time.perf_counter() - t0) * 1000.0)
+        self._sent(packet, (time.perf_counter() - t0) * 1000.0)
+
+    def _sent(self, packet: bytes, ms: float) -> None:
+        """Account a packet sent (``ms`` spent in the send call)."""
+        self._send_times.append(ms)
         if self.publish:
             self._sent_at.append(time.monotonic_ns())
             if len(self._sent_at) > 4096:
@@ -251,7 +259,7 @@ class WebSocketTransport(Transport):
             self._stats.send_failures += 1
             return
         try:
-            await ws.send_str(messages.dumps(dict(message)))
+            await self._send_text(ws, messages.dumps(dict(message)))
         except ConnectionError:
             self._stats.send_failures += 1
 
@@ -301,9 +309,7 @@ class WebSocketTransport(Transport):
                     await task
         self._run_task = None
         self._clock_task = None
-        for fut in self._pings.values():
-            fut.cancel()
-        self._pings.clear()
+        self._sync.cancel()
         await self._close_session()
 
     def statistics(self) -> TransportStatistics:
@@ -328,17 +334,7 @@ class WebSocketTransport(Transport):
 
     def _kernel_buffered(self) -> int:
         ws = self._ws
-        if ws is None or ws.closed:
-            return 0
-        sock = ws.get_extra_info("socket")
-        if sock is None:
-            return 0
-        try:
-            buf = bytearray(4)
-            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
-            return int.from_bytes(buf, "little")
-        except (OSError, ValueError):
-            return 0
+        return 0 if ws is None or ws.closed else unsent_bytes(ws.get_extra_info("socket"))
 
     async def _close_session(self) -> None:
         if self._own_session and self._session is not None:
@@ -445,7 +441,7 @@ class WebSocketTransport(Transport):
             if self._closed:
                 return
             err = self._refusal(code, f"connection closed (code {code})")
-            self._put(StateChange(False, code, (self._last_error or {}).get("reason", "")))
+            self._on_lost(code)
             if err is not None:
                 self._fatal = err
                 self._wake.set()
@@ -474,12 +470,31 @@ class WebSocketTransport(Transport):
             self._stats.reconnects += 1
             self._stats.connects += 1
             self._attach(ws)
-            self._put(StateChange(True, resumed=bool(self.welcome.get("resumed"))))
+            self._on_reconnected()
             return ws
         return None
 
+    # hooks of a transport that carries the traffic over another path once joined (webrtc)
+
+    def _on_lost(self, code: int | None) -> None:
+        """The WebSocket dropped (a reconnect follows unless the refusal is final)."""
+        self._put(StateChange(False, code, (self._last_error or {}).get("reason", "")))
+
+    def _on_reconnected(self) -> None:
+        """Joined again after a drop (``welcome`` is the new one)."""
+        self._put(StateChange(True, resumed=bool(self.welcome.get("resumed"))))
+
+    async def _send_text(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
+        """Send a control message (``ConnectionError`` when the path is closed)."""
+        await ws.send_str(text)
+
+    def _packet(self, data: bytes, t: int) -> None:
+        """A pose packet arrived (at wall-clock ``t``)."""
+        self._stats.packets_received += 1
+        self._stats.bytes_received += len(data)
+        self._put(Packet(data, t))
+
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> int | None:
-        stats = self._stats
         while True:
             try:
                 msg = await ws.receive()
@@ -488,9 +503,7 @@ class WebSocketTransport(Transport):
             t = time.time_ns()
             kind = msg.type
             if kind == aiohttp.WSMsgType.BINARY:
-                stats.packets_received += 1
-                stats.bytes_received += len(msg.data)
-                self._put(Packet(msg.data, t))
+                self._packet(msg.data, t)
             elif kind == aiohttp.WSMsgType.TEXT:
                 obj = self._parse(msg.data)
                 if obj is not None:
@@ -516,11 +529,7 @@ class WebSocketTransport(Transport):
         kind = obj["type"]
         self._stats.controls_received += 1
         if kind == "pong":
-            pid = obj.get("id")
-            fut = self._pings.pop(pid, None) if isinstance(pid, int) else None
-            t0, t1, t2 = obj.get("t0"), obj.get("t1"), obj.get("t2")
-            if fut is not None and not fut.done() and all(type(v) is int for v in (t0, t1, t2)):
-                fut.set_result((int(t0 or 0), int(t1 or 0), int(t2 or 0), t))
+            self._sync.on_pong(obj, t)
             return
         if kind == "ack":
             self._stats.acks += 1
@@ -537,27 +546,16 @@ class WebSocketTransport(Transport):
             self._last_error = obj
         self._put(Control(kind, obj, t))
 
-    async def _ping(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int] | None:
-        """One ping exchange: (rtt_ns, offset_ns), or None on timeout."""
-        self._ping_id += 1
-        pid = self._ping_id
-        fut: asyncio.Future[tuple[int, int, int, int]] = asyncio.get_running_loop().create_future()
-        self._pings[pid] = fut
-        t0 = time.time_ns()
-        try:
-            await ws.send_str(messages.ping(pid, t0))
-            async with asyncio.timeout(2.0):
-                t0, t1, t2, t3 = await fut
-        except (TimeoutError, ConnectionError):
-            return None
-        finally:
-            self._pings.pop(pid, None)
-        return self._clock.add(t0, t1, t2, t3)
+    def _via(self, ws: aiohttp.ClientWebSocketResponse) -> Callable[[str], Awaitable[None]]:
+        async def send(text: str) -> None:
+            if ws.closed:
+                raise ConnectionError("closed")
+            await self._send_text(ws, text)
+
+        return send
 
     async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        for _ in range(self.clock_samples):
-            if ws.closed or await self._ping(ws) is None:
-                break
+        await self._sync.measure(self._via(ws), self.clock_samples)
         await self._report_clock()
 
     async def _report_clock(self) -> None:
@@ -571,15 +569,12 @@ class WebSocketTransport(Transport):
         while not ws.closed:
             if first and self._stats.connects > 1:
                 # after a reconnect: refresh the estimate against the (maybe new) server
-                self._clock.clear()
-                for _ in range(self.clock_samples):
-                    if await self._ping(ws) is None:
-                        break
+                await self._sync.measure(self._via(ws), self.clock_samples, fresh=True)
                 await self._report_clock()
             first = False
             await asyncio.sleep(self.clock_interval_s)
             before = self.clock_offset_ns
-            await self._ping(ws)
+            await self._sync.ping(self._via(ws))
             if self.clock_offset_ns != before:
                 await self._report_clock()
 

@@ -303,6 +303,10 @@ def _welcome(obj: Mapping[str, Any]) -> None:
         raise _malformed("welcome: 'members' must be a list")
     for m in members:
         member_record(m)
+    webrtc = obj.get("webrtc", {})  # {"enabled": bool}: the server takes rtc_offer
+    if not isinstance(webrtc, dict):
+        raise _malformed("welcome: 'webrtc' must be an object")
+    field_bool(webrtc, "enabled", False)
 
 
 def _presence(obj: Mapping[str, Any]) -> None:
