@@ -98,9 +98,11 @@ def _transport(kind: str, url: str, room: str, token: str, *, publish: bool) -> 
         return WebSocketTransport(
             url, room, token, publish=publish, subscribe=not publish, recv_queue=100_000
         )
-    from pipeline.transports import webrtc  # type: ignore[attr-defined,unused-ignore]
+    from pipeline.transports.webrtc import WebRtcTransport
 
-    return webrtc.WebRtcTransport(url, room, token, publish=publish, subscribe=not publish)
+    return WebRtcTransport(
+        url, room, token, publish=publish, subscribe=not publish, recv_queue=100_000
+    )
 
 
 def _emit(message: dict[str, Any]) -> None:
@@ -185,13 +187,23 @@ async def subscribers(args: argparse.Namespace) -> None:
     arrivals: list[list[int]] = []
     received = 0
 
+    duplicates = 0
+
     async def drain(transport: Any) -> None:
-        nonlocal received
+        """First arrival of each seq per member; repeats (a server's backfill or
+        repair re-sends) are counted as duplicates, not as delivered."""
+        nonlocal received, duplicates
+        seen: set[int] = set()
         while True:
             item = await transport.recv()
             if isinstance(item, Packet):
+                seq = peek_header(item.data).seq
+                if seq in seen:
+                    duplicates += 1
+                    continue
+                seen.add(seq)
                 received += 1
-                arrivals.append([peek_header(item.data).seq, item.received_ns])
+                arrivals.append([seq, item.received_ns])
 
     members = []
     for n in range(args.members):
@@ -207,7 +219,14 @@ async def subscribers(args: argparse.Namespace) -> None:
         command = await _command(reader, deadline)
         if command.get("cmd") == "report":
             step = max(1, math.ceil(len(arrivals) / MAX_SAMPLES))
-            _emit({"ev": "report", "received": received, "arrivals": arrivals[::step]})
+            _emit(
+                {
+                    "ev": "report",
+                    "received": received,
+                    "duplicates": duplicates,
+                    "arrivals": arrivals[::step],
+                }
+            )
         elif command.get("cmd") == "quit":
             break
     for task in tasks:
@@ -248,7 +267,9 @@ class Server:
             "  max_members_per_room: 1000\n"
             "  max_messages_per_s: 1000\n"
             "  subscriber_queue: 256\n"
-            "  heartbeat_s: 30\n",
+            "  heartbeat_s: 30\n"
+            "  webrtc:\n"
+            "    max_peers: 5000\n",
             encoding="utf-8",
         )
         env = {**python_env(), "POSEWIRE_SECRET": SECRET}
@@ -323,17 +344,19 @@ class Run:
         sent, captured = int(done["sent"]), {seq: ns for seq, ns in done["captured"]}
         time.sleep(0.5)  # packets in flight, retransmissions
         cpu, wall = self.server.cpu_s() - cpu0, time.monotonic() - t0
-        received, latency = 0, list[float]()
+        received, duplicates, latency = 0, 0, list[float]()
         for sub in subs:
             sub.send({"cmd": "report"})
             got = sub.expect("report", timeout=30)
             received += int(got["received"])
+            duplicates += int(got["duplicates"])
             latency += [(ns - captured[seq]) / 1e6 for seq, ns in got["arrivals"]]
         self.net.stop_peers()
         delivered = received / max(sent * subscribers, 1)
         return {
             "sent": sent,
             "delivered": delivered,
+            "duplicates": duplicates,
             "p50_ms": percentile(latency, 50),
             "p95_ms": percentile(latency, 95),
             "p99_ms": percentile(latency, 99),
