@@ -35,7 +35,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -45,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from bench.common import stop_process
+from bench.turn import TurnServer, turnserver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +56,6 @@ SUBNET = "10.77.0.0/16"
 FAULT_TABLE = "pw_fault"
 #: an address that must stay unreachable from every host (TEST-NET-1, RFC 5737)
 OUTSIDE = "192.0.2.1"
-#: coturn (Debian package `coturn`) and how `Topology.turn` runs it
-TURNSERVER = "/usr/bin/turnserver"
-TURN_PORT = 3478
-TURN_REALM = "posewire.test"
-TURN_MIN_PORT, TURN_MAX_PORT = 49152, 49407
-TURN_PEERS = "10.77.0.0-10.77.255.255"
-TURN_START_S = 10.0
 
 _NAME = re.compile(r"^pw-(\d+)-\d+-[a-z]$")
 _serial = count(1)
@@ -507,99 +499,16 @@ class Topology:
         """Packets the router's fault rules dropped so far (all rules together)."""
         return sum(self.drop_counters().values())
 
-    # -- TURN (coturn in the router namespace) ------------------------------------------
+    # -- TURN (coturn in the router namespace: bench/turn.py) -------------------------
 
-    @contextlib.contextmanager
     def turn(
-        self,
-        user: str,
-        password: str,
-        *,
-        realm: str = TURN_REALM,
-        port: int = TURN_PORT,
-        log_dir: Path | None = None,
-    ) -> Iterator[TurnServer]:
-        """coturn (`/usr/bin/turnserver`) in the router namespace for the `with` block.
-
-        It listens on the router's address on every host link (10.77.i.1) and relays
-        from them, with long-term credentials `user`/`password` in `realm`, UDP and TCP
-        only (no TLS, no DTLS, no CLI), peers allowed in 10.77.0.0/16 only, relay ports
-        TURN_MIN_PORT..TURN_MAX_PORT. Traffic to and from the router itself is not
-        forwarded, so the fault rules (e.g. `blackout_udp`) never touch the TURN path.
-        Returns once it listens on every address; stops it at the end.
-        """
+        self, user: str, password: str, *, log_dir: Path | None = None, **options: Any
+    ) -> contextlib.AbstractContextManager[TurnServer]:
+        """coturn in the router namespace for a `with` block, listening and relaying on the
+        router's address on every host link; see `bench.turn.turnserver`."""
         assert self.router is not None
-        if shutil.which(TURNSERVER) is None and not Path(TURNSERVER).exists():
-            raise NetnsError(f"{TURNSERVER} is missing: apt-get install -y coturn")
-        with contextlib.ExitStack() as stack:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pw-turn-")))
-            logs = log_dir or work
-            log = logs / f"{self.router.name}-turnserver.log"
-            config = work / "turnserver.conf"
-            config.write_text("# empty: every option is on the command line\n")
-            addresses = [h.gateway for h in self.hosts.values()]
-            argv = [
-                TURNSERVER,
-                "-c", str(config),
-                "--listening-port", str(port),
-                *(arg for a in addresses for arg in ("--listening-ip", a)),
-                *(arg for a in addresses for arg in ("--relay-ip", a)),
-                "--min-port", str(TURN_MIN_PORT),
-                "--max-port", str(TURN_MAX_PORT),
-                "--lt-cred-mech",
-                "--realm", realm,
-                "--user", f"{user}:{password}",
-                "--fingerprint",
-                f"--allowed-peer-ip={TURN_PEERS}",
-                "--no-multicast-peers",
-                "--no-tls",
-                "--no-dtls",
-                "--no-cli",
-                "--no-rfc5780",
-                "--no-software-attribute",
-                "--userdb", str(work / "turndb"),
-                "--pidfile", str(work / "turnserver.pid"),
-                "--log-file", str(log),
-                "--simple-log",
-                "--no-stdout-log",
-            ]  # fmt: skip
-            proc = subprocess.Popen(
-                self.router.exec_argv(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            stack.callback(stop_process, proc, 5.0)
-            server = TurnServer(
-                addresses=tuple(addresses),
-                port=port,
-                username=user,
-                credential=password,
-                realm=realm,
-                log=log,
-                pid=proc.pid,
-            )
-            self._wait_listening(proc, server)
-            yield server
-
-    def _wait_listening(self, proc: subprocess.Popen[bytes], server: TurnServer) -> None:
-        assert self.router is not None
-        wanted = {f"{a}:{server.port}" for a in server.addresses}
-        deadline = time.monotonic() + TURN_START_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise NetnsError(
-                    f"turnserver exited with {proc.returncode}; log: {server.log_tail()}"
-                )
-            listening = self.router.run(["ss", "-H", "-u", "-l", "-n"]).stdout
-            local = {line.split()[3] for line in listening.splitlines() if len(line.split()) > 3}
-            if wanted <= local:
-                return
-            time.sleep(0.05)
-        raise NetnsError(
-            f"turnserver not listening on {sorted(wanted)} within {TURN_START_S} s; "
-            f"log: {server.log_tail()}"
-        )
+        addresses = [h.gateway for h in self.hosts.values()]
+        return turnserver(self.router, addresses, user, password, log_dir=log_dir, **options)
 
 
 DIRECTIONS = ("both", "to", "from")
@@ -614,37 +523,6 @@ def _drop_rule(proto: str, percent: int) -> str:
     if percent == 100:
         return f"meta l4proto {proto} counter drop"
     return f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop"
-
-
-@dataclass(frozen=True)
-class TurnServer:
-    """A running coturn: where it listens and the credentials to use."""
-
-    addresses: tuple[str, ...]  # the router's address on each host link
-    port: int
-    username: str
-    credential: str
-    realm: str
-    log: Path
-    pid: int
-
-    def url(self, address: str) -> str:
-        """The `turn:` URL on one of its addresses (UDP)."""
-        return f"turn:{address}:{self.port}?transport=udp"
-
-    def ice_server(self, host: Host) -> dict[str, Any]:
-        """An RTCIceServer-shaped dict for a host: the TURN address on the host's own link."""
-        return {
-            "urls": [self.url(host.gateway)],
-            "username": self.username,
-            "credential": self.credential,
-        }
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
 
 @contextlib.contextmanager

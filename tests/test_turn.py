@@ -1,4 +1,4 @@
-"""TURN through a real coturn (bench/netns.py `Topology.turn`), with real aiortc peers.
+"""TURN through a real coturn (`Topology.turn`, bench/turn.py), with real aiortc peers.
 
 coturn runs in the router namespace and listens on the router's address on each host
 link (10.77.1.1, 10.77.2.1). `blackout_udp()` drops every UDP packet *forwarded*
@@ -19,15 +19,8 @@ from typing import Any
 
 import pytest
 
-from bench.netns import (
-    TURNSERVER,
-    Peer,
-    Topology,
-    TurnServer,
-    signal_peers,
-    topology,
-    unavailable_reason,
-)
+from bench.netns import Peer, Topology, signal_peers, topology, unavailable_reason
+from bench.turn import TURNSERVER, TurnServer
 
 PEER = "tests.netns_peer"
 COUNT, HZ = 60, 30.0

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.wire.tokens import mint_token
 from bench.netns import Host, Topology, python_env, topology, unavailable_reason
+from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 
