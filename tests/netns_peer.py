@@ -1,6 +1,7 @@
-"""Processes that tests/test_netns.py runs inside the namespace hosts (tests/netns.py).
+"""Processes that tests/test_netns.py runs inside the namespace hosts (bench/netns.py).
 
     python -m tests.netns_peer rtc --role offer|answer [--max-seconds S]
+                                  [--ice-servers JSON] [--relay-only] [--open-timeout S]
     python -m tests.netns_peer udp-echo --port P [--count N] [--max-seconds S]
     python -m tests.netns_peer udp-ping --to ADDR --port P [--count N]
     python -m tests.netns_peer outside --to ADDR
@@ -9,8 +10,10 @@ Every process talks JSON lines: commands on stdin ({"cmd": ...}), events on stdo
 ({"ev": ...}). Times are `time.monotonic_ns()`, which is one clock for every process
 on the machine (the namespaces share it), so the parent and both peers can compare them.
 
-The `rtc` peer is one aiortc RTCPeerConnection (iceServers=[]: no STUN, no internet)
-with two negotiated data channels, the shape the WebRTC transport will have:
+The `rtc` peer is one aiortc RTCPeerConnection (iceServers=[] unless --ice-servers
+gives a JSON list of {"urls", "username", "credential"}: no STUN, no internet; with
+--relay-only iceTransportPolicy "relay", i.e. TURN relay candidates only) with two
+negotiated data channels, the shape the WebRTC transport will have:
 
 * ``pose`` (id 0, ordered=False, maxRetransmits=0): 64-byte datagrams
   ``!BIq`` (kind, seq, send time ns); kind 0 is data, which the other side records
@@ -60,14 +63,29 @@ def now_ns() -> int:
 
 
 class RtcPeer:
-    def __init__(self, role: str, max_seconds: float) -> None:
-        from aiortc import RTCConfiguration, RTCPeerConnection
+    def __init__(
+        self,
+        role: str,
+        max_seconds: float,
+        ice_servers: list[dict[str, Any]] | None = None,
+        relay_only: bool = False,
+        open_timeout: float = 15.0,
+    ) -> None:
+        from aiortc import (
+            RTCConfiguration,
+            RTCIceServer,
+            RTCIceTransportPolicy,
+            RTCPeerConnection,
+        )
 
         self.role = role
         self.max_seconds = max_seconds
+        self.open_timeout = open_timeout
         self.started = time.monotonic()
-        # iceServers=[]: without it aiortc asks a public STUN server
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # an explicit list (empty by default): without it aiortc asks a public STUN server
+        servers = [RTCIceServer(**server) for server in ice_servers or []]
+        policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
         self.pose = self.pc.createDataChannel(
             "pose", ordered=False, maxRetransmits=0, negotiated=True, id=0
         )
@@ -232,22 +250,53 @@ class RtcPeer:
         await self.pc.close()
 
     async def _when_open(self, begun: int) -> None:
-        await asyncio.wait_for(self.opened.wait(), timeout=15)
+        try:
+            await asyncio.wait_for(self.opened.wait(), timeout=self.open_timeout)
+        except TimeoutError:
+            emit({"ev": "no-open", "ice": self.pc.iceConnectionState})
+            return
         self.last_heard_ns = now_ns()
         emit(
             {
                 "ev": "open",
                 "connect_ms": (now_ns() - begun) / 1e6,
                 "ice": self.pc.iceConnectionState,
+                "pair": self.selected_pair(),
             }
         )
         self.tasks.append(asyncio.create_task(self.heartbeat()))
         self.tasks.append(asyncio.create_task(self.watch()))
 
+    def selected_pair(self) -> dict[str, Any] | None:
+        """The nominated ICE candidate pair: each side's type, address and port.
 
-async def _rtc(role: str, max_seconds: float) -> None:
+        aiortc has no getStats() entry for it yet, so this reads aioice's connection
+        (private attributes: a test helper, not the transport).
+        """
+        sctp = self.pc.sctp
+        if sctp is None:
+            return None
+        connection = sctp.transport.transport._connection
+        pair = connection._nominated.get(1)
+        if pair is None:
+            return None
+        local, remote = pair.local_candidate, pair.remote_candidate
+        return {
+            "local": {"type": local.type, "address": local.host, "port": local.port},
+            "remote": {"type": remote.type, "address": remote.host, "port": remote.port},
+        }
+
+
+async def _rtc(args: argparse.Namespace) -> None:
     # built inside the running loop: aiortc binds futures to it
-    await RtcPeer(role, max_seconds).run()
+    peer = RtcPeer(
+        args.role,
+        args.max_seconds,
+        ice_servers=json.loads(args.ice_servers),
+        relay_only=args.relay_only,
+        open_timeout=args.open_timeout,
+    )
+    await peer.run()
 
 
 def udp_echo(port: int, count: int, max_seconds: float) -> None:
@@ -313,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     rtc = sub.add_parser("rtc")
     rtc.add_argument("--role", choices=("offer", "answer"), required=True)
     rtc.add_argument("--max-seconds", type=float, default=60.0)
+    rtc.add_argument("--ice-servers", default="[]", help="JSON list of RTCIceServer fields")
+    rtc.add_argument("--relay-only", action="store_true", help='iceTransportPolicy "relay"')
+    rtc.add_argument("--open-timeout", type=float, default=15.0)
     echo = sub.add_parser("udp-echo")
     echo.add_argument("--port", type=int, required=True)
     echo.add_argument("--count", type=int, default=100)
@@ -325,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     away.add_argument("--to", required=True)
     args = parser.parse_args(argv)
     if args.what == "rtc":
-        asyncio.run(_rtc(args.role, args.max_seconds))
+        asyncio.run(_rtc(args))
     elif args.what == "udp-echo":
         udp_echo(args.port, args.count, args.max_seconds)
     elif args.what == "udp-ping":

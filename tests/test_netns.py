@@ -1,4 +1,4 @@
-"""Real aiortc peers in separate processes, across network namespaces (tests/netns.py).
+"""Real aiortc peers in separate processes, across network namespaces (bench/netns.py).
 
 Host a and host b are joined through a router namespace where nftables makes the
 faults. Signaling goes through this test over the peers' stdin/stdout. The figures
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import (
+from bench.netns import (
     FAULT_TABLE,
     OUTSIDE,
     PREFIX,
@@ -26,6 +26,7 @@ from tests.netns import (
     Topology,
     leftovers,
     namespaces,
+    signal_peers,
     sweep_stale,
     topology,
     unavailable_reason,
@@ -63,11 +64,7 @@ def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Pe
     limit = ["--max-seconds", str(max_seconds)]
     a = net.start_python("a", PEER, ["rtc", "--role", "offer", *limit], log_dir)
     b = net.start_python("b", PEER, ["rtc", "--role", "answer", *limit], log_dir)
-    offer = a.expect("sdp", timeout=20)
-    b.send({"cmd": "sdp", "type": offer["type"], "sdp": offer["sdp"]})
-    answer = b.expect("sdp", timeout=20)
-    a.send({"cmd": "sdp", "type": answer["type"], "sdp": answer["sdp"]})
-    for sdp in (offer["sdp"], answer["sdp"]):
+    for sdp in signal_peers(a, b):
         # only the hosts' own addresses are offered: no loopback, nothing outside
         candidates = re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+ typ (\w+)", sdp)
         assert candidates, sdp
@@ -205,3 +202,26 @@ def test_cleanup_on_failure(tmp_path: Path) -> None:
         net.start_python("a", PEER, ["udp-echo", "--port", "4000", "--max-seconds", "30"], tmp_path)
         raise RuntimeError("boom")
     assert leftovers(prefix) == []
+
+
+# -- faults on one link, one direction ----------------------------------------------------
+
+
+def test_a_fault_on_one_link_and_direction_is_counted_by_name(
+    net: Topology, tmp_path: Path
+) -> None:
+    a, b = net.host("a"), net.host("b")
+    # replies from b are dropped on b's link; requests to b pass; nothing else is touched
+    name = net.blackout_udp(host="b", direction="from")
+    spare = net.add_drop("tcp", 100, host="a", direction="to", name="tcp-to-a")
+    echo = net.start_python("b", PEER, ["udp-echo", "--port", "4000", "--count", "3"], tmp_path)
+    echo.expect("ready", timeout=10)
+    pinged = a.run_python(PEER, "udp-ping", "--to", b.address, "--port", "4000", "--count", "3")
+    assert pinged["rtt_ms"] == []  # no echo came back
+    assert echo.expect("echoed", timeout=5)["count"] == 3  # but every request arrived
+    assert net.drop_counters() == {name: 3, spare: 0}
+    assert 'iifname "hb"' in net.fault_rules()
+    with pytest.raises(ValueError, match="no host 'z'"):
+        net.add_drop("udp", 5, host="z")
+    with pytest.raises(ValueError, match="needs a host"):
+        net.add_drop("udp", 5, direction="to")

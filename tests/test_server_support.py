@@ -283,7 +283,7 @@ def free_port() -> int:
 
 class ServeProcess:
     """``python -m pipeline serve`` as a real process on 127.0.0.1 (or on ``host``, started
-    through ``prefix``, e.g. ``ip netns exec NS`` for a namespace host of tests/netns.py)."""
+    through ``prefix``, e.g. ``ip netns exec NS`` for a namespace host of bench/netns.py)."""
 
     def __init__(
         self, port: int = 0, *args: str, host: str = "127.0.0.1", prefix: Sequence[str] = ()

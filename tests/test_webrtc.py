@@ -1,7 +1,7 @@
 """The WebRTC transport end to end, all real processes (issue 12, client side).
 
 The room server (``python -m pipeline serve``) runs in namespace host b on 10.77.2.2;
-the sender pipeline and the receivers run in host a (tests/netns.py: aioice never
+the sender pipeline and the receivers run in host a (bench/netns.py: aioice never
 offers loopback candidates, so WebRTC needs the namespaces). The loopback case
 needs no namespace: there the WebRTC transport cannot work and says why.
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from bench.netns import Host, Topology, python_env, topology, unavailable_reason
 from pipeline.wire.tokens import mint_token
-from tests.netns import Host, Topology, python_env, topology, unavailable_reason
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 

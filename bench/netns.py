@@ -9,9 +9,13 @@ Every host has one veth to the router and a route to 10.77.0.0/16 through it, an
 nothing else: no default route anywhere, no interface in the parent namespace. The
 veth pairs are created directly inside the namespaces, so nothing is ever added to
 the machine's own namespace and deleting the namespaces removes everything (veths,
-routes, the router's nftables table). Faults (random UDP/TCP loss, a UDP blackout)
-are nftables rules on the router's forward hook, so they act on traffic between
-hosts and never on the machine's own traffic.
+routes, the router's nftables table). Faults (random UDP/TCP loss, a UDP blackout),
+on every forwarded packet or on one host's link in one direction, are nftables rules
+on the router's forward hook, so they act on traffic between hosts and never on the
+machine's own traffic. `Topology.turn` runs coturn in the router namespace.
+
+Used by the tests (tests/test_netns.py, tests/test_turn.py) and by the benchmarks
+(bench/transport.py), hence its place in bench/ (mypy-checked).
 
 Cleanup: `Topology.close` (a context manager and the test fixture's finalizer) kills
 the processes still running in the namespaces and deletes them; `sweep_stale` (run
@@ -39,6 +43,8 @@ from itertools import count
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from bench.turn import TurnServer, turnserver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,10 +238,15 @@ class Peer:
         self._log_file.flush()
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
-    def close(self, timeout: float = 2.0) -> None:
+    def ask_to_quit(self) -> None:
+        """Send {"cmd": "quit"} (no wait); `close` waits."""
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError, ValueError):
                 self.send({"cmd": "quit"})
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self.proc.poll() is None:
+            self.ask_to_quit()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -246,6 +257,20 @@ class Peer:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._log_file.close()
+
+
+def signal_peers(offerer: Peer, answerer: Peer, timeout: float = 20.0) -> tuple[str, str]:
+    """Carry the offer to the answerer and the answer back (no trickle: aiortc puts every
+    candidate in the SDP); returns (offer SDP, answer SDP).
+
+    The peers speak the JSON-lines signaling of tests/netns_peer.py: they print
+    ``{"ev": "sdp", "type", "sdp"}`` and read ``{"cmd": "sdp", "type", "sdp"}``.
+    """
+    offer = offerer.expect("sdp", timeout=timeout)
+    answerer.send({"cmd": "sdp", "type": offer["type"], "sdp": offer["sdp"]})
+    answer = answerer.expect("sdp", timeout=timeout)
+    offerer.send({"cmd": "sdp", "type": answer["type"], "sdp": answer["sdp"]})
+    return str(offer["sdp"]), str(answer["sdp"])
 
 
 @dataclass
@@ -339,13 +364,23 @@ class Topology:
 
     def close(self) -> None:
         """Stop every peer, delete every namespace (veths and nft tables go with them)."""
+        self.stop_peers()
+        for name in reversed(self._made):
+            _delete_namespace(name)
+        self._made.clear()
+
+    def stop_peers(self) -> None:
+        """Ask every peer to quit (all at once), wait for each, kill it after 2 s.
+
+        Call it inside a `turn()` block when the peers use the relay: an aiortc peer
+        that closes deletes its TURN allocation, which waits while coturn is gone.
+        """
+        for peer in self.peers:
+            peer.ask_to_quit()
         for peer in self.peers:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 peer.close()
         self.peers.clear()
-        for name in reversed(self._made):
-            _delete_namespace(name)
-        self._made.clear()
 
     # -- processes ---------------------------------------------------------------
 
@@ -375,49 +410,119 @@ class Topology:
             raise NetnsError(f"nft: {done.stderr.strip()}\n{script}")
 
     def clear_faults(self) -> None:
+        """Remove every fault rule (the counters go with them)."""
         self._nft(f"flush chain inet {FAULT_TABLE} forward\n")
 
-    def drop_udp(self, percent: int) -> None:
-        """Drop `percent` % of forwarded UDP packets at random (both directions)."""
-        self._drop("udp", percent)
+    def drop_udp(self, percent: int, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop `percent` % of forwarded UDP packets at random; replaces every other fault.
 
-    def drop_tcp(self, percent: int) -> None:
-        """Drop `percent` % of forwarded TCP segments at random (both directions)."""
-        self._drop("tcp", percent)
+        Without `host`: all traffic between hosts, both ways. With `host`: only on that
+        host's link, `direction` "to" (router -> host), "from" (host -> router) or "both".
+        Returns the rule's name (its key in `drop_counters`).
+        """
+        self.clear_faults()
+        return self.add_drop("udp", percent, host=host, direction=direction)
 
-    def blackout_udp(self) -> None:
-        """Drop every forwarded UDP packet."""
-        self._drop("udp", 100)
+    def drop_tcp(self, percent: int, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop `percent` % of forwarded TCP segments at random; replaces every other fault."""
+        self.clear_faults()
+        return self.add_drop("tcp", percent, host=host, direction=direction)
 
-    def _drop(self, proto: str, percent: int) -> None:
-        if not 0 <= percent <= 100:
-            raise ValueError(f"percent {percent} not in 0..100")
-        rule = (
-            f"meta l4proto {proto} counter drop"
-            if percent == 100
-            else (f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop")
-        )
-        self._nft(
-            f"flush chain inet {FAULT_TABLE} forward\nadd rule inet {FAULT_TABLE} forward {rule}\n"
-        )
+    def blackout_udp(self, *, host: str | None = None, direction: str = "both") -> str:
+        """Drop every forwarded UDP packet (between hosts: the router's own traffic, e.g.
+        a TURN server in the router namespace, is not forwarded and keeps working)."""
+        self.clear_faults()
+        return self.add_drop("udp", 100, host=host, direction=direction)
+
+    def add_drop(
+        self,
+        proto: str,
+        percent: int,
+        *,
+        host: str | None = None,
+        direction: str = "both",
+        name: str | None = None,
+    ) -> str:
+        """Add one drop rule beside the existing ones; returns its name.
+
+        `proto` "udp" or "tcp"; `percent` 0..100 (100: every packet, no `numgen`);
+        `host` a host's short name (its router-side veth `h<short>`), None for every
+        forwarded packet; `direction` "to" the host (`oifname`), "from" it (`iifname`)
+        or "both" (two rules under one name). `name` defaults to
+        ``<proto>-<percent>-<host|all>-<direction>``; the rule carries it as its nft
+        comment, and `drop_counters` adds its packets up under it.
+        """
+        rule_name = name or f"{proto}-{percent}-{host or 'all'}-{direction}"
+        for match in self._link_matches(host, direction):
+            self._nft(
+                f"add rule inet {FAULT_TABLE} forward {match}"
+                f"{_drop_rule(proto, percent)} comment {json.dumps(rule_name)}\n"
+            )
+        return rule_name
+
+    def _link_matches(self, host: str | None, direction: str) -> list[str]:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r}: one of {', '.join(DIRECTIONS)}")
+        if host is None:
+            if direction != "both":
+                raise ValueError(f"direction {direction!r} needs a host (whose link?)")
+            return [""]
+        if host not in self.hosts:
+            raise ValueError(f"no host {host!r} in this topology ({', '.join(self.hosts)})")
+        link = json.dumps(f"h{host}")
+        matches = {"to": [f"oifname {link} "], "from": [f"iifname {link} "]}
+        return matches.get(direction, [f"oifname {link} ", f"iifname {link} "])
 
     def fault_rules(self) -> str:
         """The router's fault chain as `nft` lists it."""
         assert self.router is not None
         return self.router.run(["nft", "list", "chain", "inet", FAULT_TABLE, "forward"]).stdout
 
-    def dropped_packets(self) -> int:
-        """Packets the router's fault rules dropped so far (from a counter on each rule)."""
+    def drop_counters(self) -> dict[str, int]:
+        """Packets dropped so far per rule name (the counter of each rule, by its comment)."""
         assert self.router is not None
         listing = self.router.run(
             ["nft", "-j", "list", "chain", "inet", FAULT_TABLE, "forward"]
         ).stdout
-        total = 0
+        counts: dict[str, int] = {}
         for item in json.loads(listing).get("nftables", []):
-            for expr in item.get("rule", {}).get("expr", []):
+            rule = item.get("rule")
+            if rule is None:
+                continue
+            name = str(rule.get("comment", f"handle-{rule.get('handle')}"))
+            for expr in rule.get("expr", []):
                 if "counter" in expr:
-                    total += int(expr["counter"]["packets"])
-        return total
+                    counts[name] = counts.get(name, 0) + int(expr["counter"]["packets"])
+        return counts
+
+    def dropped_packets(self) -> int:
+        """Packets the router's fault rules dropped so far (all rules together)."""
+        return sum(self.drop_counters().values())
+
+    # -- TURN (coturn in the router namespace: bench/turn.py) -------------------------
+
+    def turn(
+        self, user: str, password: str, *, log_dir: Path | None = None, **options: Any
+    ) -> contextlib.AbstractContextManager[TurnServer]:
+        """coturn in the router namespace for a `with` block, listening and relaying on the
+        router's address on every host link; see `bench.turn.turnserver`."""
+        assert self.router is not None
+        addresses = [h.gateway for h in self.hosts.values()]
+        return turnserver(self.router, addresses, user, password, log_dir=log_dir, **options)
+
+
+DIRECTIONS = ("both", "to", "from")
+PROTOCOLS = ("udp", "tcp")
+
+
+def _drop_rule(proto: str, percent: int) -> str:
+    if proto not in PROTOCOLS:
+        raise ValueError(f"protocol {proto!r}: one of {', '.join(PROTOCOLS)}")
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent {percent} not in 0..100")
+    if percent == 100:
+        return f"meta l4proto {proto} counter drop"
+    return f"meta l4proto {proto} numgen random mod 100 < {percent} counter drop"
 
 
 @contextlib.contextmanager
