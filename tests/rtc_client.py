@@ -2,7 +2,7 @@
 
     python -m tests.rtc_client --url http://10.77.2.2:PORT --max-seconds S
 
-It runs inside a namespace host (tests/netns.py) and talks JSON lines like
+It runs inside a namespace host (bench/netns.py) and talks JSON lines like
 tests/netns_peer.py: commands on stdin ({"cmd": ...}), events on stdout
 ({"ev": ...}). It is independent of the client transport (pipeline.transports):
 an aiohttp WebSocket for join and signaling, plus one pipeline.rtc.PeerLink.

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from bench.common import stop_process
+from bench.netns import Peer, Topology, python_env, topology, unavailable_reason
 from pipeline.model.prometheus import parse_exposition
 from pipeline.server.streams import StoredPacket, StreamState
-from tests.netns import Peer, Topology, python_env, topology, unavailable_reason
 from tests.test_server_support import SECRET, raw_join, running_server, token
 
 CLIENT = "tests.rtc_client"
