@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.vmc import VmcSender, parse_target
-from pipeline.errors import BrokenResourceError, TransportError
+from pipeline.config import IceServer, RtcConfig
+from pipeline.errors import BrokenResourceError, ConfigError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
 from pipeline.transports.base import StateChange
 
@@ -98,6 +100,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="webrtc (data channels), websocket, or auto (default): webrtc when the server "
         "takes offers and this host can reach it (not on loopback), else websocket, saying why",
     )
+    parser.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="WebRTC STUN/TURN server, e.g. turn:turn.example.org:3478 (repeatable; default: "
+        "none, host candidates only)",
+    )
+    parser.add_argument(
+        "--ice-user",
+        metavar="USER:PASSWORD",
+        help="credentials for the turn: servers of --ice-server",
+    )
+    parser.add_argument(
+        "--ice-relay-only",
+        action="store_true",
+        help="WebRTC through the TURN relay only (iceTransportPolicy relay)",
+    )
+
+
+def ice_settings(args: argparse.Namespace) -> tuple[list[IceServer], RtcConfig]:
+    """The WebRTC ICE servers and settings of ``--ice-server/--ice-user/--ice-relay-only``
+    (:class:`ConfigError` naming the option when one is wrong)."""
+    user, password = None, None
+    if args.ice_user is not None:
+        user, sep, password = str(args.ice_user).partition(":")
+        if not sep or not user:
+            raise ConfigError(["--ice-user must be USER:PASSWORD"])
+    servers: list[IceServer] = []
+    for url in args.ice_server:
+        fields: dict[str, Any] = {"urls": [url]}
+        if url.startswith("turn"):
+            fields |= {"username": user, "credential": password}
+        try:
+            servers.append(IceServer.model_validate(fields))
+        except ValidationError as exc:
+            problems = "; ".join(str(e["msg"]) for e in exc.errors())
+            raise ConfigError([f"--ice-server {url}: {problems}"]) from None
+    if args.ice_relay_only and not any(u.startswith("turn") for s in servers for u in s.urls):
+        raise ConfigError(["--ice-relay-only needs a turn: server (--ice-server)"])
+    policy = "relay" if args.ice_relay_only else "all"
+    return servers, RtcConfig.model_validate({"ice_transport_policy": policy})
 
 
 def _print_summary(rep: dict[str, Any]) -> None:
@@ -148,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
         raise TransportError(f"--out must end in .jsonl or .npz, not {out.name!r}")
     if args.duration is not None and args.duration <= 0:
         raise TransportError("--duration must be positive")
+    ice_settings(args)  # refuse bad ICE options before connecting
     return asyncio.run(_main(args))
 
 
@@ -156,6 +201,7 @@ async def _main(args: argparse.Namespace) -> int:
     jsonl: IO[str] | None = None
     stop = asyncio.Event()
     vmc = VmcSender(*parse_target(args.vmc), landmarks=args.osc_landmarks) if args.vmc else None
+    ice_servers, rtc = ice_settings(args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -176,6 +222,8 @@ async def _main(args: argparse.Namespace) -> int:
         args.token,
         connect_timeout_s=args.connect_timeout,
         transport_kind=args.transport,
+        ice_servers=ice_servers,
+        rtc=rtc,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
         on_state=on_state,

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
+from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import ProtocolError, RefusedError, TransportError
 from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import percentiles
@@ -90,10 +91,19 @@ def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
 
 
 def member_transport(
-    kind: str, url: str, room: str, token: str, name: str, connect_timeout_s: float
+    kind: str,
+    url: str,
+    room: str,
+    token: str,
+    name: str,
+    connect_timeout_s: float,
+    *,
+    ice_servers: Sequence[IceServer] = (),
+    rtc: RtcConfig | None = None,
 ) -> MemberTransport:
     """A subscribing member's transport: ``websocket``, ``webrtc`` (fails where WebRTC
-    cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why)."""
+    cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why);
+    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat)."""
     if kind not in TRANSPORT_CHOICES:
         choices = ", ".join(TRANSPORT_CHOICES)
         raise TransportError(f"transport must be one of {choices}, not {kind!r}")
@@ -105,7 +115,9 @@ def member_transport(
     }
     if kind == "websocket":
         return WebSocketTransport(url, room, token, **options)
-    return WebRtcTransport(url, room, token, optional=kind == "auto", **options)
+    return WebRtcTransport(
+        url, room, token, optional=kind == "auto", ice_servers=ice_servers, rtc=rtc, **options
+    )
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
@@ -264,11 +276,20 @@ class Receiver:
         on_state: Callable[[StateChange], None] | None = None,
         transport: MemberTransport | None = None,
         transport_kind: str = "websocket",
+        ice_servers: Sequence[IceServer] = (),
+        rtc: RtcConfig | None = None,
         warm: bool = True,
     ) -> None:
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
-            transport_kind, url, room, token, name or "receiver", connect_timeout_s
+            transport_kind,
+            url,
+            room,
+            token,
+            name or "receiver",
+            connect_timeout_s,
+            ice_servers=ice_servers,
+            rtc=rtc,
         )
         self.room = room
         self.keep_poses = keep_poses

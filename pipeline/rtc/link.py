@@ -7,8 +7,8 @@ Channels (negotiated: both sides create them with the same id, no in-band
 open message):
 
 * ``pose`` (id :data:`POSE_ID`): ``ordered=False, maxRetransmits=0``. Binary
-  messages only: delta pose packets. A lost message is never retransmitted,
-  so no later pose waits behind it.
+  messages: delta pose packets; the one text message is the heartbeat. A lost
+  message is never retransmitted, so no later pose waits behind it.
 * ``control`` (id :data:`CONTROL_ID`): reliable and ordered. Text messages are
   the member protocol's JSON control messages (plus ``hb``); binary messages
   are pose packets that must arrive (keyframes, late-join backfill).
@@ -17,9 +17,11 @@ The far side opening any other channel (an in-band ``datachannel`` event) is
 a protocol violation (:attr:`PeerLink.violation`).
 
 Liveness: :meth:`PeerLink.tick` (called every few tens of milliseconds by the
-owner) sends ``{"type":"hb"}`` on the control channel when nothing was sent for
-``heartbeat_ms`` and reports the path dead when nothing at all was received
-for ``dead_after_ms``. ICE's own consent freshness would take about 30 s.
+owner) sends ``{"type":"hb"}`` on the *pose* channel when nothing was sent on it
+for ``heartbeat_ms`` (the one text message allowed there: unordered, it never
+waits behind a retransmission on the reliable channel, so loss cannot pass for a
+dead path) and reports the path dead when nothing at all was received for
+``dead_after_ms``. ICE's own consent freshness would take about 30 s.
 
 Flow control of the lossy channel: :meth:`PeerLink.send_pose` drops (and
 counts) a packet instead of queueing it when the channel already holds more
@@ -152,6 +154,7 @@ class PeerLink:
         now = time.monotonic()
         self.last_rx = now
         self.last_tx = now
+        self.last_pose_tx = now
         self._on_pose = on_pose
         self._on_control = on_control
         self._on_violation = on_violation
@@ -179,7 +182,7 @@ class PeerLink:
     def _check_open(self) -> None:
         if self.is_open and not self.opened.is_set():
             self.opened_ns = time.time_ns()
-            self.last_rx = self.last_tx = time.monotonic()
+            self.last_rx = self.last_tx = self.last_pose_tx = time.monotonic()
             self.opened.set()
 
     def _state_change(self) -> None:
@@ -255,7 +258,7 @@ class PeerLink:
             self.stats.pose_dropped_stale += 1
             return False
         self.pose.send(data)
-        self.last_tx = now
+        self.last_tx = self.last_pose_tx = now
         self.stats.pose_sent += 1
         self.stats.pose_bytes_sent += len(data)
         return True
@@ -274,6 +277,8 @@ class PeerLink:
 
     def _pose_message(self, message: str | bytes) -> None:
         self.last_rx = time.monotonic()
+        if message == HEARTBEAT:
+            return
         if not isinstance(message, bytes):
             self._on_violation("text message on the pose channel")
             return
@@ -311,8 +316,10 @@ class PeerLink:
         if silent > self._dead_after:
             self.dead_reason = f"nothing received for {silent * 1000:.0f} ms"
             return self.dead_reason
-        if t - self.last_tx >= self._hb_interval:
-            self.send_control(HEARTBEAT)
+        if t - self.last_pose_tx >= self._hb_interval:
+            # on the unordered channel: a heartbeat never waits behind a retransmission
+            self.pose.send(HEARTBEAT)
+            self.last_tx = self.last_pose_tx = t
             self.stats.heartbeats_sent += 1
         return None
 
