@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,15 @@ def figure(record: Record, name: str, value: float) -> None:
 class Receive:
     """``python -m pipeline receive`` in a namespace host; stdout and stderr in files."""
 
-    def __init__(self, host: Host, url: str, name: str, transport: str, tmp: Path) -> None:
+    def __init__(
+        self,
+        host: Host,
+        url: str,
+        name: str,
+        transport: str,
+        tmp: Path,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.report_path = tmp / f"{name}.json"
         self.out_path = tmp / f"{name}.out"
@@ -59,7 +67,7 @@ class Receive:
         token = mint_token(SECRET, room="A", role="subscriber", subject=name)
         argv = [sys.executable, "-m", "pipeline", "receive", "--server", url, "--room", "A",
                 "--token", token, "--transport", transport, "--report", str(self.report_path),
-                "--out", str(tmp / f"{name}.jsonl"), "--connect-timeout", "10"]  # fmt: skip
+                "--out", str(tmp / f"{name}.jsonl"), "--connect-timeout", "10", *extra]  # fmt: skip
         with self.out_path.open("w") as out, self.err_path.open("w") as err:
             self.proc = subprocess.Popen(
                 host.exec_argv(argv), cwd=ROOT, env=python_env(), stdout=out, stderr=err
@@ -117,7 +125,12 @@ def _server(net: Topology) -> ServeProcess:
 
 
 def _sender(
-    net: Topology, tmp: Path, server: ServeProcess, primary: str, duration: float
+    net: Topology,
+    tmp: Path,
+    server: ServeProcess,
+    primary: str,
+    duration: float,
+    where: str = "a",
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
         tmp, server.port, primary=primary, host=net.host("b").address, embedded=False
@@ -130,7 +143,7 @@ def _sender(
         "--report",
         str(report),
         env={**python_env(), "POSEWIRE_SECRET": SECRET},
-        prefix=net.host("a").exec_argv([]),
+        prefix=net.host(where).exec_argv([]),
     )
     return proc, report
 
@@ -308,3 +321,140 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
     assert done.returncode != 0
     assert "WebRTC cannot reach a server on 127.0.0.1: aioice offers no loopback" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- loss and TURN
+
+#: the loss phases of one run: percent of packets dropped on the server -> host a path
+LOSS_PHASES = (0, 5, 20)
+PHASE_S = 6.0
+SETTLE_NS = 300_000_000
+"""Frames captured in the first 0.3 s of a phase are left out (the rule changed mid-flight)."""
+
+
+def _live(rx: Receive) -> dict[int, dict[str, Any]]:
+    return {p["seq"]: p for p in rx.poses() if not p["backfill"]}
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
+
+
+def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    """One sender (WebRTC, in the server's host b) and two receivers in host a, one per
+    transport; the router drops 0, 5, then 20 % of the UDP *and* TCP packets towards
+    host a, a phase each. The WebRTC receiver decodes about (1 - loss) of the frames
+    with a p95 latency that does not grow; the WebSocket one decodes every frame, late
+    (head-of-line blocking behind TCP retransmissions)."""
+    server = _server(net)
+    a = net.host("a")
+    rx_rtc = Receive(a, server.url, "loss_rtc", "webrtc", tmp_path)
+    rx_ws = Receive(a, server.url, "loss_ws", "websocket", tmp_path)
+    phases: list[tuple[int, int, int]] = []
+    try:
+        for rx in (rx_rtc, rx_ws):
+            rx.line("joined room A", 20)
+        duration = len(LOSS_PHASES) * PHASE_S + 4.0
+        sender, _ = _sender(net, tmp_path, server, "webrtc", duration, where="b")
+        path = rx_rtc.out_path.with_suffix(".jsonl")
+        wait_for(lambda: path.exists() and path.stat().st_size > 0, 30, step=0.05)
+        for pct in LOSS_PHASES:
+            net.clear_faults()
+            if pct:
+                net.add_drop("udp", pct, host="a", direction="to")
+                net.add_drop("tcp", pct, host="a", direction="to")
+            t0 = time.time_ns()
+            time.sleep(PHASE_S)
+            phases.append((pct, t0, time.time_ns()))
+        net.clear_faults()
+        assert _wait(sender, 30), "the sender did not end"
+        code, _, err = stop(sender)
+        assert code == 0, err[-3000:]
+        time.sleep(1.0)
+        rep_rtc = rx_rtc.finish()
+        rx_ws.finish()
+    finally:
+        net.clear_faults()
+        for rx in (rx_rtc, rx_ws):
+            rx.kill()
+        server.stop()
+    assert rep_rtc["transport"]["kind"] == "webrtc", rep_rtc["transport"]
+    assert rep_rtc["transport"]["stats"]["extra"]["rtc_dead_detections"] == 0
+    (rtc_stream,) = rep_rtc["publishers"].values()
+    print(f"webrtc figure: loss run receiver stream {rtc_stream}")
+    rtc, ws = _live(rx_rtc), _live(rx_ws)
+    figures: dict[int, dict[str, float]] = {}
+    for pct, t0, t1 in phases:
+
+        def in_phase(p: dict[str, Any], t0: int = t0, t1: int = t1) -> bool:
+            return bool(t0 + SETTLE_NS <= p["capture_ts_ns"] < t1)
+
+        sent = {s for s, p in ws.items() if in_phase(p)}  # TCP delivers every frame
+        got = {s for s, p in rtc.items() if in_phase(p)}
+        assert len(sent) > PHASE_S * 20, (pct, len(sent))
+        assert got <= sent
+        for s in got:  # the same packet decodes to the same pose on both paths
+            assert rtc[s]["image"] == ws[s]["image"], s
+        f = figures[pct] = {
+            "delivered": len(got) / len(sent),
+            "rtc_p95": _p([rtc[s]["latency_ms"] for s in got], 0.95),
+            "ws_p95": _p([ws[s]["latency_ms"] for s in sent], 0.95),
+            "ws_p99": _p([ws[s]["latency_ms"] for s in sent], 0.99),
+        }
+        for name, value in f.items():
+            figure(record_property, f"loss{pct}_{name}", value)
+    assert figures[0]["delivered"] >= 0.98, figures
+    assert 0.88 <= figures[5]["delivered"] <= 1.0, figures
+    assert 0.68 <= figures[20]["delivered"] <= 0.92, figures
+    # WebRTC: latency does not grow with loss; WebSocket: stalls behind retransmissions
+    assert figures[20]["rtc_p95"] <= figures[0]["rtc_p95"] + 10.0, figures
+    assert figures[20]["ws_p99"] >= 100.0, figures
+    assert figures[20]["ws_p95"] >= 3 * figures[20]["rtc_p95"], figures
+
+
+TURN_USER, TURN_PASSWORD = "posewire", "turn-secret-2"
+
+
+def test_turn_relay_carries_webrtc_when_direct_udp_is_dropped(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    """coturn in the router; every UDP packet between the hosts dropped: the receiver's
+    peer connection to the server is made through the TURN relay (both sides have the
+    TURN server: server.ice_servers and --ice-server), and the poses flow over it."""
+    from bench.turn import TURNSERVER
+
+    if not Path(TURNSERVER).exists():
+        pytest.skip(f"{TURNSERVER} is missing: apt-get install -y coturn")
+    a, b = net.host("a"), net.host("b")
+    with net.turn(TURN_USER, TURN_PASSWORD, log_dir=tmp_path) as turn:
+        cfg = tmp_path / "server.yaml"
+        cfg.write_text(
+            json.dumps({"server": {"ice_servers": [turn.ice_server(b)]}}), encoding="utf-8"
+        )  # JSON is YAML
+        server = ServeProcess(0, "--config", str(cfg), host=b.address, prefix=b.exec_argv([]))
+        net.blackout_udp()
+        ice = turn.ice_server(a)
+        extra = ["--ice-server", ice["urls"][0], "--ice-user", f"{TURN_USER}:{TURN_PASSWORD}"]
+        rx = Receive(a, server.url, "rx_turn", "webrtc", tmp_path, extra)
+        try:
+            assert rx.line("joined room A", 30).endswith("over webrtc"), rx.tail()
+            sender, _ = _sender(net, tmp_path, server, "websocket", 4.0, where="b")
+            assert _wait(sender, 40), "the sender did not end"
+            code, _, err = stop(sender)
+            assert code == 0, err[-3000:]
+            time.sleep(1.0)
+            rep = rx.finish()
+        finally:
+            rx.kill()
+            server.stop()
+            net.clear_faults()
+    (stream,) = rep["publishers"].values()
+    extra_stats = rep["transport"]["stats"]["extra"]
+    assert rep["transport"]["kind"] == "webrtc", rep["transport"]
+    assert stream["decoded"] > 30 and extra_stats["packets_via_webrtc"] > 30, (stream, extra_stats)
+    assert extra_stats["rtc_dead_detections"] == 0, extra_stats
+    figure(record_property, "turn_open_ms", extra_stats["rtc_open_ms"])
+    figure(record_property, "turn_latency_p50_ms", rep["latency_ms"]["p50"])
