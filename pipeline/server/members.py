@@ -114,7 +114,7 @@ def repair_keyframe(state: ServerState, member: Member, stream_id: int) -> None:
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
         return
-    if member.holds_keyframe(stream.keyframe):
+    if stream.anchored and member.holds_keyframe(stream.keyframe):
         # it went on the reliable channel: the delta that asked raced ahead of it
         state.metrics.keyframe_repairs_skipped += 1
         return
@@ -361,6 +361,8 @@ async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered
         state.metrics.late_packets += 1
         return
     pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch, t_recv)
+    if not ordered:
+        stream.presume_anchored()  # a WebRTC publisher: keyframe references (docs/webrtc.md)
     stream.add(pkt)
     state.metrics.packets_in += 1
     member.post_text(messages.ack(h.stream_id, h.seq))

@@ -103,10 +103,12 @@ class StreamState(Generic[OwnerT]):
         self.anchored = False
         """Every delta of the last complete keyframe interval predicted from its keyframe
         (the publisher's ``references: keyframe`` mode): such deltas decode on their
-        own, so they may be lost without harm. Learned, never assumed: a stream starts
-        unanchored and loses the status at the first delta that predicts from another
-        frame."""
+        own, so they may be lost without harm. Learned over one interval, or presumed
+        for a publisher on WebRTC (:meth:`presume_anchored`); lost for good at the
+        first delta that predicts from another frame."""
         self._interval_anchored = False
+        self._chained = False
+        """A delta that predicted from another frame than its keyframe was seen."""
 
     def stale(self, seq: int, epoch: int, keyframe: bool, now: float) -> str | None:
         """Why a packet is a replay (see the module docstring), or None to accept it;
@@ -140,6 +142,13 @@ class StreamState(Generic[OwnerT]):
             return None
         return self.stale(seq, epoch, keyframe, now)
 
+    def presume_anchored(self) -> None:
+        """The publisher sends over WebRTC, where docs/webrtc.md asks for keyframe
+        references: treat the stream as anchored from its start, unless a chained
+        delta was already seen."""
+        if not self._chained:
+            self.anchored = True
+
     def add(self, pkt: StoredPacket) -> None:
         self.packets += 1
         if pkt.keyframe:
@@ -151,6 +160,7 @@ class StreamState(Generic[OwnerT]):
         elif self.keyframe is not None:
             if pkt.ref_seq != self.keyframe.seq or pkt.epoch != self.keyframe.epoch:
                 self._interval_anchored = self.anchored = False
+                self._chained = True
             pkt.lossy = self.anchored
             self.since.append(pkt)
 
