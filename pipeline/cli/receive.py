@@ -12,14 +12,16 @@ import argparse
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from pipeline.client.receiver import ReceivedPose, Receiver
+from pipeline.client.recording import Recorder, RecordingWriter
 from pipeline.client.vmc import VmcSender, parse_target
-from pipeline.errors import BrokenResourceError, TransportError
+from pipeline.errors import BrokenResourceError, RecordingError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
 
 __all__ = ["Receiver", "add_arguments", "main", "pose_json", "write_npz"]
@@ -89,6 +91,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout", type=float, default=3.0, help="give up connecting after S seconds"
     )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="store every packet as it came, with arrival times (docs/recordings.md)",
+    )
+    parser.add_argument(
+        "--record-max-mb",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="with --record: never grow the recording past this size (default 1024)",
+    )
 
 
 def _print_summary(rep: dict[str, Any]) -> None:
@@ -125,6 +140,8 @@ def main(args: argparse.Namespace) -> int:
         raise TransportError(f"--out must end in .jsonl or .npz, not {out.name!r}")
     if args.duration is not None and args.duration <= 0:
         raise TransportError("--duration must be positive")
+    if not args.record_max_mb > 0:
+        raise RecordingError("--record-max-mb must be positive")
     return asyncio.run(_main(args))
 
 
@@ -143,6 +160,12 @@ async def _main(args: argparse.Namespace) -> int:
         if vmc is not None:
             vmc.send(p.frame, p.member_id)
 
+    writer: RecordingWriter | None = None
+    if args.record is not None:
+        header = {"room": args.room, "server": args.server, "tool": "posewire receive"}
+        writer = RecordingWriter(
+            args.record, header, max_bytes=int(args.record_max_mb * 1024 * 1024)
+        )
     receiver = Receiver(
         args.server,
         args.room,
@@ -151,8 +174,26 @@ async def _main(args: argparse.Namespace) -> int:
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
     )
+    if writer is not None:
+        t = receiver.transport
+        receiver.on_item = Recorder(
+            writer,
+            members=lambda: list(t.members.values()),
+            clock_offset=lambda: t.clock_offset_ns,
+        )
     failure: BrokenResourceError | None = None
-    await receiver.connect()
+    try:
+        await receiver.connect()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is not None:
+        t = receiver.transport
+        writer.event(
+            {"type": "members", "member_id": t.member_id, "members": list(t.members.values())},
+            time.time_ns(),
+        )
     try:
         if out is not None and out.suffix == ".jsonl":
             jsonl = out.open("w", encoding="utf-8")
@@ -166,12 +207,21 @@ async def _main(args: argparse.Namespace) -> int:
             jsonl.close()
         if vmc is not None:
             vmc.close()
+        if writer is not None:
+            writer.close()
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
     if args.report is not None:
         args.report.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
     _print_summary(rep)
+    if writer is not None:
+        print(f"recorded {writer.records} records ({writer.size} bytes) to {writer.path}")
+        if writer.full:
+            print(
+                f"  the recording reached --record-max-mb {args.record_max_mb:g}: "
+                f"{writer.refused} records not written"
+            )
     if failure is not None:
         if failure.reason == "room_closed":
             raise TransportError(f"room {args.room!r} was closed by a moderator") from failure

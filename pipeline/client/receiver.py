@@ -240,6 +240,7 @@ class Receiver:
         on_pose: Callable[[ReceivedPose], None] | None = None,
         transport: WebSocketTransport | None = None,
         warm: bool = True,
+        on_item: Callable[[Packet | Control | StateChange], None] | None = None,
     ) -> None:
         self.transport = transport or WebSocketTransport(
             url,
@@ -253,6 +254,8 @@ class Receiver:
         self.room = room
         self.keep_poses = keep_poses
         self.on_pose = on_pose
+        self.on_item = on_item
+        """Called with every item before it is handled (``receive --record``)."""
         self.warm = warm
         self.poses: list[ReceivedPose] = []
         self.streams: dict[int, StreamStats] = {}
@@ -312,6 +315,8 @@ class Receiver:
             await self.handle(item)
 
     async def handle(self, item: Packet | Control | StateChange) -> None:
+        if self.on_item is not None:
+            self.on_item(item)
         if isinstance(item, Packet):
             await self._on_packet(item)
         elif isinstance(item, StateChange):
