@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.client import recording
-from pipeline.codec import CodecConfig, Encoder
+from pipeline.codec import CodecConfig, Encoder, warm_kernels
 from pipeline.codec.quant import Quant
 from pipeline.codec.ranges import QUANT_GUARD
 from pipeline.config import TransmitConfig, TransportKind
@@ -113,6 +113,7 @@ async def replay(
     dec = recording.decode(rec)
     if not dec.poses:
         raise RecordingError(f"{rec.path}: no decodable pose in the recording")
+    warm_kernels()  # every codec signature loaded: the first frames are not late
     streams: dict[int, _Stream] = {}
     pumps: list[asyncio.Task[None]] = []
     try:
