@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import re
 import subprocess
 import sys
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from bench.common import stop_process
+from pipeline.cli.replay import codec_config
 from pipeline.client import bvh, recording
 from pipeline.client import skeleton as sk
 from pipeline.client.receiver import Receiver
 from pipeline.client.skeleton import BONES, F64, PARENT
-from pipeline.cli.replay import codec_config
 from pipeline.codec import CodecConfig, Encoder, warm_kernels
 from pipeline.codec.quant import Quant
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
@@ -197,7 +197,7 @@ def test_record_replay_export(tmp_path: Path) -> None:
         seqs = [p.frame.seq for p in rx.poses]
         n_sent = int(re.search(r"replayed (\d+) frames", proc.stdout).group(1))  # type: ignore[union-attr]
         assert n_sent > 2 * N_FRAMES and len(seqs) == n_sent, (n_sent, len(seqs))
-        assert all(b > a for a, b in zip(seqs, seqs[1:], strict=False))
+        assert all(b > a for a, b in itertools.pairwise(seqs))
         st = rx.streams[7]
         assert st.need_keyframe == 0 and st.lost == 0
     finally:
@@ -355,8 +355,14 @@ def test_bvh_of_known_poses(tmp_path: Path) -> None:
 
 
 def test_codec_config_reproduces_quantization() -> None:
-    for cfg in (CodecConfig(), CodecConfig(precision_px=0.3, z_precision=0.02, world_precision_m=0.01,
-                                           visibility_levels=7, reference_width_px=1280)):  # fmt: skip
+    other = CodecConfig(
+        precision_px=0.3,
+        z_precision=0.02,
+        world_precision_m=0.01,
+        visibility_levels=7,
+        reference_width_px=1280,
+    )
+    for cfg in (CodecConfig(), other):
         q = Quant.from_config(cfg)
         assert Quant.from_config(codec_config(q)) == q
 
@@ -427,11 +433,11 @@ def test_bad_input_is_refused_with_exit_2(tmp_path: Path) -> None:
                 "0",
             ),
             "--speed must be a positive number",
-        ),  # fmt: skip
+        ),
         (
             ("replay", empty, "--server", "http://127.0.0.1:9", "--room", "r", "--token", "t"),
             "no decodable pose",
-        ),  # fmt: skip
+        ),
         (
             (
                 "receive",
@@ -445,7 +451,7 @@ def test_bad_input_is_refused_with_exit_2(tmp_path: Path) -> None:
                 tmp_path,
             ),
             "cannot write the recording",
-        ),  # fmt: skip
+        ),
     ]
     for args, message in cases:
         r = cli(*args)

@@ -69,8 +69,19 @@ def write_csv(path: Path, arrays: dict[int, dict[str, Any]]) -> int:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(
-            ["t", "stream", "seq", "landmark", "x", "y", "z", "visibility"]
-            + ["world_x", "world_y", "world_z"]
+            [
+                "t",
+                "stream",
+                "seq",
+                "landmark",
+                "x",
+                "y",
+                "z",
+                "visibility",
+                "world_x",
+                "world_y",
+                "world_z",
+            ]
         )
         for sid, a in arrays.items():
             for i in range(len(a["t"])):

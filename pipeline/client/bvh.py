@@ -97,13 +97,16 @@ def to_bvh_quat(q: F64) -> F64:
 def quat_matrix(q: F64) -> F64:
     """Rotation matrices ``[..., 3, 3]`` of unit quaternions ``[..., 4]`` (x, y, z, w)."""
     x, y, z, w = np.moveaxis(q, -1, 0)
-    return np.stack(
-        (
-            np.stack((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)), -1),
-            np.stack((2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)), -1),
-            np.stack((2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)), -1),
+    return np.asarray(
+        np.stack(
+            (
+                np.stack((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)), -1),
+                np.stack((2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)), -1),
+                np.stack((2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)), -1),
+            ),
+            -2,
         ),
-        -2,
+        np.float64,
     )
 
 
@@ -113,7 +116,7 @@ def euler_zxy(q: F64) -> F64:
     x = np.arcsin(np.clip(m[..., 2, 1], -1.0, 1.0))
     z = np.arctan2(-m[..., 0, 1], m[..., 1, 1])
     y = np.arctan2(-m[..., 2, 0], m[..., 2, 2])
-    return np.degrees(np.stack((z, x, y), axis=-1))
+    return np.asarray(np.degrees(np.stack((z, x, y), axis=-1)), np.float64)
 
 
 def solve_frames(world: npt.ArrayLike, visibility: npt.ArrayLike | None = None) -> F64:
