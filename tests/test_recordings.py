@@ -508,3 +508,20 @@ def test_skeleton_builders_match_the_solver() -> None:
         vec = offsets[child[0]] if child else ends[bone]
         assert np.allclose(vec / np.linalg.norm(vec), rest * [-1, 1, 1]), bone
     assert abs(height - 0.9) < 1e-9
+
+
+def test_euler_zxy_rebuilds_the_rotation() -> None:
+    """R = Rz * Rx * Ry from the exported angles equals the quaternion's matrix, also at
+    gimbal lock (x = +-90 degrees)."""
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(500, 4))
+    lock = [sk.qmul(_axis_q((0, 0, 1), 30), _axis_q((1, 0, 0), 90)),
+            sk.qmul(_axis_q((0, 1, 0), 20), _axis_q((1, 0, 0), -90))]  # fmt: skip
+    q = np.concatenate((q / np.linalg.norm(q, axis=1, keepdims=True), lock))
+    for (z, x, y), m in zip(bvh.euler_zxy(q), bvh.quat_matrix(q), strict=True):
+        assert np.abs(_rot("Z", z) @ _rot("X", x) @ _rot("Y", y) - m).max() < 1e-6
+
+
+def _axis_q(axis: tuple[float, float, float], deg: float) -> F64:
+    h = np.radians(deg) / 2
+    return np.array([*(np.asarray(axis, float) * np.sin(h)), np.cos(h)])

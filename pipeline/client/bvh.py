@@ -116,6 +116,10 @@ def euler_zxy(q: F64) -> F64:
     x = np.arcsin(np.clip(m[..., 2, 1], -1.0, 1.0))
     z = np.arctan2(-m[..., 0, 1], m[..., 1, 1])
     y = np.arctan2(-m[..., 2, 0], m[..., 2, 2])
+    # gimbal lock (x = +-90 degrees): z and y turn about the same axis; put it all in z
+    lock = np.abs(m[..., 2, 1]) > 1.0 - 1e-9
+    z = np.where(lock, np.arctan2(m[..., 1, 0], m[..., 0, 0]), z)
+    y = np.where(lock, 0.0, y)
     return np.asarray(np.degrees(np.stack((z, x, y), axis=-1)), np.float64)
 
 
