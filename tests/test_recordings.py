@@ -151,6 +151,9 @@ def test_record_replay_export(srv: ServeProcess, tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         sent = asyncio.run(_publish(srv.url, frames))
+        deadline = time.monotonic() + 20  # the receiver may lag on loaded cores
+        while len(recording.read(rec_path).packets) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         stop_process(receiver)
     out, err = receiver.communicate()
