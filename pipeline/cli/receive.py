@@ -199,6 +199,9 @@ async def _main(args: argparse.Namespace) -> int:
             jsonl = out.open("w", encoding="utf-8")
         try:
             await receiver.run(args.duration, stop=stop)
+            # what already arrived is handled (written, recorded) before leaving
+            while (item := receiver.transport.recv_nowait()) is not None:
+                await receiver.handle(item)
         except BrokenResourceError as exc:
             failure = exc
     finally:
