@@ -206,7 +206,8 @@ def test_record_replay_export(srv: ServeProcess, tmp_path: Path) -> None:
     cap_err_us = np.abs((cap - cap[0]) - (cap0 - cap0[0])) / 1e3
     print(
         f"replay timing error: median {np.median(err_ms):.3f} ms, "
-        f"p95 {np.percentile(err_ms, 95):.3f} ms, p99 {np.percentile(err_ms, 99):.3f} ms, max {err_ms.max():.3f} ms; "
+        f"p95 {np.percentile(err_ms, 95):.3f} ms, p99 {np.percentile(err_ms, 99):.3f} ms, "
+        f"max {err_ms.max():.3f} ms; "
         f"capture times max {cap_err_us.max():.2f} us"
     )
     assert cap_err_us.max() < 2.0
