@@ -30,6 +30,7 @@ that would grow the file past it.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +45,8 @@ from pipeline.codec.quant import Quant
 from pipeline.errors import ProtocolError, RecordingError
 from pipeline.model.pose import PoseFrame
 from pipeline.transports.base import Control, Packet, Received
+
+log = logging.getLogger("posewire.recording")
 
 MAGIC = b"PWREC\r\n\x1a"
 VERSION = 1
@@ -151,6 +154,12 @@ class RecordingWriter:
         fixed = _RECORD.pack(len(body), arrival_ns, kind, stream_id)
         n = len(fixed) + len(body) + _CRC.size
         if self._file.closed or (self.max_bytes is not None and self.size + n > self.max_bytes):
+            if not self.refused and not self._file.closed:
+                log.warning(
+                    "%s reached its size limit of %d bytes: no more records are written",
+                    self.path,
+                    self.max_bytes,
+                )
             self.refused += 1
             return False
         # one write per record, flushed: a crash leaves at most one partial record
