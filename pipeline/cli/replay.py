@@ -108,8 +108,10 @@ async def replay(
     loop: bool = False,
     duration_s: float | None = None,
     stop: asyncio.Event | None = None,
-) -> dict[int, int]:
-    """Publish ``rec`` (see the module docstring); returns the frames sent per stream."""
+) -> dict[int, dict[str, int]]:
+    """Publish ``rec`` (see the module docstring); returns per stream the frames sent,
+    those the transport could not deliver (``failed``: it was disconnected, e.g. closed
+    by the server's message rate limit) and its reconnects."""
     dec = recording.decode(rec)
     if not dec.poses:
         raise RecordingError(f"{rec.path}: no decodable pose in the recording")
@@ -128,7 +130,14 @@ async def replay(
             task.cancel()
         for s in streams.values():
             await s.transport.close()
-    return {sid: s.sent for sid, s in streams.items()}
+    return {
+        sid: {
+            "sent": s.sent,
+            "failed": s.transport.statistics().send_failures,
+            "reconnects": s.transport.statistics().reconnects,
+        }
+        for sid, s in streams.items()
+    }
 
 
 async def _publish(
@@ -256,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return make_transport(kind.value, cfg, context)
 
-    async def run() -> dict[int, int]:
+    async def run() -> dict[int, dict[str, int]]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -265,7 +274,16 @@ def main(args: argparse.Namespace) -> int:
             rec, make, speed=args.speed, loop=args.loop, duration_s=args.duration, stop=stop
         )
 
-    sent = asyncio.run(run())
-    parts = ", ".join(f"stream {sid}: {n}" for sid, n in sent.items())
-    print(f"replayed {sum(sent.values())} frames into room {args.room} ({parts})")
+    stats = asyncio.run(run())
+    parts = ", ".join(f"stream {sid}: {st['sent']}" for sid, st in stats.items())
+    total = sum(st["sent"] for st in stats.values())
+    print(f"replayed {total} frames into room {args.room} ({parts})")
+    failed = sum(st["failed"] for st in stats.values())
+    if failed:
+        reconnects = sum(st["reconnects"] for st in stats.values())
+        print(
+            f"warning: {failed} frames were not delivered (the connection dropped, "
+            f"{reconnects} reconnects; a --speed above the server's message rate limit, "
+            "max_messages_per_s, does that)"
+        )
     return 0
