@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import itertools
 import os
 import re
@@ -114,6 +115,7 @@ async def _publish(url: str, frames: list[PoseFrame]) -> list[bytes]:
 async def _listen_to_replay(
     url: str, room: str, rec: Path, n: int, *args: str
 ) -> tuple[Receiver, subprocess.CompletedProcess[str]]:
+    gc.freeze()  # a full collection of this process's heap takes ~100 ms: not in the timing
     rx = Receiver(url, room, token(room, "subscriber"), keep_poses=True)
     await rx.connect()
     try:
@@ -131,6 +133,7 @@ async def _listen_to_replay(
         await rx.run(0.2)
     finally:
         await rx.close()
+        gc.unfreeze()
     assert proc.returncode is not None
     return rx, subprocess.CompletedProcess([], proc.returncode, out.decode(), err.decode())
 
@@ -216,9 +219,9 @@ def test_record_replay_export(srv: ServeProcess, tmp_path: Path) -> None:
         f"capture times max {cap_err_us.max():.2f} us"
     )
     assert cap_err_us.max() < 2.0
-    # the 5 ms on the median, a generous bound on p95 (2 shared cores); single
-    # outliers of ~100 ms were seen in 60 s runs (a stall in either session): not asserted
-    assert np.median(err_ms) < 5.0 and np.percentile(err_ms, 95) < 20.0, err_ms
+    # the 5 ms on the median, twice that on p95 (2 cores shared with other jobs);
+    # a 60 s run (POSEWIRE_RECORD_FRAMES=1800) measured max 3.9 ms, docs/recordings.md
+    assert np.median(err_ms) < 5.0 and np.percentile(err_ms, 95) < 10.0, err_ms
 
     # --loop at 4x (120 packets/s: under the server's default 200 messages/s per
     # connection): sequence numbers keep going forward, every frame decodes
