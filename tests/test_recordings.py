@@ -451,6 +451,22 @@ def test_truncated_and_corrupt_files_keep_what_came_before(tmp_path: Path) -> No
     assert [r.data for r in rec.packets] == packets[:4]
 
 
+def test_records_are_readable_while_the_writer_is_open(tmp_path: Path) -> None:
+    """Each record reaches the OS when written: a process killed now loses nothing."""
+    path = tmp_path / "open.pwr"
+    enc = Encoder(CodecConfig(), 1)
+    w = recording.RecordingWriter(path, {})
+    try:
+        for f in trace_frames(5):
+            w.packet(enc.encode(f), f.capture_ts_ns)
+        w.event({"type": "presence", "event": "join", "member": {"id": "x"}}, 1)
+        rec = recording.read(path)
+        assert rec.problem is None and len(rec.packets) == 5 and len(rec.records) == 6
+        assert rec.records[-1].event()["type"] == "presence"
+    finally:
+        w.close()
+
+
 def test_size_limit(tmp_path: Path) -> None:
     path = tmp_path / "r.pwr"
     frames = trace_frames(50)
