@@ -24,6 +24,13 @@ class SourceError(PosewireError):
     """A video source that cannot exist (no such file/camera, bad scheme, undecodable)."""
 
 
+class RecordingError(PosewireError):
+    """A recording that cannot be read or written, or a request it cannot satisfy (no such
+    file, another format, nothing to export). The commands exit 2 on it."""
+
+    exit_code = 2
+
+
 class ProtocolError(PosewireError):
     """Bytes that are not a valid posewire packet, or a value the codec cannot encode."""
 

@@ -20,42 +20,9 @@ from pipeline.client.vmc import VmcSender, landmark_address, parse_target
 from pipeline.config import traces_dir
 from pipeline.errors import TransportError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+from tests.poses import angle_between, axis_angle, right_arm_raised, to_mediapipe, tpose_unity
 
 TRACES = traces_dir()
-
-
-def tpose_unity() -> F64:
-    """A T-pose facing the camera, in Unity's frame (x performer's right, y up, z forward)."""
-    p = np.zeros((NUM_LANDMARKS, 3))
-    for side, s in ((-1.0, "L"), (1.0, "R")):
-        p[sk.L_HIP if s == "L" else sk.R_HIP] = (0.1 * side, 0.0, 0.0)
-        p[sk.L_SH if s == "L" else sk.R_SH] = (0.2 * side, 0.5, 0.0)
-        p[sk.L_EL if s == "L" else sk.R_EL] = (0.48 * side, 0.5, 0.0)
-        p[sk.L_WR if s == "L" else sk.R_WR] = (0.74 * side, 0.5, 0.0)
-        p[sk.L_INDEX if s == "L" else sk.R_INDEX] = (0.84 * side, 0.5, 0.02)
-        p[sk.L_PINKY if s == "L" else sk.R_PINKY] = (0.84 * side, 0.5, -0.02)
-        p[sk.L_KNEE if s == "L" else sk.R_KNEE] = (0.1 * side, -0.45, 0.0)
-        p[sk.L_ANK if s == "L" else sk.R_ANK] = (0.1 * side, -0.9, 0.0)
-        p[sk.L_HEEL if s == "L" else sk.R_HEEL] = (0.1 * side, -0.96, -0.05)
-        p[sk.L_TOE if s == "L" else sk.R_TOE] = (0.1 * side, -0.96, 0.16)
-        p[sk.L_EAR if s == "L" else sk.R_EAR] = (0.075 * side, 0.68, 0.0)
-    p[sk.NOSE] = (0.0, 0.68, 0.11)
-    return p
-
-
-def to_mediapipe(unity: F64) -> F64:
-    """Unity frame -> MediaPipe world frame (x image right, y down, z away from camera)."""
-    return -unity
-
-
-def angle_between(q: F64, expected: F64) -> float:
-    return float(qangle_deg(sk.qmul(sk.qconj(expected[None]), q[None]))[0])
-
-
-def axis_angle(axis: tuple[float, float, float], deg: float) -> F64:
-    a = np.asarray(axis, float) / np.linalg.norm(axis)
-    h = np.radians(deg) / 2
-    return np.array([*(a * np.sin(h)), np.cos(h)])
 
 
 def test_tpose_gives_identity() -> None:
@@ -66,12 +33,7 @@ def test_tpose_gives_identity() -> None:
 
 
 def test_right_arm_raised_90_degrees() -> None:
-    p = tpose_unity()
-    p[sk.R_EL] = (0.2, 0.78, 0.0)
-    p[sk.R_WR] = (0.2, 1.04, 0.0)
-    p[sk.R_INDEX] = (0.22, 1.14, 0.0)
-    p[sk.R_PINKY] = (0.18, 1.14, 0.0)
-    q = solve_local(to_mediapipe(p))[0]
+    q = solve_local(to_mediapipe(right_arm_raised()))[0]
     upper = q[BONE_INDEX["RightUpperArm"]]
     # +x (the rest direction) onto +y: 90 degrees about +z (Unity frame, numerically)
     assert angle_between(upper, axis_angle((0, 0, 1), 90)) < 5.0

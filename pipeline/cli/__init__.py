@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "receive": "pipeline.cli.receive",
     "report": "pipeline.cli.report",
     "ctl": "pipeline.cli.ctl",
+    "replay": "pipeline.cli.replay",
+    "export": "pipeline.cli.export",
 }
 
 EXIT_USAGE = 2
@@ -77,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except PosewireError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = getattr(exc, "exit_code", 1)
+        return code if isinstance(code, int) else 1
     except KeyboardInterrupt:
         return 130

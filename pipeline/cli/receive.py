@@ -20,9 +20,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
+from pipeline.client.recording import Recorder, RecordingWriter
 from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.config import IceServer, RtcConfig
-from pipeline.errors import BrokenResourceError, ConfigError, TransportError
+from pipeline.errors import BrokenResourceError, ConfigError, RecordingError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
 from pipeline.transports.base import StateChange
 
@@ -118,6 +119,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="WebRTC through the TURN relay only (iceTransportPolicy relay)",
     )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="store every packet as it came, with arrival times (docs/recordings.md)",
+    )
+    parser.add_argument(
+        "--record-max-mb",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="with --record: never grow the recording past this size (default 1024)",
+    )
 
 
 def ice_settings(args: argparse.Namespace) -> tuple[list[IceServer], RtcConfig]:
@@ -193,6 +207,8 @@ def main(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise TransportError("--duration must be positive")
     ice_settings(args)  # refuse bad ICE options before connecting
+    if not args.record_max_mb > 0:
+        raise RecordingError("--record-max-mb must be positive")
     return asyncio.run(_main(args))
 
 
@@ -216,6 +232,12 @@ async def _main(args: argparse.Namespace) -> int:
         what = "up" + (" (resumed)" if change.resumed else "") if change.connected else "down"
         print(f"{time.time_ns()} transport {what} {change.reason}".rstrip(), flush=True)
 
+    writer: RecordingWriter | None = None
+    if args.record is not None:
+        header = {"room": args.room, "server": args.server, "tool": "posewire receive"}
+        writer = RecordingWriter(
+            args.record, header, max_bytes=int(args.record_max_mb * 1024 * 1024)
+        )
     receiver = Receiver(
         args.server,
         args.room,
@@ -228,8 +250,26 @@ async def _main(args: argparse.Namespace) -> int:
         on_pose=on_pose,
         on_state=on_state,
     )
+    if writer is not None:
+        t = receiver.transport
+        receiver.on_item = Recorder(
+            writer,
+            members=lambda: list(t.members.values()),
+            clock_offset=lambda: t.clock_offset_ns,
+        )
     failure: BrokenResourceError | None = None
-    await receiver.connect()
+    try:
+        await receiver.connect()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is not None:
+        t = receiver.transport
+        writer.event(
+            {"type": "members", "member_id": t.member_id, "members": list(t.members.values())},
+            time.time_ns(),
+        )
     stats = receiver.transport.statistics()
     print(
         f"joined room {args.room} as member {receiver.transport.member_id} over {stats.kind}",
@@ -240,6 +280,9 @@ async def _main(args: argparse.Namespace) -> int:
             jsonl = out.open("w", encoding="utf-8")
         try:
             await receiver.run(args.duration, stop=stop)
+            # what already arrived is handled (written, recorded) before leaving
+            while (item := receiver.transport.recv_nowait()) is not None:
+                await receiver.handle(item)
         except BrokenResourceError as exc:
             failure = exc
     finally:
@@ -248,12 +291,21 @@ async def _main(args: argparse.Namespace) -> int:
             jsonl.close()
         if vmc is not None:
             vmc.close()
+        if writer is not None:
+            writer.close()
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
     if args.report is not None:
         args.report.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
     _print_summary(rep)
+    if writer is not None:
+        print(f"recorded {writer.records} records ({writer.size} bytes) to {writer.path}")
+        if writer.full:
+            print(
+                f"  the recording reached --record-max-mb {args.record_max_mb:g}: "
+                f"{writer.refused} records not written"
+            )
     if failure is not None:
         if failure.reason == "room_closed":
             raise TransportError(f"room {args.room!r} was closed by a moderator") from failure

@@ -279,6 +279,7 @@ class Receiver:
         ice_servers: Sequence[IceServer] = (),
         rtc: RtcConfig | None = None,
         warm: bool = True,
+        on_item: Callable[[Packet | Control | StateChange], None] | None = None,
     ) -> None:
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
@@ -295,6 +296,8 @@ class Receiver:
         self.keep_poses = keep_poses
         self.on_pose = on_pose
         self.on_state = on_state
+        self.on_item = on_item
+        """Called with every item before it is handled (``receive --record``)."""
         self.warm = warm
         self.poses: list[ReceivedPose] = []
         self.streams: dict[int, StreamStats] = {}
@@ -354,6 +357,8 @@ class Receiver:
             await self.handle(item)
 
     async def handle(self, item: Packet | Control | StateChange) -> None:
+        if self.on_item is not None:
+            self.on_item(item)
         if isinstance(item, Packet):
             await self._on_packet(item)
         elif isinstance(item, StateChange):

@@ -183,6 +183,9 @@ class MemberTransport(Protocol):
 
     async def recv(self) -> Received: ...
 
+    def recv_nowait(self) -> Received | None:
+        """The next received item, or None when nothing is waiting."""
+
     async def close(self) -> None: ...
 
     def statistics(self) -> TransportStatistics: ...
