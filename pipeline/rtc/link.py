@@ -68,6 +68,56 @@ MAX_MESSAGE_BYTES: Final = 8192
 HEARTBEAT: Final = '{"type":"hb"}'
 #: Smallest watermark of the lossy channel (two full-size packets).
 MIN_WATERMARK_BYTES: Final = 2200
+#: Delayed SACK (RFC 4960 section 6.2): acknowledge every second packet, or after this
+#: long, and at once when a packet is missing or duplicated.
+SACK_DELAY_S: Final = 0.05
+
+
+def delay_sacks(pc: RTCPeerConnection) -> bool:
+    """Make aiortc's SCTP acknowledge every second packet instead of every one.
+
+    aiortc 1.16 sends a SACK for every packet it receives; RFC 4960 (6.2) lets a
+    receiver acknowledge every second packet within 200 ms, and browsers (usrsctp)
+    do. Each SACK costs its sender's peer a DTLS decryption and a parse in Python:
+    for the room server relaying to many members, receiving SACKs was about half
+    its CPU. A gap or a duplicate is still acknowledged at once (fast loss
+    recovery). Returns False, changing nothing, when this aiortc lacks the
+    internals it relies on (then every packet is acknowledged, as before).
+    """
+    sctp = pc.sctp
+    send_now = getattr(sctp, "_send_sack", None)
+    if sctp is None or send_now is None or not hasattr(sctp, "_sack_misordered"):
+        return False
+    state = {"pending": 0}
+    timer: list[asyncio.TimerHandle] = []
+    flushes: set[asyncio.Task[None]] = set()
+
+    async def flush() -> None:
+        if getattr(sctp, "_sack_needed", False):
+            state["pending"] = 0
+            with contextlib.suppress(ConnectionError):  # closed meanwhile
+                await send_now()
+
+    def later() -> None:
+        timer.clear()
+        task = asyncio.ensure_future(flush())
+        flushes.add(task)
+        task.add_done_callback(flushes.discard)
+
+    async def delayed() -> None:
+        if sctp._sack_misordered or sctp._sack_duplicates or state["pending"] >= 1:
+            state["pending"] = 0
+            for handle in timer:
+                handle.cancel()
+            timer.clear()
+            await send_now()
+            return
+        state["pending"] += 1
+        if not timer:
+            timer.append(asyncio.get_running_loop().call_later(SACK_DELAY_S, later))
+
+    sctp._send_sack = delayed  # type: ignore[method-assign]
+    return True
 
 
 def ice_configuration(servers: Sequence[IceServer], policy: str = "all") -> RTCConfiguration:
@@ -146,6 +196,7 @@ class PeerLink:
         self.control: RTCDataChannel = self.pc.createDataChannel(
             CONTROL_LABEL, negotiated=True, id=CONTROL_ID
         )
+        self.delayed_sacks = delay_sacks(self.pc)
         self.stats = LinkStats()
         self.opened = asyncio.Event()
         self.opened_ns: int | None = None
