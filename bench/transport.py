@@ -24,7 +24,11 @@ CPU seconds per 1,000 delivered packets (``/proc/<pid>/stat`` of the server). Th
 ramp: 1 publisher and N subscribers (N = 25, 50, 100, 200, ...; all subscribers of a
 step in processes of at most 100 peers each, bounded), each step passes when the server used at most
 one core, the relay p95 was <= 10 ms and >= 95 % was delivered; the figure is the
-largest passing N + 1. The WebSocket rows are the baseline of the same run.
+largest passing N + 1. The ramp goes on past a failed p95 (the subscriber processes
+share the machine's two cores with the server, so the end-to-end p95 also pays for
+them) until the server needs more than a core; a second figure is the members one
+server core relays at 30 Hz from its CPU per delivery at the largest step. The
+WebSocket rows are the baseline of the same run.
 
 Targets: WebRTC clean p50 <= 2 ms; at 5 % loss WebRTC p95 at least 5x lower than
 WebSocket p95, WebRTC delivered >= 0.94; >= 200 WebRTC members per server core.
@@ -407,8 +411,8 @@ def bench_kind(kind: str, plan: Plan, done: list[float], total: float) -> list[d
             rows.append({"name": f"{kind} ramp", "transport": kind, "members": n + 1,
                          **figures, "within_one_core": passed})  # fmt: skip
             done[0] += plan.ramp_packets / HZ
-            if not passed:
-                break
+            if figures["server_cores"] > 1.0 or figures["delivered"] < RAMP_DELIVERED:
+                break  # past the server's capacity: a larger step tells nothing more
     return rows
 
 
@@ -435,6 +439,14 @@ def targets(rows: list[dict[str, Any]], missing: str | None) -> list[dict[str, A
         out.append(make_target("WebRTC delivered at 5% loss", na, ">= 0.94", False))
     out.append(make_target("WebRTC members per server core at 30 Hz (p95 <= 10 ms)",
                            members if ramp else na, ">= 200", members >= 200))  # fmt: skip
+    # the same capacity from the server's CPU alone (the end-to-end p95 above also pays
+    # for the subscriber processes, which share this machine's two cores with the server)
+    if ramp:
+        top = ramp[-1]
+        by_cpu = 1000.0 / max(top["server_cpu_s_per_1k"], 1e-9) / HZ
+        out.append(make_target(
+            f"WebRTC members one server core relays at 30 Hz, from its CPU per delivery "
+            f"at {top['members']} members", round(by_cpu), ">= 200", by_cpu >= 200))  # fmt: skip
     return out
 
 
