@@ -464,12 +464,18 @@ class Receiver:
     def decoded(self) -> int:
         return sum(s.decoded for s in self.streams.values())
 
-    def report(self) -> dict[str, Any]:
-        """The figures of this receiver (see ``docs/room-protocol.md`` for the fields)."""
+    def live_latencies(self) -> array[float]:
+        """The live capture-to-decode latencies (ms) of every stream."""
         lat = array("d")
-        ages = array("d")
         for s in self.streams.values():
             lat.extend(s.latencies_ms)
+        return lat
+
+    def report(self) -> dict[str, Any]:
+        """The figures of this receiver (see ``docs/room-protocol.md`` for the fields)."""
+        lat = self.live_latencies()
+        ages = array("d")
+        for s in self.streams.values():
             ages.extend(s.backfill_ages_ms)
         end = self._ended if self._ended is not None else time.monotonic()
         stats = self.transport.statistics()

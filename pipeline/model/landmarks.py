@@ -31,8 +31,7 @@ def landmarks_to_array(landmarks: Sequence[Any], with_visibility: bool) -> Float
     rows: list[tuple[float, ...]]
     if with_visibility:
         rows = [
-            (lm.x, lm.y, lm.z, 1.0 if lm.visibility is None else lm.visibility)
-            for lm in landmarks
+            (lm.x, lm.y, lm.z, 1.0 if lm.visibility is None else lm.visibility) for lm in landmarks
         ]
     else:
         rows = [(lm.x, lm.y, lm.z) for lm in landmarks]
