@@ -25,12 +25,14 @@ from pipeline.client import Client, PoseEvent, PoseFrame, PresenceEvent
 TRACE = Path(__file__).resolve().parents[1] / "data/pose-traces/cmu02_05_punch_strike.npz"
 
 
-async def watch(viewer: Client, frames: int, got: list[PoseEvent], presence: list[str]) -> None:
+async def watch(
+    viewer: Client, stream: int, frames: int, got: list[PoseEvent], presence: list[str]
+) -> None:
     async for event in viewer.events():
         if isinstance(event, PresenceEvent):
             presence.append(event.kind)
             print(f"viewer: {event.member.get('name')} {event.kind}s the room")
-        elif isinstance(event, PoseEvent):
+        elif isinstance(event, PoseEvent) and event.stream_id == stream:  # the camera's
             got.append(event)
             if event.frame.seq % 30 == 0:
                 nose = event.frame.image[0, 0, :2]
@@ -46,12 +48,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     got: list[PoseEvent] = []
     presence: list[str] = []
     common = {"transport": args.transport, "connect_timeout_s": 10.0}
+    camera = Client(args.server, args.room, args.publisher_token,
+                    name="camera", publish=True, subscribe=False, **common)  # fmt: skip
     async with Client(args.server, args.room, args.viewer_token, name="viewer", **common) as viewer:
-        watching = asyncio.create_task(watch(viewer, args.frames, got, presence))
-        async with Client(
-            args.server, args.room, args.publisher_token,
-            name="camera", publish=True, subscribe=False, **common,
-        ) as camera:  # fmt: skip
+        watching = asyncio.create_task(watch(viewer, camera.stream_id, args.frames, got, presence))
+        async with camera:  # joins after the viewer: the viewer sees it join
             await asyncio.sleep(0.3)  # the viewer sees the camera join before its first pose
             for i in range(args.frames):
                 pose = PoseFrame(i, 0, image[i][None], world[i][None])  # capture time: now
@@ -64,9 +65,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     print(f"viewer: {len(got)} of {args.frames} poses, latency p95 "
           f"{received['latency_ms']['p95']} ms over {viewer.transport}")  # fmt: skip
     if args.out is not None:
-        np.savez(args.out, seq=np.array([e.frame.seq for e in got]),
-                 image=np.stack([e.frame.image[0] for e in got]),
-                 world=np.stack([e.frame.world[0] for e in got if e.frame.world is not None]))  # fmt: skip
+        worlds = [e.frame.world[0] for e in got if e.frame.world is not None]
+        seqs = np.array([e.frame.seq for e in got])
+        np.savez(args.out, seq=seqs, image=np.stack([e.frame.image[0] for e in got]),
+                 world=np.stack(worlds))  # fmt: skip
     return {"presence": presence, "camera": sent, "viewer": received}
 
 

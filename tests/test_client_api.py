@@ -224,22 +224,21 @@ def test_mediapipe_results_convert_and_publish(server: ServeProcess) -> None:
 
     async def main() -> list[PoseEvent]:
         opts: dict[str, Any] = {"transport": "websocket"}
-        async with Client(server.url, "mp", tok("mp", "subscriber", "v"), **opts) as viewer:
-            async with Client(
-                server.url, "mp", tok("mp", "publisher", "c"), publish=True, **opts
-            ) as camera:
-                for r in results:
-                    assert await camera.publish(r)
-                assert await camera.publish(none)  # nobody in the picture: an empty frame
-                with pytest.raises(ProtocolError, match="not a MediaPipe pose result"):
-                    await camera.publish(object())
-                got: list[PoseEvent] = []
-                async with asyncio.timeout(5):
-                    async for ev in viewer.events():
-                        if isinstance(ev, PoseEvent):
-                            got.append(ev)
-                            if len(got) == len(results) + 1:
-                                return got
+        viewer = Client(server.url, "mp", tok("mp", "subscriber", "v"), **opts)
+        camera = Client(server.url, "mp", tok("mp", "publisher", "c"), publish=True, **opts)
+        async with viewer, camera:
+            for r in results:
+                assert await camera.publish(r)
+            assert await camera.publish(none)  # nobody in the picture: an empty frame
+            with pytest.raises(ProtocolError, match="not a MediaPipe pose result"):
+                await camera.publish(object())
+            got: list[PoseEvent] = []
+            async with asyncio.timeout(5):
+                async for ev in viewer.events():
+                    if isinstance(ev, PoseEvent):
+                        got.append(ev)
+                        if len(got) == len(results) + 1:
+                            return got
         raise AssertionError("unreachable")
 
     got = asyncio.run(main())
