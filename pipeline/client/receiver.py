@@ -67,7 +67,8 @@ MAX_LATENCY_SAMPLES = 1_000_000
 _warmed = False
 
 
-def _warm() -> None:
+def warm() -> None:
+    """Load the codec kernels once per process (the first decode must not pay for them)."""
     global _warmed
     if not _warmed:
         warm_kernels()
@@ -280,6 +281,7 @@ class Receiver:
         rtc: RtcConfig | None = None,
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
+        keep_events: bool = True,
     ) -> None:
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
@@ -299,6 +301,9 @@ class Receiver:
         self.on_item = on_item
         """Called with every item before it is handled (``receive --record``)."""
         self.warm = warm
+        self.keep_events = keep_events
+        """Keep presence, broadcasts and state changes in :attr:`events` (a long-lived
+        client that hands them on through ``on_item`` does not)."""
         self.poses: list[ReceivedPose] = []
         self.streams: dict[int, StreamStats] = {}
         self.events: list[Control | StateChange] = []
@@ -311,8 +316,13 @@ class Receiver:
     async def connect(self) -> None:
         """Load the codec kernels, then join (the first decode must not pay for them)."""
         if self.warm:
-            _warm()
+            warm()
         await self.transport.connect()
+        self.started()
+
+    def started(self) -> None:
+        """Start the clock of the report (:meth:`connect` does; the client API, whose
+        :class:`~pipeline.transports.sender.Sender` connects the transport, calls it)."""
         self._started = time.monotonic()
 
     async def close(self) -> None:
@@ -362,7 +372,8 @@ class Receiver:
         if isinstance(item, Packet):
             await self._on_packet(item)
         elif isinstance(item, StateChange):
-            self.events.append(item)
+            if self.keep_events:
+                self.events.append(item)
             if self.on_state is not None:
                 self.on_state(item)
             if not item.connected:
@@ -376,7 +387,7 @@ class Receiver:
             with contextlib.suppress(RefusedError):  # a malformed announcement: all live
                 bf = Backfill.parse(dict(item.body))
                 self._stream(bf.stream_id).on_backfill(bf)
-        elif item.type in ("presence", "broadcast", "kicked", "error"):
+        elif item.type in ("presence", "broadcast", "kicked", "error") and self.keep_events:
             self.events.append(item)
 
     async def _on_packet(self, item: Packet) -> None:
@@ -453,12 +464,18 @@ class Receiver:
     def decoded(self) -> int:
         return sum(s.decoded for s in self.streams.values())
 
-    def report(self) -> dict[str, Any]:
-        """The figures of this receiver (see ``docs/room-protocol.md`` for the fields)."""
+    def live_latencies(self) -> array[float]:
+        """The live capture-to-decode latencies (ms) of every stream."""
         lat = array("d")
-        ages = array("d")
         for s in self.streams.values():
             lat.extend(s.latencies_ms)
+        return lat
+
+    def report(self) -> dict[str, Any]:
+        """The figures of this receiver (see ``docs/room-protocol.md`` for the fields)."""
+        lat = self.live_latencies()
+        ages = array("d")
+        for s in self.streams.values():
             ages.extend(s.backfill_ages_ms)
         end = self._ended if self._ended is not None else time.monotonic()
         stats = self.transport.statistics()

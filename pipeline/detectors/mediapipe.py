@@ -16,16 +16,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
 import numpy as np
 from pydantic import Field
 
-from pipeline.detectors import Detector, FloatArray, RGBFrame
+from pipeline.detectors import Detector, RGBFrame
 from pipeline.errors import ConfigError
-from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
+from pipeline.model.landmarks import frame_from_result
+from pipeline.model.pose import PoseFrame
 from pipeline.settings import DETECTORS, DetectorSettings
 
 #: model_complexity -> the landmark model file MediaPipe loads (relative to the package)
@@ -151,19 +151,6 @@ def check_model_complexity(complexity: int) -> Path:
     return path
 
 
-def landmarks_to_array(landmarks: Sequence[Any], with_visibility: bool) -> FloatArray:
-    """MediaPipe landmarks as ``[33, 4]`` (x, y, z, visibility) or ``[33, 3]``."""
-    rows: list[tuple[float, ...]]
-    if with_visibility:
-        rows = [(lm.x, lm.y, lm.z, lm.visibility) for lm in landmarks]
-    else:
-        rows = [(lm.x, lm.y, lm.z) for lm in landmarks]
-    arr = np.asarray(rows, np.float32)
-    if arr.shape[0] != NUM_LANDMARKS:
-        raise RuntimeError(f"MediaPipe returned {arr.shape[0]} landmarks, not {NUM_LANDMARKS}")
-    return arr
-
-
 class MediaPipeDetector(Detector):
     """``mp.solutions.pose.Pose`` (one person per frame)."""
 
@@ -203,13 +190,9 @@ class MediaPipeDetector(Detector):
                 result.pose_landmarks is not None and self._quiet_calls >= 5
             ):
                 self._end_quiet()
-        if result.pose_landmarks is None:
-            return PoseFrame(seq, capture_ts_ns, detect_start_ns=start, detect_end_ns=end)
-        image = landmarks_to_array(result.pose_landmarks.landmark, True)[None]
-        world: FloatArray | None = None
-        if self.cfg.world_landmarks and result.pose_world_landmarks is not None:
-            world = landmarks_to_array(result.pose_world_landmarks.landmark, False)[None]
-        return PoseFrame(seq, capture_ts_ns, image, world, start, end)
+        pose = frame_from_result(result, seq, capture_ts_ns, world=self.cfg.world_landmarks)
+        pose.detect_start_ns, pose.detect_end_ns = start, end
+        return pose
 
     def _end_quiet(self) -> None:
         if self._quiet:

@@ -13,9 +13,10 @@ from typing import Final, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.detectors import Detector, FloatArray, RGBFrame
-from pipeline.detectors.mediapipe import ConfidenceSettings, import_mediapipe, landmarks_to_array
+from pipeline.detectors import Detector, RGBFrame
+from pipeline.detectors.mediapipe import ConfidenceSettings, import_mediapipe
 from pipeline.errors import ConfigError
+from pipeline.model.landmarks import frame_from_result
 from pipeline.model.pose import MAX_POSES, PoseFrame
 from pipeline.settings import DETECTORS, FileProblem, missing_path
 
@@ -102,15 +103,9 @@ class TasksDetector(Detector):
         else:
             result = self._landmarker.detect(image)
         end = time.time_ns()
-        people = list(result.pose_landmarks or [])[:MAX_POSES]
-        if not people:
-            return PoseFrame(seq, capture_ts_ns, detect_start_ns=start, detect_end_ns=end)
-        img = np.stack([landmarks_to_array(p, True) for p in people])
-        world: FloatArray | None = None
-        worlds = list(result.pose_world_landmarks or [])[: len(people)]
-        if self.cfg.world_landmarks and len(worlds) == len(people):
-            world = np.stack([landmarks_to_array(w, False) for w in worlds])
-        return PoseFrame(seq, capture_ts_ns, img, world, start, end)
+        pose = frame_from_result(result, seq, capture_ts_ns, world=self.cfg.world_landmarks)
+        pose.detect_start_ns, pose.detect_end_ns = start, end
+        return pose
 
     def close(self) -> None:
         self._landmarker.close()

@@ -36,8 +36,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
 
 from pipeline.codec import feedback, peek_header
 from pipeline.config import TransmitConfig, TransportKind
@@ -53,6 +53,7 @@ from pipeline.errors import (
 from pipeline.transports import TRANSPORTS, make_transport
 from pipeline.transports.base import (
     Control,
+    Received,
     Refusal,
     StateChange,
     Transport,
@@ -69,6 +70,9 @@ FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: Transpo
 KEYFRAME_WAIT_S = 1.0
 #: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
 MAX_BANDWIDTH_KBPS = 10_000_000.0
+#: what :meth:`Sender.send` does when the throttle says wait: wait (the stage), send at
+#: once (the bucket goes into debt: a high-priority pose), or drop (a low-priority one)
+WhenThrottled = Literal["wait", "send", "drop"]
 
 
 class Throttle:
@@ -166,6 +170,9 @@ class Sender:
 
     ``on_feedback`` receives encoder feedback records; ``stopping`` and ``tick``
     let a supervised caller stop a connect loop and stay alive while waiting.
+    ``on_received`` (the client API: a member that also subscribes) gets every item
+    the active transport yields, after the feedback was taken from it; ``fallback``
+    replaces :data:`FALLBACK_OF` (``{}``: a transport that cannot work here is an error).
     """
 
     def __init__(
@@ -177,8 +184,12 @@ class Sender:
         stopping: Callable[[], bool] = lambda: False,
         tick: Callable[[], None] = lambda: None,
         log: logging.Logger | None = None,
+        on_received: Callable[[Received], Awaitable[None]] | None = None,
+        fallback: Mapping[TransportKind, TransportKind] = FALLBACK_OF,
     ) -> None:
         self.cfg = cfg
+        self.on_received = on_received
+        self.fallback = fallback
         self.context = context
         self.on_feedback = on_feedback
         self.stopping = stopping
@@ -203,6 +214,8 @@ class Sender:
         self._keyframe_wait: float | None = None
         """Since when deltas are held back until the keyframe asked for after a reconnect."""
         self.skipped_for_keyframe = 0
+        self.throttle_dropped = 0
+        """Packets dropped because the throttle said wait (``send(..., throttled="drop")``)."""
         self.unavailable: dict[TransportKind, str] = {}
         """Transports that cannot work here (why), replaced by :data:`FALLBACK_OF` theirs."""
 
@@ -225,21 +238,27 @@ class Sender:
         self.refused = ref
         return ref
 
-    async def connect(self, kind: TransportKind) -> tuple[Transport, TransportKind] | None:
+    async def connect(
+        self, kind: TransportKind, *, retry: bool = True
+    ) -> tuple[Transport, TransportKind] | None:
         """Connect ``kind``, retrying with capped backoff; ``None`` if stopping first.
+
+        With ``retry`` false (the client API's first connect) the first failure or
+        refusal is raised instead of retried (the fallback of an unavailable transport
+        is still tried).
 
         A final refusal (token refused, kicked...) raises it (no retry); a refusal a
         retry may fix is retried with a longer backoff and shown in :attr:`refused`.
         A transport that cannot work here at all
         (:class:`~pipeline.errors.TransportUnavailable`) is replaced by its
-        :data:`FALLBACK_OF` (said once in the log, and in :attr:`unavailable`).
+        :attr:`fallback` (said once in the log, and in :attr:`unavailable`).
         """
         delay = 0.05
         cap = CONNECT_BACKOFF_MAX_S
         warned = False
         while not self.stopping():
-            if kind in self.unavailable and kind in FALLBACK_OF:
-                kind = FALLBACK_OF[kind]
+            if kind in self.unavailable and kind in self.fallback:
+                kind = self.fallback[kind]
             transport = make_transport(kind.value, self.cfg, self.context)
             try:
                 await transport.connect()
@@ -256,18 +275,22 @@ class Sender:
             except TransportUnavailable as exc:
                 with contextlib.suppress(TransportError, TokenError):
                     await transport.close()
-                if kind not in FALLBACK_OF:
+                if kind not in self.fallback:
                     raise
                 self.unavailable[kind] = str(exc)
-                self.log.warning("%s; using the %s", exc, _NAMES[FALLBACK_OF[kind]])
+                self.log.warning("%s; using the %s", exc, _NAMES[self.fallback[kind]])
                 continue
             except (TokenError, BrokenResourceError) as exc:
                 with contextlib.suppress(TransportError, TokenError):
                     await transport.close()
-                if self._note_refusal(exc).final:
+                if self._note_refusal(exc).final or not retry:
                     raise
                 cap = REFUSED_BACKOFF_MAX_S
             except TransportError as exc:
+                if not retry:
+                    with contextlib.suppress(TransportError, TokenError):
+                        await transport.close()
+                    raise
                 if not warned:
                     self.log.warning("cannot connect %s yet (%s): retrying", kind.value, exc)
                     warned = True
@@ -280,10 +303,11 @@ class Sender:
             delay = min(delay * 2, cap)
         return None
 
-    async def activate(self, kind: TransportKind) -> bool:
-        """Make-before-break: connect ``kind``, then retire the old transport."""
+    async def activate(self, kind: TransportKind, *, retry: bool = True) -> bool:
+        """Make-before-break: connect ``kind``, then retire the old transport (``retry``:
+        see :meth:`connect`)."""
         self._cancel_recovery()
-        made = await self.connect(kind)
+        made = await self.connect(kind, retry=retry)
         if made is None:
             return False
         new, kind = made
@@ -361,28 +385,40 @@ class Sender:
                 # may lack our references; the next packet it gets is a keyframe
                 self.on_feedback(feedback.pack_keyframe_request())
                 self._keyframe_wait = time.monotonic()
+            if self.on_received is not None:
+                await self.on_received(item)
 
     def check(self) -> None:
         """Raise the final refusal in force, if any (the caller stops)."""
         if self.refused is not None and self.refused.final:
             raise self.refused.error
 
-    async def send(self, packet: bytes) -> bool:
+    async def send(self, packet: bytes, *, throttled: WhenThrottled = "wait") -> bool:
         """Wait for the throttle, then send on the active transport; False if it failed.
 
         While refused the packet is dropped and counted (False); a final refusal is
-        raised (:class:`TokenError` or :class:`BrokenResourceError`).
+        raised (:class:`TokenError` or :class:`BrokenResourceError`). ``throttled``
+        says what to do when the throttle says wait (:data:`WhenThrottled`).
         """
         if self.refused is not None:
             self.check()
             self.dropped_refused += 1
             return False
+        if throttled != "wait" and self.throttle.delay() > 0:
+            if throttled == "drop":
+                self.throttle_dropped += 1
+                return False
+            self.throttle.consume(len(packet))  # "send": into debt, at once
+            return await self._send_now(packet)
         t_wait = time.monotonic()
         while (wait := self.throttle.delay()) > 0 and not self.stopping():
             self.tick()  # stay alive, and a set command may lift the cap
             await asyncio.sleep(min(wait, 0.05))
         self.throttled_ms += (time.monotonic() - t_wait) * 1000
         self.throttle.consume(len(packet))
+        return await self._send_now(packet)
+
+    async def _send_now(self, packet: bytes) -> bool:
         assert self.transport is not None
         transport = self.transport
         if not transport.connected:  # reconnecting: the transport would drop it silently
