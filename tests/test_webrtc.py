@@ -408,7 +408,7 @@ def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
             figure(record_property, f"loss{pct}_{name}", value)
     assert figures[0]["delivered"] >= 0.98, figures
     # about (1 - loss); the lower bounds leave room for a loaded machine (one run with the
-    # other suites beside it delivered 0.871 at 5 %: frames late past the receiver's end)
+    # other suites running beside it delivered 0.871 at 5 %)
     assert 0.85 <= figures[5]["delivered"] <= 1.0, figures
     assert 0.65 <= figures[20]["delivered"] <= 0.92, figures
     # WebRTC: latency does not grow with loss; WebSocket: stalls behind retransmissions
