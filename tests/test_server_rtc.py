@@ -24,7 +24,7 @@ from bench.common import stop_process
 from bench.netns import Peer, Topology, python_env, topology, unavailable_reason
 from pipeline.model.prometheus import parse_exposition
 from pipeline.server.streams import StoredPacket, StreamState
-from tests.test_server_support import SECRET, raw_join, running_server, token
+from tests.test_server_support import SECRET, RawWS, raw_join, running_server, token
 
 CLIENT = "tests.rtc_client"
 PORT = 8765
@@ -350,3 +350,31 @@ def test_a_stream_goes_lossy_only_after_a_whole_anchored_interval() -> None:
     first = StoredPacket(2, 1, 0, False, b"", 0)
     fresh.add(first)
     assert first.lossy
+
+
+def test_an_offer_cannot_reach_a_room_the_token_does_not_grant() -> None:
+    """Signaling rides the joined member WebSocket, so the room is the join's: a token
+    for another room is refused at the join (4103), and an offer sent anyway is never
+    taken; an offer naming another room is answered for the joined room only."""
+
+    async def run() -> None:
+        offer = {"type": "rtc_offer", "session": 1, "sdp": "v=0"}
+        async with running_server() as srv:
+            ws = await RawWS.connect(srv.port)
+            ws.send_json({"type": "join", "token": token("rtc-granted"), "room": "rtc-other"})
+            ws.send_json(offer)
+            code, _ = await ws.read_until_close()
+            assert code == 4103  # wrong_room: closed at the join, the offer never read
+            assert srv.state.metrics.rtc_offers == 0
+            ws.close()
+            # joined room A, an offer that names room B: the peer connection (if any) is
+            # A's membership; here the SDP is unusable, so it closes with 4018, counted
+            ws = await raw_join(srv, "rtc-granted")
+            ws.send_json({**offer, "room": "rtc-other"})
+            code, _ = await ws.read_until_close()
+            assert code == 4018
+            assert srv.state.metrics.rejections["bad_signaling"] == 1
+            assert "rtc-other" not in srv.state.manager.rooms
+            ws.close()
+
+    asyncio.run(run())
