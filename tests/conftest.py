@@ -8,8 +8,13 @@ installs everything they need, so a skip there hides a test that did not run.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from bench.netns import Topology
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -42,3 +47,16 @@ def _private_server_state(
     room server persists kicks, closed rooms and stream/member-id bindings there, and
     one test's records must not refuse another test's members (or a later run's)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture
+def net() -> Iterator[Topology]:
+    """Two namespace hosts, a and b, joined by a router (bench/netns.py); skipped (a
+    failure on CI) where namespaces cannot be made."""
+    from bench.netns import topology, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with topology(("a", "b")) as made:
+        yield made

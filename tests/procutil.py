@@ -25,6 +25,11 @@ def write_config(tmp_path: Path, body: str, name: str = "pipeline.yaml") -> Path
     return path
 
 
+def trace_source(loop: bool = True) -> str:
+    """The ``source`` section of a camera-free pipeline: the test trace, replayed."""
+    return f"source:\n  kind: trace\n  path: {TRACE}\n  loop: {'true' if loop else 'false'}\n"
+
+
 def trace_config(
     tmp_path: Path, *, loop: bool = True, monitor: str = "  enabled: false", extra: str = ""
 ) -> Path:
@@ -32,11 +37,7 @@ def trace_config(
     return write_config(
         tmp_path,
         f"""
-source:
-  kind: trace
-  path: {TRACE}
-  loop: {"true" if loop else "false"}
-transmit:
+{trace_source(loop)}transmit:
   primary: file
   file: {tmp_path / "packets.bin"}
 supervisor:
@@ -68,11 +69,7 @@ def sender_config(
     return write_config(
         tmp_path,
         f"""
-source:
-  kind: trace
-  path: {TRACE}
-  loop: {"true" if loop else "false"}
-transmit:
+{trace_source(loop)}transmit:
   primary: {primary}
   server_url: http://{host}:{port}
   room: {room}

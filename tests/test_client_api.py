@@ -22,7 +22,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from bench.netns import Topology, python_env, topology, unavailable_reason
+from bench.netns import Topology, python_env
 from pipeline.client import Client, ConnectionEvent, PoseEvent, PresenceEvent, SyncClient
 from pipeline.codec import CodecConfig
 from pipeline.errors import (
@@ -113,15 +113,6 @@ def run_example(prefix: list[str], url: str, room: str, transport: str, tmp: Pat
 
 def test_readme_example_over_websocket(server: ServeProcess, tmp_path: Path) -> None:
     run_example([], server.url, "ex-ws", "websocket", tmp_path)
-
-
-@pytest.fixture
-def net() -> Iterator[Topology]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with topology(("a", "b")) as made:
-        yield made
 
 
 def test_readme_example_over_webrtc(net: Topology, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import math
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,15 +48,6 @@ def percentile(values: list[float], q: float) -> float:
 def report(record: Record, name: str, value: float) -> None:
     record(name, round(value, 3))
     print(f"netns figure: {name} = {value:.3f}")
-
-
-@pytest.fixture
-def net() -> Iterator[Topology]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with topology(("a", "b")) as made:
-        yield made
 
 
 def connect(net: Topology, log_dir: Path, max_seconds: float = 40.0) -> tuple[Peer, Peer, float]:

@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.netns import Host, Topology, python_env, topology, unavailable_reason
+from bench.netns import Host, Topology, python_env
 from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing:
 Record = Callable[[str, object], None]
 #: acceptance: a dead path is reported within this long (issue 12)
 DEAD_WITHIN_MS = 300.0
-
-
-@pytest.fixture
-def net() -> Iterator[Topology]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with topology(("a", "b")) as made:
-        yield made
 
 
 def figure(record: Record, name: str, value: float) -> None:

@@ -4,7 +4,7 @@
 transport is one module that registers a factory in :data:`TRANSPORTS` under
 its :class:`~pipeline.config.TransportKind` value::
 
-    TRANSPORTS.add("websocket", TransmitConfig, websocket_transport)
+    TRANSPORTS.add("websocket", TransmitConfig, member_factory(WebSocketTransport))
 
 A factory takes the ``transmit`` config section and a
 :class:`~pipeline.transports.base.TransportContext` (token, member name, path

@@ -57,8 +57,8 @@ from pipeline.errors import (
 from pipeline.model.net import is_loopback
 from pipeline.rtc.link import LinkStats, PeerLink
 from pipeline.transports import TRANSPORTS
-from pipeline.transports.base import StateChange, TransportContext, TransportStatistics
-from pipeline.transports.websocket import WebSocketTransport, ws_url
+from pipeline.transports.base import StateChange, TransportStatistics
+from pipeline.transports.websocket import WebSocketTransport, member_factory, ws_url
 from pipeline.wire import messages
 
 log = logging.getLogger("posewire.transport.webrtc")
@@ -515,15 +515,4 @@ class WebRtcTransport(WebSocketTransport):
         await ws.send_str(text)
 
 
-def webrtc_transport(cfg: TransmitConfig, context: TransportContext) -> WebRtcTransport:
-    """The ``webrtc`` transport of the ``transmit`` section (a member of ``transmit.room``)."""
-    return WebRtcTransport.from_config(
-        cfg,
-        context.token(),
-        publish=context.publish,
-        subscribe=context.subscribe,
-        name=context.name,
-    )
-
-
-TRANSPORTS.add("webrtc", TransmitConfig, webrtc_transport)
+TRANSPORTS.add("webrtc", TransmitConfig, member_factory(WebRtcTransport))

@@ -49,7 +49,7 @@ from pipeline.errors import (
 )
 from pipeline.model import jsonsafe
 from pipeline.model.net import unsent_bytes
-from pipeline.transports import TRANSPORTS
+from pipeline.transports import TRANSPORTS, TransportFactory
 from pipeline.transports.base import (
     Control,
     Packet,
@@ -579,15 +579,20 @@ class WebSocketTransport(Transport):
                 await self._report_clock()
 
 
-def websocket_transport(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
-    """The ``websocket`` transport of the ``transmit`` section (a member of ``transmit.room``)."""
-    return WebSocketTransport.from_config(
-        cfg,
-        context.token(),
-        publish=context.publish,
-        subscribe=context.subscribe,
-        name=context.name,
-    )
+def member_factory(cls: type[WebSocketTransport]) -> TransportFactory:
+    """The factory of a room-member transport class: a member of ``transmit.room`` built
+    from the ``transmit`` section (``websocket`` and ``webrtc`` register one each)."""
+
+    def factory(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
+        return cls.from_config(
+            cfg,
+            context.token(),
+            publish=context.publish,
+            subscribe=context.subscribe,
+            name=context.name,
+        )
+
+    return factory
 
 
-TRANSPORTS.add("websocket", TransmitConfig, websocket_transport)
+TRANSPORTS.add("websocket", TransmitConfig, member_factory(WebSocketTransport))

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from pipeline.model.prometheus import parse_exposition
-from tests.procutil import ROOT, TRACE, start, stop, wait_for, write_config
+from tests.procutil import ROOT, TRACE, start, stop, trace_source, wait_for, write_config
 from tests.test_server_support import SECRET, PoseSource, RawWS, ServeProcess, token
 
 pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
@@ -46,11 +46,7 @@ def _config(tmp_path: Path, url: str, room: str) -> Path:
     return write_config(
         tmp_path,
         f"""
-source:
-  kind: trace
-  path: {TRACE}
-  loop: true
-transmit:
+{trace_source()}transmit:
   primary: websocket
   server_url: {url}
   room: {room}
