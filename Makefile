@@ -49,7 +49,7 @@ COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
 
 unit: install
 	rm -f .coverage .coverage.*
-	status=0; $(PY) -m coverage run -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+	status=0; $(PY) -m coverage run -m pytest -q --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	if [ -z "$(PYTEST_ARGS)" ]; then \
 	  NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
 	    $(KERNEL_TESTS) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
