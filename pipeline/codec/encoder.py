@@ -42,6 +42,7 @@ from pipeline.codec.quant import (
     load_kernels,
 )
 from pipeline.codec.ranges import (
+    ANCHOR_INTERVAL,
     HISTORY,
     IMAGE_COMPONENTS,
     IMAGE_HI,
@@ -155,6 +156,13 @@ class Encoder:
     answered with a keyframe: the packets go to many receivers, none of whose
     acknowledged frames is known to be held by all.
 
+    With ``config.references == "anchor"`` a delta packet at least
+    :data:`~pipeline.codec.ranges.ANCHOR_INTERVAL` sequence numbers after the
+    latest anchor (or keyframe) is the next anchor, and every delta packet predicts
+    from the latest anchor or keyframe: anchors (and keyframes) must arrive, the
+    other deltas may be lost without harm. A refresh request is answered with a
+    keyframe, as in keyframe mode.
+
     A frame whose packet would not fit under :data:`MAX_PACKET_BYTES` is sent
     without its world landmarks (counted in ``stats.world_dropped``); when even
     that does not fit, :meth:`encode` raises :class:`PacketTooLargeError` and
@@ -186,7 +194,11 @@ class Encoder:
         """Delta packets predict from ``_key`` (the latest keyframe), not ``_prev``."""
         self._interval = config.effective_keyframe_interval()
         self._key: Entry | None = None
-        """The latest keyframe (the reference of every delta packet in keyframe mode)."""
+        """The latest keyframe (the reference of every delta packet in keyframe mode),
+        or in anchor mode the latest anchor or keyframe."""
+        self._anchor_refs = config.references == "anchor"
+        """Delta packets predict from ``_key``, which each anchor replaces."""
+        self._anchor_gap = ANCHOR_INTERVAL
         self._since_key = 0
         self._force_key = False
         self._refresh = False
@@ -247,7 +259,7 @@ class Encoder:
             or (interval > 0 and self._since_key + 1 >= interval)
         ):
             return None
-        if self._keyframe_refs:
+        if self._keyframe_refs or self._anchor_refs:
             key = self._key
             if self._refresh or key is None or seq - key.seq > MAX_REF_DELTA:
                 return None
@@ -296,7 +308,10 @@ class Encoder:
             self._key = entry
         else:
             self._since_key += 1
-            if ref is not self._prev and not self._keyframe_refs:
+            if self._anchor_refs:
+                if seq - ref.seq >= self._anchor_gap:
+                    self._key = entry  # an anchor: the reference of the next deltas
+            elif ref is not self._prev and not self._keyframe_refs:
                 self.stats.refreshes += 1
                 self._recovered_at = seq
         self._refresh = False

@@ -36,7 +36,7 @@ FloatArray = npt.NDArray[np.float64]
 
 # --------------------------------------------------------------------------- config
 
-REFERENCE_MODES = ("previous", "keyframe")
+REFERENCE_MODES = ("previous", "keyframe", "anchor")
 """The values of :attr:`CodecConfig.references`."""
 MAX_KEYFRAME_REF_INTERVAL = HISTORY - 1
 """Largest keyframe interval in keyframe-reference mode. A decoder keeps the last
@@ -78,13 +78,16 @@ class CodecConfig:
     landmarks are accurate to a few centimetres at best)."""
     max_poses: int = MAX_POSES
     """Most poses accepted in one frame (1..8)."""
-    references: Literal["previous", "keyframe"] = "previous"
+    references: Literal["previous", "keyframe", "anchor"] = "previous"
     """What a delta packet predicts from. ``"previous"``: the previous packet (the
     smallest packets; one loss makes the following packets undecodable until a
     refresh or keyframe). ``"keyframe"``: the stream's latest keyframe, so every
     delta packet decodes on its own once its keyframe arrived (for lossy, unordered
     channels; larger packets). In keyframe mode the keyframe interval is at most
-    :data:`MAX_KEYFRAME_REF_INTERVAL` (see :meth:`effective_keyframe_interval`)."""
+    :data:`MAX_KEYFRAME_REF_INTERVAL` (see :meth:`effective_keyframe_interval`).
+    ``"anchor"``: every :data:`~pipeline.codec.ranges.ANCHOR_INTERVAL`-th frame is an
+    anchor, and every delta packet predicts from the latest anchor (or keyframe); the
+    anchors travel reliably, the others may be lost without harm (docs/codec.md)."""
 
     def effective_keyframe_interval(self) -> int:
         """The keyframe interval the encoder applies: ``keyframe_interval``, except in
