@@ -23,6 +23,7 @@ from pipeline.codec.decoder import Decoded, Decoder, DecoderStats, NeedKeyframe
 from pipeline.codec.encoder import Encoder, EncoderStats
 from pipeline.codec.feedback import Feedback
 from pipeline.codec.header import (
+    ANCHOR_INTERVAL,
     MAX_PACKET_BYTES,
     PROTOCOL_VERSION,
     PacketHeader,
@@ -41,6 +42,7 @@ from pipeline.errors import PacketTooLargeError
 from pipeline.model.pose import NUM_LANDMARKS, PoseFrame
 
 __all__ = [
+    "ANCHOR_INTERVAL",
     "HISTORY",
     "MAX_PACKET_BYTES",
     "PREDICTOR_DEPTH",

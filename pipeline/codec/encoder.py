@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from pipeline.codec.feedback import Feedback
 from pipeline.codec.header import (
+    ANCHOR_INTERVAL,
     CHECKSUM_BYTES,
     EPOCH_MASK,
     MAX_PACKET_BYTES,
@@ -42,7 +43,6 @@ from pipeline.codec.quant import (
     load_kernels,
 )
 from pipeline.codec.ranges import (
-    ANCHOR_INTERVAL,
     HISTORY,
     IMAGE_COMPONENTS,
     IMAGE_HI,
@@ -157,7 +157,7 @@ class Encoder:
     acknowledged frames is known to be held by all.
 
     With ``config.references == "anchor"`` a delta packet at least
-    :data:`~pipeline.codec.ranges.ANCHOR_INTERVAL` sequence numbers after the
+    :data:`~pipeline.codec.header.ANCHOR_INTERVAL` sequence numbers after the
     latest anchor (or keyframe) is the next anchor, and every delta packet predicts
     from the latest anchor or keyframe: anchors (and keyframes) must arrive, the
     other deltas may be lost without harm. A refresh request is answered with a
@@ -198,7 +198,6 @@ class Encoder:
         or in anchor mode the latest anchor or keyframe."""
         self._anchor_refs = config.references == "anchor"
         """Delta packets predict from ``_key``, which each anchor replaces."""
-        self._anchor_gap = ANCHOR_INTERVAL
         self._since_key = 0
         self._force_key = False
         self._refresh = False
@@ -309,7 +308,7 @@ class Encoder:
         else:
             self._since_key += 1
             if self._anchor_refs:
-                if seq - ref.seq >= self._anchor_gap:
+                if seq - ref.seq >= ANCHOR_INTERVAL:
                     self._key = entry  # an anchor: the reference of the next deltas
             elif ref is not self._prev and not self._keyframe_refs:
                 self.stats.refreshes += 1

@@ -58,6 +58,13 @@ MAX_STREAM_ID = 2**32 - 1
 MAX_SEQ = 2**63 - 1
 MAX_REF_DELTA = 2**32 - 1
 CHECKSUM_BYTES = 4
+ANCHOR_INTERVAL = 3
+"""Anchor-reference mode (``CodecConfig.references == "anchor"``): a delta packet at
+least this many sequence numbers after its reference is an *anchor*: later delta
+packets predict from it, so it must arrive (it travels reliably, like a keyframe);
+every other delta packet of the mode predicts from the latest anchor or keyframe and
+may be lost without harm. Part of the protocol: a room server tells an anchor from
+its header alone (:meth:`PacketHeader.anchor`); docs/codec.md, "Reference modes"."""
 MIN_PACKET_BYTES = 1 + 1 + 1 + 1 + 1 + 1 + 1 + CHECKSUM_BYTES
 """Smallest possible packet: a delta header with one-byte fields, no payload."""
 
@@ -106,6 +113,14 @@ class PacketHeader:
     def packet_len(self) -> int:
         """Total packet length in bytes (header, payload and checksum)."""
         return self.header_len + self.payload_len + CHECKSUM_BYTES
+
+    @property
+    def anchor(self) -> bool:
+        """In an anchor-reference stream, whether this delta packet is an anchor (its
+        reference is at least :data:`ANCHOR_INTERVAL` sequence numbers back), which
+        later packets predict from. Meaningful only for streams of that mode: in the
+        other modes it is merely a long reference gap."""
+        return self.ref_seq is not None and self.seq - self.ref_seq >= ANCHOR_INTERVAL
 
 
 # The decoder builds a PacketHeader per packet; a frozen dataclass's __init__ goes

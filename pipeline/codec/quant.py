@@ -85,7 +85,7 @@ class CodecConfig:
     delta packet decodes on its own once its keyframe arrived (for lossy, unordered
     channels; larger packets). In keyframe mode the keyframe interval is at most
     :data:`MAX_KEYFRAME_REF_INTERVAL` (see :meth:`effective_keyframe_interval`).
-    ``"anchor"``: every :data:`~pipeline.codec.ranges.ANCHOR_INTERVAL`-th frame is an
+    ``"anchor"``: every :data:`~pipeline.codec.header.ANCHOR_INTERVAL`-th frame is an
     anchor, and every delta packet predicts from the latest anchor (or keyframe); the
     anchors travel reliably, the others may be lost without harm (docs/codec.md)."""
 

@@ -47,12 +47,6 @@ HISTORY = 32
 from nothing older than its last ``HISTORY // 2`` packets, or in keyframe-reference mode
 from its latest keyframe at most ``HISTORY - 2`` packets back, so a decoder still has
 the reference unless the packet that made it was lost."""
-ANCHOR_INTERVAL = 3
-"""In anchor-reference mode, a delta packet whose sequence number is at least this far
-past the stream's latest anchor (or keyframe) is the next anchor: it travels reliably,
-and the delta packets up to the next anchor predict from it. A room server tells an
-anchor from its header alone (gap ``seq - ref_seq`` at least this), so the value is part
-of the protocol: docs/codec.md, "Reference modes"."""
 PREDICTOR_DEPTH = 3
 """Frames a prediction uses: the reference, its reference, and that one's."""
 
