@@ -30,6 +30,12 @@ when the same seeded loss hits the delta packets only (keyframes travel
 reliably), without feedback (an SFU forwards one stream to many subscribers),
 plus ``previous`` with acks for comparison.
 
+Two legs (:mod:`bench.codec_loss`): the same seeded loss on the publisher -> server
+leg, on each of three server -> subscriber legs, or on both, with the packets a
+mode needs delivered travelling reliably (SCTP, or repaired on NACK) and the others
+lossy: decoded fraction, fraction decoded without waiting, and the waits, for
+``previous``, ``keyframe`` and ``anchor`` references.
+
 Run: ``python -m bench codec [--trace FILE.npz] [--noise SIGMA] [--loss P] [--json]``
 (``python -m bench.codec`` too). ``--fit`` refits the predictor coefficients on
 the traces and prints them with their leave-one-clip-out cost instead.
@@ -62,6 +68,7 @@ from bench.common import (
     targets_table,
 )
 from bench.common import percentile as pct
+from bench.codec_loss import two_leg_rows, two_leg_targets
 from pipeline.codec import (
     CodecConfig,
     Decoded,
@@ -575,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_loss(noisy(clip, args.noise), loss, mode, args.rtt, config, seed=100 + k)
                 )
     ref_sizes, ref_loss = reference_rows(clips, args.noise, losses, args.rtt)
+    two_leg = two_leg_rows([frames_of(noisy(c, args.noise)) for c in clips], losses, rtx=args.rtt)
     csum = checksum_rows()
 
     # aggregates over every clip, per method and noise (frame-weighted)
@@ -643,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
             PRECISION_PX,
         ),
     ]
-    all_rows = summary + rows + loss_rows + ref_sizes + ref_loss + csum
+    targets += two_leg_targets(two_leg)
+    all_rows = summary + rows + loss_rows + ref_sizes + ref_loss + two_leg + csum
     if args.json:
         report("codec", all_rows, targets, as_json=True, params=vars_jsonable(args))
         return 0
@@ -723,6 +732,28 @@ def main(argv: list[str] | None = None) -> int:
                 "undecodable",
                 "decoded_fraction",
                 "max_err_px",
+            ],
+        )
+    )
+    print(
+        "\n## two legs: publisher -> server -> 3 subscribers (bench/codec_loss.py;"
+        f" repair after {args.rtt} frames, SCTP timeout 30, hold 6)\n"
+    )
+    print(
+        markdown_table(
+            two_leg,
+            [
+                "loss",
+                "leg",
+                "references",
+                "repair",
+                "decoded_fraction",
+                "target_fraction",
+                "on_time_fraction",
+                "wait_mean_frames",
+                "wait_max_frames",
+                "reliable_share",
+                "bytes_per_frame_mean",
             ],
         )
     )
