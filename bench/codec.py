@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench.codec_loss import two_leg_rows, two_leg_targets
 from bench.common import (
     add_json_flag,
     at_least,
@@ -68,7 +69,6 @@ from bench.common import (
     targets_table,
 )
 from bench.common import percentile as pct
-from bench.codec_loss import two_leg_rows, two_leg_targets
 from pipeline.codec import (
     CodecConfig,
     Decoded,

@@ -145,7 +145,9 @@ def run_two_leg(
     decoded = on_time = 0
     delays: list[float] = []
     for _ in range(subscribers):
-        arrivals = _leg(at_server, reliable, loss if leg != "publisher" else 0.0, rtx, rto, repair, rng)
+        arrivals = _leg(
+            at_server, reliable, loss if leg != "publisher" else 0.0, rtx, rto, repair, rng
+        )
         d, o, w = _receive(packets, arrivals, hold)
         decoded += d
         on_time += o
@@ -177,9 +179,17 @@ def two_leg_rows(
             for mode, repair in CASES:
                 parts = [
                     run_two_leg(
-                        f, mode, loss, leg, rtx=rtx, rto=rto, hold=hold, subscribers=subscribers,
-                        seed=200 + k, repair=repair,
-                    )  # fmt: skip
+                        f,
+                        mode,
+                        loss,
+                        leg,
+                        rtx=rtx,
+                        rto=rto,
+                        hold=hold,
+                        subscribers=subscribers,
+                        seed=200 + k,
+                        repair=repair,
+                    )
                     for k, f in enumerate(clips)
                 ]
                 frames = sum(p["frames"] for p in parts)
@@ -224,7 +234,5 @@ def two_leg_targets(rows: Sequence[dict[str, Any]]) -> list[Target]:
         )
     prev = next(r for r in rows if r["references"] == "previous")["bytes_per_frame_mean"]
     anchor = next(r for r in rows if r["references"] == "anchor")["bytes_per_frame_mean"]
-    out.append(
-        at_most("anchor refs: bytes per frame / previous refs", anchor / prev, BYTES_TARGET)
-    )
+    out.append(at_most("anchor refs: bytes per frame / previous refs", anchor / prev, BYTES_TARGET))
     return out
