@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from bench.delay import DELAY_TABLE, DelayFault, reader_args
 from bench.turn import TurnServer, turnserver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +289,7 @@ class Topology:
     router: Host | None = field(default=None, init=False)
     peers: list[Peer] = field(default_factory=list, init=False)
     _made: list[str] = field(default_factory=list, init=False)
+    _queues: Iterator[int] = field(default_factory=lambda: count(1), init=False)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -461,17 +464,24 @@ class Topology:
         return rule_name
 
     def _link_matches(self, host: str | None, direction: str) -> list[str]:
+        return [
+            f"{key} {json.dumps(name)} " if key else ""
+            for key, name in self._links(host, direction)
+        ]
+
+    def _links(self, host: str | None, direction: str) -> list[tuple[str, str]]:
+        """(nft interface key, router-side veth) per rule; ("", "") for every packet."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction {direction!r}: one of {', '.join(DIRECTIONS)}")
         if host is None:
             if direction != "both":
                 raise ValueError(f"direction {direction!r} needs a host (whose link?)")
-            return [""]
+            return [("", "")]
         if host not in self.hosts:
             raise ValueError(f"no host {host!r} in this topology ({', '.join(self.hosts)})")
-        link = json.dumps(f"h{host}")
-        matches = {"to": [f"oifname {link} "], "from": [f"iifname {link} "]}
-        return matches.get(direction, [f"oifname {link} ", f"iifname {link} "])
+        link = f"h{host}"
+        matches = {"to": [("oifname", link)], "from": [("iifname", link)]}
+        return matches.get(direction, [("oifname", link), ("iifname", link)])
 
     def fault_rules(self) -> str:
         """The router's fault chain as `nft` lists it."""
@@ -498,6 +508,43 @@ class Topology:
     def dropped_packets(self) -> int:
         """Packets the router's fault rules dropped so far (all rules together)."""
         return sum(self.drop_counters().values())
+
+    # -- delay (an NFQUEUE reader in the router namespace: bench/delay.py) ---------------
+
+    @contextlib.contextmanager
+    def delay(
+        self,
+        ms: float,
+        proto: str = "udp",
+        *,
+        host: str | None = None,
+        direction: str = "both",
+        jitter_ms: float = 0.0,
+        log_dir: Path | None = None,
+        max_seconds: float = 300.0,
+    ) -> Iterator[DelayFault]:
+        """Hold forwarded `proto` packets `ms` in the router (jitter: uniform +-`jitter_ms`,
+        in order per flow) for a `with` block; `host`/`direction` as in `add_drop`. Each
+        packet crossing the router is held once: RTT a <-> b grows by 2 x `ms` without a
+        host, and by `ms` with host="b", direction="to". Delays in force add up."""
+        assert self.router is not None
+        links = [(key, name) for key, name in self._links(host, direction) if key]
+        queue = next(self._queues)
+        args = reader_args(queue, ms, jitter_ms, proto, links, max_seconds)
+        with contextlib.ExitStack() as stack:
+            if log_dir is None:
+                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pw-delay-")))
+            peer = Peer(
+                self.router, "bench.delay", args, log_dir / f"{self.router.name}-delay{queue}.log"
+            )
+            self.peers.append(peer)  # close() stops it whatever happens
+            fault = DelayFault(peer, self.router, queue)
+            try:
+                fault.wait_ready()
+                yield fault
+            finally:
+                fault.close()
+                self.peers.remove(peer)
 
     # -- TURN (coturn in the router namespace: bench/turn.py) -------------------------
 
@@ -539,5 +586,5 @@ def leftovers(prefix: str) -> list[str]:
     links = _run(["ip", "-o", "link", "show"], check=False).stdout
     found += [line for line in links.splitlines() if prefix in line]
     tables = _run(["nft", "list", "tables"], check=False).stdout
-    found += [line for line in tables.splitlines() if FAULT_TABLE in line]
+    found += [line for line in tables.splitlines() if FAULT_TABLE in line or DELAY_TABLE in line]
     return found

@@ -1,0 +1,118 @@
+"""The lab's delay fault (bench/delay.py through `Topology.delay`): real packets held in
+the router namespace by an NFQUEUE reader, measured end to end by real peers.
+
+The figures (added RTT error, the reader's hold error and CPU per packet) are printed
+(`pytest -s`) and recorded as junit properties; docs/testing.md quotes them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.delay import DELAY_TABLE, check
+from bench.netns import Topology
+from tests.test_netns import PEER, Record, connect, percentile, report
+
+PORT = 4100
+
+
+def ping(net: Topology, count: int) -> list[float]:
+    """`count` UDP round trips a -> b (echo) -> a, one at a time: their RTTs in ms."""
+    echo = net.start_python(
+        "b", PEER, ["udp-echo", "--port", str(PORT), "--count", str(count)], Path("/tmp")
+    )
+    echo.expect("ready", timeout=10)
+    b = net.host("b")
+    pinged = net.host("a").run_python(
+        PEER, "udp-ping", "--to", b.address, "--port", str(PORT), "--count", str(count)
+    )
+    echo.close()
+    net.peers.remove(echo)
+    rtts: list[float] = pinged["rtt_ms"]
+    assert len(rtts) == count, pinged
+    return rtts
+
+
+def router_state(net: Topology) -> tuple[str, str, str]:
+    """(nft ruleset, bound nfnetlink queues, processes) of the router namespace."""
+    assert net.router is not None
+    ruleset = net.router.run(["nft", "list", "ruleset"]).stdout
+    queues = net.router.run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    pids = subprocess.run(
+        ["ip", "netns", "pids", net.router.name], capture_output=True, text=True, check=False
+    ).stdout
+    return ruleset, queues, pids
+
+
+def test_bad_delays_are_refused() -> None:
+    with pytest.raises(ValueError, match="delay -1 ms"):
+        check(-1, 0)
+    with pytest.raises(ValueError, match="jitter 30 ms"):
+        check(20, 30)
+
+
+def test_udp_delay_adds_the_rtt_and_removal_restores_it(
+    net: Topology, record_property: Record, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="no host 'z'"):
+        net.delay(40, host="z").__enter__()
+    baseline = ping(net, 10)
+    with net.delay(40, log_dir=tmp_path) as delay:
+        ruleset, queues, _ = router_state(net)
+        assert f"table ip {DELAY_TABLE}" in ruleset and queues.split()[0] == "1", (ruleset, queues)
+        delayed = ping(net, 30)  # each packet crosses the router twice: +80 ms
+        figures: dict[str, Any] = delay.stats()
+    after = ping(net, 10)
+    added = [rtt - percentile(baseline, 50) - 80 for rtt in delayed]
+    report(record_property, "baseline_rtt_p50_ms", percentile(baseline, 50))
+    report(record_property, "delay40_rtt_min_ms", min(delayed))
+    report(record_property, "delay40_added_error_p50_ms", percentile(added, 50))
+    report(record_property, "delay40_added_error_p95_ms", percentile(added, 95))
+    report(record_property, "hold_error_p50_ms", figures["hold_error_p50_ms"])
+    report(record_property, "hold_error_p95_ms", figures["hold_error_p95_ms"])
+    report(record_property, "reader_cpu_us_per_packet", figures["cpu_us_per_packet"])
+    assert all(80 <= rtt < 100 for rtt in delayed), delayed
+    assert figures["queued"] == figures["released"] == 60, figures
+    assert max(after) < 20 and percentile(after, 50) < 5, after  # removal restores it
+    ruleset, queues, pids = router_state(net)
+    assert DELAY_TABLE not in ruleset and queues == "" and pids == "", (ruleset, queues, pids)
+
+
+def test_one_link_one_direction_and_jitter(net: Topology, tmp_path: Path) -> None:
+    with net.delay(30, host="b", direction="to", jitter_ms=10, log_dir=tmp_path) as delay:
+        rtts = ping(net, 20)  # only a -> b is held: 30 +- 10 ms
+        figures = delay.stats()
+        delay.set(5)
+        quicker = ping(net, 5)
+    assert all(20 <= rtt < 50 for rtt in rtts), rtts
+    assert max(rtts) - min(rtts) > 2, rtts  # the jitter shows
+    assert figures["queued"] == 20, figures  # the echoes (b -> a) were not queued
+    assert all(5 <= rtt < 25 for rtt in quicker), quicker
+
+
+def test_aiortc_peers_connect_and_stream_under_50ms_delay(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    with net.delay(50, log_dir=tmp_path) as delay:
+        a, b, connect_ms = connect(net, tmp_path, max_seconds=20)
+        a.send({"cmd": "stream", "count": 30, "hz": 30.0, "grace_s": 0.3})
+        streamed = a.expect("streamed", timeout=10)
+        a.send({"cmd": "ping", "count": 5, "interval_s": 0.02})
+        pinged = a.expect("pinged", timeout=5)
+        b.send({"cmd": "report"})
+        received = b.expect("received", timeout=5)
+        figures = delay.stats()
+    report(record_property, "delay50_offer_to_open_ms", connect_ms)
+    report(record_property, "delay50_pose_rtt_p50_ms", percentile(streamed["rtt_ms"], 50))
+    report(record_property, "delay50_pose_oneway_p50_ms", percentile(received["latency_ms"], 50))
+    report(record_property, "delay50_control_rtt_p50_ms", percentile(pinged["rtt_ms"], 50))
+    report(record_property, "delay50_reader_cpu_us_per_packet", figures["cpu_us_per_packet"])
+    assert len(received["latency_ms"]) == 30 and len(streamed["rtt_ms"]) == 30
+    assert all(50 <= ms < 70 for ms in received["latency_ms"]), received["latency_ms"]
+    assert all(100 <= ms < 130 for ms in streamed["rtt_ms"]), streamed["rtt_ms"]
+    assert len(pinged["rtt_ms"]) == 5 and min(pinged["rtt_ms"]) >= 100, pinged
+    assert figures["overflow_dropped"] == 0, figures
