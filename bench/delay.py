@@ -267,6 +267,17 @@ def flow_of(packet: bytes) -> tuple[bytes, bytes]:
     return packet[9:10] + packet[12:20], packet[header : header + 4]
 
 
+def kernel_dropped(queue: int) -> int:
+    """Packets the kernel dropped on this queue: queue full, or not deliverable to us
+    (/proc/net/netfilter/nfnetlink_queue: queue_dropped + user_dropped)."""
+    with open("/proc/net/netfilter/nfnetlink_queue", encoding="ascii") as table:
+        for line in table:
+            fields = line.split()
+            if fields and int(fields[0]) == queue:
+                return int(fields[5]) + int(fields[6])
+    return 0
+
+
 @dataclass
 class Figures:
     queued: int = 0
@@ -274,7 +285,7 @@ class Figures:
     overflow_dropped: int = 0
     errors_ms: list[float] = field(default_factory=list)  # actual hold - planned hold
 
-    def summary(self, cpu_s: float) -> dict[str, Any]:
+    def summary(self, cpu_s: float, queue: int) -> dict[str, Any]:
         ordered = sorted(self.errors_ms)
 
         def pct(q: float) -> float | None:
@@ -286,6 +297,7 @@ class Figures:
             "queued": self.queued,
             "released": self.released,
             "overflow_dropped": self.overflow_dropped,
+            "kernel_dropped": kernel_dropped(queue),
             "hold_error_p50_ms": pct(50),
             "hold_error_p95_ms": pct(95),
             "hold_error_max_ms": round(max(ordered), 3) if ordered else None,
@@ -427,12 +439,12 @@ def run(args: argparse.Namespace) -> None:
                         float(command["delay_ms"]), float(command.get("jitter_ms", 0))
                     )
                 if command.get("cmd") in ("stats", "set"):
-                    figures = delayer.figures.summary(time.process_time() - cpu_start)
+                    figures = delayer.figures.summary(time.process_time() - cpu_start, args.queue)
                     emit({"ev": "stats", **figures})
     finally:
         delete_table(args.queue)  # nothing new is queued from here
         delayer.release_all()
-        emit({"ev": "done", **delayer.figures.summary(time.process_time() - cpu_start)})
+        emit({"ev": "done", **delayer.figures.summary(time.process_time() - cpu_start, args.queue)})
         delayer.sock.close()
 
 

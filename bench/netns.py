@@ -12,7 +12,8 @@ the machine's own namespace and deleting the namespaces removes everything (veth
 routes, the router's nftables table). Faults (random UDP/TCP loss, a UDP blackout),
 on every forwarded packet or on one host's link in one direction, are nftables rules
 on the router's forward hook, so they act on traffic between hosts and never on the
-machine's own traffic. `Topology.turn` runs coturn in the router namespace.
+machine's own traffic. `Topology.turn` runs coturn in the router namespace,
+`Topology.delay` an NFQUEUE reader that holds packets (bench/delay.py).
 
 Used by the tests (tests/test_netns.py, tests/test_turn.py) and by the benchmarks
 (bench/transport.py), hence its place in bench/ (mypy-checked).

@@ -171,3 +171,34 @@ def test_jitter_keeps_a_flow_in_order(net: Topology, tmp_path: Path) -> None:
     order = json.loads(out)
     assert order == list(range(BURST)), order
     assert figures["queued"] == BURST and figures["overflow_dropped"] == 0, figures
+
+
+def test_a_killed_reader_fails_open_and_is_cleaned_up(net: Topology, tmp_path: Path) -> None:
+    """SIGKILL of the reader: the rule's queue-bypass lets packets through undelayed (not
+    a blackout); leaving the block says the reader died and still removes its table."""
+    with (
+        pytest.raises(EOFError, match="peer exited before 'done'"),
+        net.delay(40, log_dir=tmp_path) as delay,
+    ):
+        delay.peer.proc.kill()
+        delay.peer.proc.wait()
+        assert max(ping(net, 5, tmp_path)) < 20
+    ruleset, queues, pids = router_state(net)
+    assert DELAY_TABLE not in ruleset and queues == "" and pids == "", (ruleset, queues, pids)
+
+
+def test_reader_cost_per_packet_at_load(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    """1000 pings back to back through a 0 ms delay (2000 packets queued): the reader's CPU
+    per packet when busy (its idle wake-ups do not count), and the hold error then."""
+    with net.delay(0, log_dir=tmp_path) as delay:
+        before = delay.stats()
+        rtts = ping(net, 1000, tmp_path)
+        after = delay.stats()
+    packets = after["queued"] - before["queued"]
+    cpu_us = (after["cpu_s"] - before["cpu_s"]) / packets * 1e6
+    report(record_property, "load_reader_cpu_us_per_packet", cpu_us)
+    report(record_property, "load_rtt_p50_ms", percentile(rtts, 50))
+    report(record_property, "load_hold_error_p95_ms", after["hold_error_p95_ms"])
+    assert packets == 2000 and after["overflow_dropped"] == after["kernel_dropped"] == 0, after
