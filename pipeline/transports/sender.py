@@ -182,12 +182,11 @@ class Sender:
         self._standby_pump: asyncio.Task[None] | None = None
         self._standby_task: asyncio.Task[None] | None = None
         self.health = {k: PathHealth(k.value, cfg.window_s) for k in TransportKind}
-        self.recent = Recent(cfg.webrtc.dead_after_ms / 1000 + 0.15)
-        """What a switch sends again on the new transport (in flight or lost on the old)."""
+        self.recent = Recent(cfg.webrtc.dead_after_ms / 1000 + 0.15)  # sent again on a switch
         self.cap = SwitchCap(cfg.max_switches_per_min)
-        self.pinned: TransportKind | None = None
-        """Manual override: automatic switches are off while pinned."""
+        self.pinned: TransportKind | None = None  # manual override: no automatic switch
         self.switch_reasons: dict[str, int] = {}
+        self.switched_at: dict[str, int] = {}  # reason -> wall-clock ns of the last switch
         self.replayed = 0
 
     def _note_refusal(self, exc: TokenError | BrokenResourceError) -> Refusal:
@@ -315,22 +314,24 @@ class Sender:
         elif not await self.activate(kind):
             return False
         else:
-            self.switch_reasons[reason] = self.switch_reasons.get(reason, 0) + 1
+            self._count(reason)
         if auto:
             self.cap.note()
         return True
 
+    def _count(self, reason: str) -> None:
+        self.switch_reasons[reason] = self.switch_reasons.get(reason, 0) + 1
+        self.switched_at[reason] = time.time_ns()
+
     async def _swap(self, reason: str) -> None:
-        """Make-before-break onto the connected standby; the old transport becomes the
-        standby. The packets of the last moment go again on the new one (in flight on the
-        old one, or lost in a dead path before it was seen): the server keeps the first
-        copy of each and drops the other as late (a stream shared by a pair)."""
+        """Make-before-break onto the connected standby (the old one becomes the standby);
+        the packets of the last moment go again on the new one (see :class:`Recent`)."""
         assert self.standby is not None and self.standby_kind is not None
         old, old_pump, old_kind = self.transport, self.pump, self.kind
         self.transport, self.pump, self.kind = self.standby, self._standby_pump, self.standby_kind
         self.standby, self._standby_pump, self.standby_kind = old, old_pump, old_kind
         self.switches += 1
-        self.switch_reasons[reason] = self.switch_reasons.get(reason, 0) + 1
+        self._count(reason)
         self.log.info("switched transport %s -> %s (%s)", old_kind.value, self.kind.value, reason)
         self.on_feedback(feedback.pack_keyframe_request())
         for packet in self.recent.take():
@@ -452,9 +453,8 @@ class Sender:
             self._retiring = asyncio.get_running_loop().create_task(self._retire(transport, None))
 
     async def _failover(self, reason: str) -> None:
-        """The active transport's path is dead: move the stream to the connected standby
-        at once (a round trip through the supervisor would cost heartbeats), unless
-        pinned or past the cap; the supervisor records it from the metrics."""
+        """The active path is dead: onto the standby at once, unless pinned or capped (a
+        round trip through the supervisor would cost heartbeats; it records it)."""
         standby = self.standby
         if self.pinned is not None or standby is None or not standby.connected:
             return
@@ -568,6 +568,7 @@ class Sender:
             out["packets_replayed_total"] = self.replayed
             for reason, n in self.switch_reasons.items():
                 out[f"transport_switches_{metric_name(reason)}_total"] = n
+                out[f"transport_last_switch_{metric_name(reason)}_ns"] = self.switched_at[reason]
             for kind, t in ((self.kind, self.transport), (self.standby_kind, self.standby)):
                 if kind is not None:
                     out.update(self.health[kind].metrics(t, standby=t is self.standby))
