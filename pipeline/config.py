@@ -160,15 +160,43 @@ class TransmitConfig(ConfigModel):
         None, description="Access token; default: $POSEWIRE_TOKEN, or minted with the secret."
     )
     max_latency_ms: float = Field(
-        150.0, gt=0, le=10000, description="Switch to fallback when latency exceeds this."
+        150.0,
+        gt=0,
+        le=10000,
+        description="Switch to the fallback when the primary's ack RTT p95 over window_s "
+        "exceeds this.",
     )
     switch_threshold: float = Field(
-        0.2, gt=0, le=1, description="Switch to fallback when the failure rate exceeds this."
+        0.2,
+        gt=0,
+        le=1,
+        description="Switch to the fallback when the primary's failure rate (send failures / "
+        "sends over window_s) exceeds this.",
     )
     recovery_interval_s: float = Field(
-        10.0, gt=0, le=3600, description="Try the primary again after this long."
+        10.0,
+        gt=0,
+        le=3600,
+        description="After switching away, wait this long before the primary may be judged "
+        "for a switch back.",
     )
-    window_s: float = Field(2.0, gt=0, le=60, description="Window of the latency statistics.")
+    window_s: float = Field(
+        2.0, gt=0, le=60, description="Window of the per-transport health figures."
+    )
+    hold_s: float = Field(
+        3.0,
+        ge=0,
+        le=3600,
+        description="The primary must stay healthy this long (after recovery_interval_s) "
+        "before the stream switches back to it.",
+    )
+    max_switches_per_min: int = Field(
+        6,
+        ge=1,
+        le=600,
+        description="Automatic switches allowed per minute (the dead-path failover "
+        "included); past it the stream stays where it is.",
+    )
     reconnect_initial_s: float = Field(
         0.05, gt=0, le=60, description="WebSocket: first reconnect delay (doubles per failure)."
     )
@@ -197,12 +225,18 @@ class TransmitConfig(ConfigModel):
     )
 
     @model_validator(mode="after")
-    def _available(self) -> TransmitConfig:
-        if self.fallback is not None:
+    def _fallback_valid(self) -> TransmitConfig:
+        if self.fallback is None:
+            return self
+        rooms = (TransportKind.WEBSOCKET, TransportKind.WEBRTC)
+        if self.fallback not in rooms or self.primary not in rooms:
             raise ValueError(
-                "transmit.fallback: automatic transport switching is not available in this "
-                "build (switch_transport can still be commanded: POST /control/transmit/"
-                "switch_transport on the monitor port)"
+                "transmit.fallback: switching works between the room transports "
+                "(websocket, webrtc); primary and fallback must both be one of them"
+            )
+        if self.fallback == self.primary:
+            raise ValueError(
+                f"transmit.fallback: must differ from transmit.primary ({self.primary.value})"
             )
         return self
 

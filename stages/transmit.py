@@ -24,7 +24,10 @@ refused, expired or revoked token, a kick, a stream id owned by another
 publisher, a protocol violation) is a user error: the stage stops with
 ``ctx.refuse`` and the run with exit 2 and the message.
 
-Commands: ``switch_transport`` (``{"to": KIND}``, make-before-break) and
+Commands: ``switch_transport`` (``{"to": KIND}``, make-before-break; with a
+``transmit.fallback`` onto the connected hot standby; the supervisor's policy adds
+``reason`` and ``auto``), ``pin`` (``{"to": KIND}``: move there and stay, no
+automatic switch) and ``unpin``, and
 ``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
 argument is refused with a :class:`~pipeline.errors.CommandError`.
 
@@ -50,6 +53,7 @@ from typing import Any
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
+    CommandError,
     ConfigError,
     RegistryError,
     RingError,
@@ -128,14 +132,34 @@ class Transmitter:
         self.rate = Rate()
         self.latency = Window()
         self._published = 0.0
-        self.pending_switch: TransportKind | None = None
+        self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
         ctx.on("switch_transport", self._on_switch)
+        ctx.on("pin", self._on_pin)
+        ctx.on("unpin", self._on_unpin)
 
     def _on_switch(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``{"to": KIND}``; the supervisor's policy adds ``reason`` and ``auto``."""
         kind = parse_kind(args.get("to"))
-        self.pending_switch = kind
+        auto = bool(args.get("auto"))
+        if auto and self.sender.pinned is not None:
+            raise CommandError(f"pinned to {self.sender.pinned.value}: no automatic switch")
+        self.pending_switch = (kind, str(args.get("reason") or "manual"), auto)
         return {"from": self.sender.kind.value, "to": kind.value}
+
+    def _on_pin(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Manual override: move the stream to ``to`` (default: where it is) and keep it
+        there; no automatic switch (policy or dead-path failover) until ``unpin``."""
+        kind = parse_kind(args.get("to", self.sender.kind.value))
+        self.sender.pinned = kind
+        self.pending_switch = (kind, "pin", False)
+        self.ctx.log.info("transport pinned to %s", kind.value)
+        return {"pinned": kind.value}
+
+    def _on_unpin(self, args: dict[str, Any]) -> dict[str, Any]:
+        was, self.sender.pinned = self.sender.pinned, None
+        self.ctx.log.info("transport unpinned (was %s)", was.value if was else "none")
+        return {"unpinned": was.value if was else None}
 
     def _tick(self) -> None:
         """Stay alive and keep the metrics current (also while connecting or refused)."""
@@ -170,9 +194,9 @@ class Transmitter:
                 self._tick()
                 sender.check()  # a final refusal stops the stage even while no packet comes
                 if self.pending_switch is not None:
-                    target, self.pending_switch = self.pending_switch, None
-                    if target != sender.kind:
-                        await sender.activate(target)
+                    (target, reason, auto), self.pending_switch = self.pending_switch, None
+                    with contextlib.suppress(CommandError):  # pinned or capped meanwhile
+                        await sender.switch(target, reason, auto=auto)
                 if ctx.paused:
                     await asyncio.sleep(0.05)
                     continue

@@ -685,7 +685,8 @@ def test_transports_are_found_by_kind_and_a_toy_transport_is_one_registration(
 
 def test_throttle_and_switch_arguments_are_command_errors() -> None:
     from pipeline.errors import CommandError
-    from pipeline.transports.sender import Throttle, parse_kind
+    from pipeline.transports.sender import parse_kind
+    from pipeline.transports.throttle import Throttle
 
     th = Throttle(None)
     assert th.on_set({"other": 1}) is None

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -112,7 +113,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "Send rate of the transmit stage over the last sample interval.",
     ),
     "posewire_transport_active": ("gauge", "1 for the transport in use; label transport."),
-    "posewire_transport_switches_total": ("counter", "Transport switches (primary <-> fallback)."),
+    "posewire_transport_switches_total": (
+        "counter",
+        "Transport switches (primary <-> fallback); label reason with a hot standby.",
+    ),
     "posewire_transport_switch_rate": (
         "gauge",
         "Transport switches / packets sent, over the alert window.",
@@ -200,11 +204,12 @@ def check_args(cmd: str, args: Mapping[str, Any]) -> str | None:
     """What is wrong with the arguments of command ``cmd`` (None: nothing).
 
     ``set`` takes the names of :data:`SET_ARGUMENTS`; ``switch_transport`` one ``to``
-    naming a transport kind; ``stop``, ``pause``, ``resume`` and ``keyframe`` none.
+    naming a transport kind, ``pin`` an optional one; ``stop``, ``pause``, ``resume``,
+    ``keyframe`` and ``unpin`` none.
     """
     if cmd == "set":
         known: Mapping[str, object] = SET_ARGUMENTS
-    elif cmd == "switch_transport":
+    elif cmd in ("switch_transport", "pin"):
         known = {"to": None}
     else:
         known = {}
@@ -220,10 +225,10 @@ def check_args(cmd: str, args: Mapping[str, Any]) -> str | None:
             problem = _number(name, value, lo, hi, nullable=True)
             if problem is not None:
                 return f"set: {problem}"
-    if cmd == "switch_transport":
+    if cmd == "switch_transport" or (cmd == "pin" and "to" in args):
         kinds = [k.value for k in TransportKind]
         if args.get("to") not in kinds:
-            return f"switch_transport: 'to' must be one of {', '.join(kinds)}"
+            return f"{cmd}: 'to' must be one of {', '.join(kinds)}"
     return None
 
 
@@ -502,6 +507,9 @@ class _Handler(BaseHTTPRequestHandler):
 _QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 
 
+_SWITCH_REASON = re.compile(r"transport_switches_[a-z0-9_]+_total")
+
+
 def render_exposition(
     c: Mapping[str, Any],
     stages: Mapping[str, StageView],
@@ -561,7 +569,11 @@ def render_exposition(
     ex.add("posewire_compression_ratio", c["compression_ratio"])
     ex.add("posewire_bandwidth_bits_per_second", bandwidth)
     ex.add("posewire_transport_active", 1, transport=c["transport"]["active"])
-    ex.add("posewire_transport_switches_total", c["transport"]["switches"])
+    reasons = {k[19:-6]: v for k, v in wire.items() if _SWITCH_REASON.fullmatch(k)}
+    for reason, count in sorted(reasons.items()):  # the hot standby's switches, by reason
+        ex.add("posewire_transport_switches_total", count, reason=reason)
+    if not reasons:
+        ex.add("posewire_transport_switches_total", c["transport"]["switches"])
     ex.add("posewire_transport_switch_rate", c["transport"]["switch_rate"])
     for n, a in alerts.alerts.items():
         ex.add("posewire_alert_active", 1 if a.active else 0, alert=n)

@@ -24,7 +24,7 @@ CONTROL_VERSION = 1
 
 CommandName = Literal["set", "pause", "resume", "stop", "switch_transport", "keyframe"]
 COMMANDS: frozenset[str] = frozenset(
-    {"set", "pause", "resume", "stop", "switch_transport", "keyframe"}
+    {"set", "pause", "resume", "stop", "switch_transport", "keyframe", "pin", "unpin"}
 )
 STATES: frozenset[str] = frozenset({"starting", "running", "paused", "stopping"})
 

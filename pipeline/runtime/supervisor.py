@@ -54,6 +54,7 @@ from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
 from pipeline.runtime import control
 from pipeline.runtime.observer import Observer, ObserverFactory, StageState, merge_report
+from pipeline.runtime.policy import TransportPolicy
 from pipeline.runtime.rundir import RunDir, default_run_base
 from pipeline.runtime.stage import ExitStatus, StageSpec, error_file, stage_main
 from pipeline.runtime.topology import Topology
@@ -105,6 +106,8 @@ class Supervisor:
         self._held: list[str] = []
         """The heads of the data path while they wait for the other stages (see run)."""
         self._hold_until = 0.0
+        self.policy = TransportPolicy(cfg.transmit, self.command) if cfg.transmit.fallback else None
+        """The transport policy (pipeline/runtime/policy.py) with a ``transmit.fallback``."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -217,6 +220,9 @@ class Supervisor:
             events = dict(self._poller.poll(50))
             if self._router in events:
                 self._drain_control()
+                if self.policy is not None:
+                    for name, st in self.stages.items():
+                        self.policy.step(name, st.metrics)
             self._check_exits()
             if self.exit_code is not None:
                 break
@@ -531,6 +537,8 @@ class Supervisor:
                 for name, st in self.stages.items()
             },
         }
+        if self.policy is not None:
+            out["transport_policy"] = self.policy.report()
         if self.monitor is not None:  # figures, alerts, time series
             merge_report(out, self.monitor.report_section(self.stages, out["frames"], out["rings"]))
         return out

@@ -243,6 +243,7 @@ async def _join(
         subscribe=join.subscribe,
         name=join.name,
         limiter=limiter,
+        pair=join.pair,
     )
     member.post(
         {
@@ -346,14 +347,16 @@ async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered
         raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing needs 'publish_pose'")
     room = member.room
     stream = room.streams.get(h.stream_id)
-    if stream is None or stream.owner is not member:
+    if stream is not None and stream.owner is not member and room.paired(stream.owner, member):
+        stream.shared = True  # the hot-standby partner of its owner: one stream, no takeover
+    elif stream is None or stream.owner is not member:
         if len(member.streams) >= MAX_STREAMS_PER_MEMBER:
             raise refusal(
                 CloseCode.TOO_MANY_STREAMS, f"at most {MAX_STREAMS_PER_MEMBER} streams per member"
             )
         member.publish = True
         stream = room.claim(member, h.stream_id)
-    if ordered:
+    if ordered and not stream.shared:
         why = stream.stale(h.seq, h.epoch, h.keyframe, time.monotonic())
         if why is not None:
             raise refusal(CloseCode.STALE_PACKET, f"stream {h.stream_id}: {why}")

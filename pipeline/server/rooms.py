@@ -95,8 +95,11 @@ class Member(MemberOutput):
         subscribe: bool,
         name: str | None,
         limiter: RateLimiter | None = None,
+        pair: bool = False,
     ) -> None:
         self.manager = manager
+        self.pair = pair
+        """Joined as one of a publisher's two hot-standby connections (Room.paired)."""
         self.room = room
         self.claims = claims
         self.id = member_id
@@ -265,6 +268,22 @@ class Room:
         stream.last_keyframe_request = t
         self.manager.metrics.keyframe_requests += 1
         stream.owner.post({"type": "keyframe_request", "stream_id": stream_id})
+
+    def paired(self, a: Member | None, b: Member) -> bool:
+        """``a`` and ``b`` are the two live hot-standby connections of one publisher: both
+        joined with ``pair``, same subject, both members of this room now. Such a pair
+        publishes one stream: the partner of the owner sends into the owner's stream
+        (duplicates of the other path are dropped as late) without taking it over, and
+        nobody is closed (docs/room-protocol.md)."""
+        return (
+            a is not None
+            and a is not b
+            and a.pair
+            and b.pair
+            and a.claims.subject == b.claims.subject
+            and self.members.get(a.id) is a
+            and self.members.get(b.id) is b
+        )
 
     def claim(self, member: Member, stream_id: int) -> StreamState[Member]:
         """Give ``stream_id`` to ``member``, or refuse (``stream_spoof``).

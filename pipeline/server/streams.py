@@ -98,6 +98,10 @@ class StreamState(Generic[OwnerT]):
         self.last_keyframe_request = -1e9
         self.packets = 0
         self.last_seq = -1
+        self.shared = False
+        """Published by the two connections of a hot-standby pair (Room.paired): a packet
+        not after the last one is a duplicate of the other path, dropped as late, never a
+        replay (``stale_packet``)."""
         self.epoch: int | None = None
         self.epoch_changed = -1e9
         self.anchored = False

@@ -205,6 +205,9 @@ class TransportContext:
     """The member's display name (the transmit stage uses the run id)."""
     publish: bool = True
     subscribe: bool = False
+    pair: bool = False
+    """Join as one of a publisher's two hot-standby connections (the transmit stage with
+    a fallback: both its transports; docs/room-protocol.md)."""
     resolve_path: Callable[[Path], Path] = Path
     """Makes a configured path absolute (relative to the configuration file)."""
 

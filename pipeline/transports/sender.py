@@ -13,9 +13,16 @@ WebSocket resumed, a dead WebRTC link reopened) the far side may lack the
 references of the next deltas: they are skipped (``packets_skipped_for_keyframe_total``)
 until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
-:class:`Throttle` caps the send rate with a token bucket: a packet waits until
-the bucket has room, so a low cap backs packets up into the ring (latency
-grows, the ring drops the oldest).
+:class:`~pipeline.transports.throttle.Throttle` caps the send rate.
+
+With ``transmit.fallback`` the sender keeps a **hot standby**: both transports connected
+(as a ``pair`` on the server: one stream, docs/room-protocol.md), the stream on one, the
+other carrying only its own heartbeat and clock probe. Per transport it keeps the health
+figures of :mod:`pipeline.transports.health` (stage metrics ``path_<kind>_*``). A switch
+(:meth:`Sender.switch`, the ``switch_transport`` command) moves the stream onto the
+connected standby and sends the packets of the last moment again there; a dead path of
+the active transport fails over at once (:meth:`Sender._failover`); automatic switches
+are refused while pinned and past ``transmit.max_switches_per_min``.
 
 A refusal by the far side (a token refused, a kick, a closed room, a stream id
 owned by another publisher: :func:`~pipeline.transports.base.refusal_of`) is a
@@ -33,11 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from pipeline.codec import feedback, peek_header
 from pipeline.config import TransmitConfig, TransportKind
@@ -60,6 +68,8 @@ from pipeline.transports.base import (
     TransportContext,
     refusal_of,
 )
+from pipeline.transports.health import PathHealth, Recent, SwitchCap
+from pipeline.transports.throttle import Throttle
 
 CONNECT_BACKOFF_MAX_S = 2.0
 #: cap of the backoff between retries after a refusal that a retry may fix
@@ -68,72 +78,9 @@ REFUSED_BACKOFF_MAX_S = 5.0
 FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
 #: after a reconnect, deltas are skipped until a keyframe, at most this long
 KEYFRAME_WAIT_S = 1.0
-#: the largest cap ``set max_bandwidth_kbps`` accepts (as ``transmit.max_bandwidth_kbps``)
-MAX_BANDWIDTH_KBPS = 10_000_000.0
 #: what :meth:`Sender.send` does when the throttle says wait: wait (the stage), send at
 #: once (the bucket goes into debt: a high-priority pose), or drop (a low-priority one)
 WhenThrottled = Literal["wait", "send", "drop"]
-
-
-class Throttle:
-    """Token bucket in bytes; the bucket may go into debt by one packet, never more.
-
-    A packet may go when the bucket is not in debt; sending takes its size from
-    the bucket, which refills at the rate up to ``burst_s`` seconds' worth.
-    """
-
-    def __init__(self, kbps: float | None, burst_s: float = 0.1) -> None:
-        self.burst_s = burst_s
-        self.kbps: float | None = None
-        self._tokens = 0.0
-        self._at = time.monotonic()
-        self.set_rate(kbps)
-
-    def set_rate(self, kbps: float | None) -> None:
-        """New cap in kbit/s; ``None`` or 0 lifts it."""
-        self._refill()
-        self.kbps = kbps if kbps else None
-        self._tokens = min(self._tokens, self._capacity())
-
-    def _capacity(self) -> float:
-        return 0.0 if self.kbps is None else self.kbps * 125.0 * self.burst_s
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        if self.kbps is not None:
-            self._tokens = min(self._capacity(), self._tokens + (now - self._at) * self.kbps * 125)
-        self._at = now
-
-    def delay(self) -> float:
-        """Seconds until the next packet may go (0: now)."""
-        if self.kbps is None:
-            return 0.0
-        self._refill()
-        return 0.0 if self._tokens >= 0 else -self._tokens / (self.kbps * 125)
-
-    def consume(self, nbytes: int) -> None:
-        if self.kbps is not None:
-            self._refill()
-            self._tokens -= nbytes
-
-    def on_set(self, args: dict[str, Any]) -> dict[str, Any] | None:
-        """``set`` handler: applies ``max_bandwidth_kbps`` (other keys are the business of
-        ``set``'s generic parameters; the monitor refuses names nobody knows); refuses a
-        value that is not a finite number in [0, :data:`MAX_BANDWIDTH_KBPS`] or null."""
-        if "max_bandwidth_kbps" not in args:
-            return None
-        value = args["max_bandwidth_kbps"]
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not 0 <= value <= MAX_BANDWIDTH_KBPS  # NaN and inf fail this too
-        ):
-            raise CommandError(
-                f"max_bandwidth_kbps must be a number in [0, {MAX_BANDWIDTH_KBPS:g}] or null, "
-                f"got {value!r}"
-            )
-        self.set_rate(float(value) if value else None)
-        return {"max_bandwidth_kbps": self.kbps}
 
 
 _NAMES = {TransportKind.WEBSOCKET: "WebSocket", TransportKind.WEBRTC: "WebRTC"}
@@ -144,6 +91,13 @@ def _is_keyframe(packet: bytes) -> bool:
         return peek_header(packet).keyframe
     except ProtocolError:
         return True  # not ours to judge here: the far side refuses it
+
+
+def _seq(packet: bytes) -> int | None:
+    try:
+        return peek_header(packet).seq
+    except ProtocolError:
+        return None
 
 
 def parse_kind(value: object) -> TransportKind:
@@ -211,6 +165,7 @@ class Sender:
         self.refused: Refusal | None = None
         """The refusal in force (None while accepted)."""
         self._recovery: asyncio.Task[None] | None = None
+        self._retiring: asyncio.Task[None] | None = None
         self._keyframe_wait: float | None = None
         """Since when deltas are held back until the keyframe asked for after a reconnect."""
         self.skipped_for_keyframe = 0
@@ -218,6 +173,21 @@ class Sender:
         """Packets dropped because the throttle said wait (``send(..., throttled="drop")``)."""
         self.unavailable: dict[TransportKind, str] = {}
         """Transports that cannot work here (why), replaced by :data:`FALLBACK_OF` theirs."""
+        self.hot = cfg.fallback is not None
+        """Hot standby: both transports connected, the stream on one (docs/room-protocol.md)."""
+        if self.hot:  # the two connections form a pair on the server: one stream, no takeover
+            self.context = dataclasses.replace(context, pair=True)
+        self.standby: Transport | None = None
+        self.standby_kind: TransportKind | None = None
+        self._standby_pump: asyncio.Task[None] | None = None
+        self._standby_task: asyncio.Task[None] | None = None
+        self.health = {k: PathHealth(k.value, cfg.window_s) for k in TransportKind}
+        self.recent = Recent(cfg.webrtc.dead_after_ms / 1000 + 0.15)  # sent again on a switch
+        self.cap = SwitchCap(cfg.max_switches_per_min)
+        self.pinned: TransportKind | None = None  # manual override: no automatic switch
+        self.switch_reasons: dict[str, int] = {}
+        self.switched_at: dict[str, int] = {}  # reason -> wall-clock ns of the last switch
+        self.replayed = 0
 
     def _note_refusal(self, exc: TokenError | BrokenResourceError) -> Refusal:
         """Enter (or stay in) the refused state; logged once per refusal."""
@@ -307,6 +277,10 @@ class Sender:
         """Make-before-break: connect ``kind``, then retire the old transport (``retry``:
         see :meth:`connect`)."""
         self._cancel_recovery()
+        standby = self.standby
+        if standby is not None and self.standby_kind == kind and standby.connected:
+            await self._swap("manual")
+            return True
         made = await self.connect(kind, retry=retry)
         if made is None:
             return False
@@ -319,7 +293,81 @@ class Sender:
                 self.switches += 1
                 self.log.info("switched transport %s -> %s", old.kind, kind.value)
             await self._retire(old, old_pump)
+        self._ensure_standby()
         return True
+
+    async def switch(self, kind: TransportKind, reason: str, *, auto: bool) -> bool:
+        """Move the stream to ``kind`` (a command); ``auto``: a decision of the policy,
+        refused (:class:`CommandError`) while pinned or past the cap per minute."""
+        if auto and self.pinned is not None:
+            raise CommandError(f"pinned to {self.pinned.value}: automatic switches are off")
+        if auto and not self.cap.allowed():
+            raise CommandError(
+                f"at most {self.cap.per_min} automatic switches per minute: staying on "
+                f"{self.kind.value}"
+            )
+        if kind == self.kind:
+            return False
+        standby = self.standby
+        if standby is not None and self.standby_kind == kind and standby.connected:
+            await self._swap(reason)
+        elif not await self.activate(kind):
+            return False
+        else:
+            self._count(reason)
+        if auto:
+            self.cap.note()
+        return True
+
+    def _count(self, reason: str) -> None:
+        self.switch_reasons[reason] = self.switch_reasons.get(reason, 0) + 1
+        self.switched_at[reason] = time.time_ns()
+
+    async def _swap(self, reason: str) -> None:
+        """Make-before-break onto the connected standby (the old one becomes the standby);
+        the packets of the last moment go again on the new one (see :class:`Recent`)."""
+        assert self.standby is not None and self.standby_kind is not None
+        old, old_pump, old_kind = self.transport, self.pump, self.kind
+        self.transport, self.pump, self.kind = self.standby, self._standby_pump, self.standby_kind
+        self.standby, self._standby_pump, self.standby_kind = old, old_pump, old_kind
+        self.switches += 1
+        self._count(reason)
+        self.log.info("switched transport %s -> %s (%s)", old_kind.value, self.kind.value, reason)
+        self.on_feedback(feedback.pack_keyframe_request())
+        for packet in self.recent.take():
+            if not self.transport.connected:
+                break
+            with contextlib.suppress(TransportError):
+                await self.transport.send(packet)
+                self.replayed += 1
+
+    def _ensure_standby(self) -> None:
+        """With a fallback: connect the other transport as the standby (in the background)."""
+        if not self.hot or self.standby is not None or self._standby_task is not None:
+            return
+        assert self.cfg.fallback is not None
+        kind = self.cfg.fallback if self.kind == self.cfg.primary else self.cfg.primary
+        if kind in self.unavailable:
+            return
+        self._standby_task = asyncio.get_running_loop().create_task(self._connect_standby(kind))
+
+    async def _connect_standby(self, kind: TransportKind) -> None:
+        try:
+            made = await self.connect(kind)
+        except (TokenError, BrokenResourceError, TransportError) as exc:
+            self.log.warning("no hot standby on %s: %s", kind.value, exc)
+            return
+        finally:
+            self._standby_task = None
+        if made is None:
+            return
+        transport, got = made
+        if got == self.kind or self.standby is not None:  # the standby cannot work here
+            await self._retire(transport, None)
+            return
+        self.standby, self.standby_kind = transport, got
+        self._standby_pump = asyncio.get_running_loop().create_task(self._pump(transport))
+        self.log.info("hot standby: %s connected beside %s", got.value, self.kind.value)
 
     def _install(self, new: Transport, kind: TransportKind) -> None:
         self.transport, self.kind = new, kind
@@ -369,24 +417,52 @@ class Sender:
             except (ClosedResourceError, asyncio.CancelledError):
                 return
             except (BrokenResourceError, TokenError) as exc:  # the far side refused us
+                self._lost_standby(transport, exc)
                 self._refused_by(transport, exc)
                 return
             except TransportError as exc:  # the far side ended it
                 self.log.warning("transport %s broke: %s", transport.kind, exc)
+                self._lost_standby(transport, exc)
                 return
+            health = self.health[TransportKind(transport.kind)]
             if isinstance(item, Control):
                 if item.type == "ack" and isinstance(item.body.get("seq"), int):
                     self.acks += 1
+                    health.on_ack(int(item.body["seq"]))
                     self.on_feedback(feedback.pack_ack(int(item.body["seq"])))
                 elif item.type == "keyframe_request":
                     self.on_feedback(feedback.pack_keyframe_request())
-            elif isinstance(item, StateChange) and item.connected:
+            elif isinstance(item, StateChange):
+                health.dead = None if item.connected else (item.reason or "down")
+                if not item.connected and transport is self.transport:
+                    await self._failover(item.reason or "down")
+            if transport is not self.transport:
+                continue  # the standby: figures only
+            if isinstance(item, StateChange) and item.connected:
                 # back after a drop (a reconnect, a reopened WebRTC link): the far side
                 # may lack our references; the next packet it gets is a keyframe
                 self.on_feedback(feedback.pack_keyframe_request())
                 self._keyframe_wait = time.monotonic()
             if self.on_received is not None:
                 await self.on_received(item)
+
+    def _lost_standby(self, transport: Transport, exc: Exception) -> None:
+        if transport is self.standby:
+            self.log.warning("hot standby %s lost: %s", transport.kind, exc)
+            self.standby = self.standby_kind = self._standby_pump = None
+            self._retiring = asyncio.get_running_loop().create_task(self._retire(transport, None))
+
+    async def _failover(self, reason: str) -> None:
+        """The active path is dead: onto the standby at once, unless pinned or capped (a
+        round trip through the supervisor would cost heartbeats; it records it)."""
+        standby = self.standby
+        if self.pinned is not None or standby is None or not standby.connected:
+            return
+        if not self.cap.allowed():
+            self.log.warning("path dead (%s) but the switch cap is reached: staying", reason)
+            return
+        self.cap.note()
+        await self._swap("dead")
 
     def check(self) -> None:
         """Raise the final refusal in force, if any (the caller stops)."""
@@ -423,6 +499,7 @@ class Sender:
         transport = self.transport
         if not transport.connected:  # reconnecting: the transport would drop it silently
             self.failed += 1
+            self.health[self.kind].on_send(None, False)
             return False
         if self._keyframe_wait is not None:
             if _is_keyframe(packet) or time.monotonic() - self._keyframe_wait > KEYFRAME_WAIT_S:
@@ -430,9 +507,11 @@ class Sender:
             else:
                 self.skipped_for_keyframe += 1
                 return False
+        health = self.health[self.kind]
         try:
             await transport.send(packet)
         except (TokenError, BrokenResourceError) as exc:
+            health.on_send(None, False)
             self.dropped_refused += 1
             self._refused_by(transport, exc)
             if self.refused is not None and self.refused.final:
@@ -440,11 +519,15 @@ class Sender:
             return False
         except TransportError as exc:
             self.failed += 1
+            health.on_send(None, False)
             if self.failed == 1 or self.failed % 100 == 0:
                 self.log.warning("send failed (%d so far): %s", self.failed, exc)
             return False
         self.sent += 1
         self.bytes_sent += len(packet)
+        health.on_send(_seq(packet), True)
+        if self.hot:
+            self.recent.add(packet)
         return True
 
     def metrics(self) -> dict[str, float]:
@@ -479,10 +562,27 @@ class Sender:
         for k in TransportKind:
             out[f"transport_active_{k.value}"] = float(k == self.kind)
             out[f"transport_unavailable_{k.value}"] = float(k in self.unavailable)
+            out[f"transport_pinned_{k.value}"] = float(k == self.pinned)
+        if self.hot:
+            out["transport_hot_standby"] = 1.0
+            out["packets_replayed_total"] = self.replayed
+            for reason, n in self.switch_reasons.items():
+                out[f"transport_switches_{metric_name(reason)}_total"] = n
+                out[f"transport_last_switch_{metric_name(reason)}_ns"] = self.switched_at[reason]
+            for kind, t in ((self.kind, self.transport), (self.standby_kind, self.standby)):
+                if kind is not None:
+                    out.update(self.health[kind].metrics(t, standby=t is self.standby))
         return out
 
     async def close(self) -> None:
         self._cancel_recovery()
+        if self._standby_task is not None:
+            self._standby_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._standby_task
+        if self.standby is not None:
+            await self._retire(self.standby, self._standby_pump)
+            self.standby = self._standby_pump = None
         if self.transport is not None:
             await self._retire(self.transport, self.pump)
             self.transport = None

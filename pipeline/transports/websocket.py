@@ -101,6 +101,7 @@ class WebSocketTransport(Transport):
         publish: bool = False,
         subscribe: bool = True,
         name: str | None = None,
+        pair: bool = False,
         reconnect_initial_s: float = 0.05,
         reconnect_max_s: float = 1.0,
         connect_timeout_s: float = 5.0,
@@ -117,6 +118,7 @@ class WebSocketTransport(Transport):
         self.publish = publish
         self.subscribe = subscribe
         self.name = name
+        self.pair = pair
         self.reconnect_initial_s = reconnect_initial_s
         self.reconnect_max_s = reconnect_max_s
         self.connect_timeout_s = connect_timeout_s
@@ -355,9 +357,8 @@ class WebSocketTransport(Transport):
         self._wake.set()
 
     def _join_message(self) -> str:
-        return messages.Join(
-            self._token, self.room, self.publish, self.subscribe, self.member_id, self.name
-        ).dumps()
+        j = (self._token, self.room, self.publish, self.subscribe, self.member_id, self.name)
+        return messages.Join(*j, pair=self.pair).dumps()
 
     def _refusal(self, code: int | None, fallback: str) -> Fatal | None:
         """The error for a close code, or None when a retry may help."""
@@ -584,13 +585,11 @@ def member_factory(cls: type[WebSocketTransport]) -> TransportFactory:
     from the ``transmit`` section (``websocket`` and ``webrtc`` register one each)."""
 
     def factory(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
-        return cls.from_config(
-            cfg,
-            context.token(),
-            publish=context.publish,
-            subscribe=context.subscribe,
-            name=context.name,
+        member = cls.from_config(
+            cfg, context.token(), publish=context.publish, subscribe=context.subscribe
         )
+        member.name, member.pair = context.name, context.pair
+        return member
 
     return factory
 

@@ -394,6 +394,9 @@ class Join:
     resume: str | None = None
     """The member id of a previous connection to keep (a reconnect)."""
     name: str | None = None
+    pair: bool = False
+    """One of a publisher's two hot-standby connections (docs/room-protocol.md: two
+    live ``pair`` connections of one subject share their streams)."""
 
     def dumps(self) -> str:
         msg: dict[str, Any] = {
@@ -407,6 +410,8 @@ class Join:
             msg["resume"] = self.resume
         if self.name is not None:
             msg["name"] = self.name
+        if self.pair:
+            msg["pair"] = True
         return dumps(msg)
 
     @classmethod
@@ -426,6 +431,7 @@ class Join:
             subscribe=field_bool(obj, "subscribe", True),
             resume=None if obj.get("resume") is None else field_member_id(obj, "resume"),
             name=field_opt_str(obj, "name"),
+            pair=field_bool(obj, "pair", False),
         )
 
 
