@@ -134,13 +134,13 @@ def test_mutated_packets_only_protocol_error(packet: bytes) -> None:
 
 
 def test_fuzz_harness_runs_briefly(tmp_path: Path) -> None:
-    """The atheris harness for ~20 s on a copy of the seed corpus (the hypothesis
+    """The atheris harness for ~10 s on a copy of the seed corpus (the hypothesis
     fallback when atheris is not installed), with the codec kernels compiled with
     bounds checks (a fresh numba cache): an out-of-bounds index inside them becomes
     an IndexError, which the decoder reports as "malformed packet", which the
     harness counts as a crash. Longer by hand:
     ``python tests/fuzz_protocol.py -max_total_time=600 tests/fuzz_corpus``."""
-    seconds = os.environ.get("POSEWIRE_FUZZ_SECONDS", "20")
+    seconds = os.environ.get("POSEWIRE_FUZZ_SECONDS", "10")
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "tests" / "fuzz_corpus", corpus)
     env = {

@@ -1,7 +1,7 @@
-"""The one-minute soak: the whole system (sender pipeline, room server, two receivers)
+"""The short soak (45 s): the whole system (sender pipeline, room server, two receivers)
 through the benchmark harness, and its leak targets.
 
-``python -m bench soak --minutes 1 --json`` runs real processes for a minute:
+``python -m bench soak --minutes 0.75 --json`` runs real processes for 45 s:
 a trace-replaying sender publishing over the WebSocket transport into a room
 on ``python -m pipeline serve``, two ``python -m pipeline receive``. The
 targets are leak checks (RSS growth after warm-up, fd, /dev/shm and server
@@ -30,7 +30,7 @@ def test_one_minute_soak_meets_its_leak_targets(tmp_path: Path) -> None:
         pytest.fail(f"pose trace missing: {TRACE}")
     results = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "soak", "--minutes", "1", "--json",
+        [sys.executable, "-m", "bench", "soak", "--minutes", "0.75", "--json",
          "--results", str(results)],
         cwd=ROOT,
         capture_output=True,
