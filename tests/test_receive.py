@@ -194,10 +194,13 @@ def test_processes_two_receivers_in_a_one_in_b_and_a_late_joiner(
         ]  # fmt: skip
 
     async def main() -> list[tuple[int, str, str]]:
+        # each window (counted from its own join) must outlast the whole 4 s stream even
+        # when a loaded machine starts the publisher late: 6 s was too short under coverage
+        # beside other suites (one receiver's window closed 30 frames before the end)
         early = [
-            asyncio.create_task(_receive(*cmd("A", "a1", 6))),
-            asyncio.create_task(_receive(*cmd("A", "a2", 6))),
-            asyncio.create_task(_receive(*cmd("B", "b", 6))),
+            asyncio.create_task(_receive(*cmd("A", "a1", 9))),
+            asyncio.create_task(_receive(*cmd("A", "a2", 9))),
+            asyncio.create_task(_receive(*cmd("B", "b", 9))),
         ]
         await asyncio.sleep(1.5)  # let them join before the first packet
 
