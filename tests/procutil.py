@@ -62,9 +62,11 @@ def sender_config(
     embedded: bool = True,
     room: str = "A",
     loop: bool = True,
+    transmit_extra: str = "",
 ) -> Path:
     """A trace-replay pipeline publishing into room ``room`` of the server at
-    ``host:port`` (its embedded server there, or an external one)."""
+    ``host:port`` (its embedded server there, or an external one); ``transmit_extra``:
+    more lines of the ``transmit`` section (indented two spaces)."""
     server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
     return write_config(
         tmp_path,
@@ -73,7 +75,7 @@ def sender_config(
   primary: {primary}
   server_url: http://{host}:{port}
   room: {room}
-{server}supervisor:
+{transmit_extra}{server}supervisor:
   run_dir: {tmp_path / "run"}
   heartbeat_interval_ms: 100
   heartbeat_timeout_ms: 1500

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from bench.netns import Topology, python_env
-from tests.procutil import TRACE, sender_config, start, stop, wait_for
-from tests.test_server_support import SECRET, ServeProcess
-from tests.test_webrtc import Receive, Record, _server, _wait, figure
+from bench.netns import Topology
+from tests.procutil import TRACE, stop, wait_for
+from tests.test_server_support import ServeProcess
+from tests.test_webrtc import Receive, Record, _sender, _server, _wait, figure
 
 pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
@@ -36,23 +36,8 @@ def _hot_sender(
     net: Topology, tmp: Path, server: ServeProcess, duration: float
 ) -> tuple[subprocess.Popen[str], Path]:
     """A trace-replay sender in host a: primary webrtc, fallback websocket, short timers."""
-    cfg = sender_config(
-        tmp, server.port, primary="webrtc", host=net.host("b").address, embedded=False
-    )
-    text = cfg.read_text(encoding="utf-8")
     extra = f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n"
-    cfg.write_text(text.replace("  primary: webrtc\n", "  primary: webrtc\n" + extra))
-    report = tmp / "sender.json"
-    proc = start(
-        cfg,
-        "--duration",
-        str(duration),
-        "--report",
-        str(report),
-        env={**python_env(), "POSEWIRE_SECRET": SECRET},
-        prefix=net.host("a").exec_argv([]),
-    )
-    return proc, report
+    return _sender(net, tmp, server, "webrtc", duration, transmit_extra=extra)
 
 
 def _missing(poses: list[dict[str, Any]], t0_ns: int, t1_ns: int) -> list[int]:

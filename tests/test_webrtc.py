@@ -122,9 +122,15 @@ def _sender(
     primary: str,
     duration: float,
     where: str = "a",
+    transmit_extra: str = "",
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
-        tmp, server.port, primary=primary, host=net.host("b").address, embedded=False
+        tmp,
+        server.port,
+        primary=primary,
+        host=net.host("b").address,
+        embedded=False,
+        transmit_extra=transmit_extra,
     )
     report = tmp / "sender.json"
     proc = start(
