@@ -32,34 +32,91 @@ def server() -> Any:
     assert srv.stop() == 0  # an orderly SIGTERM shutdown exits 0
 
 
-async def _publish(url: str, seconds: float, stop: Any = None, **codec: Any) -> None:
-    """A publisher (stream 42, subject "cam") at 30 fps for ``seconds``."""
+async def _publish(
+    url: str, seconds: float, stop: Any = None, *, frames: int | None = None, **codec: Any
+) -> None:
+    """A publisher (stream 42, subject "cam") at 30 fps for ``seconds`` (or ``frames``)."""
+    pub = await _publisher(url)
+    src = PoseSource(42, **codec)
+    await _send(pub, src, seconds=seconds, frames=frames, stop=stop)
+    await pub.close()
+
+
+async def _publisher(url: str) -> WebSocketTransport:
     pub = WebSocketTransport(
         url, "A", token("A", "publisher", subject="cam"), publish=True, subscribe=False
     )
     await pub.connect()
-    src = PoseSource(42, **codec)
-    t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end and not (stop is not None and stop()):
+    return pub
+
+
+async def _send(
+    pub: WebSocketTransport,
+    src: PoseSource,
+    *,
+    seconds: float = 1e9,
+    frames: int | None = None,
+    stop: Any = None,
+) -> int:
+    """Send ``src``'s next poses at 30 fps until ``seconds`` passed, ``frames`` were sent or
+    ``stop()`` is true; the number sent."""
+    t_end, sent = time.monotonic() + seconds, 0
+    while time.monotonic() < t_end and (frames is None or sent < frames):
+        if stop is not None and stop():
+            break
         while pub.recv_nowait() is not None:
             pass
         await pub.send(src.next())
+        sent += 1
         await asyncio.sleep(1 / 30)
-    await pub.close()
+    return sent
+
+
+async def _members(url: str, room: str) -> list[dict[str, Any]]:
+    """The members of ``room`` now, from the rooms API (none while it does not exist)."""
+    mod = {"Authorization": f"Bearer {token('*', 'moderator', subject='admin')}"}
+    async with aiohttp.ClientSession() as http:
+        r = await http.get(f"{url}/api/rooms/{room}", headers=mod)
+        return [] if r.status == 404 else list((await r.json())["members"])
+
+
+async def _until_members(url: str, room: str, n: int, limit_s: float = 30.0) -> None:
+    """Wait until ``room`` has ``n`` members: processes start slowly on a loaded machine,
+    so a test waits for the join it needs instead of sleeping for a guessed time."""
+    t_end = time.monotonic() + limit_s
+    while len(await _members(url, room)) < n:
+        assert time.monotonic() < t_end, f"room {room} never had {n} members"
+        await asyncio.sleep(0.05)
+
+
+class _ReceiveProc:
+    """A ``python -m pipeline receive`` process started now; :meth:`finish` stops it with
+    SIGTERM (an orderly end: the report is written) or waits for its own end."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, *args: str) -> _ReceiveProc:
+        cmd = [sys.executable, "-m", "pipeline", "receive", *args]
+        pipe = asyncio.subprocess.PIPE
+        return cls(await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=pipe, stderr=pipe))
+
+    async def finish(self, *, terminate: bool = False) -> tuple[int, str, str]:
+        if terminate and self.proc.returncode is None:
+            self.proc.terminate()
+        out, err = await asyncio.wait_for(self.proc.communicate(), 60)
+        return int(self.proc.returncode or 0), out.decode(), err.decode()
 
 
 async def _receive(
     *args: str, publish_to: str | None = None, seconds: float = 0
 ) -> tuple[int, str, str]:
     """Run the receive command; meanwhile publish ``seconds`` of poses at 30 fps."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", "receive", *args,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    rx = await _ReceiveProc.start(*args)
     if publish_to is not None:
-        await _publish(publish_to, seconds, stop=lambda: proc.returncode is not None)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return int(proc.returncode or 0), out.decode(), err.decode()
+        await _publish(publish_to, seconds, stop=lambda: rx.proc.returncode is not None)
+    return await rx.finish()
 
 
 def test_receive_decodes_reports_and_writes_jsonl(server: ServeProcess, tmp_path: Path) -> None:
@@ -193,24 +250,27 @@ def test_processes_two_receivers_in_a_one_in_b_and_a_late_joiner(
             "--duration", str(duration), "--report", str(tmp_path / f"{name}.json"),
         ]  # fmt: skip
 
+    sent: list[int] = []
+
     async def main() -> list[tuple[int, str, str]]:
-        # each window (counted from its own join) must outlast the whole 4 s stream even
-        # when a loaded machine starts the publisher late: 6 s was too short under coverage
-        # beside other suites (one receiver's window closed 30 frames before the end)
+        # every step waits for the joins it needs (a loaded machine starts processes
+        # slowly); the windows are long and end by SIGTERM once the stream is over
         early = [
-            asyncio.create_task(_receive(*cmd("A", "a1", 9))),
-            asyncio.create_task(_receive(*cmd("A", "a2", 9))),
-            asyncio.create_task(_receive(*cmd("B", "b", 9))),
+            await _ReceiveProc.start(*cmd(r, n, 120))
+            for r, n in (("A", "a1"), ("A", "a2"), ("B", "b"))
         ]
-        await asyncio.sleep(1.5)  # let them join before the first packet
-
-        async def late() -> tuple[int, str, str]:
-            await asyncio.sleep(2.0)
-            return await _receive(*cmd("A", "late", 2.5))
-
-        late_task = asyncio.create_task(late())
-        await _publish(server.url, 4.0)
-        return await asyncio.gather(*early, late_task)
+        await _until_members(server.url, "A", 2)
+        await _until_members(server.url, "B", 1)
+        pub, src = await _publisher(server.url), PoseSource(42)
+        sent.append(await _send(pub, src, frames=60))  # 2 s before the late joiner
+        late = await _ReceiveProc.start(*cmd("A", "late", 120))
+        joined = asyncio.create_task(_until_members(server.url, "A", 4))  # a1 a2 pub late
+        sent.append(await _send(pub, src, stop=joined.done))
+        await joined
+        sent.append(await _send(pub, src, frames=60))
+        await asyncio.sleep(0.5)  # the last packets reach every receiver
+        await pub.close()
+        return [await rx.finish(terminate=True) for rx in (*early, late)]
 
     results = asyncio.run(main())
     for rc, _, err in results:
@@ -220,9 +280,8 @@ def test_processes_two_receivers_in_a_one_in_b_and_a_late_joiner(
     )
     for rep in (a1, a2):
         s = rep["publishers"]["42"]
-        assert s["decoded"] == s["received"] > 60 and s["lost"] == 0 and s["need_keyframe"] == 0
-        assert s["first_decoded_at"] == 1
-    assert a1["publishers"]["42"]["decoded"] == a2["publishers"]["42"]["decoded"]
+        assert s["decoded"] == s["received"] == sum(sent) and s["lost"] == 0
+        assert s["first_decoded_at"] == 1 and s["need_keyframe"] == 0
     assert b["frames_received"] == 0 and b["publishers"] == {}
     s = late["publishers"]["42"]
     assert s["first_decoded_at"] == 1 and s["need_keyframe"] == 0 and s["decoded"] > 0
@@ -237,16 +296,20 @@ def test_late_joiner_reports_live_latency_apart_from_backfill(
     rep_path, poses_path = tmp_path / "late.json", tmp_path / "late.jsonl"
 
     async def main() -> tuple[int, str, str]:
-        pub = asyncio.create_task(_publish(server.url, 9.0, keyframe_interval=90))
-        # history builds up; the receive process joins ~1.5-2.5 s after the first keyframe,
-        # before the second one (at 3 s)
-        await asyncio.sleep(1.0)
-        result = await _receive(
+        pub, src = await _publisher(server.url), PoseSource(42, keyframe_interval=90)
+        # 40 frames of history after the first keyframe, then the stream pauses until the
+        # receiver has joined: its backfill is at least 40 frames (1.3 s) old however slowly
+        # its process starts, and no second keyframe comes before it
+        await _send(pub, src, frames=40)
+        rx = await _ReceiveProc.start(
             "--server", server.url, "--room", "A", "--token", token("A", "subscriber"),
-            "--duration", "5", "--report", str(rep_path), "--out", str(poses_path),
+            "--duration", "120", "--report", str(rep_path), "--out", str(poses_path),
         )  # fmt: skip
-        await pub
-        return result
+        await _until_members(server.url, "A", 2)
+        await _send(pub, src, frames=150)
+        await asyncio.sleep(0.5)
+        await pub.close()
+        return await rx.finish(terminate=True)
 
     rc, stdout, stderr = asyncio.run(main())
     assert rc == 0, stderr
