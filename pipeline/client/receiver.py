@@ -42,6 +42,7 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
@@ -93,7 +94,7 @@ def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
 
 def member_transport(
     kind: str,
-    url: str,
+    url: str | Sequence[str],
     room: str,
     token: str,
     name: str,
@@ -101,10 +102,12 @@ def member_transport(
     *,
     ice_servers: Sequence[IceServer] = (),
     rtc: RtcConfig | None = None,
+    ca_file: Path | None = None,
 ) -> MemberTransport:
     """A subscribing member's transport: ``websocket``, ``webrtc`` (fails where WebRTC
     cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why);
-    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat)."""
+    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat);
+    ``url`` may be a list (tried in turn), ``ca_file`` verifies https/wss servers."""
     if kind not in TRANSPORT_CHOICES:
         choices = ", ".join(TRANSPORT_CHOICES)
         raise TransportError(f"transport must be one of {choices}, not {kind!r}")
@@ -113,6 +116,7 @@ def member_transport(
         "subscribe": True,
         "name": name,
         "connect_timeout_s": connect_timeout_s,
+        "ca_file": ca_file,
     }
     if kind == "websocket":
         return WebSocketTransport(url, room, token, **options)
@@ -266,7 +270,7 @@ class Receiver:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -279,6 +283,7 @@ class Receiver:
         transport_kind: str = "websocket",
         ice_servers: Sequence[IceServer] = (),
         rtc: RtcConfig | None = None,
+        ca_file: Path | None = None,
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
@@ -293,6 +298,7 @@ class Receiver:
             connect_timeout_s,
             ice_servers=ice_servers,
             rtc=rtc,
+            ca_file=ca_file,
         )
         self.room = room
         self.keep_poses = keep_poses

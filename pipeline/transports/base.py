@@ -162,8 +162,10 @@ class MemberTransport(Protocol):
     (:class:`~pipeline.transports.websocket.WebSocketTransport`,
     :class:`~pipeline.transports.webrtc.WebRtcTransport`)."""
 
-    url: str
-    """The server's member endpoint."""
+    @property
+    def url(self) -> str:
+        """The server's member endpoint in use (of the URLs it was given)."""
+
     member_id: str | None
     """Our member id (from the welcome; kept across a resume)."""
     members: dict[str, dict[str, Any]]

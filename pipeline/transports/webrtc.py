@@ -58,7 +58,8 @@ from pipeline.model.net import is_loopback
 from pipeline.rtc.link import LinkStats, PeerLink
 from pipeline.transports import TRANSPORTS
 from pipeline.transports.base import StateChange, TransportStatistics
-from pipeline.transports.websocket import WebSocketTransport, member_factory, ws_url
+from pipeline.transports.endpoints import ws_url
+from pipeline.transports.websocket import WebSocketTransport, member_factory
 from pipeline.wire import messages
 
 log = logging.getLogger("posewire.transport.webrtc")
@@ -115,7 +116,7 @@ class WebRtcTransport(WebSocketTransport):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
