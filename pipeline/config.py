@@ -16,6 +16,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -167,6 +168,15 @@ class TransmitConfig(ConfigModel):
         default_factory=lambda: RtcConfig.model_validate({}),
         description="WebRTC transport: heartbeat, dead-path detection, flow control.",
     )
+
+    @field_validator("server_url", "servers")
+    @classmethod
+    def _server_urls(cls, value: str | list[str]) -> str | list[str]:
+        for url in [value] if isinstance(value, str) else value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+                raise ValueError(f"{url!r} is not an http(s):// or ws(s)://HOST:PORT URL")
+        return value
 
     @property
     def urls(self) -> list[str]:

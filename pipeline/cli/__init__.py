@@ -64,13 +64,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_server_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad ``--server``/``--ca-file`` values (naming the option) before connecting;
-    ``args.server`` becomes the flat list of URLs."""
+    """Refuse bad ``--server``/``--ca-file`` values (naming the option) before connecting."""
     from pipeline.model.tls import client_context
     from pipeline.transports.endpoints import server_urls
 
     try:
-        args.server = server_urls(args.server)
+        server_urls(args.server)
     except TransportError as exc:
         raise ConfigError([f"--server: {exc}"]) from None
     if args.ca_file is not None:

@@ -236,7 +236,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     writer: RecordingWriter | None = None
     if args.record is not None:
-        header = {"room": args.room, "server": args.server[0], "tool": "posewire receive"}
+        header = {"room": args.room, "server": ",".join(args.server), "tool": "posewire receive"}
         writer = RecordingWriter(
             args.record, header, max_bytes=int(args.record_max_mb * 1024 * 1024)
         )
