@@ -199,7 +199,7 @@ def test_bad_certificate_or_key_configuration_names_the_field(
 def test_client_options_are_checked_before_connecting(cert: Cert, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"transmit.ca_file \(line 3\): CA file not found"):
         parse_config("transmit:\n  primary: websocket\n  ca_file: nope.pem\n", base_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"transmit.servers.1 \(line 2\): .*'ftp://b' is not"):
+    with pytest.raises(ConfigError, match=r"transmit.servers \(line 2\): .*'ftp://b' is not"):
         parse_config("transmit:\n  servers: [http://a:1, 'ftp://b']\n")
     with pytest.raises(ConfigError, match="give server_url or servers, not both"):
         parse_config("transmit:\n  server_url: http://a:1\n  servers: [http://b:1]\n")
