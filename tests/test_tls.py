@@ -29,14 +29,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pipeline.cli import main as cli_main
+from pipeline.client.api import Client, PoseEvent
 from pipeline.config import parse_config
 from pipeline.errors import CertificateError, ConfigError, TransportError
 from pipeline.model.tls import client_context
 from pipeline.transports.base import Packet, StateChange
 from pipeline.transports.endpoints import Endpoints, server_urls
 from pipeline.transports.websocket import WebSocketTransport
+from tests import procutil
+from tests.procutil import trace_source, write_config
 from tests.test_receive import _ReceiveProc, _send
-from tests.test_server_support import ROOT, PoseSource, ServeProcess, free_port, token
+from tests.test_server_support import ROOT, SECRET, PoseSource, ServeProcess, free_port, token
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,60 @@ def test_serve_speaks_https_and_wss_to_clients_with_the_ca_file(
     s = rep["publishers"]["42"]
     assert s["decoded"] >= sent - 5 and s["decoded"] == s["received"], s
     assert s["lost"] == 0 and s["need_keyframe"] == 0
+
+
+def test_embedded_server_and_transmit_stage_over_wss_with_the_python_client(
+    cert: Cert, tmp_path: Path
+) -> None:
+    """The pipeline's embedded server serves wss (``server.tls``), its transmit stage
+    publishes over wss (``transmit.ca_file``, relative to the YAML), a Python
+    :class:`Client` with ``ca_file`` decodes the poses."""
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        f"""
+{trace_source()}transmit:
+  primary: websocket
+  servers: [https://127.0.0.1:{port}]
+  room: A
+  ca_file: tls/cert.pem
+server:
+  embedded: true
+  port: {port}
+  data_dir: state
+  tls:
+    certfile: tls/cert.pem
+    keyfile: tls/key.pem
+supervisor:
+  run_dir: {tmp_path / "run"}
+monitor:
+  enabled: false
+""",
+    )
+    (tmp_path / "tls").mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / "tls" / name).write_bytes((cert.cert.parent / name).read_bytes())
+    proc = procutil.start(config, env={"POSEWIRE_SECRET": SECRET})
+
+    async def watch() -> list[PoseEvent]:
+        poses: list[PoseEvent] = []
+        sub = token("A", "subscriber")
+        opts: dict[str, Any] = {"transport": "websocket", "connect_timeout_s": 30.0}
+        async with Client(f"https://127.0.0.1:{port}", "A", sub, ca_file=cert.cert, **opts) as c:
+            async with asyncio.timeout(30):
+                async for event in c.events():
+                    if isinstance(event, PoseEvent) and not event.backfill:
+                        poses.append(event)
+                        if len(poses) >= 15:
+                            break
+        return poses
+
+    try:
+        poses = asyncio.run(watch())
+    finally:
+        rc, _, err = procutil.stop(proc)
+    assert len(poses) == 15 and len({p.stream_id for p in poses}) == 1
+    assert rc == 0, err
 
 
 def test_an_unverified_certificate_is_one_precise_error(

@@ -159,6 +159,16 @@ class Endpoints:
         except aiohttp.ClientConnectorCertificateError as exc:
             cert = certificate_error(self.host, exc)
             raise cert or TransportError(str(exc)) from exc
+        except aiohttp.ClientSSLError as exc:  # e.g. wrong version number: a plain server
+            why = f"TLS handshake failed: {exc.os_error} (is it an https server?)"
+            raise TransportError(f"cannot connect to {exc.host}:{exc.port}: {why}") from exc
+        except aiohttp.ClientConnectorError as exc:  # its text shows the SSL context's repr
+            why = exc.os_error.strerror or exc.os_error
+            raise TransportError(f"cannot connect to {exc.host}:{exc.port}: {why}") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            hint = " (a TLS server? then use https://)" if self.ssl is None else ""
+            why = f"the server closed the connection before answering{hint}"
+            raise TransportError(why) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransportError(str(exc) or type(exc).__name__) from exc
 

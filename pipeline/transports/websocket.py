@@ -583,6 +583,8 @@ def member_factory(cls: type[WebSocketTransport]) -> TransportFactory:
     from the ``transmit`` section (``websocket`` and ``webrtc`` register one each)."""
 
     def factory(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
+        if cfg.ca_file is not None:  # relative to the configuration file
+            cfg = cfg.model_copy(update={"ca_file": context.resolve_path(cfg.ca_file)})
         member = cls.from_config(
             cfg, context.token(), publish=context.publish, subscribe=context.subscribe
         )
