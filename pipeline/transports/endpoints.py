@@ -163,8 +163,8 @@ class Endpoints:
             why = f"TLS handshake failed: {exc.os_error} (is it an https server?)"
             raise TransportError(f"cannot connect to {exc.host}:{exc.port}: {why}") from exc
         except aiohttp.ClientConnectorError as exc:  # its text shows the SSL context's repr
-            why = exc.os_error.strerror or exc.os_error
-            raise TransportError(f"cannot connect to {exc.host}:{exc.port}: {why}") from exc
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise TransportError(f"cannot connect to {exc.host}:{exc.port}: {reason}") from exc
         except aiohttp.ServerDisconnectedError as exc:
             hint = " (a TLS server? then use https://)" if self.ssl is None else ""
             why = f"the server closed the connection before answering{hint}"
