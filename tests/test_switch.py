@@ -23,7 +23,10 @@ from tests.procutil import TRACE, stop, wait_for
 from tests.test_server_support import ServeProcess
 from tests.test_webrtc import Receive, Record, _sender, _server, _wait, figure
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 #: acceptance (issue 13): the stream is on the WebSocket this soon after the blackout
 SWITCHED_WITHIN_MS = 300.0

@@ -27,7 +27,10 @@ from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 Record = Callable[[str, object], None]
 #: acceptance: a dead path is reported within this long (issue 12)
