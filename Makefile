@@ -51,7 +51,7 @@ COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
 # $(WORKERS) xdist workers, one test module per worker at a time; those marked
 # `timing` (latency, detection-time or rate bounds) then run alone, so that no other
 # test's load decides them. With PYTEST_ARGS one plain pass runs what they select.
-WORKERS ?= 3
+WORKERS ?= 2
 PARALLEL := -n $(WORKERS) --dist loadfile -m "not timing"
 unit: install
 	rm -f .coverage .coverage.*
