@@ -147,8 +147,10 @@ def _run_report(
     return run["stages"]["transmit"]["metrics"], [(d["to"], d["reason"]) for d in decisions], err
 
 
-#: the delay added to every UDP packet crossing the router, each way (RTT + 240 ms)
+#: the delay added to every UDP packet crossing the router, each way (RTT + 240 ms), for
+#: longer than recovery + hold: the standby's probe must keep the stream off WebRTC
 DELAY_MS = 120.0
+DELAY_FOR_S = RECOVERY_S + HOLD_S + 2.0
 MAX_LATENCY_MS = 100.0
 
 
@@ -161,14 +163,14 @@ def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
     try:
         rx.line("joined room A", 20)
         sender, report = _hot_sender(
-            net, tmp_path, server, 14.0,
+            net, tmp_path, server, DELAY_FOR_S + 10.0,
             transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n  window_s: 1.0\n",
         )  # fmt: skip
         assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
         time.sleep(0.5)
         with net.delay(DELAY_MS, "udp", log_dir=tmp_path) as fault:
             t_delay = time.time_ns()
-            time.sleep(3.0)
+            time.sleep(DELAY_FOR_S)
             held = fault.stats()
         t_cleared = time.time_ns()
         metrics, reasons, err = _run_report(sender, report)
@@ -180,12 +182,11 @@ def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
         if sender is not None and sender.poll() is None:
             stop(sender, timeout=20)
         server.stop()
-    print({k: v for k, v in metrics.items() if "path_" in k or "transport" in k}, err[-6000:])
     figure(record_property, "latency_udp_packets_delayed", held["queued"])
     assert held["queued"] > 0, held
     assert reasons == [("websocket", "latency"), ("webrtc", "recovered")], (reasons, err[-3000:])
     assert metrics["transport_switches_latency_total"] == 1, metrics
-    assert metrics["transport_switches_dead_total"] == 0, metrics
+    assert metrics.get("transport_switches_dead_total", 0) == 0, metrics
     assert metrics["transport_active_webrtc"] == 1, metrics
     switched_ms = (metrics["transport_last_switch_latency_ns"] - t_delay) / 1e6
     back_s = (metrics["transport_last_switch_recovered_ns"] - t_cleared) / 1e9
@@ -198,6 +199,7 @@ def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
     figure(record_property, "latency_frames_missing_at_switch", len(at_switch))
     figure(record_property, "latency_frames_missing_at_switch_back", len(at_back))
     assert switched_ms < 3000, metrics
+    assert back_s > 0, "back on WebRTC while the delay was still in force"
     assert back_s < RECOVERY_S + HOLD_S + 4.0, back_s
     assert at_back == [], at_back
 
@@ -228,7 +230,8 @@ def test_ten_percent_udp_loss_does_not_switch(
         t1 = time.time_ns()
         dropped = net.dropped_packets()
         net.clear_faults()
-        metrics, reasons, err = _run_report(sender, report, LOSS_WINDOW_S + 40)
+        metrics, reasons, _ = _run_report(sender, report, LOSS_WINDOW_S + 40)
+        decisions = json.loads(report.read_text())["transport_policy"]["decisions"]
         time.sleep(0.5)
         rx.finish()
         poses = rx.poses()
@@ -246,7 +249,7 @@ def test_ten_percent_udp_loss_does_not_switch(
     figure(record_property, "loss_rtt_p95_ms", metrics.get("path_webrtc_rtt_p95_ms") or 0.0)
     assert len(poses) > n0
     assert dropped > 0
-    assert reasons == [], (reasons, err[-3000:])
+    assert reasons == [], [(d["to"], d["reason"], d["figures"]) for d in decisions]
     assert metrics["transport_active_webrtc"] == 1, metrics
     assert metrics.get("transport_switches_total", 0) == 0, metrics
 
@@ -301,7 +304,7 @@ def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
     figure(record_property, "unpin_back_on_webrtc_after_s", back_s)
     assert metrics["transport_switches_pin_total"] == 1, metrics
     # pinned: no automatic switch, also not when the (standby) WebRTC path died
-    assert metrics["transport_switches_dead_total"] == 0, metrics
+    assert metrics.get("transport_switches_dead_total", 0) == 0, metrics
     assert reasons == [("webrtc", "recovered")], (reasons, err[-3000:])
     assert metrics["transport_active_webrtc"] == 1, metrics
     assert (t_moved - t_pin) / 1e6 < 1000

@@ -3,7 +3,8 @@
 :class:`PathHealth` keeps, for one transport of the :class:`~pipeline.transports.sender.Sender`,
 the figures the supervisor's transport policy (:mod:`pipeline.runtime.policy`) judges, over
 ``transmit.window_s``: the ack round trip (send time of a sequence number to the server's
-ack of it; p95), the failure rate (failed sends / sends), the dead-path state (the
+ack of it, or the standby's probe; p95 of the per-slot minima,
+:meth:`PathHealth.rtt_p95_ms`), the failure rate (failed sends / sends), the dead-path state (the
 transport's ``StateChange``) and the buffered bytes. They are exported as stage metrics
 ``path_<kind>_<figure>`` (:meth:`PathHealth.metrics`).
 
@@ -25,6 +26,8 @@ from pipeline.transports.base import Transport
 
 #: sequence numbers waiting for their ack, per transport (the oldest are forgotten)
 MAX_PENDING_ACKS = 512
+#: the ack round trip is judged on the smallest sample of each slot this long
+RTT_SLOT_S = 0.25
 
 
 class PathHealth:
@@ -60,11 +63,23 @@ class PathHealth:
         while self._sends and self._sends[0][0] < edge:
             self._sends.popleft()
 
+    def on_rtt(self, ms: float, now: float | None = None) -> None:
+        """A round trip measured otherwise (the standby's probe: it carries no stream)."""
+        self._rtts.append((time.monotonic() if now is None else now, ms))
+
     def rtt_p95_ms(self, now: float | None = None) -> float | None:
+        """p95 over the window of the smallest round trip of each :data:`RTT_SLOT_S`: the
+        path's latency, not the repair time of one lost ack (acks ride the reliable,
+        ordered control channel: a lost one holds the next ones back for a retransmission,
+        so at 10 % loss far more than 5 % of the raw samples are inflated)."""
         self._trim(time.monotonic() if now is None else now)
         if not self._rtts:
             return None
-        values = sorted(v for _, v in self._rtts)
+        slots: dict[int, float] = {}
+        for t, v in self._rtts:
+            key = math.floor(t / RTT_SLOT_S)
+            slots[key] = min(v, slots.get(key, v))
+        values = sorted(slots.values())
         return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
 
     def failure_rate(self, now: float | None = None) -> float:

@@ -17,7 +17,8 @@ until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
 With ``transmit.fallback`` the sender keeps a **hot standby**: both transports connected
 (as a ``pair`` on the server: one stream, docs/room-protocol.md), the stream on one, the
-other carrying only its own heartbeat and clock probe. Per transport it keeps the health
+other carrying only its own heartbeat and a clock ping every :data:`PROBE_S` (its
+round trip: the standby has no acks). Per transport it keeps the health
 figures of :mod:`pipeline.transports.health` (stage metrics ``path_<kind>_*``). A switch
 (:meth:`Sender.switch`, the ``switch_transport`` command) moves the stream onto the
 connected standby and sends the packets of the last moment again there; a dead path of
@@ -78,6 +79,8 @@ REFUSED_BACKOFF_MAX_S = 5.0
 FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
 #: after a reconnect, deltas are skipped until a keyframe, at most this long
 KEYFRAME_WAIT_S = 1.0
+#: the hot standby's latency probe period (4 samples a second: enough for window_s >= 1)
+PROBE_S = 0.25
 #: what :meth:`Sender.send` does when the throttle says wait: wait (the stage), send at
 #: once (the bucket goes into debt: a high-priority pose), or drop (a low-priority one)
 WhenThrottled = Literal["wait", "send", "drop"]
@@ -181,6 +184,7 @@ class Sender:
         self.standby_kind: TransportKind | None = None
         self._standby_pump: asyncio.Task[None] | None = None
         self._standby_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self.health = {k: PathHealth(k.value, cfg.window_s) for k in TransportKind}
         self.recent = Recent(cfg.webrtc.dead_after_ms / 1000 + 0.15)  # sent again on a switch
         self.cap = SwitchCap(cfg.max_switches_per_min)
@@ -343,6 +347,8 @@ class Sender:
 
     def _ensure_standby(self) -> None:
         """With a fallback: connect the other transport as the standby (in the background)."""
+        if self.hot and self._probe_task is None:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_standby())
         if not self.hot or self.standby is not None or self._standby_task is not None:
             return
         assert self.cfg.fallback is not None
@@ -368,6 +374,17 @@ class Sender:
         self.standby, self.standby_kind = transport, got
         self._standby_pump = asyncio.get_running_loop().create_task(self._pump(transport))
         self.log.info("hot standby: %s connected beside %s", got.value, self.kind.value)
+
+    async def _probe_standby(self) -> None:
+        """Every :data:`PROBE_S` one probe on the standby: its round trip (it has no acks)."""
+        while True:
+            await asyncio.sleep(PROBE_S)
+            standby, kind = self.standby, self.standby_kind
+            if standby is None or kind is None or not standby.connected:
+                continue
+            ms = await standby.probe_rtt_ms()
+            if ms is not None and self.standby is standby:
+                self.health[kind].on_rtt(ms)
 
     def _install(self, new: Transport, kind: TransportKind) -> None:
         self.transport, self.kind = new, kind
@@ -576,6 +593,11 @@ class Sender:
 
     async def close(self) -> None:
         self._cancel_recovery()
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
         if self._standby_task is not None:
             self._standby_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

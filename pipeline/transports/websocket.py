@@ -555,6 +555,14 @@ class WebSocketTransport(Transport):
 
         return send
 
+    async def probe_rtt_ms(self) -> float | None:
+        """One clock ping (over the WebRTC control channel when that is open)."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            return None
+        got = await self._sync.ping(self._via(ws))
+        return got[0] / 1e6 if got is not None else None
+
     async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await self._sync.measure(self._via(ws), self.clock_samples)
         await self._report_clock()
