@@ -278,15 +278,15 @@ def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
         sender, report = _hot_sender(net, tmp_path, server, 14.0, monitor=True)
         assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
         time.sleep(0.5)
+        t_pin = time.time_ns()  # before the command: ctl's own start-up is in the figure
         pinned = _ctl(net, tmp_path, "pin", '{"to": "websocket"}')
-        t_pin = time.time_ns()
         time.sleep(1.0)
         net.blackout_udp()
         time.sleep(1.5)
         net.clear_faults()
         time.sleep(1.0)
-        unpinned = _ctl(net, tmp_path, "unpin")
         t_unpin = time.time_ns()
+        unpinned = _ctl(net, tmp_path, "unpin")
         metrics, reasons, err = _run_report(sender, report)
         time.sleep(0.5)
         rx.finish()
@@ -307,6 +307,6 @@ def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
     assert metrics.get("transport_switches_dead_total", 0) == 0, metrics
     assert reasons == [("webrtc", "recovered")], (reasons, err[-3000:])
     assert metrics["transport_active_webrtc"] == 1, metrics
-    assert (t_moved - t_pin) / 1e6 < 1000
+    assert 0 < (t_moved - t_pin) / 1e6 < 3000
     assert back_s < RECOVERY_S + HOLD_S + 2.0, back_s
     assert _missing(poses, t_pin - 1_000_000_000, t_unpin) == []

@@ -27,7 +27,7 @@ from pipeline.transports.base import Transport
 #: sequence numbers waiting for their ack, per transport (the oldest are forgotten)
 MAX_PENDING_ACKS = 512
 #: the ack round trip is judged on the smallest sample of each slot this long
-RTT_SLOT_S = 0.25
+RTT_SLOT_S = 0.5
 
 
 class PathHealth:
