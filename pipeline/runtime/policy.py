@@ -2,9 +2,10 @@
 
 The supervisor sees every stage's metrics; the stage with a hot standby
 (``transport_hot_standby`` 1: the transmit stage with a ``transmit.fallback``) exports
-per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_p95_ms`` (server acks over
-``transmit.window_s``), ``_failure_rate`` (failed sends / sends over the window),
-``_buffered_bytes`` (:mod:`pipeline.transports.health`). :class:`TransportPolicy` judges
+per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_p95_ms`` (server acks, or
+the standby's probe, over ``transmit.window_s``:
+:meth:`~pipeline.transports.health.PathHealth.rtt_p95_ms`), ``_failure_rate`` (failed
+sends / sends over the window), ``_buffered_bytes`` (:mod:`pipeline.transports.health`). :class:`TransportPolicy` judges
 them at every heartbeat:
 
 * on the primary: switch to the fallback when its ack RTT p95 exceeds
