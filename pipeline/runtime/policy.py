@@ -5,8 +5,8 @@ The supervisor sees every stage's metrics; the stage with a hot standby
 per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_p95_ms`` (server acks, or
 the standby's probe, over ``transmit.window_s``:
 :meth:`~pipeline.transports.health.PathHealth.rtt_p95_ms`), ``_failure_rate`` (failed
-sends / sends over the window), ``_buffered_bytes`` (:mod:`pipeline.transports.health`). :class:`TransportPolicy` judges
-them at every heartbeat:
+sends / sends over the window), ``_buffered_bytes`` (:mod:`pipeline.transports.health`).
+:class:`TransportPolicy` judges them at every heartbeat:
 
 * on the primary: switch to the fallback when its ack RTT p95 exceeds
   ``max_latency_ms`` (``reason=latency``), its failure rate exceeds ``switch_threshold``

@@ -18,9 +18,13 @@ as late (a stream shared by a hot-standby pair, docs/room-protocol.md).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import re
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from pipeline.transports.base import Transport
 
@@ -28,6 +32,15 @@ from pipeline.transports.base import Transport
 MAX_PENDING_ACKS = 512
 #: the ack round trip is judged on the smallest sample of each slot this long
 RTT_SLOT_S = 0.5
+#: the hot standby's latency probe period (4 samples a second: enough for window_s >= 1)
+PROBE_S = 0.25
+
+K = TypeVar("K")
+
+
+def metric_name(reason: str) -> str:
+    """``reason`` as a metric-name suffix: lower-case letters, digits and ``_``, short."""
+    return re.sub(r"[^a-z0-9_]+", "_", reason.lower()).strip("_")[:40] or "unknown"
 
 
 class PathHealth:
@@ -141,3 +154,19 @@ class SwitchCap:
 
     def note(self, now: float | None = None) -> None:
         self._times.append(time.monotonic() if now is None else now)
+
+
+async def probe_standby(
+    standby: Callable[[], tuple[Transport | None, K | None]], health: Mapping[K, PathHealth]
+) -> None:
+    """Every :data:`PROBE_S` one probe on the standby (``standby()``: it and its kind, if
+    any) into its :class:`PathHealth`: its round trip, as it has no acks. Runs until
+    cancelled."""
+    while True:
+        await asyncio.sleep(PROBE_S)
+        transport, kind = standby()
+        if transport is None or kind is None or not transport.connected:
+            continue
+        ms = await transport.probe_rtt_ms()
+        if ms is not None and standby()[0] is transport:
+            health[kind].on_rtt(ms)

@@ -17,9 +17,10 @@ until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
 With ``transmit.fallback`` the sender keeps a **hot standby**: both transports connected
 (as a ``pair`` on the server: one stream, docs/room-protocol.md), the stream on one, the
-other carrying only its own heartbeat and a clock ping every :data:`PROBE_S` (its
-round trip: the standby has no acks). Per transport it keeps the health
-figures of :mod:`pipeline.transports.health` (stage metrics ``path_<kind>_*``). A switch
+other carrying only its own heartbeat and a clock ping every
+:data:`~pipeline.transports.health.PROBE_S` (its round trip: the standby has no acks).
+Per transport it keeps the health figures of :mod:`pipeline.transports.health` (stage
+metrics ``path_<kind>_*``). A switch
 (:meth:`Sender.switch`, the ``switch_transport`` command) moves the stream onto the
 connected standby and sends the packets of the last moment again there; a dead path of
 the active transport fails over at once (:meth:`Sender._failover`); automatic switches
@@ -43,7 +44,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
@@ -69,7 +69,7 @@ from pipeline.transports.base import (
     TransportContext,
     refusal_of,
 )
-from pipeline.transports.health import PathHealth, Recent, SwitchCap
+from pipeline.transports.health import PathHealth, Recent, SwitchCap, metric_name, probe_standby
 from pipeline.transports.throttle import Throttle
 
 CONNECT_BACKOFF_MAX_S = 2.0
@@ -79,8 +79,6 @@ REFUSED_BACKOFF_MAX_S = 5.0
 FALLBACK_OF: dict[TransportKind, TransportKind] = {TransportKind.WEBRTC: TransportKind.WEBSOCKET}
 #: after a reconnect, deltas are skipped until a keyframe, at most this long
 KEYFRAME_WAIT_S = 1.0
-#: the hot standby's latency probe period (4 samples a second: enough for window_s >= 1)
-PROBE_S = 0.25
 #: what :meth:`Sender.send` does when the throttle says wait: wait (the stage), send at
 #: once (the bucket goes into debt: a high-priority pose), or drop (a low-priority one)
 WhenThrottled = Literal["wait", "send", "drop"]
@@ -115,11 +113,6 @@ def parse_kind(value: object) -> TransportKind:
         names = ", ".join(k.value for k in known)
         raise CommandError(f"switch_transport: 'to' must be one of {names}")
     return kind
-
-
-def metric_name(reason: str) -> str:
-    """``reason`` as a metric-name suffix: lower-case letters, digits and ``_``, short."""
-    return re.sub(r"[^a-z0-9_]+", "_", reason.lower()).strip("_")[:40] or "unknown"
 
 
 class Sender:
@@ -347,8 +340,9 @@ class Sender:
 
     def _ensure_standby(self) -> None:
         """With a fallback: connect the other transport as the standby (in the background)."""
-        if self.hot and self._probe_task is None:
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_standby())
+        if self.hot and self._probe_task is None:  # the standby's RTT: it has no acks
+            probe = probe_standby(lambda: (self.standby, self.standby_kind), self.health)
+            self._probe_task = asyncio.get_running_loop().create_task(probe)
         if not self.hot or self.standby is not None or self._standby_task is not None:
             return
         assert self.cfg.fallback is not None
@@ -374,17 +368,6 @@ class Sender:
         self.standby, self.standby_kind = transport, got
         self._standby_pump = asyncio.get_running_loop().create_task(self._pump(transport))
         self.log.info("hot standby: %s connected beside %s", got.value, self.kind.value)
-
-    async def _probe_standby(self) -> None:
-        """Every :data:`PROBE_S` one probe on the standby: its round trip (it has no acks)."""
-        while True:
-            await asyncio.sleep(PROBE_S)
-            standby, kind = self.standby, self.standby_kind
-            if standby is None or kind is None or not standby.connected:
-                continue
-            ms = await standby.probe_rtt_ms()
-            if ms is not None and self.standby is standby:
-                self.health[kind].on_rtt(ms)
 
     def _install(self, new: Transport, kind: TransportKind) -> None:
         self.transport, self.kind = new, kind
@@ -593,15 +576,11 @@ class Sender:
 
     async def close(self) -> None:
         self._cancel_recovery()
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
-            self._probe_task = None
-        if self._standby_task is not None:
-            self._standby_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._standby_task
+        for task in (self._probe_task, self._standby_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.standby is not None:
             await self._retire(self.standby, self._standby_pump)
             self.standby = self._standby_pump = None
