@@ -318,7 +318,7 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
 
 #: the loss phases of one run: percent of packets dropped on the server -> host a path
 LOSS_PHASES = (0, 5, 20)
-PHASE_S = 5.0
+PHASE_S = 4.0
 SETTLE_NS = 300_000_000
 """Frames captured in the first 0.3 s of a phase are left out (the rule changed mid-flight)."""
 
