@@ -126,6 +126,7 @@ def _sender(
     duration: float,
     where: str = "a",
     transmit_extra: str = "",
+    monitor: bool = False,
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
         tmp,
@@ -134,6 +135,7 @@ def _sender(
         host=net.host("b").address,
         embedded=False,
         transmit_extra=transmit_extra,
+        monitor=monitor,
     )
     report = tmp / "sender.json"
     proc = start(
@@ -327,7 +329,7 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
 
 #: the loss phases of one run: percent of packets dropped on the server -> host a path
 LOSS_PHASES = (0, 5, 20)
-PHASE_S = 5.0
+PHASE_S = 4.0
 SETTLE_NS = 300_000_000
 """Frames captured in the first 0.3 s of a phase are left out (the rule changed mid-flight)."""
 
