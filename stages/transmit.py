@@ -172,8 +172,8 @@ class Transmitter:
             return
         self._published = now
         fresh = self.sender.metrics()
-        for key in [k for k in self.ctx.metrics if k.startswith("transport_refused_")]:
-            if key not in fresh:  # the reason of a refusal that is over
+        for key in [k for k in self.ctx.metrics if k.startswith(("transport_refused_", "path_"))]:
+            if key not in fresh:  # a refusal that is over, a figure with no sample in the window
                 del self.ctx.metrics[key]
         self.ctx.metrics.update(
             {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}

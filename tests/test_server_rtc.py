@@ -26,6 +26,8 @@ from pipeline.model.prometheus import parse_exposition
 from pipeline.server.streams import StoredPacket, StreamState
 from tests.test_server_support import SECRET, RawWS, raw_join, running_server, token
 
+pytestmark = pytest.mark.timing  # asserts times or rates: runs alone (Makefile)
+
 CLIENT = "tests.rtc_client"
 PORT = 8765
 #: the server declares a path dead after server.webrtc.dead_after_ms (1000 ms by default)

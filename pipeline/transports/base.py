@@ -136,6 +136,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def statistics(self) -> TransportStatistics: ...
 
+    async def probe_rtt_ms(self) -> float | None:
+        """One probe exchange with the far side over the path the stream would take: its
+        round trip in ms, None when lost, timed out or not possible (the hot standby's
+        latency: it carries no stream, so no acks)."""
+        return None
+
     @property
     @abc.abstractmethod
     def connected(self) -> bool: ...

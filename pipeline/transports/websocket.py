@@ -102,8 +102,7 @@ class WebSocketTransport(Transport):
         session: aiohttp.ClientSession | None = None,
         ca_file: Path | None = None,
     ) -> None:
-        self.endpoints = Endpoints(url, ca_file)
-        """The server URLs tried in turn, and TLS (:mod:`pipeline.transports.endpoints`)."""
+        self.endpoints = Endpoints(url, ca_file)  # the URLs tried in turn, and TLS
         self.room = room
         self._token = token
         self.publish = publish
@@ -229,7 +228,8 @@ class WebSocketTransport(Transport):
         self._run_task = asyncio.get_running_loop().create_task(
             self._run(ws), name="posewire-ws-transport"
         )
-        await self._initial_clock(ws)
+        await self._sync.measure(self._via(ws), self.clock_samples)
+        await self._report_clock()
 
     async def send(self, packet: bytes) -> None:
         self._check()
@@ -553,9 +553,10 @@ class WebSocketTransport(Transport):
 
         return send
 
-    async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await self._sync.measure(self._via(ws), self.clock_samples)
-        await self._report_clock()
+    async def probe_rtt_ms(self) -> float | None:
+        ws = self._ws  # one clock ping (on the WebRTC control channel once that is open)
+        got = await self._sync.ping(self._via(ws)) if ws is not None and not ws.closed else None
+        return got[0] / 1e6 if got is not None else None
 
     async def _report_clock(self) -> None:
         off, rtt = self.clock_offset_ns, self.clock_rtt_ns
