@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from pipeline.cli import main as cli_main
 from pipeline.client.api import Client, PoseEvent
-from pipeline.config import parse_config
+from pipeline.config import parse_config, server_section
 from pipeline.errors import CertificateError, ConfigError, TransportError
 from pipeline.model.tls import client_context
 from pipeline.transports.base import Packet, StateChange
@@ -38,7 +38,7 @@ from pipeline.transports.endpoints import Endpoints, server_urls
 from pipeline.transports.websocket import WebSocketTransport
 from tests import procutil
 from tests.procutil import trace_source, write_config
-from tests.test_receive import _ReceiveProc, _send
+from tests.test_receive import _ReceiveProc
 from tests.test_server_support import ROOT, SECRET, PoseSource, ServeProcess, free_port, token
 
 
@@ -109,96 +109,65 @@ async def _until_members(url: str, room: str, n: int, ca: ssl.SSLContext | None)
 # --------------------------------------------------------------------------- TLS
 
 
-def test_serve_speaks_https_and_wss_to_clients_with_the_ca_file(
+def test_wss_transmit_stage_receive_and_python_client_with_the_ca_file(
     tls_server: ServeProcess, cert: Cert, tmp_path: Path
 ) -> None:
+    """``serve --certfile --keyfile``; the pipeline's transmit stage publishes over wss
+    (``transmit.servers``, ``transmit.ca_file`` relative to the YAML); ``receive
+    --ca-file`` and a Python :class:`Client` with ``ca_file`` decode the poses."""
     assert tls_server.url.startswith("https://127.0.0.1:")
     report = tmp_path / "report.json"
-
-    async def scenario() -> int:
-        ca = client_context(cert.cert)
-        sub = token("A", "subscriber")
-        rx = await _ReceiveProc.start(
-            "--server", tls_server.url, "--ca-file", str(cert.cert), "--room", "A",
-            "--token", sub, "--report", str(report), "--transport", "websocket",
-        )  # fmt: skip
-        await _until_members(tls_server.url, "A", 1, ca)
-        pub = WebSocketTransport(
-            tls_server.url,
-            "A",
-            token("A", "publisher", subject="cam"),
-            publish=True,
-            subscribe=False,
-            ca_file=cert.cert,
-        )
-        await pub.connect()
-        assert pub.url.startswith("wss://")
-        sent = await _send(pub, PoseSource(42), frames=30)
-        await pub.close()
-        rc, out, err = await rx.finish(terminate=True)
-        assert rc == 0, err
-        assert "joined room A" in out
-        return sent
-
-    sent = asyncio.run(scenario())
-    rep = json.loads(report.read_text())
-    s = rep["publishers"]["42"]
-    assert s["decoded"] >= sent - 5 and s["decoded"] == s["received"], s
-    assert s["lost"] == 0 and s["need_keyframe"] == 0
-
-
-def test_embedded_server_and_transmit_stage_over_wss_with_the_python_client(
-    cert: Cert, tmp_path: Path
-) -> None:
-    """The pipeline's embedded server serves wss (``server.tls``), its transmit stage
-    publishes over wss (``transmit.ca_file``, relative to the YAML), a Python
-    :class:`Client` with ``ca_file`` decodes the poses."""
-    port = free_port()
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "ca.pem").write_bytes(cert.cert.read_bytes())
     config = write_config(
         tmp_path,
         f"""
 {trace_source()}transmit:
   primary: websocket
-  servers: [https://127.0.0.1:{port}]
-  room: A
-  ca_file: tls/cert.pem
-server:
-  embedded: true
-  port: {port}
-  data_dir: state
-  tls:
-    certfile: tls/cert.pem
-    keyfile: tls/key.pem
+  servers: [{tls_server.url}]
+  room: T
+  ca_file: tls/ca.pem
 supervisor:
   run_dir: {tmp_path / "run"}
 monitor:
   enabled: false
 """,
     )
-    (tmp_path / "tls").mkdir()
-    for name in ("cert.pem", "key.pem"):
-        (tmp_path / "tls" / name).write_bytes((cert.cert.parent / name).read_bytes())
-    proc = procutil.start(config, env={"POSEWIRE_SECRET": SECRET})
 
-    async def watch() -> list[PoseEvent]:
+    async def scenario() -> list[PoseEvent]:
+        ca = client_context(cert.cert)
+        rx = await _ReceiveProc.start(
+            "--server", tls_server.url, "--ca-file", str(cert.cert), "--room", "T",
+            "--token", token("T", "subscriber"), "--report", str(report),
+            "--transport", "websocket",
+        )  # fmt: skip
+        await _until_members(tls_server.url, "T", 1, ca)
+        proc = procutil.start(config, env={"POSEWIRE_SECRET": SECRET})
         poses: list[PoseEvent] = []
-        sub = token("A", "subscriber")
-        opts: dict[str, Any] = {"transport": "websocket", "connect_timeout_s": 30.0}
-        async with Client(f"https://127.0.0.1:{port}", "A", sub, ca_file=cert.cert, **opts) as c:
-            async with asyncio.timeout(30):
-                async for event in c.events():
-                    if isinstance(event, PoseEvent) and not event.backfill:
-                        poses.append(event)
-                        if len(poses) >= 15:
-                            break
+        sub = token("T", "subscriber", subject="api")
+        opts: dict[str, Any] = {"transport": "websocket", "connect_timeout_s": 10.0}
+        try:
+            async with Client(tls_server.url, "T", sub, ca_file=cert.cert, **opts) as client:
+                async with asyncio.timeout(60):
+                    async for event in client.events():
+                        if isinstance(event, PoseEvent) and not event.backfill:
+                            poses.append(event)
+                            if len(poses) >= 15:
+                                break
+        finally:
+            rc, _, err = await asyncio.to_thread(procutil.stop, proc)
+        assert rc == 0, err
+        rc, out, err = await rx.finish(terminate=True)
+        assert rc == 0, err
+        assert "joined room T" in out
         return poses
 
-    try:
-        poses = asyncio.run(watch())
-    finally:
-        rc, _, err = procutil.stop(proc)
+    poses = asyncio.run(scenario())
     assert len(poses) == 15 and len({p.stream_id for p in poses}) == 1
-    assert rc == 0, err
+    rep = json.loads(report.read_text())
+    (s,) = rep["publishers"].values()
+    assert s["decoded"] >= 15 and s["decoded"] == s["received"], s
+    assert s["lost"] == 0 and s["need_keyframe"] == 0
 
 
 def test_an_unverified_certificate_is_one_precise_error(
@@ -240,6 +209,12 @@ def test_bad_certificate_or_key_configuration_names_the_field(
     assert "server.tls.keyfile (line 2): Field required" in serve(cert.cert)
     err = serve(cert.cert, other.key)
     assert "server.tls.keyfile:" in err and "does not match the certificate of" in err
+    # the embedded server stage and serve --config: paths relative to the YAML file
+    (tmp_path / "c.pem").write_bytes(cert.cert.read_bytes())
+    (tmp_path / "k.pem").write_bytes(cert.key.read_bytes())
+    cfg = parse_config("server:\n  tls: {certfile: c.pem, keyfile: k.pem}\n", base_dir=tmp_path)
+    tls = server_section(cfg).tls
+    assert tls is not None and tls.certfile == tmp_path / "c.pem" and tls.keyfile.is_absolute()
     # the CLI options: named as given; both or neither
     assert cli_main(["serve", "--certfile", str(cert.cert)]) == 2
     assert "--certfile and --keyfile go together" in capsys.readouterr().err
