@@ -48,13 +48,15 @@ class Cert:
     key: Path
 
 
-def make_cert(directory: Path, name: str = "posewire test") -> Cert:
-    """A self-signed certificate (its own CA) for 127.0.0.1 and localhost, and its key."""
+def make_cert(directory: Path, name: str = "posewire test", ips: tuple[str, ...] = ()) -> Cert:
+    """A self-signed certificate (its own CA) for localhost, 127.0.0.1 and ``ips``, and
+    its key."""
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    san: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    san += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips)]
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
