@@ -5,8 +5,11 @@
 message parser, the clock exchange) that, once joined, offers a
 :class:`~pipeline.rtc.link.PeerLink` (``rtc_offer`` on the WebSocket, the
 server answers) and carries the traffic on its channels when they are open:
-keyframes on ``control`` (reliable), delta packets on ``pose`` (unordered, no
-retransmission, bounded by the ``bufferedAmount`` watermark), control messages
+the packets that must arrive on ``control`` (reliable: keyframes, the anchors of an
+anchor-reference stream, the deltas of a chained one, as
+:class:`~pipeline.codec.anchors.AnchorTracker` learns them from the headers), the
+other delta packets on ``pose`` (unordered, no retransmission, bounded by the
+``bufferedAmount`` watermark), control messages
 and clock pings on ``control``. It receives from both channels and from the
 WebSocket (the server uses the WebSocket until the link is open, and again
 after it dies). :attr:`connected` is true while the link is open.
@@ -45,6 +48,7 @@ import aiohttp
 from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
+from pipeline.codec.anchors import AnchorTracker
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
 from pipeline.errors import (
     BrokenResourceError,
@@ -72,6 +76,8 @@ CONFIRM_S: Final = 0.005
 FLUSH_S: Final = 0.5
 #: clock pings over the control channel right after it opens
 CHANNEL_CLOCK_SAMPLES: Final = 4
+#: publisher streams whose reference mode the transport follows (AnchorTracker each)
+MAX_TRACKED_STREAMS: Final = 64
 #: server ``error`` reasons that answer an offer: no retry can help / a retry may
 _NEVER: Final = frozenset({"webrtc_disabled"})
 _LATER: Final = frozenset({"too_many_peers"})
@@ -100,12 +106,19 @@ def _add(total: LinkStats, more: LinkStats) -> None:
         setattr(total, f.name, getattr(total, f.name) + getattr(more, f.name))
 
 
-def _keyframe(packet: bytes) -> bool:
-    """A keyframe (or something unreadable: the reliable channel, the server judges it)."""
+def _must_arrive(packet: bytes, trackers: dict[int, AnchorTracker]) -> bool:
+    """Whether ``packet`` goes on the reliable channel: a keyframe, an anchor or a chained
+    delta (something unreadable too: the server judges it)."""
     try:
-        return peek_header(packet).keyframe
+        h = peek_header(packet)
     except ProtocolError:
         return True
+    tracker = trackers.get(h.stream_id)
+    if tracker is None:
+        if len(trackers) >= MAX_TRACKED_STREAMS:
+            trackers.clear()
+        tracker = trackers[h.stream_id] = AnchorTracker()
+    return tracker.classify(h.seq, h.ref_seq, h.keyframe, h.epoch) != "free"
 
 
 class WebRtcTransport(WebSocketTransport):
@@ -131,6 +144,7 @@ class WebRtcTransport(WebSocketTransport):
         self.unavailable: str | None = None
         """Why this member runs over the WebSocket only (``optional``), else None."""
         self._link: PeerLink | None = None
+        self._trackers: dict[int, AnchorTracker] = {}
         self._rtc_session = 0
         self._up = False
         """What the last StateChange said (the link open and in use)."""
@@ -210,7 +224,8 @@ class WebRtcTransport(WebSocketTransport):
             self._stats.send_failures += 1
             return
         t0 = time.perf_counter()
-        sent = link.send_control(packet) if _keyframe(packet) else link.send_pose(packet)
+        reliable = _must_arrive(packet, self._trackers)
+        sent = link.send_control(packet) if reliable else link.send_pose(packet)
         if not sent:  # over the watermark: counted by the link as pose_dropped_stale
             return
         self._sent(packet, (time.perf_counter() - t0) * 1000.0)

@@ -251,6 +251,14 @@ def _stream(obj: Mapping[str, Any]) -> None:
     field_int(obj, "stream_id", STREAM_ID)
 
 
+def _keyframe_request(obj: Mapping[str, Any]) -> None:
+    """``stream_id``, and optionally ``ref_seq``: the missing reference of a packet that
+    did not decode (a NACK: the server sends that packet again when it has it)."""
+    field_int(obj, "stream_id", STREAM_ID)
+    if "ref_seq" in obj:
+        field_int(obj, "ref_seq", SEQ)
+
+
 def _ack(obj: Mapping[str, Any]) -> None:
     field_int(obj, "stream_id", STREAM_ID)
     field_int(obj, "seq", SEQ)
@@ -341,7 +349,7 @@ CLIENT_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "join": lambda obj: Join.parse(obj),
     "ping": _ping,
     "clock": _clock,
-    "keyframe_request": _stream,
+    "keyframe_request": _keyframe_request,
     "ack": _ack,
     "broadcast": field_data,
     "kick": lambda obj: field_member_id(obj, "member"),
@@ -443,8 +451,10 @@ def ping(ping_id: int, t0_ns: int) -> str:
     return f'{{"type":"ping","id":{ping_id},"t0":{t0_ns}}}'
 
 
-def keyframe_request(stream_id: int) -> dict[str, Any]:
-    return {"type": "keyframe_request", "stream_id": stream_id}
+def keyframe_request(stream_id: int, ref_seq: int | None = None) -> dict[str, Any]:
+    if ref_seq is None:
+        return {"type": "keyframe_request", "stream_id": stream_id}
+    return {"type": "keyframe_request", "stream_id": stream_id, "ref_seq": ref_seq}
 
 
 def error(code: CloseCode | None, reason: str, message: str) -> dict[str, Any]:
