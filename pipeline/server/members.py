@@ -145,6 +145,22 @@ def repair_keyframe(
     member.post_snapshot(stream.snapshot())
 
 
+def _nack_publisher(state: ServerState, member: Member, stream_id: int, seq: int | None) -> None:
+    """Ask a WebRTC publisher for packet ``seq`` again (a delta that predicts from it came
+    first), at most every :data:`NACK_INTERVAL_S` per packet."""
+    if seq is None:
+        return
+    now = time.monotonic()
+    key = (stream_id, seq)
+    if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+        return
+    member.nacked[key] = now
+    while len(member.nacked) > MAX_NACKS_KEPT:
+        del member.nacked[next(iter(member.nacked))]
+    state.metrics.nacks_sent += 1
+    member.post_text(messages.nack(stream_id, seq))
+
+
 async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, message: str) -> None:
     cc = close_code(code)
     reason = cc.reason if cc is not None else str(code)
@@ -385,6 +401,9 @@ async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered
     pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch, t_recv)
     if not ordered:
         stream.presume_anchored()  # a WebRTC publisher: keyframe references (docs/webrtc.md)
+    if not ordered and stream.lacks(h.ref_seq):
+        pkt.early = True
+        _nack_publisher(state, member, h.stream_id, h.ref_seq)
     stream.add(pkt)
     state.metrics.packets_in += 1
     member.post_text(messages.ack(h.stream_id, h.seq))

@@ -111,10 +111,10 @@ class MemberOutput:
             have is not None
             and pkt.ref_seq is not None
             and pkt.epoch == have.epoch
-            and (pkt.ref_seq in have.seqs or (pkt.lossy and pkt.ref_seq > have.newest))
+            and (pkt.ref_seq in have.seqs or (pkt.early and pkt.ref_seq > have.newest))
         ):
-            # (a lossy delta whose anchor is not here yet: it comes reliably after it,
-            # and the subscriber holds the delta until then; docs/webrtc.md)
+            # (a packet that overtook its reference on the publisher leg: the reference
+            # follows, and the subscriber holds the packet until then; docs/webrtc.md)
             have.add(pkt.seq)
             return True
         self.metrics.skipped_undecodable += 1

@@ -54,6 +54,10 @@ class StoredPacket:
     (:class:`~pipeline.codec.anchors.AnchorTracker`: ``free``), and the stream's deltas
     have been self-contained for a whole keyframe interval
     (:attr:`StreamState.anchored`); every other packet needs a reliable path."""
+    early: bool = False
+    """It arrived before its reference (a WebRTC publisher's anchor or keyframe still on
+    the reliable channel, or being repaired by NACK): relayed anyway, the subscriber
+    holds it until the reference follows."""
 
 
 class Snapshot:
@@ -147,6 +151,9 @@ class StreamState(Generic[OwnerT]):
         """
         if self.epoch is not None and epoch == self.epoch and seq <= self.last_seq:
             if not keyframe:
+                kf = self.keyframe
+                if kf is not None and kf.epoch == epoch and seq > kf.seq and not self.stored(seq):
+                    return None  # a late packet the stream lacks (an anchor: NACK repair)
                 return f"sequence {seq} is not after {self.last_seq}, the stream's last"
             kf = self.keyframe
             if kf is not None and kf.epoch == epoch and seq <= kf.seq:
@@ -176,6 +183,15 @@ class StreamState(Generic[OwnerT]):
                 self._chained = True
             pkt.lossy = self.anchored and kind == "free"
             self.since.append(pkt)
+
+    def lacks(self, ref_seq: int | None) -> bool:
+        """Whether the reference ``ref_seq`` of a delta that just arrived is missing here:
+        newer than the stored keyframe and not in the history (an anchor that the
+        reliable channel is still retransmitting, or that was lost)."""
+        kf = self.keyframe
+        if ref_seq is None or kf is None or ref_seq <= kf.seq:
+            return False
+        return self.stored(ref_seq) is None
 
     def stored(self, seq: int) -> StoredPacket | None:
         """The stored packet ``seq`` (the keyframe or one of the history), if any."""

@@ -78,6 +78,8 @@ FLUSH_S: Final = 0.5
 CHANNEL_CLOCK_SAMPLES: Final = 4
 #: publisher streams whose reference mode the transport follows (AnchorTracker each)
 MAX_TRACKED_STREAMS: Final = 64
+#: reliable packets kept for the server's NACKs (anchors come every third packet)
+KEPT_FOR_NACKS: Final = 32
 #: server ``error`` reasons that answer an offer: no retry can help / a retry may
 _NEVER: Final = frozenset({"webrtc_disabled"})
 _LATER: Final = frozenset({"too_many_peers"})
@@ -145,6 +147,8 @@ class WebRtcTransport(WebSocketTransport):
         """Why this member runs over the WebSocket only (``optional``), else None."""
         self._link: PeerLink | None = None
         self._trackers: dict[int, AnchorTracker] = {}
+        self._recent: dict[tuple[int, int], bytes] = {}
+        """The last packets sent on the reliable channel, for the server's NACKs."""
         self._rtc_session = 0
         self._up = False
         """What the last StateChange said (the link open and in use)."""
@@ -156,8 +160,12 @@ class WebRtcTransport(WebSocketTransport):
         self._background: set[asyncio.Task[Any]] = set()
         self._retired = LinkStats()
         self._counts: dict[str, int] = dict.fromkeys(
-            ("offers", "opens", "failures", "dead_detections", "violations", "via_webrtc"), 0
-        )
+            (
+                "offers", "opens", "failures", "dead_detections", "violations", "via_webrtc",
+                "nack_resent",
+            ),
+            0,
+        )  # fmt: skip
         self._open_ms: float | None = None
         self._last_dead_ns: int | None = None
         self._last_dead_silence_ms: float | None = None
@@ -226,6 +234,8 @@ class WebRtcTransport(WebSocketTransport):
         t0 = time.perf_counter()
         reliable = _must_arrive(packet, self._trackers)
         sent = link.send_control(packet) if reliable else link.send_pose(packet)
+        if reliable:
+            self._keep(packet)
         if not sent:  # over the watermark: counted by the link as pose_dropped_stale
             return
         self._sent(packet, (time.perf_counter() - t0) * 1000.0)
@@ -281,6 +291,7 @@ class WebRtcTransport(WebSocketTransport):
                 "rtc_last_dead_reason": self._last_dead_reason,
                 "rtc_violations": c["violations"],
                 "packets_via_webrtc": c["via_webrtc"],
+                "nack_resent": c["nack_resent"],
                 "packets_via_websocket": s.packets_received - c["via_webrtc"],
                 **{f"rtc_{k}": v for k, v in totals.as_dict().items()},
             }
@@ -480,12 +491,33 @@ class WebRtcTransport(WebSocketTransport):
         if kind in ("rtc_answer", "rtc_state"):
             self._on_signal(obj)
             return
+        if kind == "nack":
+            self._resend(obj["stream_id"], obj["seq"])
+            return
         if kind == "error" and self._failure is not None:
             reason = str(obj.get("reason") or "")
             if reason in _NEVER | _LATER:
                 error = TransportUnavailable if reason in _NEVER else TransportError
                 self._fail(error(f"the server refused the WebRTC offer: {reason}"))
         super()._on_control(obj, t)
+
+    def _keep(self, packet: bytes) -> None:
+        """Remember a packet that must arrive, for a NACK of the server."""
+        with contextlib.suppress(ProtocolError):
+            h = peek_header(packet)
+            self._recent[(h.stream_id, h.seq)] = packet
+            while len(self._recent) > KEPT_FOR_NACKS:
+                del self._recent[next(iter(self._recent))]
+
+    def _resend(self, stream_id: int, seq: int) -> None:
+        """The server lacks packet ``seq`` (a ``nack``): send it again on the lossy channel,
+        where it does not wait behind the reliable channel's retransmission of it."""
+        packet = self._recent.get((stream_id, seq))
+        link = self._link
+        if packet is None or link is None or not self.connected:
+            return
+        self._counts["nack_resent"] += 1
+        link.send_pose(packet)
 
     def _on_signal(self, obj: Mapping[str, Any]) -> None:
         if obj.get("session") != self._rtc_session:

@@ -60,6 +60,7 @@ SERVER_TYPES: Final = frozenset(
         "pong",
         "ack",
         "keyframe_request",
+        "nack",
         "broadcast",
         "kicked",
         "error",
@@ -366,6 +367,7 @@ SERVER_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "pong": _pong,
     "ack": _ack,
     "keyframe_request": _stream,
+    "nack": _ack,
     "backfill": _backfill,
     "broadcast": _server_broadcast,
     "kicked": lambda obj: field_member_id(obj, "member"),
@@ -445,6 +447,12 @@ class Join:
 
 def ack(stream_id: int, seq: int) -> str:
     return f'{{"type":"ack","stream_id":{stream_id},"seq":{seq}}}'
+
+
+def nack(stream_id: int, seq: int) -> str:
+    """To a WebRTC publisher: packet ``seq`` of ``stream_id``, which later packets predict
+    from, has not arrived: send it again (on the lossy channel) if you still have it."""
+    return f'{{"type":"nack","stream_id":{stream_id},"seq":{seq}}}'
 
 
 def ping(ping_id: int, t0_ns: int) -> str:
