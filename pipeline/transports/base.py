@@ -184,8 +184,9 @@ class MemberTransport(Protocol):
     def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
         """The member record publishing ``stream_id``, if known."""
 
-    async def request_keyframe(self, stream_id: int) -> None:
-        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
+    async def request_keyframe(self, stream_id: int, ref_seq: int | None = None) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``;
+        ``ref_seq``: the missing reference, which the server sends again when it has it."""
 
     async def connect(self) -> None: ...
 

@@ -266,9 +266,10 @@ class WebSocketTransport(Transport):
         except ConnectionError:
             self._stats.send_failures += 1
 
-    async def request_keyframe(self, stream_id: int) -> None:
-        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
-        await self.send_control(messages.keyframe_request(stream_id))
+    async def request_keyframe(self, stream_id: int, ref_seq: int | None = None) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``;
+        ``ref_seq``: the missing reference, which the server sends again when it has it."""
+        await self.send_control(messages.keyframe_request(stream_id, ref_seq))
 
     async def recv(self) -> Received:
         while not self._queue:
