@@ -137,7 +137,7 @@ async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, mess
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cfg = state.config
-    if not state.ready:
+    if not state.ready or (state.cluster is not None and not state.cluster.loaded):
         return web.json_response(
             {"error": "not_ready", "message": "server is not accepting members"}, status=503
         )
@@ -227,6 +227,8 @@ async def _join(
         except TokenError as exc:
             raise refusal(TOKEN_CLOSE_CODES[exc.reason], str(exc)) from exc
         room = state.manager.room_for_join(room_name)
+        if state.cluster is not None:
+            await state.cluster.synced(room)  # remote members and streams known
     except RefusedError as exc:
         await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         return None
@@ -253,7 +255,7 @@ async def _join(
             "resumed": resumed,
             "role": claims.role,
             "perms": sorted(claims.perms),
-            "members": [m.info() for m in room.members.values()],
+            "members": room.member_infos(),
             "server_time_ns": time.time_ns(),
             "limits": {
                 "max_message_bytes": cfg.max_message_bytes,

@@ -1,0 +1,576 @@
+"""Room-server nodes sharing rooms through Redis (``server.redis``; docs/scaling.md).
+
+Imported only when ``server.redis`` is configured (the single-node path never
+imports redis). One :class:`Backplane` per node implements the room manager's
+:class:`~pipeline.server.rooms.Cluster`:
+
+* **Packets**: a packet a member of this node published is sent to Redis once
+  (``PUBLISH`` on the room channel ``P:room:<room>``; binary: ``b"P"``, the
+  origin node id, a flags byte, the packet bytes unchanged), whatever the
+  number of subscribers anywhere; each node subscribed to the room relays it to
+  its own subscribers through the room's fan-out (WebSocket and WebRTC members
+  alike) and keeps the stream's keyframe and history (:attr:`Room.remote
+  <pipeline.server.rooms.Room.remote>`). A node subscribes to the channel of
+  every room it has members in, and drops its own messages (origin check).
+* **Shared state**: the stream's keyframe and history (list ``P:hist:<room>:<sid>``,
+  the same messages), which node owns a stream (hash ``P:streams:<room>``), the
+  members (hash ``P:members:<room>``: id -> node + info), the rooms (hash
+  ``P:rooms``), each node's heartbeat (``P:node:<id>``, expiring after
+  ``node_ttl_s``); the store records (:mod:`pipeline.server.redisstore`).
+* **Events** on the room channel (``b"E"`` + JSON): presence and moderator
+  broadcasts, keyframe requests for a stream of another node, kicks of a member
+  of another node, a room closed.
+* **Failures**: one task keeps the connection: on any loss it reconnects (every
+  :data:`RETRY_S`), loads the store, subscribes again to every room (redis-py's
+  PubSub does not resubscribe by itself: redis-py#2089) and *resyncs* each room
+  (members, streams and their history fetched, the history re-sent to local
+  subscribers, so they decode again at once). Packets of this node are dropped
+  (counted) while Redis is away; local relaying never waits for Redis. A
+  subscription cut while Redis still answers (its pub/sub output-buffer limit)
+  is counted apart. A node whose heartbeat key expired is dead: the others
+  remove its members (presence ``leave``) and its streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from pipeline.codec import peek_header
+from pipeline.config import RedisConfig
+from pipeline.errors import ProtocolError
+from pipeline.server.metrics import ClusterMetrics
+from pipeline.server.redisstore import Command, RedisStore
+from pipeline.server.rooms import Room, RoomManager
+from pipeline.server.streams import StoredPacket, StreamState
+
+log = logging.getLogger("posewire.server")
+
+PACKET: Final = b"P"
+EVENT: Final = b"E"
+LOSSY: Final = 0x01
+RETRY_S: Final = 0.1
+"""Pause between two connection attempts."""
+SYNC_WAIT_S: Final = 1.0
+"""A join waits at most this long for its room's first sync (Redis away: it goes on)."""
+HISTORY_TTL_MS: Final = 300_000
+TRIM_EVERY: Final = 8
+MAX_VOLATILE: Final = 4096
+MAX_DURABLE: Final = 100_000
+BATCH: Final = 512
+
+
+@dataclass
+class RoomSync:
+    """What this node knows of one room's other nodes."""
+
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    members: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """Members on other nodes: id -> (node, info)."""
+    stream_nodes: dict[int, str] = field(default_factory=dict)
+    announced: dict[int, int] = field(default_factory=dict)
+    """Streams of this node's publishers announced in Redis -> packets sent."""
+    buffer: list[tuple[str, bytes]] | None = None
+    """Packets that arrived while the room is being synced (applied after)."""
+    synced_once: bool = False
+
+
+class Backplane:
+    """This node's link to the others (see the module docstring)."""
+
+    def __init__(self, cfg: RedisConfig, manager: RoomManager, store: RedisStore) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_id
+        self.p = cfg.key_prefix
+        self.manager = manager
+        self.store = store
+        self.history = manager.config.history_packets
+        self.metrics = ClusterMetrics()
+        self.connected = False
+        self.loaded = False
+        self.rooms: dict[str, RoomSync] = {}
+        self._origin = bytes([len(self.node)]) + self.node.encode()
+        self._volatile: deque[Command] = deque()
+        self._durable: deque[Command] = deque()
+        self._wake = asyncio.Event()
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[None]] = set()
+        store.sink = self._durable_cmds
+        manager.cluster = self
+
+    # ------------------------------------------------------------------ keys
+
+    def _ch(self, room: str) -> str:
+        return f"{self.p}:room:{room}"
+
+    def _key(self, kind: str, room: str) -> str:
+        return f"{self.p}:{kind}:{room}"
+
+    def _hist(self, room: str, sid: int) -> str:
+        return f"{self.p}:hist:{room}:{sid}"
+
+    def _node_key(self, node: str) -> str:
+        return f"{self.p}:node:{node}"
+
+    # ------------------------------------------------------------------ life
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name="posewire-redis"),
+            loop.create_task(self._writer(), name="posewire-redis-writer"),
+            loop.create_task(self._heartbeat(), name="posewire-redis-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        """Flush what is queued (briefly), remove this node's heartbeat, disconnect."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                while self.connected and (self._durable or self._volatile):
+                    await asyncio.sleep(0.01)
+        r = self._redis
+        if r is not None and self.connected:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await r.delete(self._node_key(self.node))
+        for task in [*self._tasks, *self._spawned]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        await self._disconnect()
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    def _client(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self.cfg.url,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+
+    async def _disconnect(self) -> None:
+        ps, r = self._pubsub, self._redis
+        self._pubsub = self._redis = None
+        with contextlib.suppress(RedisError, OSError):
+            if ps is not None:
+                await ps.aclose()
+            if r is not None:
+                await r.aclose()
+
+    async def _run(self) -> None:
+        first = True
+        while True:
+            listener: asyncio.Task[None] | None = None
+            try:
+                r = self._client()
+                self._redis = r
+                await r.ping()
+                ps = r.pubsub()
+                self._pubsub = ps
+                await ps.subscribe(self.store.channel)
+                await self.store.load(r)
+                await r.set(self._node_key(self.node), b"1", px=int(self.cfg.node_ttl_s * 1000))
+                self.connected = self.loaded = True
+                if not first:
+                    log.info("redis: connected again, resubscribing %d rooms", len(self.rooms))
+                first = False
+                self._wake.set()
+                listener = asyncio.get_running_loop().create_task(self._listen(ps))
+                for name, sync in self.rooms.items():
+                    sync.subscribed.clear()
+                    self._spawn(self._open_room(name))
+                await listener
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("redis: connection lost (%s)", exc)
+                    if await self._still_answers():
+                        self.metrics.pubsub_cuts += 1
+                        log.warning("redis: the subscription was cut (output-buffer limit?)")
+            finally:
+                was = self.connected
+                self.connected = False
+                if listener is not None:
+                    listener.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                        await listener
+                await self._disconnect()
+                if was:
+                    self.metrics.reconnects += 1
+            self._volatile.clear()
+            await asyncio.sleep(RETRY_S)
+
+    async def _still_answers(self) -> bool:
+        r = self._redis
+        if r is None:
+            return False
+        try:
+            async with asyncio.timeout(0.3):
+                await r.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return True
+
+    # ------------------------------------------------------------------ writes
+
+    def _durable_cmds(self, cmds: list[Command]) -> None:
+        """Store writes: kept until Redis took them (also across an outage)."""
+        if len(self._durable) + len(cmds) > MAX_DURABLE:
+            log.warning("redis: %d store writes queued, dropping the oldest", MAX_DURABLE)
+            for _ in cmds:
+                self._durable.popleft()
+        self._durable.extend(cmds)
+        self._wake.set()
+
+    def _send(self, *cmds: Command) -> bool:
+        """Volatile commands (packets, events, presence): dropped while Redis is away."""
+        if not self.connected or len(self._volatile) > MAX_VOLATILE:
+            return False
+        self._volatile.extend(cmds)
+        self._wake.set()
+        return True
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.connected and (self._durable or self._volatile):
+                r = self._redis
+                if r is None:
+                    break
+                durable = [self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))]
+                volatile = [
+                    self._volatile.popleft() for _ in range(min(BATCH, len(self._volatile)))
+                ]
+                pipe = r.pipeline(transaction=False)
+                for cmd in (*durable, *volatile):
+                    pipe.execute_command(*cmd)
+                try:
+                    await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError):
+                    self._durable.extendleft(reversed(durable))
+                    self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
+                    break
+
+    def _event(self, room: Room, obj: dict[str, Any]) -> None:
+        msg = EVENT + self._origin + json.dumps(obj).encode()
+        self._send(("PUBLISH", self._ch(room.name), msg))
+
+    # ------------------------------------------------------------------ Cluster (rooms.py)
+
+    def room_opened(self, room: Room) -> None:
+        if room.name in self.rooms:
+            return
+        self.rooms[room.name] = RoomSync()
+        info = json.dumps({"created_ns": room.created_ns, "created_by": room.created_by})
+        self._send(("HSETNX", f"{self.p}:rooms", room.name, info))
+        if self.connected:
+            self._spawn(self._open_room(room.name))
+
+    def room_gone(self, room: Room, *, closed: bool) -> None:
+        if closed:
+            self._event(room, {"t": "close"})
+        sync = self.rooms.pop(room.name, None)
+        if sync is not None:
+            for sid in sync.announced:
+                self._send(("HDEL", self._key("streams", room.name), sid))
+        ps = self._pubsub
+        if ps is not None and self.connected:
+            self._spawn(self._unsubscribe(ps, self._ch(room.name)))
+
+    async def _unsubscribe(self, ps: Any, channel: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await ps.unsubscribe(channel)
+
+    def broadcast(self, room: Room, obj: dict[str, Any]) -> None:
+        sync = self.rooms.get(room.name)
+        if obj.get("type") == "presence" and sync is not None:
+            info = obj["member"]
+            mid = str(info["id"])
+            key = self._key("members", room.name)
+            if obj.get("event") == "leave":
+                self._send(("HDEL", key, mid))
+                for sid in info.get("streams", ()):
+                    if sync.announced.pop(sid, None) is not None and sid not in room.streams:
+                        self._send(("HDEL", self._key("streams", room.name), sid))
+            else:
+                self._send(("HSET", key, mid, json.dumps([self.node, info])))
+                sync.members.pop(mid, None)  # resumed here from another node
+        self._event(room, {"t": "b", "obj": obj})
+
+    def published(self, room: Room, pkt: StoredPacket) -> None:
+        sync = self.rooms.get(room.name)
+        if sync is None or not self.connected:
+            self.metrics.dropped += 1
+            return
+        msg = PACKET + self._origin + bytes([LOSSY if pkt.lossy else 0]) + pkt.data
+        hist = self._hist(room.name, pkt.stream_id)
+        n = sync.announced.get(pkt.stream_id)
+        cmds: list[Command] = [("PUBLISH", self._ch(room.name), msg)]
+        if n is None:
+            cmds.append(("HSET", self._key("streams", room.name), pkt.stream_id, self.node))
+            n = 0
+        if pkt.keyframe:
+            cmds += [("DEL", hist), ("RPUSH", hist, msg), ("PEXPIRE", hist, HISTORY_TTL_MS)]
+        else:
+            cmds.append(("RPUSH", hist, msg))
+            if n % TRIM_EVERY == 0:
+                cmds.append(("LTRIM", hist, -self.history, -1))
+        sync.announced[pkt.stream_id] = n + 1
+        if self._send(*cmds):
+            self.metrics.packets_out += 1
+        else:
+            self.metrics.dropped += 1
+
+    def keyframe_request(self, room: Room, stream_id: int) -> None:
+        self._event(room, {"t": "kf", "sid": stream_id})
+
+    def kick(self, room: Room, member_id: str, by: str) -> bool:
+        sync = self.rooms.get(room.name)
+        if sync is None or member_id not in sync.members:
+            return False
+        self._event(room, {"t": "kick", "member": member_id, "by": by})
+        return True
+
+    def remote_members(self, room: Room) -> list[dict[str, Any]]:
+        sync = self.rooms.get(room.name)
+        if sync is None:
+            return []
+        return [info for mid, (_, info) in sync.members.items() if mid not in room.members]
+
+    async def synced(self, room: Room) -> None:
+        """Wait (at most :data:`SYNC_WAIT_S`) until ``room``'s remote state is known."""
+        sync = self.rooms.get(room.name)
+        if sync is None or sync.ready.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SYNC_WAIT_S):
+                await sync.ready.wait()
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _listen(self, ps: Any) -> None:
+        store_ch = self.store.channel.encode()
+        room_prefix = f"{self.p}:room:".encode()
+        async for msg in ps.listen():
+            kind, channel = msg["type"], msg["channel"]
+            if kind == "subscribe":
+                sync = self.rooms.get(channel[len(room_prefix) :].decode())
+                if sync is not None:
+                    sync.subscribed.set()
+            elif kind != "message":
+                continue
+            elif channel == store_ch:
+                self.store.apply(msg["data"])
+            else:
+                await self._on_room_message(channel[len(room_prefix) :].decode(), msg["data"])
+
+    async def _on_room_message(self, name: str, data: bytes) -> None:
+        n = data[1]
+        origin = data[2 : 2 + n].decode()
+        if origin == self.node:
+            return
+        room, sync = self.manager.rooms.get(name), self.rooms.get(name)
+        if room is None or sync is None:
+            return
+        body = data[2 + n :]
+        if data[:1] == PACKET:
+            self.metrics.packets_in += 1
+            if sync.buffer is not None:
+                sync.buffer.append((origin, body))
+            else:
+                pkt = self._apply_packet(room, sync, origin, body)
+                if pkt is not None:
+                    await room.relay(None, pkt)
+        elif data[:1] == EVENT:
+            self._on_event(room, sync, origin, json.loads(body))
+
+    def _apply_packet(
+        self, room: Room, sync: RoomSync, origin: str, body: bytes
+    ) -> StoredPacket | None:
+        data = body[1:]
+        try:
+            h = peek_header(data)
+        except ProtocolError:
+            return None
+        sid = h.stream_id
+        if sid in room.streams:
+            return None  # a publisher of this node owns it now
+        stream = room.remote.get(sid)
+        if stream is None:
+            stream = room.remote[sid] = StreamState[Any](sid, self.history)
+        sync.stream_nodes[sid] = origin
+        if stream.unordered(h.seq, h.epoch, h.keyframe, time.monotonic()) is not None:
+            return None
+        pkt = StoredPacket(sid, h.seq, h.ref_seq, h.keyframe, data, h.epoch, time.monotonic_ns())
+        stream.add(pkt)
+        pkt.lossy = bool(body[0] & LOSSY) and not h.keyframe
+        return pkt
+
+    def _on_event(self, room: Room, sync: RoomSync, origin: str, ev: dict[str, Any]) -> None:
+        kind = ev.get("t")
+        if kind == "b":
+            obj = ev["obj"]
+            if obj.get("type") == "presence":
+                info = obj["member"]
+                mid = str(info["id"])
+                if obj.get("event") == "leave":
+                    if sync.members.get(mid, (origin,))[0] != origin:
+                        return  # it resumed on another node meanwhile
+                    sync.members.pop(mid, None)
+                    for sid in info.get("streams", ()):
+                        if sync.stream_nodes.get(sid) == origin:
+                            room.remote.pop(sid, None)
+                            sync.stream_nodes.pop(sid, None)
+                else:
+                    sync.members[mid] = (origin, info)
+            room.broadcast(obj, remote=True)
+        elif kind == "kf":
+            sid = int(ev["sid"])
+            if sid in room.streams:
+                room.request_keyframe(sid)
+        elif kind == "kick":
+            if str(ev["member"]) in room.members:
+                self.manager.kick(room, str(ev["member"]), str(ev["by"]))
+        elif kind == "close":
+            self.manager.spawn(self.manager.close_room(room.name, remote=True))
+
+    # ------------------------------------------------------------------ sync
+
+    async def _open_room(self, name: str) -> None:
+        ps, sync = self._pubsub, self.rooms.get(name)
+        if ps is None or sync is None:
+            return
+        sync.buffer = []
+        try:
+            await ps.subscribe(self._ch(name))
+            async with asyncio.timeout(2.0):
+                await sync.subscribed.wait()
+            await self._sync(name, sync)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis: room %s not synced (%s)", name, exc)
+            sync.buffer = None
+
+    async def _sync(self, name: str, sync: RoomSync) -> None:
+        """Members, streams and histories of the other nodes; this node's members again."""
+        r = self._redis
+        room = self.manager.rooms.get(name)
+        if r is None or room is None:
+            return
+        members = await r.hgetall(self._key("members", name))
+        streams = await r.hgetall(self._key("streams", name))
+        found = {_text(k): json.loads(v) for k, v in members.items()}
+        owners = {int(k): _text(v) for k, v in streams.items()}
+        alive = await self._alive({n for n, _ in found.values()} | set(owners.values()))
+        fresh = {m: (n, i) for m, (n, i) in found.items() if n != self.node and n in alive}
+        histories: dict[int, tuple[str, list[bytes]]] = {}
+        for sid, node in owners.items():
+            if node != self.node and node in alive and sid not in room.streams:
+                raw = await r.lrange(self._hist(name, sid), 0, -1)
+                histories[sid] = (node, [m if isinstance(m, bytes) else m.encode() for m in raw])
+        # nothing awaited from here on: the state is swapped in one go
+        old, sync.members = sync.members, fresh
+        if sync.synced_once:
+            self.metrics.resyncs += 1
+            for mid in old.keys() - fresh.keys():
+                room.broadcast({"type": "presence", "event": "leave", "member": old[mid][1]},
+                               remote=True)  # fmt: skip
+            for mid in fresh.keys() - old.keys():
+                room.broadcast({"type": "presence", "event": "join", "member": fresh[mid][1]},
+                               remote=True)  # fmt: skip
+        room.remote.clear()
+        sync.stream_nodes.clear()
+        for node, msgs in histories.values():
+            for msg in msgs:
+                n = msg[1]
+                self._apply_packet(room, sync, node, msg[2 + n :])
+        pending, sync.buffer = sync.buffer or [], None
+        for origin, body in pending:
+            pkt = self._apply_packet(room, sync, origin, body)
+            if pkt is not None:
+                await room.relay(None, pkt)
+        if sync.synced_once:  # missed packets: the stored keyframe and history again
+            snaps = [s.snapshot() for s in room.remote.values()]
+            for m in room.subscribers:
+                for snap in snaps:
+                    m.post_snapshot(snap)
+        sync.synced_once = True
+        sync.ready.set()
+        key = self._key("members", name)
+        for m in room.members.values():
+            self._send(("HSET", key, m.id, json.dumps([self.node, m.info()])))
+        for sid in room.streams:
+            self._send(("HSET", self._key("streams", name), sid, self.node))
+
+    async def _alive(self, nodes: set[str]) -> set[str]:
+        r = self._redis
+        if not nodes or r is None:
+            return set()
+        order = sorted(nodes)
+        values = await r.mget([self._node_key(n) for n in order])
+        return {n for n, v in zip(order, values, strict=True) if v is not None}
+
+    async def _heartbeat(self) -> None:
+        period = self.cfg.node_ttl_s / 3
+        while True:
+            await asyncio.sleep(period)
+            r = self._redis
+            if r is None or not self.connected:
+                continue
+            try:
+                t0 = time.perf_counter()
+                await r.set(self._node_key(self.node), b"1", px=int(self.cfg.node_ttl_s * 1000))
+                self.metrics.rtt_ms.add((time.perf_counter() - t0) * 1000)
+                nodes = {n for s in self.rooms.values() for n, _ in s.members.values()}
+                nodes |= {n for s in self.rooms.values() for n in s.stream_nodes.values()}
+                alive = await self._alive(nodes)
+            except (RedisError, OSError):
+                continue
+            for dead in nodes - alive:
+                self._forget_node(dead)
+
+    def _forget_node(self, dead: str) -> None:
+        """``dead``'s heartbeat expired: its members leave, its streams end."""
+        self.metrics.dead_nodes += 1
+        log.warning("redis: node %s is gone (no heartbeat for %.1fs)", dead, self.cfg.node_ttl_s)
+        for name, sync in self.rooms.items():
+            room = self.manager.rooms.get(name)
+            if room is None:
+                continue
+            for mid, (node, info) in list(sync.members.items()):
+                if node == dead:
+                    del sync.members[mid]
+                    self._send(("HDEL", self._key("members", name), mid))
+                    room.broadcast({"type": "presence", "event": "leave", "member": info},
+                                   remote=True)  # fmt: skip
+            for sid, node in list(sync.stream_nodes.items()):
+                if node == dead:
+                    del sync.stream_nodes[sid]
+                    room.remote.pop(sid, None)
+                    self._send(("HDEL", self._key("streams", name), sid),
+                               ("DEL", self._hist(name, sid)))  # fmt: skip
+
+    def render(self) -> str:
+        queued = len(self._durable) + len(self._volatile)
+        return self.metrics.render(node=self.node, connected=self.connected, queued=queued)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
