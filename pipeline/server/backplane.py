@@ -105,6 +105,8 @@ class Backplane:
         self._volatile: deque[Command] = deque()
         self._durable: deque[Command] = deque()
         self._wake = asyncio.Event()
+        self._durable_in = self._durable_out = 0
+        self._progress = asyncio.Event()
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -237,6 +239,7 @@ class Backplane:
             for _ in cmds:
                 self._durable.popleft()
         self._durable.extend(cmds)
+        self._durable_in += len(cmds)
         self._wake.set()
 
     def _send(self, *cmds: Command) -> bool:
@@ -268,6 +271,18 @@ class Backplane:
                     self._durable.extendleft(reversed(durable))
                     self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
                     break
+                self._durable_out += len(durable)
+                self._progress.set()
+
+    async def flushed(self, limit_s: float = 1.0) -> bool:
+        """Wait until Redis took every store write queued so far (at most ``limit_s``)."""
+        target = self._durable_in
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit_s):
+                while self._durable_out < target:
+                    self._progress.clear()
+                    await self._progress.wait()
+        return self._durable_out >= target
 
     def _event(self, room: Room, obj: dict[str, Any]) -> None:
         msg = EVENT + self._origin + json.dumps(obj).encode()
@@ -447,10 +462,16 @@ class Backplane:
             if sid in room.streams:
                 room.request_keyframe(sid)
         elif kind == "kick":
-            if str(ev["member"]) in room.members:
-                self.manager.kick(room, str(ev["member"]), str(ev["by"]))
+            target = room.members.get(str(ev["member"]))
+            if target is not None:  # recorded in Redis (every node) before it is closed
+                self.manager.kicks.kick(target.claims, room.name)
+                self._spawn(self._kick_after_flush(room, target.id, str(ev["by"])))
         elif kind == "close":
             self.manager.spawn(self.manager.close_room(room.name, remote=True))
+
+    async def _kick_after_flush(self, room: Room, member_id: str, by: str) -> None:
+        await self.flushed()
+        self.manager.kick(room, member_id, by)
 
     # ------------------------------------------------------------------ sync
 
