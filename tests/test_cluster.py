@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +95,15 @@ def redis(tmp_path: Path) -> Iterator[RedisProcess]:
         shutil.rmtree(tmp_path / "redis", ignore_errors=True)
 
 
+def _two_nodes(redis: RedisProcess) -> list[ServeProcess]:
+    """Nodes A and B, started side by side (a process start takes seconds in CI)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda name: _node(redis, name), ("A", "B")))
+
+
 @pytest.fixture
 def nodes(redis: RedisProcess) -> Iterator[list[ServeProcess]]:
-    a = _node(redis, "A")
-    b = _node(redis, "B")
-    out = [a, b]
+    out = _two_nodes(redis)
     try:
         yield out
     finally:
@@ -237,7 +242,7 @@ def test_kicked_member_is_refused_by_every_node_and_after_restarts(
         n.stop()
     redis.stop()
     redis.start()
-    nodes[:] = [_node(redis, "A"), _node(redis, "B")]
+    nodes[:] = _two_nodes(redis)
     asyncio.run(refused(nodes[0]))
     asyncio.run(refused(nodes[1]))
 
