@@ -68,6 +68,15 @@ class RedisProcess:
         except OSError:
             return False
 
+    def command(self, *args: str) -> bytes:
+        """One command (RESP), its raw reply."""
+        parts = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            parts.append(f"${len(a.encode())}\r\n{a}\r\n".encode())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"".join(parts))
+            return s.recv(65536)
+
     def stop(self) -> None:
         """SIGTERM (Redis writes its append-only file and exits)."""
         if self.proc is not None:

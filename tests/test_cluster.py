@@ -278,6 +278,14 @@ def test_redis_restart_cross_node_delivery_resumes_within_2s(
             for n in (a, b):
                 assert _metric(n, "posewire_server_cluster_reconnects_total") >= 1
             assert _metric(b, "posewire_server_cluster_resyncs_total") >= 1
+            # a subscription cut while Redis answers (what its output-buffer limit does)
+            assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":")
+            await _until(
+                lambda: _metric(b, "posewire_server_cluster_pubsub_cuts_total") >= 1, 10, "a cut"
+            )
+            seen = rb.decoded
+            await rb.run(10, until=lambda: rb.decoded > seen + 5)
+            assert rb.decoded > seen + 5 and rb.streams[7].bad_packets == 0
         finally:
             stop.set()
             await task

@@ -1,34 +1,17 @@
 """Room-server nodes sharing rooms through Redis (``server.redis``; docs/scaling.md).
 
-Imported only when ``server.redis`` is configured (the single-node path never
-imports redis). One :class:`Backplane` per node implements the room manager's
-:class:`~pipeline.server.rooms.Cluster`:
-
-* **Packets**: a packet a member of this node published is sent to Redis once
-  (``PUBLISH`` on the room channel ``P:room:<room>``; binary: ``b"P"``, the
-  origin node id, a flags byte, the packet bytes unchanged), whatever the
-  number of subscribers anywhere; each node subscribed to the room relays it to
-  its own subscribers through the room's fan-out (WebSocket and WebRTC members
-  alike) and keeps the stream's keyframe and history (:attr:`Room.remote
-  <pipeline.server.rooms.Room.remote>`). A node subscribes to the channel of
-  every room it has members in, and drops its own messages (origin check).
-* **Shared state**: the stream's keyframe and history (list ``P:hist:<room>:<sid>``,
-  the same messages), which node owns a stream (hash ``P:streams:<room>``), the
-  members (hash ``P:members:<room>``: id -> node + info), the rooms (hash
-  ``P:rooms``), each node's heartbeat (``P:node:<id>``, expiring after
-  ``node_ttl_s``); the store records (:mod:`pipeline.server.redisstore`).
-* **Events** on the room channel (``b"E"`` + JSON): presence and moderator
-  broadcasts, keyframe requests for a stream of another node, kicks of a member
-  of another node, a room closed.
-* **Failures**: one task keeps the connection: on any loss it reconnects (every
-  :data:`RETRY_S`), loads the store, subscribes again to every room (redis-py's
-  PubSub does not resubscribe by itself: redis-py#2089) and *resyncs* each room
-  (members, streams and their history fetched, the history re-sent to local
-  subscribers, so they decode again at once). Packets of this node are dropped
-  (counted) while Redis is away; local relaying never waits for Redis. A
-  subscription cut while Redis still answers (its pub/sub output-buffer limit)
-  is counted apart. A node whose heartbeat key expired is dead: the others
-  remove its members (presence ``leave``) and its streams.
+Imported only when ``server.redis`` is configured. :class:`Backplane` is the
+room manager's :class:`~pipeline.server.rooms.Cluster`: a packet a member of
+this node published goes to Redis once (``PUBLISH`` on ``P:room:<room>``:
+``b"P"``, origin node, flags byte, the packet bytes unchanged) and into the
+stream's history list; every node subscribed to the room relays it to its own
+subscribers (WebSocket and WebRTC alike) and keeps the stream in
+:attr:`Room.remote <pipeline.server.rooms.Room.remote>`. Presence, moderator
+broadcasts, keyframe requests, kicks and closes cross as events (``b"E"`` +
+JSON). One task keeps the connection: on a loss it reconnects, loads the store,
+subscribes again (redis-py's PubSub does not: redis-py#2089) and resyncs every
+room (members, streams, history re-sent to local subscribers). Local relaying
+never waits for Redis. The key layout and failure behaviour: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -457,6 +440,13 @@ class Backplane:
                 else:
                     sync.members[mid] = (origin, info)
             room.broadcast(obj, remote=True)
+        elif kind == "hello":  # a node (re)synced: its members, in case they were missed
+            for info in ev["members"]:
+                mid = str(info["id"])
+                if mid not in sync.members and mid not in room.members:
+                    sync.members[mid] = (origin, info)
+                    room.broadcast({"type": "presence", "event": "join", "member": info},
+                                   remote=True)  # fmt: skip
         elif kind == "kf":
             sid = int(ev["sid"])
             if sid in room.streams:
@@ -539,6 +529,8 @@ class Backplane:
             self._send(("HSET", key, m.id, json.dumps([self.node, m.info()])))
         for sid in room.streams:
             self._send(("HSET", self._key("streams", name), sid, self.node))
+        if room.members:
+            self._event(room, {"t": "hello", "members": [m.info() for m in room.members.values()]})
 
     async def _alive(self, nodes: set[str]) -> set[str]:
         r = self._redis

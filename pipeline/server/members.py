@@ -110,7 +110,7 @@ def repair_keyframe(state: ServerState, member: Member, stream_id: int) -> None:
     :data:`REPAIR_INTERVAL_S` per stream; the publisher is asked only when nothing
     is stored (or over the WebSocket)."""
     room = member.room
-    stream = room.streams.get(stream_id)
+    stream = room.streams.get(stream_id) or room.remote.get(stream_id)  # remote: a cluster
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
         return
