@@ -47,7 +47,7 @@ class RedisProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
+             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--protected-mode", "yes", "--loglevel", "warning", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -35,6 +35,7 @@ from pipeline.config import RedisConfig
 from pipeline.errors import ProtocolError
 from pipeline.server.metrics import ClusterMetrics
 from pipeline.server.redisstore import Command, RedisStore
+from pipeline.server.resp import Subscriber, Writer, encode
 from pipeline.server.rooms import Room, RoomManager
 from pipeline.server.streams import StoredPacket, StreamState
 
@@ -91,7 +92,8 @@ class Backplane:
         self._durable_in = self._durable_out = 0
         self._progress = asyncio.Event()
         self._redis: aioredis.Redis | None = None
-        self._pubsub: Any = None
+        self._sub: Subscriber | None = None
+        self._wr: Writer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[None]] = set()
         store.sink = self._durable_cmds
@@ -152,12 +154,13 @@ class Backplane:
         )
 
     async def _disconnect(self) -> None:
-        ps, r = self._pubsub, self._redis
-        self._pubsub = self._redis = None
-        with contextlib.suppress(RedisError, OSError):
-            if ps is not None:
-                await ps.aclose()
-            if r is not None:
+        sub, wr, r = self._sub, self._wr, self._redis
+        self._sub, self._wr, self._redis = None, None, None
+        for conn in (sub, wr):
+            if conn is not None:
+                conn.close()
+        if r is not None:
+            with contextlib.suppress(RedisError, OSError):
                 await r.aclose()
 
     async def _run(self) -> None:
@@ -168,9 +171,9 @@ class Backplane:
                 r = self._client()
                 self._redis = r
                 await r.ping()
-                ps = r.pubsub()
-                self._pubsub = ps
-                await ps.subscribe(self.store.channel)
+                sub = self._sub = await Subscriber.connect(self.cfg.url)
+                sub.subscribe(self.store.channel)
+                self._wr = await Writer.connect(self.cfg.url)
                 await self.store.load(r)
                 await r.set(self._node_key(self.node), b"1", px=int(self.cfg.node_ttl_s * 1000))
                 self.connected = self.loaded = True
@@ -178,12 +181,12 @@ class Backplane:
                     log.info("redis: connected again, resubscribing %d rooms", len(self.rooms))
                 first = False
                 self._wake.set()
-                listener = asyncio.get_running_loop().create_task(self._listen(ps))
+                listener = asyncio.get_running_loop().create_task(self._listen(sub))
                 for name, sync in self.rooms.items():
                     sync.subscribed.clear()
                     self._spawn(self._open_room(name))
                 await listener
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 if self.connected:
                     log.warning("redis: connection lost (%s)", exc)
                     if await self._still_answers():
@@ -238,19 +241,17 @@ class Backplane:
             await self._wake.wait()
             self._wake.clear()
             while self.connected and (self._durable or self._volatile):
-                r = self._redis
-                if r is None:
+                wr = self._wr
+                if wr is None:
                     break
                 durable = [self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))]
                 volatile = [
                     self._volatile.popleft() for _ in range(min(BATCH, len(self._volatile)))
                 ]
-                pipe = r.pipeline(transaction=False)
-                for cmd in (*durable, *volatile):
-                    pipe.execute_command(*cmd)
+                payload = b"".join([encode(*cmd) for cmd in (*durable, *volatile)])
                 try:
-                    await pipe.execute(raise_on_error=False)
-                except (RedisError, OSError):
+                    await wr.send(payload, len(durable) + len(volatile))
+                except OSError:
                     self._durable.extendleft(reversed(durable))
                     self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
                     break
@@ -289,13 +290,8 @@ class Backplane:
         if sync is not None:
             for sid in sync.announced:
                 self._send(("HDEL", self._key("streams", room.name), sid))
-        ps = self._pubsub
-        if ps is not None and self.connected:
-            self._spawn(self._unsubscribe(ps, self._ch(room.name)))
-
-    async def _unsubscribe(self, ps: Any, channel: str) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await ps.unsubscribe(channel)
+        if self._sub is not None and self.connected:
+            self._sub.unsubscribe(self._ch(room.name))
 
     def broadcast(self, room: Room, obj: dict[str, Any]) -> None:
         sync = self.rooms.get(room.name)
@@ -364,21 +360,21 @@ class Backplane:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _listen(self, ps: Any) -> None:
+    async def _listen(self, sub: Subscriber) -> None:
         store_ch = self.store.channel.encode()
-        room_prefix = f"{self.p}:room:".encode()
-        async for msg in ps.listen():
-            kind, channel = msg["type"], msg["channel"]
-            if kind == "subscribe":
-                sync = self.rooms.get(channel[len(room_prefix) :].decode())
-                if sync is not None:
-                    sync.subscribed.set()
-            elif kind != "message":
-                continue
-            elif channel == store_ch:
-                self.store.apply(msg["data"])
-            else:
-                await self._on_room_message(channel[len(room_prefix) :].decode(), msg["data"])
+        skip = len(f"{self.p}:room:")
+        while True:
+            for push in await sub.pushes():
+                kind, channel = push[0], push[1]
+                if kind == b"message":
+                    if channel == store_ch:
+                        self.store.apply(push[2])
+                    else:
+                        await self._on_room_message(channel[skip:].decode(), push[2])
+                elif kind == b"subscribe":
+                    sync = self.rooms.get(channel[skip:].decode())
+                    if sync is not None:
+                        sync.subscribed.set()
 
     async def _on_room_message(self, name: str, data: bytes) -> None:
         n = data[1]
@@ -466,12 +462,12 @@ class Backplane:
     # ------------------------------------------------------------------ sync
 
     async def _open_room(self, name: str) -> None:
-        ps, sync = self._pubsub, self.rooms.get(name)
-        if ps is None or sync is None:
+        sub, sync = self._sub, self.rooms.get(name)
+        if sub is None or sync is None:
             return
         sync.buffer = []
         try:
-            await ps.subscribe(self._ch(name))
+            sub.subscribe(self._ch(name))
             async with asyncio.timeout(2.0):
                 await sync.subscribed.wait()
             await self._sync(name, sync)

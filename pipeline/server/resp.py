@@ -1,0 +1,173 @@
+"""The backplane's hot path to Redis: raw RESP2 on two plain asyncio connections.
+
+redis-py's pipeline and PubSub objects cost a few hundred microseconds of
+Python per packet (measured: docs/scaling.md); the relay sends one ``PUBLISH``
+(and a history ``RPUSH``) per packet and receives one message per packet, so
+these two connections speak the protocol directly:
+
+* :class:`Writer`: commands whose replies are all one line (``+OK``,
+  ``:<n>``, ``-ERR``: ``PUBLISH``, ``RPUSH``, ``LTRIM``, ``DEL``, ``PEXPIRE``,
+  ``SET``, ``HSET``, ``HSETNX``, ``HDEL``), written in batches; :meth:`Writer.send`
+  returns once Redis answered every command of the batch (the replies are
+  counted, never needed).
+* :class:`Subscriber`: ``SUBSCRIBE``/``UNSUBSCRIBE`` and the pushed
+  ``message`` / ``subscribe`` arrays, parsed from one buffer.
+
+Both raise :class:`ConnectionError` when the connection is lost. Everything
+else (loading the store, syncing a room) uses redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio.connection import parse_url
+
+Push = list[Any]
+"""A pushed array: ``[b"message", channel, data]``, ``[b"subscribe", channel, count]``."""
+
+
+def encode(*args: Any) -> bytes:
+    """One command in RESP2 (bulk strings; ints and strs encoded)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+async def open_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the Redis of ``url`` (redis:// or unix://), authenticated, with
+    its database selected."""
+    kw: dict[str, Any] = dict(parse_url(url))
+    if "connection_class" in kw and "path" not in kw:
+        raise ConnectionError("the backplane's fast path does not speak TLS (rediss://)")
+    async with asyncio.timeout(2.0):
+        if "path" in kw:
+            reader, writer = await asyncio.open_unix_connection(kw["path"], limit=1 << 20)
+        else:
+            host, port = kw.get("host", "127.0.0.1"), kw.get("port", 6379)
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        hello = b""
+        if kw.get("password"):
+            user = kw.get("username")
+            hello += encode("AUTH", *([user] if user else []), kw["password"])
+        if kw.get("db"):
+            hello += encode("SELECT", kw["db"])
+        if hello:
+            writer.write(hello)
+            for _ in range(hello.count(b"*")):
+                line = await reader.readline()
+                if not line.startswith(b"+"):
+                    writer.close()
+                    raise ConnectionError(f"redis refused: {line.decode(errors='replace')}")
+    return reader, writer
+
+
+class Writer:
+    """Batches of single-line-reply commands on one connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.errors = 0
+        """``-ERR`` replies seen (a command Redis refused, e.g. WRONGTYPE)."""
+
+    @classmethod
+    async def connect(cls, url: str) -> Writer:
+        return cls(*await open_connection(url))
+
+    async def send(self, payload: bytes, commands: int) -> None:
+        """Write ``payload`` (``commands`` encoded commands), wait for every reply."""
+        w = self._writer
+        w.write(payload)
+        await w.drain()
+        left = commands
+        prev = b"\n"
+        while left > 0:
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            joined = prev + chunk  # a reply's CRLF split between two reads counts once
+            left -= joined.count(b"\r\n") - prev.count(b"\r\n")
+            self.errors += joined.count(b"\n-")
+            prev = chunk[-1:]
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class Subscriber:
+    """A subscribed connection: :meth:`subscribe` / :meth:`unsubscribe`, then
+    :meth:`pushes` yields every pushed array."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._buf = b""
+
+    @classmethod
+    async def connect(cls, url: str) -> Subscriber:
+        return cls(*await open_connection(url))
+
+    def subscribe(self, *channels: str) -> None:
+        if channels:
+            self._writer.write(encode("SUBSCRIBE", *channels))
+
+    def unsubscribe(self, *channels: str) -> None:
+        if channels:
+            self._writer.write(encode("UNSUBSCRIBE", *channels))
+
+    async def pushes(self) -> list[Push]:
+        """The next pushed arrays (at least one); :class:`ConnectionError` when cut."""
+        while True:
+            out: list[Push] = []
+            pos = 0
+            buf = self._buf
+            while True:
+                got = _array(buf, pos)
+                if got is None:
+                    break
+                item, pos = got
+                out.append(item)
+            self._buf = buf[pos:]
+            if out:
+                return out
+            chunk = await self._reader.read(1 << 16)
+            if not chunk:
+                raise ConnectionError("redis closed the subscription")
+            self._buf += chunk
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _array(buf: bytes, pos: int) -> tuple[Push, int] | None:
+    """One array of bulk strings and integers at ``pos``, or None (incomplete)."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    if buf[pos : pos + 1] != b"*":
+        raise ConnectionError(f"unexpected RESP from redis: {buf[pos : pos + 32]!r}")
+    n = int(buf[pos + 1 : end])
+    pos = end + 2
+    items: Push = []
+    for _ in range(n):
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        kind = buf[pos : pos + 1]
+        if kind == b"$":
+            size = int(buf[pos + 1 : end])
+            start = end + 2
+            if len(buf) < start + size + 2:
+                return None
+            items.append(buf[start : start + size])
+            pos = start + size + 2
+        elif kind == b":":
+            items.append(int(buf[pos + 1 : end]))
+            pos = end + 2
+        else:
+            raise ConnectionError(f"unexpected RESP from redis: {buf[pos : pos + 32]!r}")
+    return items, pos
