@@ -260,7 +260,7 @@ class AudioConfig(ConfigModel):
 class RedisConfig(ConfigModel):
     """Room-server nodes sharing rooms through Redis (``docs/scaling.md``)."""
 
-    url: str = Field(pattern=r"^(redis|rediss|unix)://\S+$", description="redis://HOST:PORT/DB")
+    url: str = Field(pattern=r"^(redis|unix)://\S+$", description="redis://HOST:PORT/DB")
     node_id: str = Field(
         pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="This node's id, unique in the cluster."
     )

@@ -241,22 +241,32 @@ class Backplane:
             await self._wake.wait()
             self._wake.clear()
             while self.connected and (self._durable or self._volatile):
-                wr = self._wr
-                if wr is None:
+                wr, r = self._wr, self._redis
+                if wr is None or r is None:
                     break
-                durable = [self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))]
-                volatile = [
-                    self._volatile.popleft() for _ in range(min(BATCH, len(self._volatile)))
-                ]
-                payload = b"".join([encode(*cmd) for cmd in (*durable, *volatile)])
-                try:
-                    await wr.send(payload, len(durable) + len(volatile))
-                except OSError:
-                    self._durable.extendleft(reversed(durable))
-                    self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
-                    break
-                self._durable_out += len(durable)
-                self._progress.set()
+                if self._volatile:  # no replies on this connection (CLIENT REPLY OFF)
+                    volatile = [
+                        self._volatile.popleft() for _ in range(min(BATCH, len(self._volatile)))
+                    ]
+                    try:
+                        await wr.send(b"".join([encode(*cmd) for cmd in volatile]))
+                    except OSError:
+                        self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
+                        break
+                if self._durable:  # store writes: acknowledged, kept until Redis took them
+                    durable = [
+                        self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))
+                    ]
+                    pipe = r.pipeline(transaction=False)
+                    for cmd in durable:
+                        pipe.execute_command(*cmd)
+                    try:
+                        await pipe.execute(raise_on_error=False)
+                    except (RedisError, OSError):
+                        self._durable.extendleft(reversed(durable))
+                        break
+                    self._durable_out += len(durable)
+                    self._progress.set()
 
     async def flushed(self, limit_s: float = 1.0) -> bool:
         """Wait until Redis took every store write queued so far (at most ``limit_s``)."""

@@ -5,11 +5,10 @@ Python per packet (measured: docs/scaling.md); the relay sends one ``PUBLISH``
 (and a history ``RPUSH``) per packet and receives one message per packet, so
 these two connections speak the protocol directly:
 
-* :class:`Writer`: commands whose replies are all one line (``+OK``,
-  ``:<n>``, ``-ERR``: ``PUBLISH``, ``RPUSH``, ``LTRIM``, ``DEL``, ``PEXPIRE``,
-  ``SET``, ``HSET``, ``HSETNX``, ``HDEL``), written in batches; :meth:`Writer.send`
-  returns once Redis answered every command of the batch (the replies are
-  counted, never needed).
+* :class:`Writer`: the packets and events (``PUBLISH``, the history ``RPUSH``,
+  presence ``HSET``...), written in batches with Redis' replies switched off
+  (``CLIENT REPLY OFF``): nothing to wait for or read per packet. Store writes,
+  which must be acknowledged, go through redis-py.
 * :class:`Subscriber`: ``SUBSCRIBE``/``UNSUBSCRIBE`` and the pushed
   ``message`` / ``subscribe`` arrays, parsed from one buffer.
 
@@ -66,33 +65,26 @@ async def open_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.Strea
 
 
 class Writer:
-    """Batches of single-line-reply commands on one connection."""
+    """Commands on one connection whose replies are switched off (``CLIENT REPLY OFF``):
+    writing never waits for Redis, and nothing comes back to read."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self.errors = 0
-        """``-ERR`` replies seen (a command Redis refused, e.g. WRONGTYPE)."""
 
     @classmethod
     async def connect(cls, url: str) -> Writer:
-        return cls(*await open_connection(url))
+        reader, writer = await open_connection(url)
+        writer.write(encode("CLIENT", "REPLY", "OFF"))
+        return cls(reader, writer)
 
-    async def send(self, payload: bytes, commands: int) -> None:
-        """Write ``payload`` (``commands`` encoded commands), wait for every reply."""
+    async def send(self, payload: bytes) -> None:
+        """Write ``payload`` (encoded commands); :class:`ConnectionError` when cut."""
         w = self._writer
+        if w.is_closing():
+            raise ConnectionError("redis connection closed")
         w.write(payload)
         await w.drain()
-        left = commands
-        prev = b"\n"
-        while left > 0:
-            chunk = await self._reader.read(65536)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            joined = prev + chunk  # a reply's CRLF split between two reads counts once
-            left -= joined.count(b"\r\n") - prev.count(b"\r\n")
-            self.errors += joined.count(b"\n-")
-            prev = chunk[-1:]
 
     def close(self) -> None:
         self._writer.close()
