@@ -22,7 +22,6 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -30,20 +29,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from pipeline.codec import peek_header
 from pipeline.config import RedisConfig
-from pipeline.errors import ProtocolError
 from pipeline.server.metrics import ClusterMetrics
 from pipeline.server.redisstore import Command, RedisStore
 from pipeline.server.resp import Subscriber, Writer, encode
 from pipeline.server.rooms import Room, RoomManager
-from pipeline.server.streams import StoredPacket, StreamState
+from pipeline.server.roomsync import EVENT, LOSSY, PACKET, RoomSync
+from pipeline.server.streams import StoredPacket
 
 log = logging.getLogger("posewire.server")
 
-PACKET: Final = b"P"
-EVENT: Final = b"E"
-LOSSY: Final = 0x01
 RETRY_S: Final = 0.1
 """Pause between two connection attempts."""
 SYNC_WAIT_S: Final = 1.0
@@ -53,22 +48,6 @@ TRIM_EVERY: Final = 8
 MAX_VOLATILE: Final = 4096
 MAX_DURABLE: Final = 100_000
 BATCH: Final = 512
-
-
-@dataclass
-class RoomSync:
-    """What this node knows of one room's other nodes."""
-
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    members: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
-    """Members on other nodes: id -> (node, info)."""
-    stream_nodes: dict[int, str] = field(default_factory=dict)
-    announced: dict[int, int] = field(default_factory=dict)
-    """Streams of this node's publishers announced in Redis -> packets sent."""
-    buffer: list[tuple[str, bytes]] | None = None
-    """Packets that arrived while the room is being synced (applied after)."""
-    synced_once: bool = False
 
 
 class Backplane:
@@ -103,6 +82,9 @@ class Backplane:
 
     def _ch(self, room: str) -> str:
         return f"{self.p}:room:{room}"
+
+    def _pkt(self, room: str) -> str:
+        return f"{self.p}:pkt:{room}"
 
     def _key(self, kind: str, room: str) -> str:
         return f"{self.p}:{kind}:{room}"
@@ -184,7 +166,8 @@ class Backplane:
                 listener = asyncio.get_running_loop().create_task(self._listen(sub))
                 for name, sync in self.rooms.items():
                     sync.subscribed.clear()
-                    self._spawn(self._open_room(name))
+                    sync.pkt_subscribed.clear()
+                    self._spawn(self._open_room(name, again=True))
                 await listener
             except (RedisError, OSError, TimeoutError) as exc:
                 if self.connected:
@@ -301,7 +284,19 @@ class Backplane:
             for sid in sync.announced:
                 self._send(("HDEL", self._key("streams", room.name), sid))
         if self._sub is not None and self.connected:
-            self._sub.unsubscribe(self._ch(room.name))
+            self._sub.unsubscribe(self._ch(room.name), self._pkt(room.name))
+
+    def subscribers_changed(self, room: Room) -> None:
+        """The last subscriber here left: no more packets of the room for this node."""
+        sync = self.rooms.get(room.name)
+        if sync is None or room.subscribers or not sync.packets:
+            return
+        sync.packets = False
+        sync.pkt_subscribed.clear()
+        room.remote.clear()
+        sync.stream_nodes.clear()
+        if self._sub is not None and self.connected:
+            self._sub.unsubscribe(self._pkt(room.name))
 
     def broadcast(self, room: Room, obj: dict[str, Any]) -> None:
         sync = self.rooms.get(room.name)
@@ -327,7 +322,7 @@ class Backplane:
         msg = PACKET + self._origin + bytes([LOSSY if pkt.lossy else 0]) + pkt.data
         hist = self._hist(room.name, pkt.stream_id)
         n = sync.announced.get(pkt.stream_id)
-        cmds: list[Command] = [("PUBLISH", self._ch(room.name), msg)]
+        cmds: list[Command] = [("PUBLISH", self._pkt(room.name), msg)]
         if n is None:
             cmds.append(("HSET", self._key("streams", room.name), pkt.stream_id, self.node))
             n = 0
@@ -359,10 +354,18 @@ class Backplane:
             return []
         return [info for mid, (_, info) in sync.members.items() if mid not in room.members]
 
-    async def synced(self, room: Room) -> None:
-        """Wait (at most :data:`SYNC_WAIT_S`) until ``room``'s remote state is known."""
+    async def synced(self, room: Room, *, subscriber: bool) -> None:
+        """Wait (at most :data:`SYNC_WAIT_S`) until ``room``'s remote state is known; a
+        ``subscriber`` joining: also the other nodes' streams (their packets from now on)."""
         sync = self.rooms.get(room.name)
-        if sync is None or sync.ready.is_set():
+        if sync is None:
+            return
+        if subscriber and not sync.packets:
+            sync.packets = True
+            sync.ready.clear()
+            if self.connected:
+                self._spawn(self._open_room(room.name))
+        if sync.ready.is_set():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SYNC_WAIT_S):
@@ -372,19 +375,19 @@ class Backplane:
 
     async def _listen(self, sub: Subscriber) -> None:
         store_ch = self.store.channel.encode()
-        skip = len(f"{self.p}:room:")
+        events, packets = f"{self.p}:room:".encode(), f"{self.p}:pkt:".encode()
         while True:
             for push in await sub.pushes():
                 kind, channel = push[0], push[1]
+                pkt = channel.startswith(packets)
+                name = channel[len(packets if pkt else events) :].decode()
                 if kind == b"message":
                     if channel == store_ch:
                         self.store.apply(push[2])
                     else:
-                        await self._on_room_message(channel[skip:].decode(), push[2])
-                elif kind == b"subscribe":
-                    sync = self.rooms.get(channel[skip:].decode())
-                    if sync is not None:
-                        sync.subscribed.set()
+                        await self._on_room_message(name, push[2])
+                elif kind == b"subscribe" and (sync := self.rooms.get(name)) is not None:
+                    (sync.pkt_subscribed if pkt else sync.subscribed).set()
 
     async def _on_room_message(self, name: str, data: bytes) -> None:
         n = data[1]
@@ -396,63 +399,26 @@ class Backplane:
             return
         body = data[2 + n :]
         if data[:1] == PACKET:
+            if not sync.packets:
+                return  # in flight when this node unsubscribed
             self.metrics.packets_in += 1
             if sync.buffer is not None:
                 sync.buffer.append((origin, body))
             else:
-                pkt = self._apply_packet(room, sync, origin, body)
+                pkt = sync.apply_packet(room, origin, body, self.history)
                 if pkt is not None:
                     await room.relay(None, pkt)
         elif data[:1] == EVENT:
             self._on_event(room, sync, origin, json.loads(body))
 
-    def _apply_packet(
-        self, room: Room, sync: RoomSync, origin: str, body: bytes
-    ) -> StoredPacket | None:
-        data = body[1:]
-        try:
-            h = peek_header(data)
-        except ProtocolError:
-            return None
-        sid = h.stream_id
-        if sid in room.streams:
-            return None  # a publisher of this node owns it now
-        stream = room.remote.get(sid)
-        if stream is None:
-            stream = room.remote[sid] = StreamState[Any](sid, self.history)
-        sync.stream_nodes[sid] = origin
-        if stream.unordered(h.seq, h.epoch, h.keyframe, time.monotonic()) is not None:
-            return None
-        pkt = StoredPacket(sid, h.seq, h.ref_seq, h.keyframe, data, h.epoch, time.monotonic_ns())
-        stream.add(pkt)
-        pkt.lossy = bool(body[0] & LOSSY) and not h.keyframe
-        return pkt
-
     def _on_event(self, room: Room, sync: RoomSync, origin: str, ev: dict[str, Any]) -> None:
         kind = ev.get("t")
         if kind == "b":
             obj = ev["obj"]
-            if obj.get("type") == "presence":
-                info = obj["member"]
-                mid = str(info["id"])
-                if obj.get("event") == "leave":
-                    if sync.members.get(mid, (origin,))[0] != origin:
-                        return  # it resumed on another node meanwhile
-                    sync.members.pop(mid, None)
-                    for sid in info.get("streams", ()):
-                        if sync.stream_nodes.get(sid) == origin:
-                            room.remote.pop(sid, None)
-                            sync.stream_nodes.pop(sid, None)
-                else:
-                    sync.members[mid] = (origin, info)
-            room.broadcast(obj, remote=True)
+            if obj.get("type") != "presence" or sync.presence(room, origin, obj):
+                room.broadcast(obj, remote=True)
         elif kind == "hello":  # a node (re)synced: its members, in case they were missed
-            for info in ev["members"]:
-                mid = str(info["id"])
-                if mid not in sync.members and mid not in room.members:
-                    sync.members[mid] = (origin, info)
-                    room.broadcast({"type": "presence", "event": "join", "member": info},
-                                   remote=True)  # fmt: skip
+            sync.hello(room, origin, ev["members"])
         elif kind == "kf":
             sid = int(ev["sid"])
             if sid in room.streams:
@@ -471,22 +437,37 @@ class Backplane:
 
     # ------------------------------------------------------------------ sync
 
-    async def _open_room(self, name: str) -> None:
+    async def _open_room(self, name: str, *, again: bool = False) -> None:
+        """Subscribe to the room's events (and packets, while it has subscribers here),
+        then sync; ``again``: after a lost connection (a *resync*)."""
         sub, sync = self._sub, self.rooms.get(name)
-        if sub is None or sync is None:
+        if sub is None or sync is None or sync.opening:
             return
-        sync.buffer = []
+        sync.opening = True
         try:
-            sub.subscribe(self._ch(name))
-            async with asyncio.timeout(2.0):
-                await sync.subscribed.wait()
-            await self._sync(name, sync)
+            while True:
+                want = sync.packets
+                sync.buffer = [] if want else None
+                if not sync.subscribed.is_set():
+                    sub.subscribe(self._ch(name))
+                if want and not sync.pkt_subscribed.is_set():
+                    sub.subscribe(self._pkt(name))
+                async with asyncio.timeout(2.0):
+                    await sync.subscribed.wait()
+                    if want:
+                        await sync.pkt_subscribed.wait()
+                await self._sync(name, sync, packets=want, again=again)
+                if sync.packets == want or not self.connected:
+                    break
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis: room %s not synced (%s)", name, exc)
             sync.buffer = None
+        finally:
+            sync.opening = False
 
-    async def _sync(self, name: str, sync: RoomSync) -> None:
-        """Members, streams and histories of the other nodes; this node's members again."""
+    async def _sync(self, name: str, sync: RoomSync, *, packets: bool, again: bool) -> None:
+        """Members (and, for ``packets``, streams and histories) of the other nodes; this
+        node's members again."""
         r = self._redis
         room = self.manager.rooms.get(name)
         if r is None or room is None:
@@ -498,32 +479,34 @@ class Backplane:
         alive = await self._alive({n for n, _ in found.values()} | set(owners.values()))
         fresh = {m: (n, i) for m, (n, i) in found.items() if n != self.node and n in alive}
         histories: dict[int, tuple[str, list[bytes]]] = {}
-        for sid, node in owners.items():
+        for sid, node in owners.items() if packets else ():
             if node != self.node and node in alive and sid not in room.streams:
                 raw = await r.lrange(self._hist(name, sid), 0, -1)
                 histories[sid] = (node, [m if isinstance(m, bytes) else m.encode() for m in raw])
         # nothing awaited from here on: the state is swapped in one go
         old, sync.members = sync.members, fresh
-        if sync.synced_once:
+        if again:
             self.metrics.resyncs += 1
+        if sync.synced_once:
             for mid in old.keys() - fresh.keys():
                 room.broadcast({"type": "presence", "event": "leave", "member": old[mid][1]},
                                remote=True)  # fmt: skip
             for mid in fresh.keys() - old.keys():
                 room.broadcast({"type": "presence", "event": "join", "member": fresh[mid][1]},
                                remote=True)  # fmt: skip
-        room.remote.clear()
-        sync.stream_nodes.clear()
+        if packets:
+            room.remote.clear()
+            sync.stream_nodes.clear()
         for node, msgs in histories.values():
             for msg in msgs:
                 n = msg[1]
-                self._apply_packet(room, sync, node, msg[2 + n :])
+                sync.apply_packet(room, node, msg[2 + n :], self.history)
         pending, sync.buffer = sync.buffer or [], None
         for origin, body in pending:
-            pkt = self._apply_packet(room, sync, origin, body)
+            pkt = sync.apply_packet(room, origin, body, self.history)
             if pkt is not None:
                 await room.relay(None, pkt)
-        if sync.synced_once:  # missed packets: the stored keyframe and history again
+        if again:  # missed packets: the stored keyframe and history again
             snaps = [s.snapshot() for s in room.remote.values()]
             for m in room.subscribers:
                 for snap in snaps:
@@ -573,18 +556,12 @@ class Backplane:
             room = self.manager.rooms.get(name)
             if room is None:
                 continue
-            for mid, (node, info) in list(sync.members.items()):
-                if node == dead:
-                    del sync.members[mid]
-                    self._send(("HDEL", self._key("members", name), mid))
-                    room.broadcast({"type": "presence", "event": "leave", "member": info},
-                                   remote=True)  # fmt: skip
-            for sid, node in list(sync.stream_nodes.items()):
-                if node == dead:
-                    del sync.stream_nodes[sid]
-                    room.remote.pop(sid, None)
-                    self._send(("HDEL", self._key("streams", name), sid),
-                               ("DEL", self._hist(name, sid)))  # fmt: skip
+            members, streams = sync.forget(room, dead)
+            for mid in members:
+                self._send(("HDEL", self._key("members", name), mid))
+            for sid in streams:
+                self._send(("HDEL", self._key("streams", name), sid))
+                self._send(("DEL", self._hist(name, sid)))
 
     def render(self) -> str:
         queued = len(self._durable) + len(self._volatile)

@@ -228,7 +228,7 @@ async def _join(
             raise refusal(TOKEN_CLOSE_CODES[exc.reason], str(exc)) from exc
         room = state.manager.room_for_join(room_name)
         if state.cluster is not None:
-            await state.cluster.synced(room)  # remote members and streams known
+            await state.cluster.synced(room, subscriber=join.subscribe)
     except RefusedError as exc:
         await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         return None

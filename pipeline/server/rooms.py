@@ -103,6 +103,8 @@ class Cluster(Protocol):
 
     def remote_members(self, room: Room) -> list[dict[str, Any]]: ...
 
+    def subscribers_changed(self, room: Room) -> None: ...
+
 
 class Member(MemberOutput):
     """One joined WebSocket connection (and its WebRTC link, when one is open)."""
@@ -244,6 +246,8 @@ class Room:
 
     def _refresh(self) -> None:
         self.subscribers = tuple(m for m in self.members.values() if m.subscribe)
+        if self.manager.cluster is not None:
+            self.manager.cluster.subscribers_changed(self)
 
     def broadcast(
         self, obj: dict[str, Any], *, exclude: Member | None = None, remote: bool = False
