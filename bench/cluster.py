@@ -166,6 +166,7 @@ async def _run_row(
         "server_cpu_cores": cpu / wall,
         "client_cpu_cores": client_cpu / wall,
         "redis_cpu_cores": per[0] / wall if redis_pid else 0.0,
+        "node_cpu_cores": [round(c / wall, 3) for c in per[1 if redis_pid else 0 :]],
         "join_rate_per_s": join_rate,
     }
     for label, keys in (("same", same), ("cross", far)):

@@ -45,7 +45,6 @@ SYNC_WAIT_S: Final = 1.0
 """A join waits at most this long for its room's first sync (Redis away: it goes on)."""
 HISTORY_TTL_MS: Final = 300_000
 TRIM_EVERY: Final = 8
-MAX_VOLATILE: Final = 4096
 MAX_DURABLE: Final = 100_000
 BATCH: Final = 512
 
@@ -65,7 +64,6 @@ class Backplane:
         self.loaded = False
         self.rooms: dict[str, RoomSync] = {}
         self._origin = bytes([len(self.node)]) + self.node.encode()
-        self._volatile: deque[Command] = deque()
         self._durable: deque[Command] = deque()
         self._wake = asyncio.Event()
         self._durable_in = self._durable_out = 0
@@ -109,7 +107,7 @@ class Backplane:
         """Flush what is queued (briefly), remove this node's heartbeat, disconnect."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.5):
-                while self.connected and (self._durable or self._volatile):
+                while self.connected and self._durable:
                     await asyncio.sleep(0.01)
         r = self._redis
         if r is not None and self.connected:
@@ -185,7 +183,6 @@ class Backplane:
                 await self._disconnect()
                 if was:
                     self.metrics.reconnects += 1
-            self._volatile.clear()
             await asyncio.sleep(RETRY_S)
 
     async def _still_answers(self) -> bool:
@@ -212,30 +209,21 @@ class Backplane:
         self._wake.set()
 
     def _send(self, *cmds: Command) -> bool:
-        """Volatile commands (packets, events, presence): dropped while Redis is away."""
-        if not self.connected or len(self._volatile) > MAX_VOLATILE:
+        """Volatile commands (packets, events, presence), written at once (no task switch,
+        no reply: ``CLIENT REPLY OFF``); dropped while Redis is away or too far behind."""
+        wr = self._wr
+        if not self.connected or wr is None:
             return False
-        self._volatile.extend(cmds)
-        self._wake.set()
-        return True
+        return wr.write(b"".join([encode(*cmd) for cmd in cmds]))
 
     async def _writer(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.connected and (self._durable or self._volatile):
-                wr, r = self._wr, self._redis
-                if wr is None or r is None:
+            while self.connected and self._durable:
+                r = self._redis
+                if r is None:
                     break
-                if self._volatile:  # no replies on this connection (CLIENT REPLY OFF)
-                    volatile = [
-                        self._volatile.popleft() for _ in range(min(BATCH, len(self._volatile)))
-                    ]
-                    try:
-                        await wr.send(b"".join([encode(*cmd) for cmd in volatile]))
-                    except OSError:
-                        self.metrics.dropped += sum(1 for c in volatile if c[0] == "PUBLISH")
-                        break
                 if self._durable:  # store writes: acknowledged, kept until Redis took them
                     durable = [
                         self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))
@@ -564,8 +552,11 @@ class Backplane:
                 self._send(("DEL", self._hist(name, sid)))
 
     def render(self) -> str:
-        queued = len(self._durable) + len(self._volatile)
-        return self.metrics.render(node=self.node, connected=self.connected, queued=queued)
+        wr = self._wr
+        buffered = wr.buffered() if wr is not None else 0
+        return self.metrics.render(
+            node=self.node, connected=self.connected, queued=len(self._durable), buffered=buffered
+        )
 
 
 def _text(value: bytes | str) -> str:

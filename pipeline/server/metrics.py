@@ -241,7 +241,8 @@ CLUSTER_FAMILIES: dict[str, tuple[str, str]] = {
         ("reconnects_total", "counter", "Connections to Redis lost and made again."),
         ("pubsub_cuts_total", "counter", "Subscriptions cut while Redis answered (buffer limit)."),
         ("dead_nodes_total", "counter", "Nodes found dead (heartbeat expired)."),
-        ("queued_writes", "gauge", "Commands waiting for Redis."),
+        ("queued_writes", "gauge", "Store writes waiting for Redis."),
+        ("send_buffer_bytes", "gauge", "Packet/event bytes waiting for the socket to Redis."),
         ("redis_rtt_ms", "gauge", "Redis round trip (heartbeat SET), percentiles."),
     )
 }
@@ -260,7 +261,7 @@ class ClusterMetrics:
     dead_nodes: int = 0
     rtt_ms: Window = field(default_factory=lambda: Window(256))
 
-    def render(self, *, node: str, connected: bool, queued: int) -> str:
+    def render(self, *, node: str, connected: bool, queued: int, buffered: int) -> str:
         out = Exposition(CLUSTER_FAMILIES)
         out.add(f"{CLUSTER}redis_up", 1 if connected else 0, node=node)
         out.add(f"{CLUSTER}packets_out_total", self.packets_out)
@@ -271,6 +272,7 @@ class ClusterMetrics:
         out.add(f"{CLUSTER}pubsub_cuts_total", self.pubsub_cuts)
         out.add(f"{CLUSTER}dead_nodes_total", self.dead_nodes)
         out.add(f"{CLUSTER}queued_writes", queued)
+        out.add(f"{CLUSTER}send_buffer_bytes", buffered)
         summary = self.rtt_ms.summary("p") if len(self.rtt_ms) else {}
         for q, key in (("0.5", "p_p50"), ("0.99", "p_p99")):
             out.add(f"{CLUSTER}redis_rtt_ms", summary.get(key), quantile=q)

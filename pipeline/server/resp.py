@@ -23,6 +23,8 @@ from typing import Any
 
 from redis.asyncio.connection import parse_url
 
+MAX_BUFFERED = 4 << 20
+"""Bytes a :class:`Writer` lets wait for its socket before it drops (Redis too slow)."""
 Push = list[Any]
 """A pushed array: ``[b"message", channel, data]``, ``[b"subscribe", channel, count]``."""
 
@@ -78,13 +80,18 @@ class Writer:
         writer.write(encode("CLIENT", "REPLY", "OFF"))
         return cls(reader, writer)
 
-    async def send(self, payload: bytes) -> None:
-        """Write ``payload`` (encoded commands); :class:`ConnectionError` when cut."""
+    def write(self, payload: bytes) -> bool:
+        """Write ``payload`` (encoded commands) now; False: not written (the connection is
+        closing, or more than :data:`MAX_BUFFERED` bytes wait for the socket)."""
         w = self._writer
-        if w.is_closing():
-            raise ConnectionError("redis connection closed")
+        if w.is_closing() or w.transport.get_write_buffer_size() > MAX_BUFFERED:
+            return False
         w.write(payload)
-        await w.drain()
+        return True
+
+    def buffered(self) -> int:
+        """Bytes waiting for the socket."""
+        return self._writer.transport.get_write_buffer_size()
 
     def close(self) -> None:
         self._writer.close()
