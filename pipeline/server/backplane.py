@@ -2,16 +2,17 @@
 
 Imported only when ``server.redis`` is configured. :class:`Backplane` is the
 room manager's :class:`~pipeline.server.rooms.Cluster`: a packet a member of
-this node published goes to Redis once (``PUBLISH`` on ``P:room:<room>``:
+this node published goes to Redis once (``PUBLISH`` on ``P:pkt:<room>``:
 ``b"P"``, origin node, flags byte, the packet bytes unchanged) and into the
-stream's history list; every node subscribed to the room relays it to its own
-subscribers (WebSocket and WebRTC alike) and keeps the stream in
+stream's history list; every node with subscribers in the room is subscribed,
+relays it to them (WebSocket and WebRTC alike) and keeps the stream in
 :attr:`Room.remote <pipeline.server.rooms.Room.remote>`. Presence, moderator
 broadcasts, keyframe requests, kicks and closes cross as events (``b"E"`` +
-JSON). One task keeps the connection: on a loss it reconnects, loads the store,
-subscribes again (redis-py's PubSub does not: redis-py#2089) and resyncs every
-room (members, streams, history re-sent to local subscribers). Local relaying
-never waits for Redis. The key layout and failure behaviour: docs/scaling.md.
+JSON on ``P:room:<room>``). One task keeps the connection: on a loss it
+reconnects, loads the store, subscribes again (redis-py's PubSub does not:
+redis-py#2089) and resyncs every room (members, streams, history re-sent to
+local subscribers). Local relaying never waits for Redis. Key layout and
+failure behaviour: docs/scaling.md; the wire format: :mod:`.roomsync`.
 """
 
 from __future__ import annotations
