@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import stop_process
@@ -27,10 +28,14 @@ class RedisProcess:
     """``redis-server`` on 127.0.0.1:``port`` with data in ``data_dir``; :meth:`start`
     returns once it answers PING (at most ``limit_s``)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *extra: str, prefix: Sequence[str] = ()
+    ) -> None:
         self.data_dir = data_dir
         self.port = port if port is not None else free_port()
         self.extra = extra
+        self.prefix = list(prefix)
+        """Started through this (``ip netns exec NS``: on that namespace's loopback)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +51,7 @@ class RedisProcess:
         """Start it; returns the monotonic time it first answered PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+            [*self.prefix, REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--protected-mode", "yes", "--loglevel", "warning", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -61,6 +66,10 @@ class RedisProcess:
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {limit_s}s")
 
     def ping(self) -> bool:
+        if self.prefix:
+            cli = [*self.prefix, "redis-cli", "-p", str(self.port), "ping"]
+            done = subprocess.run(cli, capture_output=True, text=True, timeout=5, check=False)
+            return done.stdout.strip() == "PONG"
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
@@ -69,7 +78,10 @@ class RedisProcess:
             return False
 
     def command(self, *args: str) -> bytes:
-        """One command (RESP), its raw reply."""
+        """One command (RESP), its raw reply (``redis-cli``'s output with a prefix)."""
+        if self.prefix:
+            cli = [*self.prefix, "redis-cli", "-p", str(self.port), *args]
+            return subprocess.run(cli, capture_output=True, timeout=5, check=False).stdout
         parts = [f"*{len(args)}\r\n".encode()]
         for a in args:
             parts.append(f"${len(a.encode())}\r\n{a}\r\n".encode())

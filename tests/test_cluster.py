@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from bench.netns import Peer, topology, unavailable_reason
 from bench.redisproc import REDIS_SERVER, RedisProcess
 from pipeline.cli.serve import with_redis
 from pipeline.client.receiver import Receiver
@@ -29,6 +30,10 @@ from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, PosewireError
 from pipeline.transports.base import Control, StateChange
 from pipeline.transports.websocket import WebSocketTransport
+from tests.test_server_rtc import CLIENT as RTC_CLIENT
+from tests.test_server_rtc import publish as rtc_publish
+from tests.test_server_rtc import report as rtc_report
+from tests.test_server_rtc import seqs as rtc_seqs
 from tests.test_server_support import SECRET, PoseSource, ServeProcess, token
 
 pytestmark = pytest.mark.skipif(
@@ -328,3 +333,58 @@ def test_node_kill9_member_resumes_on_the_other_node_within_1_5s(
 
     asyncio.run(main())
     nodes.remove(a)
+
+
+def test_webrtc_subscriber_on_b_gets_every_packet_of_a_publisher_on_a(tmp_path: Path) -> None:
+    """WebRTC needs non-loopback addresses: Redis and both nodes in namespace host b
+    (Redis on b's own loopback), the members are tests/rtc_client.py processes in host a."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with topology(("a", "b")) as net:
+        host = net.host("b")
+        prefix = host.exec_argv([])
+        redis = RedisProcess(tmp_path / "redis", prefix=prefix)
+        redis.start()
+        nodes: list[ServeProcess] = []
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                nodes = list(pool.map(
+                    lambda n: ServeProcess(8765 + n, "--redis", redis.url, "--node-id", f"n{n}",
+                                           host=host.address, prefix=prefix),
+                    (0, 1),
+                ))  # fmt: skip
+            deadline = time.monotonic() + 20  # each node's heartbeat: connected, store loaded
+            while redis.command("EXISTS", "posewire:node:n0", "posewire:node:n1").strip() != b"2":
+                assert time.monotonic() < deadline, "nodes not connected to Redis"
+                time.sleep(0.02)
+            a, b = nodes
+
+            def member(node: ServeProcess, subject: str, role: str, **join: Any) -> Peer:
+                log_dir = tmp_path / subject
+                log_dir.mkdir()
+                peer = net.start_python("a", RTC_CLIENT, ["--url", node.url, "--max-seconds",
+                                                          "60"], log_dir)  # fmt: skip
+                tok = token(ROOM, role, subject=subject)
+                peer.send({"cmd": "join", "token": tok, "room": ROOM} | join)
+                msg = peer.expect("welcome", timeout=20)["msg"]
+                assert msg["type"] == "welcome", msg
+                return peer
+
+            sub_rtc = member(b, "rtc-b", "subscriber", subscribe=True, publish=False)
+            sub_rtc.send({"cmd": "offer", "session": 1})
+            sub_rtc.expect("open", timeout=20)
+            sub_ws = member(a, "ws-a", "subscriber", subscribe=True, publish=False)
+            pub = member(a, "cam-a", "publisher", subscribe=False, publish=True)
+            sent = rtc_publish(pub, 8, 60, "ws")
+            assert len(sent) == 60
+            got_b, got_a = rtc_report(sub_rtc), rtc_report(sub_ws)
+            assert rtc_seqs(got_a, 8) == sent
+            assert rtc_seqs(got_b, 8) == sent  # every packet across nodes, on the channels
+            assert rtc_seqs(got_b, 8, ("pose", "control")) == sent
+            for peer in (sub_rtc, sub_ws, pub):
+                peer.close()
+        finally:
+            for n in nodes:
+                n.stop()
+            redis.stop()

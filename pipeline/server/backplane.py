@@ -156,8 +156,8 @@ class Backplane:
                 sub.subscribe(self.store.channel)
                 self._wr = await Writer.connect(self.cfg.url)
                 await self.store.load(r)
+                self.connected = self.loaded = True  # before the heartbeat others wait for
                 await r.set(self._node_key(self.node), b"1", px=int(self.cfg.node_ttl_s * 1000))
-                self.connected = self.loaded = True
                 if not first:
                     log.info("redis: connected again, resubscribing %d rooms", len(self.rooms))
                 first = False
