@@ -146,6 +146,18 @@ def _receiver(node: ServeProcess, subject: str) -> Receiver:
     return Receiver(node.url, ROOM, tok, connect_timeout_s=10)
 
 
+async def _clients(
+    a: ServeProcess, b: ServeProcess
+) -> tuple[Receiver, Receiver, WebSocketTransport]:
+    """Receivers on A and B, then the publisher on A, all connected."""
+    ra, rb = _receiver(a, "viewer-a"), _receiver(b, "viewer-b")
+    await ra.connect()
+    await rb.connect()
+    pub = _publisher(a)
+    await pub.connect()
+    return ra, rb, pub
+
+
 def test_cli_options_are_named_in_errors() -> None:
     with pytest.raises(ConfigError) as err:
         with_redis(ServerConfig(secret=SECRET), "http://x", None)  # type: ignore[call-arg]
@@ -158,11 +170,7 @@ def test_publisher_on_a_reaches_subscribers_on_a_and_b(nodes: list[ServeProcess]
     a, b = nodes
 
     async def main() -> None:
-        ra, rb = _receiver(a, "viewer-a"), _receiver(b, "viewer-b")
-        await ra.connect()
-        await rb.connect()
-        pub = _publisher(a)
-        await pub.connect()
+        ra, rb, pub = await _clients(a, b)
         # presence crosses: the publisher on A is in B's member list
         await _until(lambda: any(m["subject"] == "coach" for m in _members(b)), 10, "B sees A")
         stop, done = asyncio.Event(), asyncio.Event()
@@ -259,11 +267,7 @@ def test_redis_restart_cross_node_delivery_resumes_within_2s(
     a, b = nodes
 
     async def main() -> None:
-        ra, rb = _receiver(a, "viewer-a"), _receiver(b, "viewer-b")
-        await ra.connect()
-        await rb.connect()
-        pub = _publisher(a)
-        await pub.connect()
+        ra, rb, pub = await _clients(a, b)
         stop = asyncio.Event()
         task = asyncio.create_task(_publish(pub, stop))
         try:
