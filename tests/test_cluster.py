@@ -80,8 +80,17 @@ def _metric(node: ServeProcess, name: str) -> float:
     return float("nan")
 
 
+NODE_TTL_S = 1.5
+"""server.redis.node_ttl_s of the test nodes: a killed node's members leave sooner."""
+
+
 def _node(redis: RedisProcess, name: str, port: int = 0) -> ServeProcess:
-    node = ServeProcess(port, "--redis", redis.url, "--node-id", name)
+    config = redis.data_dir.parent / f"node-{name}.yaml"
+    config.write_text(
+        f"server:\n  redis: {{url: '{redis.url}', node_id: {name}, node_ttl_s: {NODE_TTL_S}}}\n",
+        encoding="utf-8",
+    )
+    node = ServeProcess(port, "--config", str(config))
     deadline = time.monotonic() + 20
     while not _ready(node):
         assert time.monotonic() < deadline, f"node {name} not ready"
@@ -314,6 +323,9 @@ def test_node_kill9_member_resumes_on_the_other_node_within_1_5s(
         tok = token(ROOM, "subscriber", subject="student")
         viewer = _receiver(b, "viewer-b")  # the room spans both nodes
         await viewer.connect()
+        gone = WebSocketTransport(a.url, ROOM, token(ROOM, "subscriber", subject="gone"),
+                                  publish=False, subscribe=True, connect_timeout_s=10)  # fmt: skip
+        await gone.connect()  # a member of A that does not come back
         first = WebSocketTransport(a.url, ROOM, tok, publish=False, subscribe=True,
                                    connect_timeout_s=10)  # fmt: skip
         await first.connect()
@@ -331,6 +343,12 @@ def test_node_kill9_member_resumes_on_the_other_node_within_1_5s(
         print(f"member resumed on node B {took * 1000:.0f} ms after kill -9 of node A")
         assert again.member_id == mid and again.welcome.get("resumed") is True
         assert took <= 1.5, f"resumed {took:.2f}s after kill -9"
+        # A's heartbeat expires: B drops A's other member (presence leave), keeps the resumed
+        await _until(lambda: all(m["subject"] != "gone" for m in _members(b)),
+                     NODE_TTL_S + 5, "A's member gone from B")  # fmt: skip
+        assert any(m["id"] == mid for m in _members(b))
+        assert _metric(b, "posewire_server_cluster_dead_nodes_total") >= 1
+        await gone.close()
         await first.close()
         await again.close()
         await viewer.close()
@@ -359,7 +377,7 @@ def test_webrtc_subscriber_on_b_gets_every_packet_of_a_publisher_on_a(tmp_path: 
                     (0, 1),
                 ))  # fmt: skip
             deadline = time.monotonic() + 20  # each node's heartbeat: connected, store loaded
-            while redis.command("EXISTS", "posewire:node:n0", "posewire:node:n1").strip() != b"2":
+            while len(redis.command("KEYS", "posewire:node:*").split()) != 2:
                 assert time.monotonic() < deadline, "nodes not connected to Redis"
                 time.sleep(0.02)
             a, b = nodes

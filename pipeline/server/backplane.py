@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections import deque
 from typing import Any, Final
@@ -55,7 +56,9 @@ class Backplane:
 
     def __init__(self, cfg: RedisConfig, manager: RoomManager, store: RedisStore) -> None:
         self.cfg = cfg
-        self.node = cfg.node_id
+        self.node = f"{cfg.node_id}.{secrets.token_hex(3)}"
+        """This process's id in Redis: the node id and an incarnation, so that the members
+        of a killed process are not taken for alive when its node id starts again."""
         self.p = cfg.key_prefix
         self.manager = manager
         self.store = store
@@ -556,7 +559,10 @@ class Backplane:
         wr = self._wr
         buffered = wr.buffered() if wr is not None else 0
         return self.metrics.render(
-            node=self.node, connected=self.connected, queued=len(self._durable), buffered=buffered
+            node=self.cfg.node_id,
+            connected=self.connected,
+            queued=len(self._durable),
+            buffered=buffered,
         )
 
 
