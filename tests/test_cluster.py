@@ -207,6 +207,20 @@ def test_publisher_on_a_reaches_subscribers_on_a_and_b(nodes: list[ServeProcess]
             assert _metric(a, "posewire_server_cluster_packets_out_total") >= sent
             assert _metric(b, "posewire_server_cluster_packets_in_total") >= sent
             await late.close()
+            # B without subscribers drops the stream; a joiner there now gets the keyframe and
+            # history B fetches from Redis, and decodes from its first message
+            done.set()
+            await asyncio.gather(*runs)
+            await rb.transport.close()
+            await _until(lambda: len(_members(b)) == 2, 10, "only A's members left on B")
+            fresh = _receiver(b, "fresh-b")
+            await fresh.connect()
+            streams = fresh.streams
+            await fresh.run(10, until=lambda: 7 in streams and streams[7].last_seq == sent)
+            st = streams[7]  # the backfill: the stream's keyframe and the packets after it
+            assert st.first_decoded_at == 1 and st.backfill >= 1 and st.bad_packets == 0, st
+            assert st.decoded == st.received == st.backfill, st.summary()
+            await fresh.close()
         finally:
             stop.set()
             done.set()
