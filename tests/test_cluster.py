@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +36,7 @@ from tests.test_server_rtc import CLIENT as RTC_CLIENT
 from tests.test_server_rtc import publish as rtc_publish
 from tests.test_server_rtc import report as rtc_report
 from tests.test_server_rtc import seqs as rtc_seqs
-from tests.test_server_support import SECRET, PoseSource, ServeProcess, token
+from tests.test_server_support import ROOT, SECRET, PoseSource, ServeProcess, token
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(REDIS_SERVER) and not os.environ.get("CI"),
@@ -424,3 +426,19 @@ def test_webrtc_subscriber_on_b_gets_every_packet_of_a_publisher_on_a(tmp_path: 
             for n in nodes:
                 n.stop()
             redis.stop()
+
+
+def test_a_single_node_never_imports_redis() -> None:
+    code = (
+        "import sys, asyncio\n"
+        "from pipeline.config import ServerConfig\n"
+        "from pipeline.server.app import create_app\n"
+        "async def main():\n"
+        f"    create_app(ServerConfig(secret={SECRET!r}), host='127.0.0.1')\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))\n"
+    )
+    env = {**os.environ, "POSEWIRE_SECRET": ""}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True, env=env, cwd=ROOT)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
