@@ -221,27 +221,22 @@ class Backplane:
         return wr.write(b"".join([encode(*cmd) for cmd in cmds]))
 
     async def _writer(self) -> None:
+        """Store writes: acknowledged (redis-py), kept until Redis took them."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.connected and self._durable:
-                r = self._redis
-                if r is None:
+            while self.connected and self._durable and (r := self._redis) is not None:
+                durable = [self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))]
+                pipe = r.pipeline(transaction=False)
+                for cmd in durable:
+                    pipe.execute_command(*cmd)
+                try:
+                    await pipe.execute(raise_on_error=False)
+                except (RedisError, OSError):
+                    self._durable.extendleft(reversed(durable))
                     break
-                if self._durable:  # store writes: acknowledged, kept until Redis took them
-                    durable = [
-                        self._durable.popleft() for _ in range(min(BATCH, len(self._durable)))
-                    ]
-                    pipe = r.pipeline(transaction=False)
-                    for cmd in durable:
-                        pipe.execute_command(*cmd)
-                    try:
-                        await pipe.execute(raise_on_error=False)
-                    except (RedisError, OSError):
-                        self._durable.extendleft(reversed(durable))
-                        break
-                    self._durable_out += len(durable)
-                    self._progress.set()
+                self._durable_out += len(durable)
+                self._progress.set()
 
     async def flushed(self, limit_s: float = 1.0) -> bool:
         """Wait until Redis took every store write queued so far (at most ``limit_s``)."""

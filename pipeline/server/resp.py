@@ -6,9 +6,9 @@ Python per packet (measured: docs/scaling.md); the relay sends one ``PUBLISH``
 these two connections speak the protocol directly:
 
 * :class:`Writer`: the packets and events (``PUBLISH``, the history ``RPUSH``,
-  presence ``HSET``...), written in batches with Redis' replies switched off
-  (``CLIENT REPLY OFF``): nothing to wait for or read per packet. Store writes,
-  which must be acknowledged, go through redis-py.
+  presence ``HSET``...), written at once by the caller with Redis' replies
+  switched off (``CLIENT REPLY OFF``): no task switch, nothing to wait for or
+  read per packet. Store writes, which must be acknowledged, go through redis-py.
 * :class:`Subscriber`: ``SUBSCRIBE``/``UNSUBSCRIBE`` and the pushed
   ``message`` / ``subscribe`` arrays, parsed from one buffer.
 
