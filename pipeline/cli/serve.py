@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.config import RedisConfig, ServerConfig, load_config
+from pipeline.config import RedisConfig, ServerConfig, TlsConfig, load_config, server_section
 from pipeline.errors import ConfigError
 
 HELP = (
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
+        "--certfile", type=Path, help="serve https/wss: PEM certificate chain (server.tls)"
+    )
+    parser.add_argument("--keyfile", type=Path, help="with --certfile: its PEM private key")
+    parser.add_argument(
         "--redis",
         metavar="URL",
         help="share rooms with other nodes through Redis, e.g. redis://127.0.0.1:6379/0 "
@@ -42,8 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def server_config(path: Path | None) -> ServerConfig:
-    return load_config(path).server if path is not None else ServerConfig()  # type: ignore[call-arg]
+def server_config(path: Path | None, args: argparse.Namespace | None = None) -> ServerConfig:
+    """The ``server`` section of ``path`` (defaults without one), its paths absolute;
+    ``--certfile/--keyfile`` of ``args`` replace ``server.tls``."""
+    cfg = server_section(load_config(path)) if path is not None else ServerConfig()  # type: ignore[call-arg]
+    cert, key = (getattr(args, "certfile", None), getattr(args, "keyfile", None))
+    if (cert is None) != (key is None):
+        raise ConfigError(["--certfile and --keyfile go together (server.tls): give both"])
+    if cert is not None and key is not None:
+        cfg = cfg.model_copy(update={"tls": TlsConfig(certfile=cert, keyfile=key)})
+    return cfg
 
 
 def with_redis(cfg: ServerConfig, url: str | None, node_id: str | None) -> ServerConfig:
@@ -80,9 +92,13 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.server.app import serve
+    from pipeline.model.tls import TLS_FIELDS, server_context
+    from pipeline.server.app import scheme, serve
 
-    cfg = with_redis(server_config(args.config), args.redis, args.node_id)
+    cfg = with_redis(server_config(args.config, args), args.redis, args.node_id)
+    if cfg.tls is not None:  # a certificate or key it cannot use: one error, nothing starts
+        names = ("--certfile", "--keyfile") if args.certfile else TLS_FIELDS
+        server_context(cfg.tls.certfile, cfg.tls.keyfile, fields=names)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s server %(levelname)s %(message)s",
@@ -100,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
     def ready(host: str, port: int) -> None:
         extra = "  (dev: POST /api/dev/token)" if (dev or cfg.dev) else ""
-        print(f"posewire server listening on http://{host}:{port}{extra}", flush=True)
+        print(f"posewire server listening on {scheme(cfg)}://{host}:{port}{extra}", flush=True)
 
     async def run() -> None:
         stop = asyncio.Event()

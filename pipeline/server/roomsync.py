@@ -63,6 +63,7 @@ class RoomSync:
         if stream.unordered(h.seq, h.epoch, h.keyframe, time.monotonic()) is not None:
             return None
         pkt = StoredPacket(sid, h.seq, h.ref_seq, h.keyframe, data, h.epoch, time.monotonic_ns())
+        pkt.early = stream.lacks(h.ref_seq)  # its reference is being repaired at the origin
         stream.add(pkt)
         pkt.lossy = bool(body[0] & LOSSY) and not h.keyframe
         return pkt
