@@ -224,6 +224,21 @@ class AudioConfig(ConfigModel):
         return self
 
 
+class RedisConfig(ConfigModel):
+    """Room-server nodes sharing rooms through Redis (``docs/scaling.md``)."""
+
+    url: str = Field(pattern=r"^(redis|unix)://\S+$", description="redis://HOST:PORT/DB")
+    node_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="This node's id, unique in the cluster."
+    )
+    key_prefix: str = Field(
+        "posewire", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every key/channel."
+    )
+    node_ttl_s: float = Field(
+        3.0, ge=0.3, le=600, description="A node silent this long is dead: its members leave."
+    )
+
+
 class ServerConfig(ConfigModel):
     """The room server."""
 
@@ -294,6 +309,9 @@ class ServerConfig(ConfigModel):
     webrtc: ServerRtcConfig = Field(
         default_factory=lambda: ServerRtcConfig.model_validate({}),
         description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
+    )
+    redis: RedisConfig | None = Field(
+        None, description="Share rooms with other nodes through Redis; none: a single node."
     )
 
 

@@ -9,7 +9,8 @@ Endpoints
 ``GET /healthz``
     200 ``ok`` while the process runs.
 ``GET /readyz``
-    200 when accepting members, 503 while starting, shutting down or full.
+    200 when accepting members, 503 while starting, shutting down or full, or
+    while ``server.redis`` is configured and Redis is unreachable.
 ``GET /metrics``
     Prometheus text: ``posewire_server_rooms``, ``_members``, ``_connections``,
     ``_pending_connections``, ``_messages_in_total``, ``_messages_out_total``,
@@ -73,9 +74,14 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     async def on_text(member: Member, text: str) -> None:
         await members.handle_text(state, member, text, time.time_ns(), members.WEBRTC)
 
+    store = None
+    if config.redis is not None:  # a cluster node: redis is imported on this path only
+        from pipeline.server.redisstore import RedisStore
+
+        store = RedisStore(config.redis.key_prefix, config.redis.node_id)
     state = ServerState(
         config=config,
-        manager=RoomManager(config, metrics, kicks),
+        manager=RoomManager(config, metrics, kicks, store),
         verifier=TokenVerifier(secret, leeway_s=config.token_leeway_s, kicks=kicks),
         metrics=metrics,
         secret=secret,
@@ -83,6 +89,12 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         guard=http_guard,
         rtc=RtcHub(config, metrics, on_binary=on_binary, on_text=on_text),
     )
+    if config.redis is not None:
+        from pipeline.server.backplane import Backplane
+        from pipeline.server.redisstore import RedisStore
+
+        assert isinstance(store, RedisStore)
+        state.cluster = Backplane(config.redis, state.manager, store)
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     app[STATE] = state
     app.on_response_prepare.append(http_guard.on_response_prepare)
@@ -105,6 +117,8 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
             state.verifier.kicks.prune(time.time())
 
     task = asyncio.get_running_loop().create_task(loop(), name="posewire-housekeeping")
+    if state.cluster is not None:
+        state.cluster.start()
     state.ready = True
     yield
     state.ready = False
@@ -118,6 +132,8 @@ async def _on_shutdown(app: web.Application) -> None:
     state.ready = False
     await state.rtc.shutdown()
     await state.manager.shutdown()
+    if state.cluster is not None:
+        await state.cluster.stop()
 
 
 async def serve(
@@ -212,6 +228,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
         ready=state.accepting,
         pending=state.guard.pending,
     )
+    if state.cluster is not None:
+        text += state.cluster.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

@@ -119,7 +119,7 @@ def repair_keyframe(
     ``backfill``), at most every :data:`REPAIR_INTERVAL_S` per stream; the publisher is
     asked only when nothing is stored (or over the WebSocket)."""
     room = member.room
-    stream = room.streams.get(stream_id)
+    stream = room.streams.get(stream_id) or room.remote.get(stream_id)  # remote: a cluster
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
         return
@@ -172,7 +172,7 @@ async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, mess
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cfg = state.config
-    if not state.ready:
+    if not state.ready or (state.cluster is not None and not state.cluster.loaded):
         return web.json_response(
             {"error": "not_ready", "message": "server is not accepting members"}, status=503
         )
@@ -262,6 +262,8 @@ async def _join(
         except TokenError as exc:
             raise refusal(TOKEN_CLOSE_CODES[exc.reason], str(exc)) from exc
         room = state.manager.room_for_join(room_name)
+        if state.cluster is not None:
+            await state.cluster.synced(room, subscriber=join.subscribe)
     except RefusedError as exc:
         await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         return None
@@ -288,7 +290,7 @@ async def _join(
             "resumed": resumed,
             "role": claims.role,
             "perms": sorted(claims.perms),
-            "members": [m.info() for m in room.members.values()],
+            "members": room.member_infos(),
             "server_time_ns": time.time_ns(),
             "limits": {
                 "max_message_bytes": cfg.max_message_bytes,

@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
 from pipeline.model.prometheus import Exposition
 from pipeline.model.stats import Window
@@ -232,6 +233,58 @@ FAMILIES: dict[str, tuple[str, str]] = {
         ),
     )
 }
+
+
+CLUSTER: Final = "posewire_server_cluster_"
+
+#: The cluster families (``server.redis``): name -> (type, help).
+CLUSTER_FAMILIES: dict[str, tuple[str, str]] = {
+    f"{CLUSTER}{name}": (kind, text)
+    for name, kind, text in (
+        ("redis_up", "gauge", "1 while this node is connected to Redis."),
+        ("packets_out_total", "counter", "Packets of this node's publishers sent to Redis."),
+        ("packets_in_total", "counter", "Packets of other nodes received from Redis."),
+        ("packets_dropped_total", "counter", "Packets not sent to Redis (it was away)."),
+        ("resyncs_total", "counter", "Rooms synced again after a lost subscription."),
+        ("reconnects_total", "counter", "Connections to Redis lost and made again."),
+        ("pubsub_cuts_total", "counter", "Subscriptions cut while Redis answered (buffer limit)."),
+        ("dead_nodes_total", "counter", "Nodes found dead (heartbeat expired)."),
+        ("queued_writes", "gauge", "Store writes waiting for Redis."),
+        ("send_buffer_bytes", "gauge", "Packet/event bytes waiting for the socket to Redis."),
+        ("redis_rtt_ms", "gauge", "Redis round trip (heartbeat SET), percentiles."),
+    )
+}
+
+
+@dataclass
+class ClusterMetrics:
+    """Counters of one cluster node's Redis backplane (:mod:`pipeline.server.backplane`)."""
+
+    packets_out: int = 0
+    packets_in: int = 0
+    dropped: int = 0
+    resyncs: int = 0
+    reconnects: int = 0
+    pubsub_cuts: int = 0
+    dead_nodes: int = 0
+    rtt_ms: Window = field(default_factory=lambda: Window(256))
+
+    def render(self, *, node: str, connected: bool, queued: int, buffered: int) -> str:
+        out = Exposition(CLUSTER_FAMILIES)
+        out.add(f"{CLUSTER}redis_up", 1 if connected else 0, node=node)
+        out.add(f"{CLUSTER}packets_out_total", self.packets_out)
+        out.add(f"{CLUSTER}packets_in_total", self.packets_in)
+        out.add(f"{CLUSTER}packets_dropped_total", self.dropped)
+        out.add(f"{CLUSTER}resyncs_total", self.resyncs)
+        out.add(f"{CLUSTER}reconnects_total", self.reconnects)
+        out.add(f"{CLUSTER}pubsub_cuts_total", self.pubsub_cuts)
+        out.add(f"{CLUSTER}dead_nodes_total", self.dead_nodes)
+        out.add(f"{CLUSTER}queued_writes", queued)
+        out.add(f"{CLUSTER}send_buffer_bytes", buffered)
+        summary = self.rtt_ms.summary("p") if len(self.rtt_ms) else {}
+        for q, key in (("0.5", "p_p50"), ("0.99", "p_p99")):
+            out.add(f"{CLUSTER}redis_rtt_ms", summary.get(key), quantile=q)
+        return out.render()
 
 
 def _tasks() -> int:
