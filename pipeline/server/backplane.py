@@ -377,6 +377,16 @@ class Backplane:
                     (sync.pkt_subscribed if pkt else sync.subscribed).set()
 
     async def _on_room_message(self, name: str, data: bytes) -> None:
+        """One message of a room channel; a malformed one (anything may publish to Redis)
+        is counted and skipped, and the listener goes on."""
+        try:
+            await self._room_message(name, data)
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.metrics.bad_messages += 1
+            if self.metrics.bad_messages == 1:
+                log.warning("redis: malformed message on room %r skipped (%s)", name, exc)
+
+    async def _room_message(self, name: str, data: bytes) -> None:
         n = data[1]
         origin = data[2 : 2 + n].decode()
         if origin == self.node:

@@ -249,6 +249,7 @@ CLUSTER_FAMILIES: dict[str, tuple[str, str]] = {
         ("reconnects_total", "counter", "Connections to Redis lost and made again."),
         ("pubsub_cuts_total", "counter", "Subscriptions cut while Redis answered (buffer limit)."),
         ("dead_nodes_total", "counter", "Nodes found dead (heartbeat expired)."),
+        ("bad_messages_total", "counter", "Malformed messages on a room channel, skipped."),
         ("queued_writes", "gauge", "Store writes waiting for Redis."),
         ("send_buffer_bytes", "gauge", "Packet/event bytes waiting for the socket to Redis."),
         ("redis_rtt_ms", "gauge", "Redis round trip (heartbeat SET), percentiles."),
@@ -267,6 +268,7 @@ class ClusterMetrics:
     reconnects: int = 0
     pubsub_cuts: int = 0
     dead_nodes: int = 0
+    bad_messages: int = 0
     rtt_ms: Window = field(default_factory=lambda: Window(256))
 
     def render(self, *, node: str, connected: bool, queued: int, buffered: int) -> str:
@@ -279,6 +281,7 @@ class ClusterMetrics:
         out.add(f"{CLUSTER}reconnects_total", self.reconnects)
         out.add(f"{CLUSTER}pubsub_cuts_total", self.pubsub_cuts)
         out.add(f"{CLUSTER}dead_nodes_total", self.dead_nodes)
+        out.add(f"{CLUSTER}bad_messages_total", self.bad_messages)
         out.add(f"{CLUSTER}queued_writes", queued)
         out.add(f"{CLUSTER}send_buffer_bytes", buffered)
         summary = self.rtt_ms.summary("p") if len(self.rtt_ms) else {}
