@@ -33,6 +33,7 @@ from pipeline.client.receiver import Receiver
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, PosewireError
 from pipeline.transports.base import Control, StateChange
+from pipeline.transports.endpoints import ws_url
 from pipeline.transports.websocket import WebSocketTransport
 from tests.test_server_rtc import CLIENT as RTC_CLIENT
 from tests.test_server_rtc import publish as rtc_publish
@@ -373,22 +374,27 @@ def test_node_kill9_member_resumes_on_the_other_node_within_1_5s(
         gone = WebSocketTransport(a.url, ROOM, token(ROOM, "subscriber", subject="gone"),
                                   publish=False, subscribe=True, connect_timeout_s=10)  # fmt: skip
         await gone.connect()  # a member of A that does not come back
-        first = WebSocketTransport(a.url, ROOM, tok, publish=False, subscribe=True,
+        # the client's list of server URLs (docs/deployment.md): A first, then B
+        first = WebSocketTransport([a.url, b.url], ROOM, tok, publish=False, subscribe=True,
                                    connect_timeout_s=10)  # fmt: skip
         await first.connect()
         mid = first.member_id
-        assert mid is not None
+        assert mid is not None and first.url == ws_url(a.url)
         await _until(lambda: any(m["id"] == mid for m in _members(b)), 10, "B sees the member")
         t_kill = time.monotonic()
         a.kill9()
-        # what the client's list of server URLs does: the same member id, on node B
-        again = WebSocketTransport(b.url, ROOM, tok, publish=False, subscribe=True,
-                                   connect_timeout_s=10)  # fmt: skip
-        again.member_id = mid
-        await again.connect()
+
+        async def back() -> None:
+            while True:
+                item = await first.recv()
+                if isinstance(item, StateChange) and item.connected:
+                    return
+
+        await asyncio.wait_for(back(), 10)
         took = time.monotonic() - t_kill
         print(f"member resumed on node B {took * 1000:.0f} ms after kill -9 of node A")
-        assert again.member_id == mid and again.welcome.get("resumed") is True
+        assert first.url == ws_url(b.url) and first.member_id == mid
+        assert first.welcome.get("resumed") is True
         assert took <= 1.5, f"resumed {took:.2f}s after kill -9"
         # A's heartbeat expires: B drops A's other member (presence leave), keeps the resumed
         await _until(lambda: all(m["subject"] != "gone" for m in _members(b)),
@@ -397,7 +403,6 @@ def test_node_kill9_member_resumes_on_the_other_node_within_1_5s(
         assert _metric(b, "posewire_server_cluster_dead_nodes_total") >= 1
         await gone.close()
         await first.close()
-        await again.close()
         await viewer.close()
 
     asyncio.run(main())
