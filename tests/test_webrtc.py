@@ -329,7 +329,7 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
 
 #: the loss phases of one run: percent of packets dropped on the server -> host a path
 LOSS_PHASES = (0, 5, 20)
-PHASE_S = 4.0
+PHASE_S = 6.0
 SETTLE_NS = 300_000_000
 #: issue 13: decoded fraction >= 1 - LOSS_FACTOR x loss
 LOSS_FACTOR = 1.3
@@ -428,7 +428,7 @@ def test_loss_costs_webrtc_its_lost_frames_and_stalls_the_websocket(
     assert rtc_stream["held"] > 0, rtc_stream  # frames waited for a repaired anchor
     # WebRTC: the frames that did not wait are as fast as on a clean path; the WebSocket
     # stalls behind its retransmissions
-    assert figures[20]["rtc_p50"] <= figures[0]["rtc_p50"] + 10.0, figures
+    assert figures[20]["rtc_p50"] <= figures[0]["rtc_p50"] + 25.0, figures
     assert figures[20]["ws_p99"] >= 100.0, figures
 
 
