@@ -1,0 +1,347 @@
+// The room viewer: joins a room as a subscriber, decodes every publisher's packets and
+// draws each skeleton on its own canvas layer the moment it is decoded (no frame queue, no
+// smoothing: nothing adds latency). docs/viewer.md describes the page.
+
+import { Decoder, ProtocolError } from "./decoder.js";
+import { Member } from "./transport.js";
+import { AudioSlot } from "./audio.js";
+
+// MediaPipe Pose's 33-landmark connections (POSE_CONNECTIONS)
+export const CONNECTIONS = [
+  [0, 1], [1, 2], [2, 3], [3, 7], [0, 4], [4, 5], [5, 6], [6, 8], [9, 10],
+  [11, 12], [11, 13], [13, 15], [15, 17], [15, 19], [15, 21], [17, 19],
+  [12, 14], [14, 16], [16, 18], [16, 20], [16, 22], [18, 20],
+  [11, 23], [12, 24], [23, 24], [23, 25], [24, 26], [25, 27], [26, 28],
+  [27, 29], [28, 30], [29, 31], [30, 32], [27, 31], [28, 32],
+];
+export const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4",
+  "#f032e6", "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000",
+  "#aaffc3", "#808000", "#ffd8b1", "#000075", "#a9a9a9", "#ffe119"];
+export const WIDTH = 960;
+export const HEIGHT = 540;
+const VISIBLE = 0.5;
+const KEYFRAME_REQUEST_MS = 100;
+const WINDOW_MS = 1000;
+const MAX_RECORD = 20000;
+
+const wallMs = () => performance.timeOrigin + performance.now();
+const $ = (id) => document.getElementById(id);
+
+class StreamView {
+  constructor(streamId, stage) {
+    this.streamId = streamId;
+    this.canvas = document.createElement("canvas");
+    this.canvas.width = WIDTH;
+    this.canvas.height = HEIGHT;
+    this.canvas.className = "layer";
+    this.canvas.dataset.stream = String(streamId);
+    stage.appendChild(this.canvas);
+    this.ctx = this.canvas.getContext("2d", { willReadFrequently: true });
+    this.colour = PALETTE[0];
+    this.label = `stream ${streamId}`;
+    this.received = 0;
+    this.rendered = 0;
+    this.renderedLive = 0;
+    this.lost = 0;
+    this.needKeyframe = 0;
+    this.bad = 0;
+    this.backfillLeft = 0;
+    this.lastLiveSeq = null;
+    this.lastRequest = -1e9;
+    this.times = []; // render times (ms) of the last second: fps
+    this.latencies = []; // [render time ms, latency ms] of the last second
+    this.via = "-";
+  }
+
+  draw(image, n) {
+    const { ctx } = this;
+    ctx.clearRect(0, 0, WIDTH, HEIGHT);
+    ctx.strokeStyle = ctx.fillStyle = this.colour;
+    ctx.lineWidth = 3;
+    for (let p = 0; p < n; p++) {
+      const o = p * 33 * 4;
+      const x = (j) => image[o + j * 4] * WIDTH;
+      const y = (j) => image[o + j * 4 + 1] * HEIGHT;
+      const vis = (j) => image[o + j * 4 + 3] >= VISIBLE;
+      if (vis(0)) {
+        ctx.font = "16px sans-serif";
+        ctx.fillText(this.label, x(0) + 12, y(0) - 40);
+      }
+      ctx.beginPath();
+      for (const [a, b] of CONNECTIONS) {
+        if (vis(a) && vis(b)) {
+          ctx.moveTo(x(a), y(a));
+          ctx.lineTo(x(b), y(b));
+        }
+      }
+      ctx.stroke();
+      for (let j = 0; j < 33; j++) {
+        if (!vis(j)) continue;
+        ctx.beginPath();
+        ctx.arc(x(j), y(j), 4, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+  }
+
+  figures(now) {
+    while (this.times.length && this.times[0] < now - WINDOW_MS) this.times.shift();
+    while (this.latencies.length && this.latencies[0][0] < now - WINDOW_MS) this.latencies.shift();
+    const lat = this.latencies.map((l) => l[1]).sort((a, b) => a - b);
+    const q = (f) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(f * lat.length))] : null);
+    return {
+      stream: this.streamId, name: this.label, colour: this.colour, fps: this.times.length,
+      latency_p50_ms: q(0.5), latency_p95_ms: q(0.95), transport: this.via,
+      received: this.received, rendered: this.rendered, rendered_live: this.renderedLive,
+      lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad,
+    };
+  }
+}
+
+export class Viewer {
+  constructor({ room, token, url, rtc = "auto", rtcConfig = {}, record = false }) {
+    this.room = room;
+    this.decoder = new Decoder();
+    this.streams = new Map(); // streamId -> StreamView
+    this.members = new Map(); // memberId -> record
+    this.colours = new Map(); // memberId -> colour
+    this.record = record ? [] : null;
+    this.latencyLog = [];
+    this.errors = [];
+    this.audio = new AudioSlot();
+    this.member = new Member({
+      url, room, token, rtc, rtcConfig, name: "viewer",
+      on: {
+        packet: (bytes, via) => this.onPacket(bytes, via),
+        control: (obj) => this.onControl(obj),
+        state: (s) => this.onState(s),
+        members: (list) => this.onMembers(list),
+        presence: (event, m) => this.onPresence(event, m),
+      },
+    });
+    this.hud = setInterval(() => this.renderHud(), 250);
+  }
+
+  start() {
+    this.member.start();
+  }
+
+  // ------------------------------------------------------------ members and colours
+
+  onMembers(list) {
+    this.members.clear();
+    for (const m of list) this.onPresence("join", m);
+  }
+
+  onPresence(event, m) {
+    if (!m || typeof m.id !== "string") return;
+    if (event === "leave") {
+      const old = this.members.get(m.id);
+      this.members.delete(m.id);
+      for (const sid of (old && old.streams) || []) this.dropStream(sid);
+      return;
+    }
+    this.members.set(m.id, m);
+    if (!this.colours.has(m.id)) {
+      this.colours.set(m.id, PALETTE[this.colours.size % PALETTE.length]);
+    }
+    for (const sid of m.streams || []) {
+      const view = this.streams.get(sid);
+      if (view) this.label(view);
+    }
+  }
+
+  owner(streamId) {
+    for (const m of this.members.values()) if ((m.streams || []).includes(streamId)) return m;
+    return null;
+  }
+
+  label(view) {
+    const m = this.owner(view.streamId);
+    if (m) {
+      view.colour = this.colours.get(m.id);
+      view.label = m.name || m.subject || m.id;
+      view.memberId = m.id;
+    }
+  }
+
+  dropStream(sid) {
+    const view = this.streams.get(sid);
+    if (!view) return;
+    view.canvas.remove();
+    this.streams.delete(sid);
+    this.decoder.forget(sid);
+  }
+
+  view(streamId) {
+    let v = this.streams.get(streamId);
+    if (!v) {
+      v = new StreamView(streamId, $("stage"));
+      this.streams.set(streamId, v);
+      this.label(v);
+    }
+    return v;
+  }
+
+  // ------------------------------------------------------------ packets
+
+  onControl(obj) {
+    if (obj.type === "backfill" && Number.isSafeInteger(obj.stream_id)) {
+      const v = this.view(obj.stream_id);
+      v.backfillLeft = Number.isSafeInteger(obj.count) ? obj.count : 0;
+    } else if (obj.type === "error") {
+      this.showError(`server: ${obj.reason || "error"}${obj.message ? ": " + obj.message : ""}`);
+    }
+  }
+
+  onPacket(bytes, via) {
+    let res;
+    try {
+      res = this.decoder.decode(bytes);
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      const sid = bytes.length > 2 && bytes[2] < 0x80 ? bytes[2] : null;
+      const v = sid !== null ? this.streams.get(sid) : null;
+      if (v) v.bad++;
+      this.showError(`bad packet (${bytes.length} bytes) ignored: ${err.message}`);
+      return;
+    }
+    if (res.kind === "need_keyframe") {
+      const v = this.view(res.streamId);
+      v.received++;
+      v.needKeyframe++;
+      if (v.backfillLeft > 0) v.backfillLeft--;
+      const now = performance.now();
+      if (now - v.lastRequest >= KEYFRAME_REQUEST_MS) {
+        v.lastRequest = now;
+        this.member.requestKeyframe(res.streamId);
+      }
+      return;
+    }
+    const h = res.header;
+    const v = this.view(h.streamId);
+    v.received++;
+    v.via = via;
+    const backfill = v.backfillLeft > 0;
+    if (backfill) v.backfillLeft--;
+    v.draw(res.image, h.numPoses);
+    const rendered = wallMs();
+    v.rendered++;
+    v.times.push(rendered);
+    const seq = Number(h.seq);
+    if (!backfill) {
+      v.renderedLive++;
+      if (v.lastLiveSeq !== null && seq > v.lastLiveSeq + 1) v.lost += seq - v.lastLiveSeq - 1;
+      if (v.lastLiveSeq === null || seq > v.lastLiveSeq) v.lastLiveSeq = seq;
+      const latency = this.latencyMs(h, v, rendered);
+      if (latency !== null) {
+        v.latencies.push([rendered, latency]);
+        if (this.latencyLog.length < MAX_RECORD) this.latencyLog.push([h.streamId, seq, latency]);
+      }
+    }
+    if (this.record && this.record.length < MAX_RECORD) {
+      this.record.push({ stream: h.streamId, seq: String(h.seq), ts: String(h.captureTsNs),
+        backfill, via, image: Array.from(res.image) });
+    }
+  }
+
+  /** Capture -> render on the server's clock: (render + my offset) - (capture + publisher's). */
+  latencyMs(h, v, renderedMs) {
+    const mine = this.member.clockOffsetNs;
+    if (mine === null) return null;
+    const m = v.memberId ? this.members.get(v.memberId) : null;
+    const theirs = m && Number.isSafeInteger(m.clock_offset_ns) ? m.clock_offset_ns : 0;
+    const captureMs = Number(h.captureTsNs) / 1e6;
+    return renderedMs + Number(mine) / 1e6 - (captureMs + theirs / 1e6);
+  }
+
+  // ------------------------------------------------------------ page state
+
+  onState(s) {
+    $("state").textContent = s.phase;
+    $("state").dataset.phase = s.phase;
+    $("transport").textContent = s.transport;
+    $("note").textContent = s.note || "";
+    if (s.error) this.showError(s.error);
+  }
+
+  showError(text) {
+    this.errors.push(text);
+    const el = $("error");
+    el.textContent = text;
+    el.hidden = false;
+  }
+
+  stats() {
+    const now = wallMs();
+    return {
+      connection: { ...this.member.snap, clockOffsetNs: String(this.member.snap.clockOffsetNs) },
+      streams: [...this.streams.values()].map((v) => v.figures(now)),
+      errors: this.errors.slice(-20),
+    };
+  }
+
+  renderHud() {
+    const rows = this.stats().streams.map((s) => {
+      const lat = s.latency_p95_ms === null ? "-" : `${s.latency_p50_ms.toFixed(1)} / ${s.latency_p95_ms.toFixed(1)}`;
+      const tr = document.createElement("tr");
+      for (const text of [s.name, `${s.fps}`, lat, s.transport, `${s.lost}`]) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        tr.appendChild(td);
+      }
+      tr.firstChild.style.color = s.colour;
+      return tr;
+    });
+    $("members").replaceChildren(...rows);
+  }
+}
+
+// ------------------------------------------------------------ page bootstrap
+
+async function devToken(room) {
+  const r = await fetch("/api/dev/token", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ room, role: "subscriber", ttl: 3600 }),
+  });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.message || `dev token refused (${r.status})`);
+  return body.token;
+}
+
+export async function main() {
+  const body = document.body;
+  const room = body.dataset.room;
+  const params = new URLSearchParams(location.search);
+  let token = params.get("token") || "";
+  const form = $("token-form");
+  if (!token && body.dataset.dev === "1") {
+    try {
+      token = await devToken(room);
+    } catch (err) {
+      $("error").textContent = `no dev token: ${err.message}`;
+      $("error").hidden = false;
+    }
+  }
+  if (!token) {
+    form.hidden = false;
+    $("state").textContent = "needs a token";
+    return;
+  }
+  let rtcConfig = {};
+  if (params.get("rtc_config")) {
+    try {
+      rtcConfig = JSON.parse(params.get("rtc_config"));
+    } catch {
+      $("error").textContent = "rtc_config is not JSON: ignored";
+      $("error").hidden = false;
+    }
+  }
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const viewer = new Viewer({
+    room, token, url: `${scheme}//${location.host}/ws`, rtc: params.get("rtc") || "auto",
+    rtcConfig, record: params.get("record") === "1",
+  });
+  window.posewire = viewer;
+  viewer.start();
+}
