@@ -51,6 +51,8 @@ class StreamView {
     this.times = []; // render times (ms) of the last second: fps
     this.latencies = []; // [render time ms, latency ms] of the last second
     this.via = "-";
+    this.firstLive = null; // render time (ms) of the first and the last live frame
+    this.lastLive = null;
   }
 
   draw(image, n) {
@@ -87,10 +89,12 @@ class StreamView {
   figures(now) {
     while (this.times.length && this.times[0] < now - WINDOW_MS) this.times.shift();
     while (this.latencies.length && this.latencies[0][0] < now - WINDOW_MS) this.latencies.shift();
+    const span = this.lastLive - this.firstLive;
     const lat = this.latencies.map((l) => l[1]).sort((a, b) => a - b);
     const q = (f) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(f * lat.length))] : null);
     return {
       stream: this.streamId, name: this.label, colour: this.colour, fps: this.times.length,
+      fps_mean: span > 0 ? ((this.renderedLive - 1) * 1000) / span : null,
       latency_p50_ms: q(0.5), latency_p95_ms: q(0.95), transport: this.via,
       received: this.received, rendered: this.rendered, rendered_live: this.renderedLive,
       lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad,
@@ -231,6 +235,8 @@ export class Viewer {
     const seq = Number(h.seq);
     if (!backfill) {
       v.renderedLive++;
+      if (v.firstLive === null) v.firstLive = rendered;
+      v.lastLive = rendered;
       if (v.lastLiveSeq !== null && seq > v.lastLiveSeq + 1) v.lost += seq - v.lastLiveSeq - 1;
       if (v.lastLiveSeq === null || seq > v.lastLiveSeq) v.lastLiveSeq = seq;
       const latency = this.latencyMs(h, v, rendered);
