@@ -265,7 +265,7 @@ async def run_scenario(
 ) -> dict[str, Any]:
     room = f"bench{count}"
     trace = load_trace()
-    page = await browser.new_page(viewport={"width": 1000, "height": 760})
+    page = await browser.new_page(viewport={"width": 1000, "height": 760}, bypass_csp=True)
     problems: list[str] = []
     watch_page(page, problems)
     await page.goto(f"{server.url}/room/{room}")

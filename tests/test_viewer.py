@@ -1,0 +1,305 @@
+"""Acceptance tests of the browser viewer (issue 15) in real Chromium (Debian's
+``/usr/bin/chromium`` driven by Playwright), against a real ``serve`` process, real
+publishers (pose traces, WebSocket) and a real Python subscriber.
+
+Every page fails its test on any console error or warning and on any uncaught
+exception. Tests wait for what they need (a join in the page, a count of drawn frames),
+never for a guessed time; the publishers pace frames at 30 fps like a camera.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import pytest
+
+from bench.viewer import Publisher, chromium_unavailable, launch, load_trace, watch_page
+from pipeline.codec import Decoded, Decoder, peek_header
+from pipeline.transports.base import Packet
+from pipeline.transports.websocket import WebSocketTransport
+from tests.test_server_support import ServeProcess, token
+
+pytestmark = pytest.mark.skipif(
+    chromium_unavailable() is not None, reason=str(chromium_unavailable())
+)
+
+JOINED = (
+    "window.posewire && window.posewire.member.snap.phase === 'joined'"
+    " && window.posewire.member.snap.clockOffsetNs !== null"
+)
+WIDTH, HEIGHT = 960, 540
+
+
+@asynccontextmanager
+async def browser_pages() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``open(url)`` -> a page of one headless Chromium; at the end, every page must have
+    been free of console errors and uncaught exceptions."""
+    from playwright.async_api import async_playwright
+
+    problems: list[str] = []
+    async with async_playwright() as pw:
+        browser = await launch(pw)
+        try:
+
+            async def open_page(url: str, wait: str | None = JOINED) -> Any:
+                # bypass_csp: Playwright evaluates wait_for_function predicates with eval, which
+                # the page's CSP (script-src 'self') forbids; the page itself needs no eval
+                page = await browser.new_page(bypass_csp=True)
+                watch_page(page, problems)
+                await page.goto(url)
+                if wait is not None:
+                    await page.wait_for_function(wait, timeout=20000)
+                return page
+
+            yield open_page
+        finally:
+            await browser.close()
+    assert not problems, problems
+
+
+async def stats(page: Any) -> dict[str, Any]:
+    got: dict[str, Any] = await page.evaluate("window.posewire.stats()")
+    return got
+
+
+async def drawn(page: Any, live: int, streams: int = 1) -> None:
+    """Wait until the page drew ``live`` live frames of each of ``streams`` streams."""
+    await page.wait_for_function(
+        f"(() => {{ const s = window.posewire.stats().streams;"
+        f" return s.length >= {streams} && s.every((x) => x.rendered_live >= {live}); }})()",
+        timeout=20000,
+    )
+
+
+async def colours_at_landmarks(page: Any, stream: int, image: np.ndarray) -> list[list[int]]:
+    """RGBA of the canvas layer of ``stream`` at every visible landmark of ``image``."""
+    pts = [
+        [math.floor(float(x) * WIDTH), math.floor(float(y) * HEIGHT)]
+        for x, y, _z, v in image.reshape(-1, 4)
+        if v >= 0.5 and 0 <= x * WIDTH < WIDTH and 0 <= y * HEIGHT < HEIGHT
+    ]
+    assert len(pts) >= 10
+    got: list[list[int]] = await page.evaluate(
+        """([sid, pts]) => {
+            const ctx = document.querySelector(`canvas[data-stream="${sid}"]`).getContext('2d');
+            return pts.map(([x, y]) => Array.from(ctx.getImageData(x, y, 1, 1).data));
+        }""",
+        [stream, pts],
+    )
+    return got
+
+
+def assert_colour(pixels: list[list[int]], colour: str) -> None:
+    """Every pixel is ``colour`` (#rrggbb), opaque. The anti-aliased edge of a
+    neighbouring landmark's dot blended over a dot of the same colour may move a channel
+    by a unit or two of 8-bit rounding."""
+    want = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)] + [255])
+    diff = np.abs(np.array(pixels) - want)
+    assert diff.max() <= 2, (colour, [p for p, d in zip(pixels, diff, strict=True) if d.max() > 2])
+
+
+async def page_records(page: Any, stream: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = await page.evaluate(
+        f"window.posewire.record.filter((r) => r.stream === {stream})"
+    )
+    return got
+
+
+class PySubscriber:
+    """The Python receiver: every decoded frame by stream and seq."""
+
+    def __init__(self, url: str, room: str) -> None:
+        self.transport = WebSocketTransport(
+            url, room, token(room, "subscriber", subject="py"), publish=False, subscribe=True
+        )
+        self.decoders: dict[int, Decoder] = {}
+        self.frames: dict[tuple[int, int], np.ndarray] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.transport.connect()
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            item = await self.transport.recv()
+            if isinstance(item, Packet):
+                sid = peek_header(item.data).stream_id
+                res = self.decoders.setdefault(sid, Decoder()).decode(item.data)
+                if isinstance(res, Decoded):
+                    self.frames[(sid, res.frame.seq)] = res.frame.image
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.transport.close()
+
+
+async def publishers(url: str, room: str, count: int) -> list[Publisher]:
+    trace = load_trace()
+    pubs = [
+        Publisher(url, room, token(room, "publisher", subject=f"pub{i}"), i + 1, trace,
+                  f"dancer {i + 1}")  # fmt: skip
+        for i in range(count)
+    ]
+    await asyncio.gather(*(p.start() for p in pubs))
+    return pubs
+
+
+@pytest.fixture
+def dev_server() -> Any:
+    srv = ServeProcess(0, "--dev")
+    yield srv
+    srv.stop()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timing
+def test_page_draws_every_frame_as_python_decodes_it(dev_server: ServeProcess) -> None:
+    async def main() -> None:
+        room = "studio"
+        async with browser_pages() as open_page:
+            page = await open_page(f"{dev_server.url}/room/{room}?record=1")
+            sub = PySubscriber(dev_server.url, room)
+            await sub.start()
+            (pub,) = await publishers(dev_server.url, room, 1)
+            await pub.run(90)
+            await drawn(page, 90)
+            s = await stats(page)
+            (st,) = s["streams"]
+            records = await page_records(page, 1)
+            # the last frame is on the canvas in the member's colour, at every landmark
+            last = np.array(records[-1]["image"], np.float32)
+            assert_colour(await colours_at_landmarks(page, 1, last), st["colour"])
+            assert st["name"] == "dancer 1"
+            # the page decoded exactly what the Python receiver decoded
+            for rec in records:
+                ours = sub.frames[(1, int(rec["seq"]))].reshape(-1)
+                assert np.array_equal(np.array(rec["image"], np.float32), ours), rec["seq"]
+            assert len(records) == 90
+            # frames rendered / sent, capture -> render latency against capture -> send
+            assert st["rendered_live"] / len(pub.sent) >= 0.98
+            log = await page.evaluate("window.posewire.latencyLog")
+            render_p95 = float(np.percentile([r[2] for r in log], 95))
+            send_p95 = float(np.percentile([(t - c) / 1e6 for _, c, t in pub.sent], 95))
+            assert render_p95 <= send_p95 + 25.0, (render_p95, send_p95)
+            assert await page.inner_text("#transport") == "websocket"
+            assert await page.inner_text("#state") == "joined"
+            await pub.close()
+            await sub.close()
+
+    asyncio.run(main())
+
+
+def test_two_publishers_three_viewers_and_a_late_joiner(dev_server: ServeProcess) -> None:
+    async def main() -> None:
+        room = "class"
+        url = f"{dev_server.url}/room/{room}?record=1"
+        async with browser_pages() as open_page:
+            early = [await open_page(url), await open_page(url)]
+            pubs = await publishers(dev_server.url, room, 2)
+            await asyncio.gather(*(p.run(20, offset_s=i / 60) for i, p in enumerate(pubs)))
+            late = await open_page(url)
+            await asyncio.gather(*(p.run(20) for p in pubs))
+            for page in [*early, late]:
+                await drawn(page, 20 if page is late else 40, streams=2)
+            s = await stats(late)
+            assert len({st["colour"] for st in s["streams"]}) == 2
+            for st in s["streams"]:
+                # the late joiner decoded every packet it got, the history first
+                assert st["need_keyframe"] == 0 and st["bad_packets"] == 0, st
+                recs = await page_records(late, st["stream"])
+                assert recs[0]["backfill"], recs[0]
+                img = np.array(recs[-1]["image"], np.float32)
+                assert_colour(await colours_at_landmarks(late, st["stream"], img), st["colour"])
+            for p in pubs:
+                await p.close()
+
+    asyncio.run(main())
+
+
+def test_bad_token_closed_room_and_garbage_packet_are_shown(dev_server: ServeProcess) -> None:
+    async def main() -> None:
+        async with browser_pages() as open_page:
+            # a wrong token
+            page = await open_page(f"{dev_server.url}/room/a?token=not-a-token", wait=None)
+            await page.wait_for_function("document.getElementById('state').textContent === 'failed'")
+            assert "token" in await page.inner_text("#error")
+            assert await page.is_visible("#error")
+            # a room closed by a moderator while the page is in it
+            page = await open_page(f"{dev_server.url}/room/b")
+            req = urllib.request.Request(
+                f"{dev_server.url}/api/rooms/b",
+                method="DELETE",
+                headers={"Authorization": f"Bearer {token('b', 'moderator')}"},
+            )
+            await asyncio.to_thread(urllib.request.urlopen, req, None, 10)
+            await page.wait_for_function("document.getElementById('state').textContent === 'failed'")
+            assert "room_closed" in await page.inner_text("#error")
+            # a packet the server relays (valid header and checksum) with a corrupt payload
+            page = await open_page(f"{dev_server.url}/room/c")
+            (pub,) = await publishers(dev_server.url, "c", 1)
+            await pub.run(5)
+            await drawn(page, 5)
+            data, _ = pub.packet(keyframe=True)
+            bad = bytearray(data)
+            # the keyframe's quantization prelude (varints 1922, 51, 101, then the visibility
+            # levels - 1): 0 means one level, which no decoder accepts; the server reads
+            # only headers and relays it
+            at = peek_header(data).header_len + 4
+            assert bad[at] == 15
+            bad[at] = 0
+            bad[-4:] = google_crc32c.value(bytes(bad[:-4])).to_bytes(4, "little")
+            await pub.send(bytes(bad))
+            await page.wait_for_function("!document.getElementById('error').hidden")
+            assert "bad packet" in await page.inner_text("#error")
+            # and it goes on drawing the stream after the next keyframe
+            await pub.send(pub.packet(keyframe=True)[0])
+            await pub.run(5)
+            await drawn(page, 10)
+            await pub.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timing
+def test_webrtc_impossible_page_shows_websocket_and_draws(dev_server: ServeProcess) -> None:
+    """WebRTC forced on, with a configuration under which ICE cannot find any path (relay
+    candidates only, and no TURN server): no packet leaves loopback, and the page uses the
+    WebSocket at once."""
+    rtc = json.dumps({"iceServers": [], "iceTransportPolicy": "relay"})
+
+    async def main() -> None:
+        room = "norte"
+        async with browser_pages() as open_page:
+            (pub,) = await publishers(dev_server.url, room, 1)
+            sending = asyncio.get_running_loop().create_task(pub.run(75))
+            page = await open_page(
+                f"{dev_server.url}/room/{room}?rtc=force&rtc_config={rtc}", wait=None
+            )
+            await page.wait_for_function(
+                "window.posewire && window.posewire.stats().streams.some((s) => s.rendered >= 5)"
+                " && document.getElementById('transport').textContent === 'websocket'",
+                timeout=20000,
+            )
+            first = await stats(page)
+            await page.wait_for_function(
+                f"window.posewire.stats().streams[0].rendered >= {first['streams'][0]['rendered'] + 15}",
+                timeout=1000,
+            )
+            note = await page.inner_text("#note")
+            assert "WebRTC" in note, note
+            await sending
+            await pub.close()
+
+    asyncio.run(main())
