@@ -12,20 +12,34 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shlex
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
 import pytest
 
-from bench.viewer import Publisher, chromium_unavailable, launch, load_trace, watch_page
+from bench.viewer import (
+    CHROMIUM,
+    NO_MDNS,
+    Publisher,
+    chromium_unavailable,
+    launch,
+    load_trace,
+    watch_page,
+)
 from pipeline.codec import Decoded, Decoder, peek_header
 from pipeline.transports.base import Packet
 from pipeline.transports.websocket import WebSocketTransport
 from tests.test_server_support import ServeProcess, token
+
+if TYPE_CHECKING:
+    from bench.netns import Topology
 
 pytestmark = pytest.mark.skipif(
     chromium_unavailable() is not None, reason=str(chromium_unavailable())
@@ -303,3 +317,67 @@ def test_webrtc_impossible_page_shows_websocket_and_draws(dev_server: ServeProce
             await pub.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timing
+def test_webrtc_dead_path_page_falls_back_to_websocket(net: Topology, tmp_path: Path) -> None:
+    """The page in host a, the server and a publisher in host b: the page's data channels
+    open (WebRTC between Chromium and aiortc), then every UDP packet between the hosts is
+    dropped: within 1 s the page shows the WebSocket and draws frames that came over it."""
+    a, b = net.host("a"), net.host("b")
+    wrapper = tmp_path / "chromium-in-a"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(a.exec_argv([CHROMIUM]))} "$@"\n')
+    wrapper.chmod(0o755)
+    srv = ServeProcess(0, host=b.address, prefix=b.exec_argv([]))
+    room = "remote"
+    logs = tmp_path / "pub"
+    logs.mkdir()
+    pub = net.start_python("b", "tests.rtc_client", ["--url", srv.url, "--max-seconds", "40"], logs)
+    try:
+        pub.send({"cmd": "join", "token": token(room, "publisher"), "room": room, "publish": True})
+        pub.expect("welcome", timeout=20)
+        # a WebSocket publisher with a keyframe every 10 frames: a break heals within 0.33 s
+        pub.send({"cmd": "publish", "stream_id": 1, "count": 600, "interval_ms": 33,
+                  "path": "ws", "keyframe_interval": 10})  # fmt: skip
+
+        async def main() -> None:
+            from playwright.async_api import async_playwright
+
+            problems: list[str] = []
+            async with async_playwright() as pw:
+                browser = await launch(pw, executable=str(wrapper), extra=[NO_MDNS])
+                try:
+                    page = await browser.new_page(bypass_csp=True)
+                    watch_page(page, problems)
+                    tok = token(room, "subscriber", subject="page")
+                    await page.goto(f"{srv.url}/room/{room}?token={tok}")
+                    await page.wait_for_function(
+                        "window.posewire && window.posewire.stats().streams.some((s) =>"
+                        " (s.by_transport['webrtc-pose'] || 0) + (s.by_transport['webrtc-control']"
+                        " || 0) >= 10) && document.getElementById('transport').textContent"
+                        " === 'webrtc'",
+                        timeout=30000,
+                    )
+                    before = (await stats(page))["streams"][0]["by_transport"].get("websocket", 0)
+                    t0 = time.monotonic()
+                    net.blackout_udp()
+                    await page.wait_for_function(
+                        "document.getElementById('transport').textContent === 'websocket' &&"
+                        f" (window.posewire.stats().streams[0].by_transport.websocket || 0) >= {before + 5}",
+                        timeout=3000,
+                        polling=10,
+                    )
+                    elapsed = time.monotonic() - t0
+                    conn = (await stats(page))["connection"]
+                    assert conn["rtcDeaths"] == 1, conn
+                    assert "dead" in await page.inner_text("#note")
+                    print(f"blackout -> websocket drawing: {elapsed * 1000:.0f} ms; {conn}")
+                    assert elapsed <= 1.0, elapsed
+                finally:
+                    await browser.close()
+            assert not problems, problems
+
+        asyncio.run(main())
+    finally:
+        pub.close()
+        srv.stop()

@@ -51,6 +51,7 @@ class StreamView {
     this.times = []; // render times (ms) of the last second: fps
     this.latencies = []; // [render time ms, latency ms] of the last second
     this.via = "-";
+    this.byVia = {}; // frames drawn per path (websocket, webrtc-pose, webrtc-control)
     this.firstLive = null; // render time (ms) of the first and the last live frame
     this.lastLive = null;
   }
@@ -98,6 +99,7 @@ class StreamView {
       latency_p50_ms: q(0.5), latency_p95_ms: q(0.95), transport: this.via,
       received: this.received, rendered: this.rendered, rendered_live: this.renderedLive,
       lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad,
+      by_transport: { ...this.byVia },
     };
   }
 }
@@ -231,6 +233,7 @@ export class Viewer {
     v.draw(res.image, h.numPoses);
     const rendered = wallMs();
     v.rendered++;
+    v.byVia[via] = (v.byVia[via] || 0) + 1;
     v.times.push(rendered);
     const seq = Number(h.seq);
     if (!backfill) {
