@@ -1,8 +1,8 @@
 """``python -m bench [NAME ...] [--json] [--quick] [OPTIONS]``: the benchmark harness.
 
 Runs the named benchmarks (all of them without a name: ``ring``, ``codec``,
-``pipeline_fps``, ``fanout``, ``transport``, ``viewer``, ``soak``, then any other ``bench/<name>.py``
-with ``main(argv) -> int``), one after the other, each in its own process
+``pipeline_fps``, ``fanout``, ``transport``, ``viewer``, ``soak``, then any other
+``bench/<name>.py`` with ``main(argv) -> int``), one after the other, each in its own process
 with ``--json``, with progress bars on stderr. Every result object is written
 to ``bench/results/<bench>.json`` (the house JSON shape plus a ``harness``
 key: command, exit code, elapsed time, date), and ``bench/results/latest.md``

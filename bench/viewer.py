@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from bench.common import add_json_flag, at_least, at_most, percentile, report, stop_process
 from pipeline.codec import CodecConfig, Decoded, Decoder, Encoder, NeedKeyframe, peek_header
@@ -87,16 +89,18 @@ def watch_page(page: Any, problems: list[str]) -> None:
     page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
     page.on(
         "console",
-        lambda m: problems.append(f"console {m.type}: {m.text}")
-        if m.type in ("error", "warning")
-        else None,
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning")
+            else None
+        ),
     )
 
 
 # --------------------------------------------------------------------------- publishers
 
 
-def load_trace(name: str = "cmu02_05_punch_strike") -> np.ndarray:
+def load_trace(name: str = "cmu02_05_punch_strike") -> npt.NDArray[np.float32]:
     with np.load(traces_dir() / f"{name}.npz") as d:
         return np.asarray(d["image"], dtype=np.float32)
 
@@ -109,7 +113,13 @@ class Publisher:
     """
 
     def __init__(
-        self, url: str, room: str, token: str, stream_id: int, trace: np.ndarray, name: str
+        self,
+        url: str,
+        room: str,
+        token: str,
+        stream_id: int,
+        trace: npt.NDArray[np.float32],
+        name: str,
     ) -> None:
         self.transport = WebSocketTransport(
             url, room, token, publish=True, subscribe=False, name=name, connect_timeout_s=10.0
@@ -277,8 +287,14 @@ async def run_scenario(
     baseline = PyReceiver(server.url, room, server.token(room, "subscriber", "baseline"))
     await baseline.start()
     pubs = [
-        Publisher(server.url, room, server.token(room, "publisher", f"pub{i}"), i + 1, trace,
-                  f"dancer {i + 1}")  # fmt: skip
+        Publisher(
+            server.url,
+            room,
+            server.token(room, "publisher", f"pub{i}"),
+            i + 1,
+            trace,
+            f"dancer {i + 1}",
+        )
         for i in range(count)
     ]
     await asyncio.gather(*(p.start() for p in pubs))
@@ -292,10 +308,8 @@ async def run_scenario(
         )
         return bool(got >= total)
 
-    try:
+    with contextlib.suppress(TimeoutError):  # frames not drawn are counted below
         await wait_until(drawn_all, 10.0, "the page to draw every frame")
-    except TimeoutError:
-        pass  # counted below as frames not rendered
     if screenshot is not None:
         await page.screenshot(path=str(screenshot))
     stats = await page.evaluate("window.posewire.stats()")
@@ -335,9 +349,7 @@ async def run(seconds: float, screenshot: Path | None) -> list[dict[str, Any]]:
             browser = await launch(pw)
             try:
                 return [
-                    await run_scenario(
-                        server, browser, n, seconds, screenshot if n == 5 else None
-                    )
+                    await run_scenario(server, browser, n, seconds, screenshot if n == 5 else None)
                     for n in COUNTS
                 ]
             finally:
@@ -363,10 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     targets = []
     for r in results:
         n = r["publishers"]
-        rows.append({"name": f"chromium, {n} publishers", **{k: v for k, v in r.items()
-                                                           if not k.startswith("decode")}})
-        rows.append({"name": f"python receiver (baseline), {n} publishers",
-                     "decode_p50_ms": r["decode_p50_ms"], "decode_p95_ms": r["decode_p95_ms"]})
+        rows.append(
+            {
+                "name": f"chromium, {n} publishers",
+                **{k: v for k, v in r.items() if not k.startswith("decode")},
+            }
+        )
+        rows.append(
+            {
+                "name": f"python receiver (baseline), {n} publishers",
+                "decode_p50_ms": r["decode_p50_ms"],
+                "decode_p95_ms": r["decode_p95_ms"],
+            }
+        )
         if n <= 5:
             targets.append(at_least(f"rendered / sent, {n} publishers", r["rendered_ratio"], 0.98))
         else:

@@ -440,7 +440,9 @@ def compute_digests(fed: dict[str, list[bytes]] | None = None) -> dict[str, str]
     rand = _random_frames(240, seed=3)
     for use_world in (False, True):
         cfg = CodecConfig(world=use_world, max_poses=8)
-        p, d = _run_stream(rand, cfg, mutate_every=11, seed=9, fed=into(f"random world={use_world}"))
+        p, d = _run_stream(
+            rand, cfg, mutate_every=11, seed=9, fed=into(f"random world={use_world}")
+        )
         out[f"random world={use_world} packets"] = p
         out[f"random world={use_world} decoded"] = d
     fine = CodecConfig(precision_px=0.1, z_precision=0.001, visibility_levels=256, world=True,

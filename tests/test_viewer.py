@@ -160,8 +160,9 @@ class PySubscriber:
 async def publishers(url: str, room: str, count: int) -> list[Publisher]:
     trace = load_trace()
     pubs = [
-        Publisher(url, room, token(room, "publisher", subject=f"pub{i}"), i + 1, trace,
-                  f"dancer {i + 1}")  # fmt: skip
+        Publisher(
+            url, room, token(room, "publisher", subject=f"pub{i}"), i + 1, trace, f"dancer {i + 1}"
+        )
         for i in range(count)
     ]
     await asyncio.gather(*(p.start() for p in pubs))
@@ -247,7 +248,9 @@ def test_bad_token_closed_room_and_garbage_packet_are_shown(dev_server: ServePro
         async with browser_pages() as open_page:
             # a wrong token
             page = await open_page(f"{dev_server.url}/room/a?token=not-a-token", wait=None)
-            await page.wait_for_function("document.getElementById('state').textContent === 'failed'")
+            await page.wait_for_function(
+                "document.getElementById('state').textContent === 'failed'"
+            )
             assert "token" in await page.inner_text("#error")
             assert await page.is_visible("#error")
             # a room closed by a moderator while the page is in it
@@ -258,7 +261,9 @@ def test_bad_token_closed_room_and_garbage_packet_are_shown(dev_server: ServePro
                 headers={"Authorization": f"Bearer {token('b', 'moderator')}"},
             )
             await asyncio.to_thread(urllib.request.urlopen, req, None, 10)
-            await page.wait_for_function("document.getElementById('state').textContent === 'failed'")
+            await page.wait_for_function(
+                "document.getElementById('state').textContent === 'failed'"
+            )
             assert "room_closed" in await page.inner_text("#error")
             # a packet the server relays (valid header and checksum) with a corrupt payload
             page = await open_page(f"{dev_server.url}/room/c")
@@ -306,9 +311,9 @@ def test_webrtc_impossible_page_shows_websocket_and_draws(dev_server: ServeProce
                 " && document.getElementById('transport').textContent === 'websocket'",
                 timeout=20000,
             )
-            first = await stats(page)
+            first = (await stats(page))["streams"][0]["rendered"]
             await page.wait_for_function(
-                f"window.posewire.stats().streams[0].rendered >= {first['streams'][0]['rendered'] + 15}",
+                f"window.posewire.stats().streams[0].rendered >= {first + 15}",
                 timeout=1000,
             )
             note = await page.inner_text("#note")
@@ -363,7 +368,8 @@ def test_webrtc_dead_path_page_falls_back_to_websocket(net: Topology, tmp_path: 
                     net.blackout_udp()
                     await page.wait_for_function(
                         "document.getElementById('transport').textContent === 'websocket' &&"
-                        f" (window.posewire.stats().streams[0].by_transport.websocket || 0) >= {before + 5}",
+                        " (window.posewire.stats().streams[0].by_transport.websocket || 0)"
+                        f" >= {before + 5}",
                         timeout=3000,
                         polling=10,
                     )

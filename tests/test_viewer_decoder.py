@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -32,65 +33,8 @@ from pipeline.errors import ProtocolError, UnsupportedVersionError
 from tests.test_protocol_golden import GOLDEN, TRACES, compute_digests
 from tests.test_server_support import ServeProcess
 
-# decode every packet of every stream; return per stream its result lines and float32 bytes
-# (digests, or everything for the streams named in `full`)
-DECODE_JS = """
-async ({streams, full}) => {
-  const m = await import('/static/decoder.js');
-  const hex = async (bytes) => Array.from(new Uint8Array(
-      await crypto.subtle.digest('SHA-256', bytes))).map((b) => b.toString(16).padStart(2, '0')).join('');
-  const out = {};
-  for (const [tag, b64, lens] of streams) {
-    const bin = atob(b64);
-    const bytes = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    const dec = new m.Decoder();
-    const lines = [];
-    const parts = [];
-    let size = 0;
-    let off = 0;
-    for (const n of lens) {
-      const pkt = bytes.subarray(off, off + n);
-      off += n;
-      let r;
-      try {
-        r = dec.decode(pkt);
-      } catch (e) {
-        lines.push(e instanceof m.UnsupportedVersionError ? 'U' : e instanceof m.ProtocolError ? 'E' : 'X ' + e);
-        continue;
-      }
-      if (r.kind === 'need_keyframe') {
-        lines.push(`N ${r.streamId} ${r.seq} ${r.missingRef}`);
-        continue;
-      }
-      const h = r.header;
-      lines.push(`D ${h.streamId} ${h.seq} ${h.captureTsNs} ${h.refSeq} ${h.keyframe ? 1 : 0} ` +
-        `${h.hasWorld ? 1 : 0} ${h.numPoses} ${h.epoch} ${h.headerLen + h.payloadLen + 4} ${h.tsResidualUs}`);
-      for (const a of [r.image, r.world]) {
-        if (a) {
-          parts.push(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
-          size += a.byteLength;
-        }
-      }
-    }
-    const floats = new Uint8Array(size);
-    let at = 0;
-    for (const p of parts) {
-      floats.set(p, at);
-      at += p.length;
-    }
-    const text = new TextEncoder().encode(lines.join('\\n'));
-    if (full.includes(tag)) {
-      let s = '';
-      for (let i = 0; i < floats.length; i += 8192) s += String.fromCharCode(...floats.subarray(i, i + 8192));
-      out[tag] = [lines, btoa(s)];
-    } else {
-      out[tag] = [await hex(text), await hex(floats)];
-    }
-  }
-  return out;
-}
-"""
+#: the page side (page.evaluate): decodes every stream, returns digests or everything
+DECODE_JS = (Path(__file__).parent / "viewer_decode.js").read_text()
 
 # the decoder refuses what is not a byte buffer, with its own error type
 TYPES_JS = """
@@ -167,9 +111,11 @@ def page() -> Iterator[Any]:
                 pg.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
                 pg.on(
                     "console",
-                    lambda m: problems.append(f"console {m.type}: {m.text}")
-                    if m.type in ("error", "warning")
-                    else None,
+                    lambda m: (
+                        problems.append(f"console {m.type}: {m.text}")
+                        if m.type in ("error", "warning")
+                        else None
+                    ),
                 )
                 pg.goto(f"{srv.url}/")
                 yield pg

@@ -43,9 +43,13 @@ HEADERS: Final = {
 }
 
 
-def load_static() -> dict[str, tuple[bytes, str]]:
+StaticFiles = dict[str, tuple[bytes, str]]
+"""file name -> (bytes, content type)"""
+
+
+def load_static() -> StaticFiles:
     """Every servable file of ``static/``: name -> (bytes, content type)."""
-    files: dict[str, tuple[bytes, str]] = {}
+    files: StaticFiles = {}
     for entry in resources.files("pipeline.server").joinpath("static").iterdir():
         suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
         ctype = CONTENT_TYPES.get(suffix)
@@ -54,7 +58,7 @@ def load_static() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-STATIC: Final = web.AppKey("posewire_viewer_static", dict)
+STATIC: Final = web.AppKey("posewire_viewer_static", StaticFiles)
 
 
 def add_routes(app: web.Application) -> None:
@@ -64,9 +68,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/static/{file}", static_file)
 
 
-def _files(request: web.Request) -> dict[str, tuple[bytes, str]]:
-    files: dict[str, tuple[bytes, str]] = request.app[STATIC]
-    return files
+def _files(request: web.Request) -> StaticFiles:
+    return request.app[STATIC]
 
 
 def _page(request: web.Request, name: str, fields: dict[str, str]) -> web.Response:
@@ -98,9 +101,7 @@ async def index(request: web.Request) -> web.Response:
 async def room_page(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not messages.valid_room_name(name):
-        return web.Response(
-            status=404, text=f"not a room name: {name[:80]!r}\n", headers=HEADERS
-        )
+        return web.Response(status=404, text=f"not a room name: {name[:80]!r}\n", headers=HEADERS)
     dev = "1" if request.app[STATE].dev else "0"
     return _page(request, "room.html", {"ROOM": name, "DEV": dev})
 
