@@ -105,6 +105,11 @@ def load_trace(name: str = "cmu02_05_punch_strike") -> npt.NDArray[np.float32]:
         return np.asarray(d["image"], dtype=np.float32)
 
 
+def all_traces() -> list[npt.NDArray[np.float32]]:
+    """Every pose trace (one per publisher, round robin: different dancers)."""
+    return [load_trace(p.stem) for p in sorted(traces_dir().glob("*.npz"))]
+
+
 class Publisher:
     """A room member publishing one pose trace as stream ``stream_id`` (WebSocket).
 
@@ -274,7 +279,7 @@ async def run_scenario(
     server: DevServer, browser: Any, count: int, seconds: float, screenshot: Path | None
 ) -> dict[str, Any]:
     room = f"bench{count}"
-    trace = load_trace()
+    traces = all_traces()
     page = await browser.new_page(viewport={"width": 1000, "height": 760}, bypass_csp=True)
     problems: list[str] = []
     watch_page(page, problems)
@@ -292,7 +297,7 @@ async def run_scenario(
             room,
             server.token(room, "publisher", f"pub{i}"),
             i + 1,
-            trace,
+            traces[i % len(traces)],
             f"dancer {i + 1}",
         )
         for i in range(count)
@@ -340,7 +345,9 @@ async def run_scenario(
     }
 
 
-async def run(seconds: float, screenshot: Path | None) -> list[dict[str, Any]]:
+async def run(
+    counts: Sequence[int], seconds: float, screenshot: Path | None
+) -> list[dict[str, Any]]:
     from playwright.async_api import async_playwright
 
     server = DevServer()
@@ -350,7 +357,7 @@ async def run(seconds: float, screenshot: Path | None) -> list[dict[str, Any]]:
             try:
                 return [
                     await run_scenario(server, browser, n, seconds, screenshot if n == 5 else None)
-                    for n in COUNTS
+                    for n in counts
                 ]
             finally:
                 await browser.close()
@@ -364,13 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="stream length (default 6)")
     parser.add_argument("--screenshot", type=Path, help="save the 5-publisher page as PNG")
     parser.add_argument("--quick", action="store_true", help="3-second streams")
+    parser.add_argument(
+        "--publishers", type=int, nargs="+", default=list(COUNTS), help="counts (1 5 20)"
+    )
     args = parser.parse_args(argv)
     reason = chromium_unavailable()
     if reason is not None:
         print(f"bench viewer: {reason}", file=sys.stderr)
         return 2
     seconds = 3.0 if args.quick else args.seconds
-    results = asyncio.run(run(seconds, args.screenshot))
+    results = asyncio.run(run(args.publishers, seconds, args.screenshot))
     rows: list[dict[str, Any]] = []
     targets = []
     for r in results:

@@ -225,17 +225,17 @@ export class Member {
 
   _maybeOfferRtc(enabled) {
     if (this.rtcMode === "off" || typeof RTCPeerConnection === "undefined") {
-      this._state({ transport: "websocket", note: "WebRTC off: websocket" });
+      this._state({ transport: "websocket", note: "WebRTC off" });
       return;
     }
     if (!enabled) {
-      this._state({ transport: "websocket", note: "the server takes no WebRTC offers: websocket" });
+      this._state({ transport: "websocket", note: "the server takes no WebRTC offers" });
       return;
     }
     const host = new URL(this.url).hostname;
     if (this.rtcMode === "auto" && isLoopback(host)) {
       this._state({ transport: "websocket",
-        note: "server on a loopback address, WebRTC cannot reach it: websocket" });
+        note: "server on a loopback address: WebRTC cannot reach it" });
       return;
     }
     this._offer().catch((err) => this._rtcDrop(`offer failed: ${err.message}`, true));
@@ -309,7 +309,7 @@ export class Member {
     if (tellServer) this._sendWs({ type: "rtc_close", session: link.session });
     for (const ch of [link.pose, link.control]) ch.onmessage = ch.onopen = null;
     link.pc.close();
-    this._state({ transport: "websocket", note: `${why}: websocket` });
+    this._state({ transport: "websocket", note: why });
     if (retry && !this.stopped) {
       const delay = this.rtcBackoffMs;
       this.rtcBackoffMs = Math.min(this.rtcBackoffMs * 2, 30000);

@@ -270,7 +270,7 @@ export class Viewer {
     $("state").textContent = s.phase;
     $("state").dataset.phase = s.phase;
     $("transport").textContent = s.transport;
-    $("note").textContent = s.note || "";
+    $("note").textContent = s.note ? `(${s.note})` : "";
     if (s.error) this.showError(s.error);
   }
 
