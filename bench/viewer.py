@@ -38,13 +38,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import psutil
 
 from bench.common import add_json_flag, at_least, at_most, percentile, report, stop_process
 from pipeline.codec import CodecConfig, Decoded, Decoder, Encoder, NeedKeyframe, peek_header
 from pipeline.config import traces_dir
 from pipeline.errors import ProtocolError
 from pipeline.model.pose import PoseFrame
-from pipeline.transports.base import Control, Packet
+from pipeline.transports.base import Control, Packet, StateChange
 from pipeline.transports.websocket import WebSocketTransport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,8 @@ def all_traces() -> list[npt.NDArray[np.float32]]:
 class Publisher:
     """A room member publishing one pose trace as stream ``stream_id`` (WebSocket).
 
-    It answers the server's keyframe requests and acks like the transmit stage, and
-    logs ``(seq, capture_ns, sent_ns)`` of every packet it sent.
+    It answers the server's keyframe requests and acks like the transmit stage, sends a
+    keyframe after a reconnect, and logs ``(seq, capture_ns, sent_ns)`` of every packet it sent.
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class Publisher:
             item = await self.transport.recv()
             if isinstance(item, Control) and item.type == "keyframe_request":
                 self.encoder.request_keyframe()
+            elif isinstance(item, StateChange) and item.connected:
+                self.encoder.request_keyframe()  # a new server may hold none of our frames
             elif isinstance(item, Control) and item.type == "ack":
                 seq = item.body.get("seq")
                 if isinstance(seq, int):
@@ -266,6 +269,18 @@ class PyReceiver:
         await self.transport.close()
 
 
+def chromium_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by the Chromium processes this process
+    started (through Playwright's driver)."""
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "chrom" in proc.name():
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
 async def wait_until(predicate: Any, limit_s: float, what: str) -> None:
     """Poll ``predicate()`` (an awaitable factory) every 50 ms until true."""
     deadline = time.monotonic() + limit_s
@@ -304,6 +319,7 @@ async def run_scenario(
     ]
     await asyncio.gather(*(p.start() for p in pubs))
     frames = int(seconds * FPS)
+    cpu0, t0 = chromium_cpu_s(), time.monotonic()
     await asyncio.gather(*(p.run(frames, offset_s=i / (FPS * count)) for i, p in enumerate(pubs)))
     total = frames * count
 
@@ -315,6 +331,7 @@ async def run_scenario(
 
     with contextlib.suppress(TimeoutError):  # frames not drawn are counted below
         await wait_until(drawn_all, 10.0, "the page to draw every frame")
+    chromium_cpu = (chromium_cpu_s() - cpu0) / (time.monotonic() - t0)
     if screenshot is not None:
         await page.screenshot(path=str(screenshot))
     stats = await page.evaluate("window.posewire.stats()")
@@ -342,6 +359,9 @@ async def run_scenario(
         "decode_p50_ms": percentile(baseline.latencies_ms, 50),
         "decode_p95_ms": percentile(baseline.latencies_ms, 95),
         "send_p95_ms": percentile(send_ms, 95),
+        "chromium_cpu_pct": 100 * chromium_cpu,
+        "page_decode_us": 1000 * stats["work"]["decode_ms"] / max(stats["work"]["packets"], 1),
+        "page_draw_us": 1000 * stats["work"]["draw_ms"] / max(stats["work"]["packets"], 1),
     }
 
 

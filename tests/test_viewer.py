@@ -53,9 +53,12 @@ WIDTH, HEIGHT = 960, 540
 
 
 @asynccontextmanager
-async def browser_pages() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+async def browser_pages(
+    allow: str | None = None,
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """``open(url)`` -> a page of one headless Chromium; at the end, every page must have
-    been free of console errors and uncaught exceptions."""
+    been free of console errors and uncaught exceptions (but console lines containing
+    ``allow``, when given)."""
     from playwright.async_api import async_playwright
 
     problems: list[str] = []
@@ -76,6 +79,7 @@ async def browser_pages() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
             yield open_page
         finally:
             await browser.close()
+    problems = [p for p in problems if allow is None or allow not in p]
     assert not problems, problems
 
 
@@ -294,6 +298,48 @@ def test_bad_token_closed_room_and_garbage_packet_are_shown(dev_server: ServePro
             await pub.close()
 
     asyncio.run(main())
+
+
+def test_page_reconnects_and_resumes_after_a_server_restart(tmp_path: Path) -> None:
+    """kill -9 of the server, a new one on the same port: the page shows `reconnecting`,
+    joins again with its member id (`resume`) and draws the stream the publisher resumes."""
+
+    async def main() -> None:
+        srv = ServeProcess(0, "--dev")
+        room = "again"
+        # Chromium itself logs each refused reconnect attempt as a console error
+        # ("WebSocket connection to ... failed"): the only console line allowed here
+        try:
+            async with browser_pages(allow="WebSocket connection to") as open_page:
+                page = await open_page(f"{srv.url}/room/{room}")
+                member_id = (await stats(page))["connection"]["memberId"]
+                (pub,) = await publishers(srv.url, room, 1)
+                await pub.run(10)
+                await drawn(page, 10)
+                srv.kill9()
+                await page.wait_for_function(
+                    "document.getElementById('state').textContent === 'reconnecting'"
+                )
+                srv = ServeProcess(srv.port, "--dev")
+                await page.wait_for_function(
+                    JOINED + " && window.posewire.member.snap.reconnects >= 1"
+                )
+                assert (await stats(page))["connection"]["memberId"] == member_id
+                await wait_for(lambda: pub.transport.connected, 20)
+                await pub.run(10)
+                await drawn(page, 20)
+                await pub.close()
+        finally:
+            srv.stop()
+
+    asyncio.run(main())
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.timing

@@ -114,6 +114,7 @@ export class Viewer {
     this.record = record ? [] : null;
     this.latencyLog = [];
     this.errors = [];
+    this.work = { packets: 0, decode_ms: 0, draw_ms: 0 }; // main-thread time of the frames
     this.audio = new AudioSlot();
     this.member = new Member({
       url, room, token, rtc, rtcConfig, name: "viewer",
@@ -202,6 +203,7 @@ export class Viewer {
 
   onPacket(bytes, via) {
     let res;
+    const t0 = performance.now();
     try {
       res = this.decoder.decode(bytes);
     } catch (err) {
@@ -230,8 +232,12 @@ export class Viewer {
     v.via = via;
     const backfill = v.backfillLeft > 0;
     if (backfill) v.backfillLeft--;
+    const t1 = performance.now();
     v.draw(res.image, h.numPoses);
     const rendered = wallMs();
+    this.work.packets++;
+    this.work.decode_ms += t1 - t0;
+    this.work.draw_ms += performance.now() - t1;
     v.rendered++;
     v.byVia[via] = (v.byVia[via] || 0) + 1;
     v.times.push(rendered);
@@ -287,6 +293,7 @@ export class Viewer {
       connection: { ...this.member.snap, clockOffsetNs: String(this.member.snap.clockOffsetNs) },
       streams: [...this.streams.values()].map((v) => v.figures(now)),
       errors: this.errors.slice(-20),
+      work: { ...this.work },
     };
   }
 
