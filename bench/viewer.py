@@ -223,15 +223,19 @@ class DevServer:
 
 
 class PyReceiver:
-    """The baseline: a WebSocket subscriber decoding every packet (capture -> decoded)."""
+    """The baseline: a WebSocket subscriber decoding every packet (capture -> decoded,
+    on the server's clock); with ``keep_frames`` every decoded image by (stream, seq)."""
 
-    def __init__(self, url: str, room: str, token: str) -> None:
+    def __init__(self, url: str, room: str, token: str, *, keep_frames: bool = False) -> None:
         self.transport = WebSocketTransport(
             url, room, token, publish=False, subscribe=True, name="baseline",
             connect_timeout_s=10.0,
         )  # fmt: skip
         self.decoders: dict[int, Decoder] = {}
         self.latencies_ms: list[float] = []
+        self.frames: dict[tuple[int, int], npt.NDArray[np.float32]] | None = (
+            {} if keep_frames else None
+        )
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -255,6 +259,8 @@ class PyReceiver:
                 mine = self.transport.clock_offset_ns or 0
                 capture = res.frame.capture_ts_ns
                 self.latencies_ms.append(((done + mine) - (capture + theirs)) / 1e6)
+                if self.frames is not None:
+                    self.frames[(res.header.stream_id, res.frame.seq)] = res.frame.image
 
     def _decode(self, data: bytes) -> Decoded | NeedKeyframe:
         sid = peek_header(data).stream_id

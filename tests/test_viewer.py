@@ -28,14 +28,13 @@ from bench.viewer import (
     CHROMIUM,
     NO_MDNS,
     Publisher,
+    PyReceiver,
     chromium_unavailable,
     launch,
     load_trace,
     watch_page,
 )
-from pipeline.codec import Decoded, Decoder, peek_header
-from pipeline.transports.base import Packet
-from pipeline.transports.websocket import WebSocketTransport
+from pipeline.codec import peek_header
 from tests.test_server_support import ServeProcess, token
 
 if TYPE_CHECKING:
@@ -131,38 +130,6 @@ async def page_records(page: Any, stream: int) -> list[dict[str, Any]]:
     return got
 
 
-class PySubscriber:
-    """The Python receiver: every decoded frame by stream and seq."""
-
-    def __init__(self, url: str, room: str) -> None:
-        self.transport = WebSocketTransport(
-            url, room, token(room, "subscriber", subject="py"), publish=False, subscribe=True
-        )
-        self.decoders: dict[int, Decoder] = {}
-        self.frames: dict[tuple[int, int], np.ndarray] = {}
-        self.latencies_ms: list[float] = []  # capture -> decoded (one host: one clock)
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.transport.connect()
-        self.task = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            item = await self.transport.recv()
-            if isinstance(item, Packet):
-                sid = peek_header(item.data).stream_id
-                res = self.decoders.setdefault(sid, Decoder()).decode(item.data)
-                if isinstance(res, Decoded):
-                    self.frames[(sid, res.frame.seq)] = res.frame.image
-                    self.latencies_ms.append((time.time_ns() - res.frame.capture_ts_ns) / 1e6)
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        await self.transport.close()
-
-
 async def publishers(url: str, room: str, count: int) -> list[Publisher]:
     trace = load_trace()
     pubs = [
@@ -191,7 +158,9 @@ def test_page_draws_every_frame_as_python_decodes_it(dev_server: ServeProcess) -
         room = "studio"
         async with browser_pages() as open_page:
             page = await open_page(f"{dev_server.url}/room/{room}?record=1")
-            sub = PySubscriber(dev_server.url, room)
+            sub = PyReceiver(
+                dev_server.url, room, token(room, "subscriber", subject="py"), keep_frames=True
+            )
             await sub.start()
             (pub,) = await publishers(dev_server.url, room, 1)
             await pub.run(90)
@@ -205,6 +174,7 @@ def test_page_draws_every_frame_as_python_decodes_it(dev_server: ServeProcess) -
             assert st["name"] == "dancer 1"
             # the page decoded exactly what the Python receiver decoded
             for rec in records:
+                assert sub.frames is not None
                 ours = sub.frames[(1, int(rec["seq"]))].reshape(-1)
                 assert np.array_equal(np.array(rec["image"], np.float32), ours), rec["seq"]
             assert len(records) == 90

@@ -27,7 +27,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from bench.viewer import chromium_unavailable, launch
+from bench.viewer import chromium_unavailable, launch, watch_page
 from pipeline.codec import Decoded, Decoder, NeedKeyframe
 from pipeline.errors import ProtocolError, UnsupportedVersionError
 from tests.test_protocol_golden import GOLDEN, TRACES, compute_digests
@@ -108,15 +108,7 @@ def page() -> Iterator[Any]:
             try:
                 pg = browser.new_page()
                 problems: list[str] = []
-                pg.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
-                pg.on(
-                    "console",
-                    lambda m: (
-                        problems.append(f"console {m.type}: {m.text}")
-                        if m.type in ("error", "warning")
-                        else None
-                    ),
-                )
+                watch_page(pg, problems)
                 pg.goto(f"{srv.url}/")
                 yield pg
                 assert not problems, problems
