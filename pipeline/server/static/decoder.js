@@ -354,30 +354,46 @@ function decodePayload(buf, start, end, n, hasWorld, q, ref) {
     }
   };
   if (nVals === 0) checkPadding(r.bit);
-  // unary parts: q zero bits then a one, per value of every non-zero group
+  // unary parts: q zero bits then a one, per value of every non-zero group (a byte at a
+  // time: the zeros of the byte's unread bits, then Math.clz32 finds the one)
   const u = new Float64Array(nGroups * L);
+  let bit = r.bit;
+  const nBits = r.nBits;
   for (let g = 0; g < nGroups; g++) {
     const k = codes[g];
     if (k === ZERO_GROUP) continue;
+    const scale = 2 ** k;
     for (let i = g * L; i < g * L + L; i++) {
       let zeros = 0;
       for (;;) {
-        if (r.bit >= r.nBits) throw new ProtocolError("payload truncated inside the unary codes");
-        if (r.one()) break;
-        zeros++;
+        if (bit >= nBits) throw new ProtocolError("payload truncated inside the unary codes");
+        const off = bit & 7;
+        const rest = (buf[start + (bit >> 3)] << off) & 0xff; // unread bits, at the top
+        if (rest === 0) {
+          zeros += 8 - off;
+          bit += 8 - off;
+          continue;
+        }
+        const z = Math.clz32(rest) - 24;
+        zeros += z;
+        bit += z + 1;
+        break;
       }
-      u[i] = zeros * 2 ** k;
+      u[i] = zeros * scale;
     }
   }
-  checkPadding(r.bit + remBits);
-  // remainders: the low k bits of each value, most significant first
+  checkPadding(bit + remBits);
+  // remainders: the low k bits (k <= 14) of each value, most significant first; the
+  // section lies inside the payload (checked above), so 3 bytes from its bit hold them
   for (let g = 0; g < nGroups; g++) {
     const k = codes[g];
     if (k === ZERO_GROUP || k === 0) continue;
+    const mask = (1 << k) - 1;
     for (let i = g * L; i < g * L + L; i++) {
-      let v = 0;
-      for (let b = 0; b < k; b++) v = (v << 1) | r.one();
-      u[i] += v;
+      const at0 = start + (bit >> 3);
+      const w = (buf[at0] << 16) | ((buf[at0 + 1] | 0) << 8) | (buf[at0 + 2] | 0);
+      u[i] += (w >>> (24 - (bit & 7) - k)) & mask;
+      bit += k;
     }
   }
   // reconstruction: prediction + unzigzagged residual, checked against the ranges
