@@ -105,10 +105,7 @@ async def colours_at_landmarks(page: Any, stream: int, image: np.ndarray) -> lis
     ]
     assert len(pts) >= 10
     got: list[list[int]] = await page.evaluate(
-        """([sid, pts]) => {
-            const ctx = document.querySelector(`canvas[data-stream="${sid}"]`).getContext('2d');
-            return pts.map(([x, y]) => Array.from(ctx.getImageData(x, y, 1, 1).data));
-        }""",
+        "([sid, pts]) => window.posewire.pixels(sid, pts)",
         [stream, pts],
     )
     return got
