@@ -192,8 +192,10 @@ export class Viewer {
   // ------------------------------------------------------------ members and colours
 
   onMembers(list) {
+    // a (re)join: the welcome's list is the room now; streams of members gone meanwhile go
     this.members.clear();
     for (const m of list) this.onPresence("join", m);
+    for (const sid of [...this.streams.keys()]) if (!this.owner(sid)) this.dropStream(sid);
   }
 
   onPresence(event, m) {
