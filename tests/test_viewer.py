@@ -258,10 +258,12 @@ def test_bad_token_closed_room_and_garbage_packet_are_shown(dev_server: ServePro
             await pub.send(bytes(bad))
             await page.wait_for_function("!document.getElementById('error').hidden")
             assert "bad packet" in await page.inner_text("#error")
-            # and it goes on drawing the stream after the next keyframe
-            await pub.send(pub.packet(keyframe=True)[0])
-            await pub.run(5)
+            # the next deltas lack their reference (the refused keyframe): the page asks for a
+            # keyframe (keyframe_request, through the server to the publisher) and draws on
+            await pub.run(10)
             await drawn(page, 10)
+            (st,) = (await stats(page))["streams"]
+            assert st["need_keyframe"] >= 1 and st["bad_packets"] == 1, st
             await pub.close()
 
     asyncio.run(main())
