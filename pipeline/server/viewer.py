@@ -58,6 +58,9 @@ def load_static() -> StaticFiles:
     return files
 
 
+BAD_ROOM: Final = (
+    "not a room name: room names are 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit\n"
+)
 STATIC: Final = web.AppKey("posewire_viewer_static", StaticFiles)
 
 
@@ -101,7 +104,7 @@ async def index(request: web.Request) -> web.Response:
 async def room_page(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not messages.valid_room_name(name):
-        return web.Response(status=404, text=f"not a room name: {name[:80]!r}\n", headers=HEADERS)
+        return web.Response(status=404, text=BAD_ROOM, headers=HEADERS)
     dev = "1" if request.app[STATE].dev else "0"
     return _page(request, "room.html", {"ROOM": name, "DEV": dev})
 
