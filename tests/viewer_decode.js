@@ -4,8 +4,10 @@ async ({streams, full}) => {
   // SHA-256 of its result lines and of its float32 values (or both in full for the streams
   // named in `full`).
   const m = await import('/static/decoder.js');
-  const hex = async (bytes) => Array.from(new Uint8Array(
-      await crypto.subtle.digest('SHA-256', bytes))).map((b) => b.toString(16).padStart(2, '0')).join('');
+  const hex = async (bytes) => {
+    const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', bytes));
+    return Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
+  };
   const out = {};
   for (const [tag, b64, lens] of streams) {
     const bin = atob(b64);
@@ -23,7 +25,9 @@ async ({streams, full}) => {
       try {
         r = dec.decode(pkt);
       } catch (e) {
-        lines.push(e instanceof m.UnsupportedVersionError ? 'U' : e instanceof m.ProtocolError ? 'E' : 'X ' + e);
+        if (e instanceof m.UnsupportedVersionError) lines.push('U');
+        else if (e instanceof m.ProtocolError) lines.push('E');
+        else lines.push('X ' + e);
         continue;
       }
       if (r.kind === 'need_keyframe') {
@@ -32,7 +36,8 @@ async ({streams, full}) => {
       }
       const h = r.header;
       lines.push(`D ${h.streamId} ${h.seq} ${h.captureTsNs} ${h.refSeq} ${h.keyframe ? 1 : 0} ` +
-        `${h.hasWorld ? 1 : 0} ${h.numPoses} ${h.epoch} ${h.headerLen + h.payloadLen + 4} ${h.tsResidualUs}`);
+        `${h.hasWorld ? 1 : 0} ${h.numPoses} ${h.epoch} ${h.headerLen + h.payloadLen + 4} ` +
+        `${h.tsResidualUs}`);
       for (const a of [r.image, r.world]) {
         if (a) {
           parts.push(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
@@ -49,7 +54,9 @@ async ({streams, full}) => {
     const text = new TextEncoder().encode(lines.join('\n'));
     if (full.includes(tag)) {
       let s = '';
-      for (let i = 0; i < floats.length; i += 8192) s += String.fromCharCode(...floats.subarray(i, i + 8192));
+      for (let i = 0; i < floats.length; i += 8192) {
+        s += String.fromCharCode(...floats.subarray(i, i + 8192));
+      }
       out[tag] = [lines, btoa(s)];
     } else {
       out[tag] = [await hex(text), await hex(floats)];

@@ -94,7 +94,9 @@ function asBytes(packet) {
 function parseHeader(buf) {
   const n = buf.length;
   if (n < MIN_PACKET_BYTES) {
-    throw new ProtocolError(`packet too short: ${n} bytes, a packet has at least ${MIN_PACKET_BYTES}`);
+    throw new ProtocolError(
+      `packet too short: ${n} bytes, a packet has at least ${MIN_PACKET_BYTES}`,
+    );
   }
   if (n >= MAX_PACKET_BYTES) {
     throw new ProtocolError(`packet too long: ${n} bytes, must be under ${MAX_PACKET_BYTES}`);
@@ -110,7 +112,8 @@ function parseHeader(buf) {
   }
   if (version !== PROTOCOL_VERSION) {
     throw new UnsupportedVersionError(
-      `packet has protocol version ${version}, this build supports only version ${PROTOCOL_VERSION}`,
+      `packet has protocol version ${version}, ` +
+        `this build supports only version ${PROTOCOL_VERSION}`,
     );
   }
   const end = n - CHECKSUM_BYTES;
@@ -226,9 +229,13 @@ const RIGID = [
 ];
 // class -> depth -> [a_2..a_d], [b_1..b_d], [c_2..c_d], in 1/256
 const COEFS = {
-  xy: { 1: [[], [0], []], 2: [[88], [321, -317], [-144]], 3: [[74, 23], [282, -204, -75], [33, -113]] },
+  xy: {
+    1: [[], [0], []], 2: [[88], [321, -317], [-144]], 3: [[74, 23], [282, -204, -75], [33, -113]],
+  },
   z: { 1: [[], [115], []], 2: [[89], [94, -19], [113]], 3: [[65, 67], [121, 16, -81], [85, 51]] },
-  world: { 1: [[], [0], []], 2: [[76], [295, -293], [-118]], 3: [[71, 7], [250, -185, -63], [30, -101]] },
+  world: {
+    1: [[], [0], []], 2: [[76], [295, -293], [-118]], 3: [[71, 7], [250, -185, -63], [30, -101]],
+  },
 };
 const sum = (xs) => xs.reduce((a, b) => a + b, 0);
 
@@ -311,7 +318,9 @@ function decodePayload(buf, start, end, n, hasWorld, q, ref) {
   const refN = ref === null ? 0 : ref.n;
   const refWorld = ref !== null && ref.world;
   if (nGroups === 0) {
-    if (end !== start) throw new ProtocolError(`${end - start} payload bytes where none are expected`);
+    if (end !== start) {
+      throw new ProtocolError(`${end - start} payload bytes where none are expected`);
+    }
     return { hist, image: new Float32Array(0), world: hasWorld ? new Float32Array(0) : null };
   }
   const r = new Bits(buf, start, end);
@@ -333,7 +342,9 @@ function decodePayload(buf, start, end, n, hasWorld, q, ref) {
       else if (ones === 1) c = rc + 1;
       else if (ones === 2) c = rc - 1;
       else {
-        if (r.bit + 4 > r.nBits) throw new ProtocolError("payload truncated inside the group codes");
+        if (r.bit + 4 > r.nBits) {
+          throw new ProtocolError("payload truncated inside the group codes");
+        }
         c = 0;
         for (let i = 0; i < 4; i++) c = (c << 1) | r.one();
       }
@@ -493,7 +504,9 @@ export class Decoder {
   _decode(buf) {
     const f = parseHeader(buf);
     if (f.numPoses > this.maxPoses) {
-      throw new ProtocolError(`${f.numPoses} poses in a packet, this decoder accepts ${this.maxPoses}`);
+      throw new ProtocolError(
+        `${f.numPoses} poses in a packet, this decoder accepts ${this.maxPoses}`,
+      );
     }
     let st = this.streams.get(f.streamId);
     let ref = null;

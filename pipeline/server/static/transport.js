@@ -20,6 +20,9 @@ const CLOSE_REASONS = {
   4108: "malformed token",
 };
 
+// non-closing refusals of an offer: the member stays on the WebSocket
+const RTC_REFUSALS = new Set(["webrtc_disabled", "too_many_peers"]);
+
 export const HEARTBEAT_MS = 200;
 export const DEAD_AFTER_MS = 250;
 const TICK_MS = 20;
@@ -59,6 +62,7 @@ export class Member {
     this.rtcBackoffMs = 1000;
     this.rtcRetryTimer = null;
     this.ticker = null;
+    this.clockTimer = null;
   }
 
   get clockOffsetNs() {
@@ -73,6 +77,8 @@ export class Member {
   stop() {
     this.stopped = true;
     clearInterval(this.ticker);
+    clearInterval(this.clockTimer);
+    clearTimeout(this.rtcRetryTimer);
     this._rtcDrop("stopped", false);
     if (this.ws) this.ws.close(1000);
   }
@@ -133,7 +139,8 @@ export class Member {
     if (RETRY_CODES.has(ev.code)) {
       const delay = this.backoffMs;
       this.backoffMs = Math.min(this.backoffMs * 2, 5000);
-      this._state({ phase: "reconnecting", transport: "websocket", reconnects: this.snap.reconnects + 1,
+      this._state({ phase: "reconnecting", transport: "websocket",
+        reconnects: this.snap.reconnects + 1,
         note: `connection lost (${reason}): reconnecting in ${delay} ms` });
       setTimeout(() => this._connect(), delay);
       return;
@@ -166,6 +173,15 @@ export class Member {
         this._onRtcState(obj);
         break;
       case "hb":
+        break;
+      case "error":
+        if (RTC_REFUSALS.has(obj.reason) && this.rtc) {
+          // a refused offer (docs/webrtc.md): the membership goes on over the WebSocket
+          const retry = obj.reason === "too_many_peers";
+          this._rtcDrop(`WebRTC refused by the server (${obj.reason})`, retry, false);
+          break;
+        }
+        if (this.on.control) this.on.control(obj, via);
         break;
       default:
         if (this.on.control) this.on.control(obj, via);
@@ -298,7 +314,9 @@ export class Member {
   _onRtcState(obj) {
     const link = this.rtc;
     if (!link || obj.session !== link.session) return;
-    if (obj.state === "closed") this._rtcDrop(`server closed WebRTC (${obj.reason || "?"})`, true, false);
+    if (obj.state === "closed") {
+      this._rtcDrop(`server closed WebRTC (${obj.reason || "?"})`, true, false);
+    }
   }
 
   /** Leave the peer connection; back to the WebSocket; offer again later when retry. */

@@ -138,7 +138,8 @@ class StreamView {
   pixels(points) {
     return points.map(([x, y]) => {
       const [lx, ly] = [x - this.ox, y - this.oy];
-      if (lx < 0 || ly < 0 || lx >= this.canvas.width || ly >= this.canvas.height) return [0, 0, 0, 0];
+      const { width, height } = this.canvas;
+      if (lx < 0 || ly < 0 || lx >= width || ly >= height) return [0, 0, 0, 0];
       return Array.from(this.ctx.getImageData(lx, ly, 1, 1).data);
     });
   }
@@ -148,7 +149,10 @@ class StreamView {
     while (this.latencies.length && this.latencies[0][0] < now - WINDOW_MS) this.latencies.shift();
     const span = this.lastLive - this.firstLive;
     const lat = this.latencies.map((l) => l[1]).sort((a, b) => a - b);
-    const q = (f) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(f * lat.length))] : null);
+    const q = (f) => {
+      if (!lat.length) return null;
+      return lat[Math.min(lat.length - 1, Math.floor(f * lat.length))];
+    };
     return {
       stream: this.streamId, name: this.label, colour: this.colour, fps: this.times.length,
       fps_mean: span > 0 ? ((this.renderedLive - 1) * 1000) / span : null,
@@ -363,7 +367,9 @@ export class Viewer {
 
   renderHud() {
     const rows = this.stats().streams.map((s) => {
-      const lat = s.latency_p95_ms === null ? "-" : `${s.latency_p50_ms.toFixed(1)} / ${s.latency_p95_ms.toFixed(1)}`;
+      const lat = s.latency_p95_ms === null
+        ? "-"
+        : `${s.latency_p50_ms.toFixed(1)} / ${s.latency_p95_ms.toFixed(1)}`;
       const tr = document.createElement("tr");
       for (const text of [s.name, `${s.fps}`, lat, s.transport, `${s.lost}`]) {
         const td = document.createElement("td");
