@@ -115,12 +115,13 @@ class StreamView {
         }
       }
       ctx.stroke();
+      ctx.beginPath(); // every dot in one path: one fill call
       for (let j = 0; j < 33; j++) {
         if (!vis(o, j)) continue;
-        ctx.beginPath();
+        ctx.moveTo(x(j) + 4, y(j));
         ctx.arc(x(j), y(j), 4, 0, 2 * Math.PI);
-        ctx.fill();
       }
+      ctx.fill();
     }
   }
 
