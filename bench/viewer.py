@@ -63,8 +63,6 @@ CHROMIUM_ARGS: tuple[str, ...] = (
     "--disable-component-update",
     "--disable-sync",
 )
-#: headless Chromium hides host ICE candidates behind mDNS names without this
-NO_MDNS = "--disable-features=WebRtcHideLocalIpsWithMdns"
 FPS = 30.0
 COUNTS = (1, 5, 20)
 

@@ -26,7 +26,6 @@ import pytest
 
 from bench.viewer import (
     CHROMIUM,
-    NO_MDNS,
     Publisher,
     PyReceiver,
     chromium_unavailable,
@@ -374,7 +373,9 @@ def test_webrtc_dead_path_page_falls_back_to_websocket(net: Topology, tmp_path: 
 
             problems: list[str] = []
             async with async_playwright() as pw:
-                browser = await launch(pw, executable=str(wrapper), extra=[NO_MDNS])
+                # Chromium's default: host candidates hidden behind mDNS names; the server
+                # learns the page's address from its checks (peer-reflexive candidates)
+                browser = await launch(pw, executable=str(wrapper))
                 try:
                     page = await browser.new_page(bypass_csp=True)
                     watch_page(page, problems)
