@@ -341,6 +341,13 @@ def test_webrtc_impossible_page_shows_websocket_and_draws(dev_server: ServeProce
             )
             note = await page.inner_text("#note")
             assert "WebRTC" in note, note
+            # it offered (the server counted it), with no candidate of its own: no
+            # connectivity check went to any address
+            conn = (await stats(page))["connection"]
+            assert conn["rtcLocalCandidates"] == 0, conn
+            with urllib.request.urlopen(f"{dev_server.url}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            assert "posewire_server_rtc_offers_total 1" in metrics, metrics[-2000:]
             await sending
             await pub.close()
 

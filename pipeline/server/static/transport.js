@@ -54,7 +54,8 @@ export class Member {
     this.clock = []; // [rttNs, offsetNs] samples, newest last
     this.snap = {
       phase: "connecting", transport: "websocket", error: null, note: null,
-      memberId: null, reconnects: 0, rtcOpens: 0, rtcDeaths: 0, clockOffsetNs: null,
+      memberId: null, reconnects: 0, rtcOpens: 0, rtcDeaths: 0, rtcLocalCandidates: 0,
+      clockOffsetNs: null,
       clockRttMs: null,
     };
     this.rtc = null; // {pc, pose, control, session, lastRecv, lastSent, open}
@@ -294,6 +295,9 @@ export class Member {
       }
     };
     pose.onopen = control.onopen = opened;
+    pc.onicecandidate = (ev) => {
+      if (ev.candidate && ev.candidate.candidate) this.snap.rtcLocalCandidates++;
+    };
     this._state({ note: "WebRTC connecting (websocket meanwhile)" });
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc, 2000);
