@@ -54,6 +54,9 @@ class StreamView {
     this.bad = 0;
     this.backfillLeft = 0;
     this.lastLiveSeq = null;
+    this.lastDrawn = null; // seq and epoch of the pose on screen
+    this.lastEpoch = null;
+    this.stale = 0; // decoded, older than the pose on screen: not drawn
     this.lastRequest = -1e9;
     this.times = []; // render times (ms) of the last second: fps
     this.latencies = []; // [render time ms, latency ms] of the last second
@@ -159,7 +162,7 @@ class StreamView {
       fps_mean: span > 0 ? ((this.renderedLive - 1) * 1000) / span : null,
       latency_p50_ms: q(0.5), latency_p95_ms: q(0.95), transport: this.via,
       received: this.received, rendered: this.rendered, rendered_live: this.renderedLive,
-      lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad,
+      lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad, stale: this.stale,
       by_transport: { ...this.byVia },
     };
   }
@@ -292,9 +295,22 @@ export class Viewer {
     const h = res.header;
     const v = this.view(h.streamId);
     v.received++;
-    v.via = via;
     const backfill = v.backfillLeft > 0;
     if (backfill) v.backfillLeft--;
+    const seq = Number(h.seq);
+    if (this.record && this.record.length < MAX_RECORD) {
+      this.record.push({ stream: h.streamId, seq: String(h.seq), ts: String(h.captureTsNs),
+        backfill, via, image: Array.from(res.image) });
+    }
+    if (v.lastDrawn !== null && seq <= v.lastDrawn && h.epoch === v.lastEpoch) {
+      // older than the pose on screen (a late packet of the unordered channel, a repair
+      // backfill): history for the decoder, not drawn
+      v.stale++;
+      return;
+    }
+    v.lastDrawn = seq;
+    v.lastEpoch = h.epoch;
+    v.via = via;
     const t1 = performance.now();
     v.draw(res.image, h.numPoses);
     const rendered = wallMs();
@@ -304,7 +320,6 @@ export class Viewer {
     v.rendered++;
     v.byVia[via] = (v.byVia[via] || 0) + 1;
     v.times.push(rendered);
-    const seq = Number(h.seq);
     if (!backfill) {
       v.renderedLive++;
       if (v.firstLive === null) v.firstLive = rendered;
@@ -316,10 +331,6 @@ export class Viewer {
         v.latencies.push([rendered, latency]);
         if (this.latencyLog.length < MAX_RECORD) this.latencyLog.push([h.streamId, seq, latency]);
       }
-    }
-    if (this.record && this.record.length < MAX_RECORD) {
-      this.record.push({ stream: h.streamId, seq: String(h.seq), ts: String(h.captureTsNs),
-        backfill, via, image: Array.from(res.image) });
     }
   }
 
