@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,26 @@ def _junk(seed: int = 5) -> list[bytes]:
     return out
 
 
+Vectors = tuple[dict[str, str], dict[str, list[bytes]]]
+
+
+def _vectors() -> Vectors:
+    """The golden digests and, per stream, the packets fed to the decoder; junk too."""
+    fed: dict[str, list[bytes]] = {}
+    digests = compute_digests(fed)
+    fed["junk"] = _junk()
+    return digests, fed
+
+
 @pytest.fixture(scope="module")
-def page() -> Iterator[Any]:
+def vectors() -> Iterator[Future[Vectors]]:
+    """Made in a thread while Chromium starts (the codec's kernels release the GIL)."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(_vectors)
+
+
+@pytest.fixture(scope="module")
+def page(vectors: Future[Vectors]) -> Iterator[Any]:
     reason = chromium_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -118,12 +137,11 @@ def page() -> Iterator[Any]:
         srv.stop()
 
 
-def test_js_decoder_matches_python(page: Any) -> None:
+def test_js_decoder_matches_python(page: Any, vectors: Future[Vectors]) -> None:
     if not any(TRACES.glob("*.npz")):
         pytest.skip(f"pose traces not found at {TRACES}")
-    fed: dict[str, list[bytes]] = {}
-    assert compute_digests(fed) == GOLDEN  # these are the golden vectors
-    fed["junk"] = _junk()
+    digests, fed = vectors.result()
+    assert digests == GOLDEN  # these are the golden vectors
     streams = [
         [tag, base64.b64encode(b"".join(pkts)).decode(), [len(p) for p in pkts]]
         for tag, pkts in fed.items()
