@@ -159,8 +159,8 @@ def test_page_draws_every_frame_as_python_decodes_it(dev_server: ServeProcess) -
             )
             await sub.start()
             (pub,) = await publishers(dev_server.url, room, 1)
-            await pub.run(60)
-            await drawn(page, 60)
+            await pub.run(90)
+            await drawn(page, 90)
             s = await stats(page)
             (st,) = s["streams"]
             records = await page_records(page, 1)
@@ -173,7 +173,7 @@ def test_page_draws_every_frame_as_python_decodes_it(dev_server: ServeProcess) -
                 assert sub.frames is not None
                 ours = sub.frames[(1, int(rec["seq"]))].reshape(-1)
                 assert np.array_equal(np.array(rec["image"], np.float32), ours), rec["seq"]
-            assert len(records) == 60
+            assert len(records) == 90
             # frames rendered / sent, capture -> render latency against capture -> send
             assert st["rendered_live"] / len(pub.sent) >= 0.98
             log = await page.evaluate("window.posewire.latencyLog")
