@@ -136,9 +136,13 @@ async def publishers(url: str, room: str, count: int) -> list[Publisher]:
     return pubs
 
 
-@pytest.fixture
-def dev_server() -> Any:
-    srv = ServeProcess(0, "--dev")
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One dev server for the tests of this module (each uses its own rooms), with its own
+    data dir (a module fixture starts before the per-test one of conftest.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("viewer-state")))
+        srv = ServeProcess(0, "--dev")
     yield srv
     srv.stop()
 
