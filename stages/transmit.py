@@ -53,6 +53,7 @@ from typing import Any
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
+    CertificateError,
     CommandError,
     ConfigError,
     RegistryError,
@@ -95,6 +96,8 @@ def run(ctx: StageContext) -> int:
     except TokenError as exc:  # a refused token: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"transmit.token: refused by the server ({exc.reason}): {exc}")
+    except CertificateError as exc:  # the server's certificate is not trusted here
+        return ctx.refuse(f"{exc} (transmit.ca_file: the CA to verify it with)")
     except BrokenResourceError as exc:  # kicked, stream id taken, ...: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"the room server refused this publisher for good ({exc.reason}): {exc}")
@@ -172,8 +175,8 @@ class Transmitter:
             return
         self._published = now
         fresh = self.sender.metrics()
-        for key in [k for k in self.ctx.metrics if k.startswith("transport_refused_")]:
-            if key not in fresh:  # the reason of a refusal that is over
+        for key in [k for k in self.ctx.metrics if k.startswith(("transport_refused_", "path_"))]:
+            if key not in fresh:  # a refusal that is over, a figure with no sample in the window
                 del self.ctx.metrics[key]
         self.ctx.metrics.update(
             {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}

@@ -30,7 +30,11 @@ from tests.procutil import (
     wait_stages,
 )
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+# restarts and stops are asserted within bounds (1 s, 5 s): the module runs alone (Makefile)
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 TRACE_STAGES = {"capture", "encode", "transmit"}
 

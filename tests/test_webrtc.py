@@ -27,7 +27,10 @@ from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 Record = Callable[[str, object], None]
 #: acceptance: a dead path is reported within this long (issue 12)
@@ -123,6 +126,7 @@ def _sender(
     duration: float,
     where: str = "a",
     transmit_extra: str = "",
+    monitor: bool = False,
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
         tmp,
@@ -131,6 +135,7 @@ def _sender(
         host=net.host("b").address,
         embedded=False,
         transmit_extra=transmit_extra,
+        monitor=monitor,
     )
     report = tmp / "sender.json"
     proc = start(
@@ -324,7 +329,7 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
 
 #: the loss phases of one run: percent of packets dropped on the server -> host a path
 LOSS_PHASES = (0, 5, 20)
-PHASE_S = 5.0
+PHASE_S = 4.0
 SETTLE_NS = 300_000_000
 """Frames captured in the first 0.3 s of a phase are left out (the rule changed mid-flight)."""
 

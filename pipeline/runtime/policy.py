@@ -2,12 +2,14 @@
 
 The supervisor sees every stage's metrics; the stage with a hot standby
 (``transport_hot_standby`` 1: the transmit stage with a ``transmit.fallback``) exports
-per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_p95_ms`` (server acks over
-``transmit.window_s``), ``_failure_rate`` (failed sends / sends over the window),
-``_buffered_bytes`` (:mod:`pipeline.transports.health`). :class:`TransportPolicy` judges
-them at every heartbeat:
+per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_ms`` (server acks, or
+the standby's probe, over ``transmit.window_s``:
+:meth:`~pipeline.transports.health.PathHealth.rtt_ms`), ``_failure_rate`` (failed
+sends / sends over the window), ``_buffered_bytes`` (:mod:`pipeline.transports.health`).
+:class:`TransportPolicy` judges them at every heartbeat:
 
-* on the primary: switch to the fallback when its ack RTT p95 exceeds
+* on the primary: switch to the fallback when its ack RTT (the median of per-slot minima)
+  exceeds
   ``max_latency_ms`` (``reason=latency``), its failure rate exceeds ``switch_threshold``
   (``failure_rate``) or it is dead (``dead``: the stage already failed over by itself at
   the moment it saw the dead path, a round trip through here would cost heartbeats; the
@@ -63,7 +65,7 @@ class TransportPolicy:
         return {
             "connected": m.get(p + "connected"),
             "dead": m.get(p + "dead"),
-            "rtt_p95_ms": m.get(p + "rtt_p95_ms"),
+            "rtt_ms": m.get(p + "rtt_ms"),
             "failure_rate": m.get(p + "failure_rate"),
             "buffered_bytes": m.get(p + "buffered_bytes"),
         }
@@ -109,7 +111,7 @@ class TransportPolicy:
             self._healthy_since = None
             return  # no standby to go to
         cfg = self.cfg
-        rtt, fail = prim["rtt_p95_ms"], prim["failure_rate"] or 0.0
+        rtt, fail = prim["rtt_ms"], prim["failure_rate"] or 0.0
         if active == self.primary:
             # a dead primary: the stage fails over by itself (recorded above)
             if rtt is not None and rtt > cfg.max_latency_ms:
