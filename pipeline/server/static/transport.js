@@ -84,8 +84,12 @@ export class Member {
     if (this.ws) this.ws.close(1000);
   }
 
-  requestKeyframe(streamId) {
-    this._sendWs({ type: "keyframe_request", stream_id: streamId });
+  /** Ask for what a packet of `streamId` lacks: `refSeq` (BigInt), its missing reference,
+   * which the server sends again from its history (a NACK), else a keyframe. */
+  requestKeyframe(streamId, refSeq = null) {
+    const msg = { type: "keyframe_request", stream_id: streamId };
+    if (refSeq !== null && refSeq <= BigInt(Number.MAX_SAFE_INTEGER)) msg.ref_seq = Number(refSeq);
+    this._sendWs(msg);
   }
 
   _state(update) {

@@ -22,7 +22,9 @@ export const HEIGHT = 540;
 const VISIBLE = 0.5;
 // room around the landmarks' bounding box: dots and lines, the name above right of the head
 const ROOM = { left: 8, up: 64, down: 8 }; // right: 16 px + the name's width
-const KEYFRAME_REQUEST_MS = 100;
+const NACK_MS = 50; // at most one keyframe request (NACK) per stream in this time
+const HOLD_MS = 200; // a packet waits this long for its missing reference
+const MAX_HELD = 64; // packets held per stream
 const WINDOW_MS = 1000;
 const MAX_RECORD = 20000;
 
@@ -57,6 +59,9 @@ class StreamView {
     this.lastDrawn = null; // seq and epoch of the pose on screen
     this.lastEpoch = null;
     this.stale = 0; // decoded, older than the pose on screen: not drawn
+    this.held = new Map(); // missing reference (BigInt) -> packets waiting for it
+    this.heldCount = 0;
+    this.released = 0; // decoded after waiting for their reference
     this.lastRequest = -1e9;
     this.times = []; // render times (ms) of the last second: fps
     this.latencies = []; // [render time ms, latency ms] of the last second
@@ -152,6 +157,23 @@ class StreamView {
     });
   }
 
+  /** Drop held packets whose wait ended by `now` (or the `limit` oldest); how many. */
+  expire(now, limit = Infinity) {
+    let n = 0;
+    if (!this.heldCount) return 0;
+    const all = [...this.held].flatMap(([ref, group]) => group.map((h) => [ref, h]));
+    all.sort((x, y) => x[1].until - y[1].until);
+    for (const [ref, h] of all) {
+      if (n >= limit || (h.until > now && limit === Infinity)) break;
+      const group = this.held.get(ref);
+      group.splice(group.indexOf(h), 1);
+      if (!group.length) this.held.delete(ref);
+      this.heldCount--;
+      n++;
+    }
+    return n;
+  }
+
   figures(now) {
     while (this.times.length && this.times[0] < now - WINDOW_MS) this.times.shift();
     while (this.latencies.length && this.latencies[0][0] < now - WINDOW_MS) this.latencies.shift();
@@ -167,7 +189,7 @@ class StreamView {
       latency_p50_ms: q(0.5), latency_p95_ms: q(0.95), transport: this.via,
       received: this.received, rendered: this.rendered, rendered_live: this.renderedLive,
       lost: this.lost, need_keyframe: this.needKeyframe, bad_packets: this.bad, stale: this.stale,
-      by_transport: { ...this.byVia },
+      by_transport: { ...this.byVia }, held: this.heldCount, released: this.released,
     };
   }
 }
@@ -206,6 +228,7 @@ export class Viewer {
   onMembers(list) {
     // a (re)join: the welcome's list is the room now; streams of members gone meanwhile go
     this.members.clear();
+    for (const v of this.streams.values()) v.needKeyframe += v.expire(Infinity); // a new session
     for (const m of list) this.onPresence("join", m);
     for (const sid of [...this.streams.keys()]) if (!this.owner(sid)) this.dropStream(sid);
   }
@@ -272,8 +295,8 @@ export class Viewer {
   }
 
   onPacket(bytes, via) {
-    let res;
     const t0 = performance.now();
+    let res;
     try {
       res = this.decoder.decode(bytes);
     } catch (err) {
@@ -284,23 +307,72 @@ export class Viewer {
       this.showError(`bad packet (${bytes.length} bytes) ignored: ${err.message}`);
       return;
     }
-    if (res.kind === "need_keyframe") {
-      const v = this.view(res.streamId);
-      v.received++;
-      v.needKeyframe++;
-      if (v.backfillLeft > 0) v.backfillLeft--;
-      const now = performance.now();
-      if (now - v.lastRequest >= KEYFRAME_REQUEST_MS) {
-        v.lastRequest = now;
-        this.member.requestKeyframe(res.streamId);
-      }
-      return;
-    }
-    const h = res.header;
-    const v = this.view(h.streamId);
+    const v = this.view(res.kind === "decoded" ? res.header.streamId : res.streamId);
     v.received++;
     const backfill = v.backfillLeft > 0;
     if (backfill) v.backfillLeft--;
+    const now = performance.now();
+    this.work.decode_ms += now - t0;
+    v.needKeyframe += v.expire(now);
+    if (res.kind === "need_keyframe") {
+      this.hold(v, { bytes, seq: res.seq, until: now + HOLD_MS, backfill, via }, res.missingRef);
+      if (now - v.lastRequest >= NACK_MS) {
+        // the missing reference: the server sends it again from its history when it has
+        // it (a NACK), else a keyframe (docs/webrtc.md, "Loss repair")
+        v.lastRequest = now;
+        this.member.requestKeyframe(res.streamId, res.missingRef);
+      }
+      return;
+    }
+    this.frame(v, res, via, backfill);
+    this.release(v, res.header.seq);
+  }
+
+  /** Keep a packet whose reference is missing (at most MAX_HELD per stream). */
+  hold(v, item, missingRef) {
+    if (v.heldCount >= MAX_HELD) {
+      v.expire(Infinity, 1); // the oldest goes
+      v.needKeyframe++;
+    }
+    const group = v.held.get(missingRef);
+    if (group) group.push(item);
+    else v.held.set(missingRef, [item]);
+    v.heldCount++;
+  }
+
+  /** Decode what waited for frame `seq`, in sequence order, then what waited for those. */
+  release(v, seq) {
+    const todo = [seq];
+    while (todo.length && v.heldCount) {
+      const key = todo.pop();
+      const group = v.held.get(key);
+      if (!group) continue;
+      v.held.delete(key);
+      v.heldCount -= group.length;
+      group.sort((x, y) => (x.seq < y.seq ? -1 : x.seq > y.seq ? 1 : 0));
+      for (const h of group) {
+        let r;
+        try {
+          r = this.decoder.decode(h.bytes);
+        } catch (err) {
+          if (!(err instanceof ProtocolError)) throw err;
+          v.bad++;
+          continue;
+        }
+        if (r.kind === "need_keyframe") {
+          this.hold(v, h, r.missingRef);
+          continue;
+        }
+        v.released++;
+        this.frame(v, r, h.via, h.backfill);
+        todo.push(r.header.seq);
+      }
+    }
+  }
+
+  /** A decoded frame: recorded, drawn when newer than the pose on screen, counted. */
+  frame(v, res, via, backfill) {
+    const h = res.header;
     const seq = Number(h.seq);
     if (this.record && this.record.length < MAX_RECORD) {
       this.record.push({ stream: h.streamId, seq: String(h.seq), ts: String(h.captureTsNs),
@@ -319,7 +391,6 @@ export class Viewer {
     v.draw(res.image, h.numPoses);
     const rendered = wallMs();
     this.work.packets++;
-    this.work.decode_ms += t1 - t0;
     this.work.draw_ms += performance.now() - t1;
     v.rendered++;
     v.byVia[via] = (v.byVia[via] || 0) + 1;
