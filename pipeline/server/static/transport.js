@@ -26,6 +26,8 @@ const RTC_REFUSALS = new Set(["webrtc_disabled", "too_many_peers"]);
 export const HEARTBEAT_MS = 200;
 export const DEAD_AFTER_MS = 250;
 const TICK_MS = 20;
+const STALL_MS = 100; // a tick this late: the page itself stalled
+const CONFIRM_MS = 5; // a dead path is confirmed after the pending messages ran
 const CLOCK_SAMPLES = 8;
 const CLOCK_INTERVAL_MS = 5000;
 const RTC_OPEN_TIMEOUT_MS = 5000;
@@ -63,6 +65,7 @@ export class Member {
     this.rtcBackoffMs = 1000;
     this.rtcRetryTimer = null;
     this.ticker = null;
+    this.lastTick = performance.now();
     this.clockTimer = null;
   }
 
@@ -348,16 +351,27 @@ export class Member {
   }
 
   _tick() {
+    const now = performance.now();
+    const stalled = now - this.lastTick > STALL_MS; // this page did not run: not the path
+    this.lastTick = now;
     const link = this.rtc;
     if (!link) return;
-    const now = performance.now();
     if (!link.open) {
       if (now - link.started > RTC_OPEN_TIMEOUT_MS) this._rtcDrop("WebRTC did not connect", true);
       return;
     }
-    if (now - link.lastRecv > DEAD_AFTER_MS) {
-      this.snap.rtcDeaths++;
-      this._rtcDrop(`WebRTC path dead (${Math.round(now - link.lastRecv)} ms silent)`, true);
+    if (stalled) link.lastRecv = Math.max(link.lastRecv, now - TICK_MS);
+    if (now - link.lastRecv > DEAD_AFTER_MS && !link.confirming) {
+      // let the messages that arrived meanwhile run first (a busy page is not a dead path)
+      link.confirming = true;
+      setTimeout(() => {
+        link.confirming = false;
+        const silent = performance.now() - link.lastRecv;
+        if (this.rtc === link && silent > DEAD_AFTER_MS) {
+          this.snap.rtcDeaths++;
+          this._rtcDrop(`WebRTC path dead (${Math.round(silent)} ms silent)`, true);
+        }
+      }, CONFIRM_MS);
       return;
     }
     if (now - link.lastSent >= HEARTBEAT_MS && link.pose.readyState === "open") {
