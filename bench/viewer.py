@@ -211,6 +211,14 @@ class DevServer:
             token: str = json.load(r)["token"]
         return token
 
+    def drops(self) -> int:
+        """Packets the server dropped for full subscriber queues (``/metrics``), so far."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("posewire_server_drops_total "):
+                    return int(float(line.split()[1]))
+        return 0
+
     def stop(self) -> None:
         stop_process(self.proc)
         if self.proc.stdout is not None:
@@ -323,6 +331,7 @@ async def run_scenario(
     ]
     await asyncio.gather(*(p.start() for p in pubs))
     frames = int(seconds * FPS)
+    drops0 = server.drops()
     cpu0, t0 = chromium_cpu_s(), time.monotonic()
     await asyncio.gather(*(p.run(frames, offset_s=i / (FPS * count)) for i, p in enumerate(pubs)))
     total = frames * count
@@ -339,6 +348,7 @@ async def run_scenario(
     if screenshot is not None:
         await page.screenshot(path=str(screenshot))
     stats = await page.evaluate("window.posewire.stats()")
+    drops = server.drops() - drops0
     log = await page.evaluate("window.posewire.latencyLog")
     await page.close()
     await baseline.close()
@@ -363,6 +373,7 @@ async def run_scenario(
         "decode_p50_ms": percentile(baseline.latencies_ms, 50),
         "decode_p95_ms": percentile(baseline.latencies_ms, 95),
         "send_p95_ms": percentile(send_ms, 95),
+        "server_drops": drops,
         "chromium_cpu_pct": 100 * chromium_cpu,
         "page_decode_us": 1000 * stats["work"]["decode_ms"] / max(stats["work"]["packets"], 1),
         "page_draw_us": 1000 * stats["work"]["draw_ms"] / max(stats["work"]["packets"], 1),
