@@ -18,6 +18,8 @@ Endpoints
     (:mod:`pipeline.server.metrics`), the WebRTC ones (``_rtc_peers``, ...).
 ``/api/rooms...``, ``POST /api/dev/token``
     The rooms REST API (:mod:`pipeline.server.api`).
+``GET /``, ``GET /room/{name}``, ``GET /static/{file}``
+    The browser viewer (:mod:`pipeline.server.viewer`, pages in ``static/``).
 
 Every connection passes :class:`~pipeline.server.guard.HttpGuard` first: a
 deadline for its request (``server.header_timeout_s``), a cap on connections
@@ -39,7 +41,7 @@ from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
 from pipeline.model.tls import server_context
-from pipeline.server import api, guard, members
+from pipeline.server import api, guard, members, viewer
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import Member, RoomManager
 from pipeline.server.rtc import RtcHub
@@ -103,6 +105,7 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     api.add_routes(app, dev=dev_mode)
+    viewer.add_routes(app)
     app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_on_shutdown)
     return app
