@@ -31,6 +31,10 @@ automatic switch) and ``unpin``, and
 ``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
 argument is refused with a :class:`~pipeline.errors.CommandError`.
 
+Audio (``audio.enabled``): the ``audio`` ring's packets go through the same ``Sender``
+(they move with the stream on every switch), sent at once by a reader of their own
+(rank :data:`AUDIO_PRIORITY` for issue 13's queue): ``audio_latency_ms_p50/p95/p99``.
+
 Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 (send failures and packets refused), ``packets_refused_total``,
 ``transport_refusals_total``, ``transport_refused``, ``acks_total``, ``fps``,
@@ -87,6 +91,9 @@ def publisher_token(ctx: StageContext) -> str:
 
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
+#: audio's rank for the priority send queue of issue 13 (lower is sent first; a pose
+#: keyframe 0, audio 1, pose deltas 2): the hook the ladder plugs into
+AUDIO_PRIORITY = 1
 
 
 def run(ctx: StageContext) -> int:
@@ -131,6 +138,7 @@ class Transmitter:
         )
         self.rate = Rate()
         self.latency = Window()
+        self.audio_latency = Window()
         self._published = 0.0
         self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
@@ -176,19 +184,41 @@ class Transmitter:
             if key not in fresh:  # a refusal that is over, a figure with no sample in the window
                 del self.ctx.metrics[key]
         self.ctx.metrics.update(
-            {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}
+            {
+                **fresh,
+                "fps": self.rate.per_second(),
+                **self.latency.summary("latency_ms"),
+                **self.audio_latency.summary("audio_latency_ms"),
+            }
         )
 
     def _feedback(self, message: bytes) -> None:
         with contextlib.suppress(RingError):
             self.feedback.send(message)
 
+    async def _audio(self) -> None:
+        """The audio ring's reader: each packet at once on the active transport."""
+        ring, loop = self.ctx.ring("audio"), asyncio.get_running_loop()
+        while not self.ctx.stopping:
+            if self.ctx.paused:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                item = await loop.run_in_executor(None, ring.recv, 0.1)
+            except WouldBlock:
+                continue
+            if await self.sender.send(bytes(item.data), throttled="send"):
+                self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
+
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender
         loop = asyncio.get_running_loop()
+        audio: asyncio.Task[None] | None = None
         try:
             if not await sender.activate(sender.kind):
                 return 0
+            if ctx.config.audio.enabled:
+                audio = loop.create_task(self._audio())
             packets = ctx.ring("packets")
             while not ctx.stopping:
                 self._tick()
@@ -209,6 +239,10 @@ class Transmitter:
                 self.rate.tick()
                 self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
         finally:
+            if audio is not None:
+                audio.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await audio
             self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()
         return 0

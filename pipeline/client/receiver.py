@@ -42,9 +42,11 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
+from pipeline.codec.audio import is_audio, parse_audio
 from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import ProtocolError, RefusedError, TransportError
 from pipeline.model.pose import PoseFrame
@@ -54,6 +56,9 @@ from pipeline.transports.webrtc import WebRtcTransport
 from pipeline.transports.websocket import WebSocketTransport
 from pipeline.wire import messages
 from pipeline.wire.messages import Backfill
+
+if TYPE_CHECKING:
+    from pipeline.audio.playout import Playout
 
 log = logging.getLogger("posewire.receiver")
 
@@ -282,7 +287,15 @@ class Receiver:
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
+        audio: Path | bool | None = None,
     ) -> None:
+        self.audio = audio
+        """Play audio streams (:mod:`pipeline.audio.playout`); a path: the first one's WAV."""
+        self.playouts: dict[int, Playout] = {}
+        self.audio_ignored = 0
+        """Audio packets received without ``audio`` (skipped)."""
+        self._audio_stop = asyncio.Event()
+        self._audio_tasks: list[asyncio.Task[None]] = []
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
             transport_kind,
@@ -328,7 +341,44 @@ class Receiver:
     async def close(self) -> None:
         if self._ended is None:
             self._ended = time.monotonic()
+        self._audio_stop.set()
+        for task in self._audio_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for playout in self.playouts.values():
+            playout.close()
         await self.transport.close()
+
+    def _clock(self, stream_id: int) -> tuple[int, int]:
+        """(our clock offset, the stream publisher's) to the server, 0 when unknown."""
+        owner = self.transport.stream_owner(stream_id)
+        pub = clock_offset(owner)[0] if owner is not None else None
+        return self.transport.clock_offset_ns or 0, pub or 0
+
+    def _on_audio(self, data: bytes, received_ns: int) -> None:
+        """An audio packet: into its stream's playout (a malformed one counted, skipped)."""
+        if not self.audio:
+            self.audio_ignored += 1
+            return
+        try:
+            pkt = parse_audio(data)
+        except ProtocolError:
+            self._stream(-1).bad_packets += 1
+            for playout in self.playouts.values():
+                playout.stats.bad += 1
+            return
+        found = self.playouts.get(pkt.stream_id)
+        if found is None:
+            from pipeline.audio.playout import Playout  # libopus: only when asked for audio
+
+            wav = self.audio if isinstance(self.audio, Path) and not self.playouts else None
+            found = self.playouts[pkt.stream_id] = Playout(
+                wav, lambda: time.time_ns() + (self.transport.clock_offset_ns or 0)
+            )
+            task = asyncio.get_running_loop().create_task(found.run(self._audio_stop))
+            self._audio_tasks.append(task)
+        mine, pub = self._clock(pkt.stream_id)
+        found.on_packet(pkt, pkt.capture_ts_ns + pub, received_ns + mine)
 
     async def __aenter__(self) -> Receiver:
         await self.connect()
@@ -392,6 +442,9 @@ class Receiver:
 
     async def _on_packet(self, item: Packet) -> None:
         data = item.data
+        if is_audio(data):
+            self._on_audio(data, item.received_ns)
+            return
         try:
             h = peek_header(data)
         except ProtocolError:
@@ -449,6 +502,9 @@ class Receiver:
         pose = ReceivedPose(
             h.stream_id, st.member_id, res.frame, item.received_ns, t_dec, latency_ms, is_backfill
         )
+        playout = self.playouts.get(h.stream_id)
+        if playout is not None and not is_backfill:
+            playout.on_pose(capture + pub_off, t_dec + my_off)
         if self.keep_poses:
             self.poses.append(pose)
         if self.on_pose is not None:
@@ -505,6 +561,8 @@ class Receiver:
             "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
             "bad_member_records": sum(s.bad_member_records for s in self.streams.values()),
             "bad_messages": stats.bad_messages,
+            "audio": {str(k): p.report() for k, p in sorted(self.playouts.items())},
+            "audio_ignored": self.audio_ignored,
             "transport": {
                 "requested": self.transport_kind,
                 "kind": stats.kind,

@@ -50,6 +50,9 @@ class StoredPacket:
     """A delta that may go on a lossy channel: it predicts from the stream's latest
     keyframe and the stream's deltas have done so for a whole keyframe interval
     (:attr:`StreamState.anchored`); every other packet needs a reliable path."""
+    audio: bool = False
+    """An audio packet (:mod:`pipeline.codec.audio`): relayed lossy, never stored, always
+    decodable (``seq`` is its audio frame counter)."""
 
 
 class Snapshot:
@@ -98,6 +101,8 @@ class StreamState(Generic[OwnerT]):
         self.last_keyframe_request = -1e9
         self.packets = 0
         self.last_seq = -1
+        self.audio_last_seq = -1
+        """The newest audio frame counter relayed (audio seqs are their own sequence)."""
         self.shared = False
         """Published by the two connections of a hot-standby pair (Room.paired): a packet
         not after the last one is a duplicate of the other path, dropped as late, never a

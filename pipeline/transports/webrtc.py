@@ -45,6 +45,7 @@ import aiohttp
 from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
+from pipeline.codec.audio import is_audio
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
 from pipeline.errors import (
     BrokenResourceError,
@@ -101,7 +102,10 @@ def _add(total: LinkStats, more: LinkStats) -> None:
 
 
 def _keyframe(packet: bytes) -> bool:
-    """A keyframe (or something unreadable: the reliable channel, the server judges it)."""
+    """A keyframe (or something unreadable: the reliable channel, the server judges it);
+    an audio packet is not: it goes on the lossy channel like a delta (docs/audio.md)."""
+    if is_audio(packet):
+        return False
     try:
         return peek_header(packet).keyframe
     except ProtocolError:
