@@ -75,6 +75,8 @@ class PlayoutStats:
     late: int = 0
     """Packets that arrived after their frame was played (or concealed)."""
     duplicates: int = 0
+    bytes: int = 0
+    """Audio packet bytes received (as on the wire)."""
     bad: int = 0
     """Malformed audio packets, skipped."""
     longest_gap_ms: float = 0.0
@@ -125,6 +127,7 @@ class Playout:
         self._tick_capture: int | None = None  # capture time of the frame playing
         self._gap = 0
         self._last_capture: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------------- input
 
@@ -212,7 +215,9 @@ class Playout:
             self._emit(self._decoder.conceal(), capture - FRAME_NS, True)
             st.stretched += 1
             return True
-        while seq in self.buffer and lag > self.delay + 2 * FRAME_NS and seq + 1 in self.buffer:
+        while (
+            seq in self.buffer and lag > self.delay + 3 * FRAME_NS // 2 and seq + 1 in self.buffer
+        ):
             del self.buffer[seq], self._capture[seq]
             st.discarded += 1
             seq += 1
@@ -246,16 +251,27 @@ class Playout:
         return True
 
     def _present(self, now: int, capture: int) -> None:
-        """Present the poses due while this frame plays (their skew on the audio clock)."""
+        """Schedule the poses due while this frame plays: each is presented (a timer of the
+        event loop) when the card reaches its capture time, and its skew is measured then
+        against the audio the card is playing at that moment (real clocks, not arithmetic)."""
         self._tick_wall, self._tick_capture = now, capture
         while self._poses and self._poses[0] < capture + FRAME_NS:
             pose = self._poses.popleft()
-            due = max(pose, capture)  # a pose older than this frame is presented at once
-            self.stats.skew_ms.append((pose - due) / 1e6)
+            wait = max(pose - capture, 0) / 1e9  # older than this frame: at once
+            if self._loop is None:
+                self._presented(pose)
+            else:
+                self._loop.call_later(wait, self._presented, pose)
+
+    def _presented(self, pose: int) -> None:
+        position = self.position(self.now())
+        if position is not None:
+            self.stats.skew_ms.append((pose - position) / 1e6)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every 20 ms of the monotonic clock (the virtual card) until ``stop`` is set,
         or the stream has been idle :data:`IDLE_STOP_S` after it started."""
+        self._loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         k = 0
         while not stop.is_set():
@@ -289,6 +305,7 @@ class Playout:
             "late": st.late,
             "duplicates": st.duplicates,
             "bad_packets": st.bad,
+            "bytes": st.bytes,
             "longest_gap_ms": st.longest_gap_ms,
             "jitter_buffer_depth": _summary([float(d) for d in st.depth]),
             "delay_ms": _summary(st.delay_ms),

@@ -377,6 +377,7 @@ class Receiver:
             )
             task = asyncio.get_running_loop().create_task(found.run(self._audio_stop))
             self._audio_tasks.append(task)
+        found.stats.bytes += len(data)
         mine, pub = self._clock(pkt.stream_id)
         found.on_packet(pkt, pkt.capture_ts_ns + pub, received_ns + mine)
 
