@@ -99,20 +99,78 @@ def tone_match(wav: Path, frames: list[int], *, hz: float = TONE_HZ) -> dict[str
     return {"ncc": best, "click_offsets_ms": offsets}
 
 
-def pesq_wb(reference: npt.NDArray[np.float64], received: npt.NDArray[np.float64]) -> float | None:
-    """PESQ wide-band of ``received`` (48 kHz) against ``reference`` (48 kHz), after
-    aligning the received signal on one loop of the reference by cross-correlation."""
-    from pesq import pesq
-    from scipy.signal import correlate, resample_poly
+def speech_reference(
+    received: npt.NDArray[np.float64], frames: list[int], loop: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """What the listener should have heard, frame by frame: the looped source at each
+    played frame's capture time (its phase found by circular cross-correlation of the
+    longest run of regular frames), the lost frames' content where the receiver concealed
+    a loss, silence where it stretched (no source time passed)."""
+    n, size = len(frames), len(loop)
+    cap = np.array(frames[:n], np.int64)
+    run = best = (0, 0)
+    for i in range(1, n + 1):  # the longest run of frames 20 ms apart
+        if (
+            i < n
+            and cap[i] >= 0
+            and cap[i - 1] >= 0
+            and abs(cap[i] - cap[i - 1] - 20_000_000) < 100_000
+        ):
+            run = (run[0], i + 1) if run[1] == i else (i - 1, i + 1)
+            best = max(best, run, key=lambda r: r[1] - r[0])
+    a, b = best
+    seg = received[a * 960 : b * 960]
+    cc = np.fft.irfft(np.conj(np.fft.rfft(seg, size)) * np.fft.rfft(loop), size)
+    phase, c0 = int(np.argmax(cc)), int(cap[a])
+    good = np.flatnonzero(cap >= 0)
+    out = np.zeros(n * 960)
+    for i in range(n):
+        t = int(cap[i])
+        if t < 0:  # concealed: a loss (the timeline moved on) or a stretch (it did not)
+            before, after = good[good < i], good[good > i]
+            if not len(before) or not len(after):
+                continue
+            j, k = int(before[-1]), int(after[0])
+            if abs((cap[k] - cap[j]) - (k - j) * 20_000_000) > 100_000:
+                continue  # a stretch: silence is what should have been heard
+            t = int(cap[j]) + (i - j) * 20_000_000
+        s0 = round((t - c0) * SAMPLE_RATE / 1e9) + phase
+        out[i * 960 : (i + 1) * 960] = loop[(s0 + np.arange(960)) % size]
+    return out
 
-    ref = resample_poly(reference, 1, 3)
-    deg = resample_poly(received, 1, 3)
-    if len(deg) < len(ref):
-        return None
-    corr = correlate(deg, ref, mode="valid", method="fft")
-    start = int(np.argmax(corr))
-    deg = deg[start : start + len(ref)]
-    return float(pesq(PESQ_RATE, ref.astype(np.float32), deg.astype(np.float32), "wb"))
+
+def pesq_wb(reference: npt.NDArray[np.float64], received: npt.NDArray[np.float64]) -> float:
+    """PESQ wide-band (16 kHz) of two aligned 48 kHz signals."""
+    from pesq import pesq
+    from scipy.signal import resample_poly
+
+    n = min(len(reference), len(received))
+    ref = resample_poly(reference[:n], 1, 3).astype(np.float32)
+    deg = resample_poly(received[:n], 1, 3).astype(np.float32)
+    return float(pesq(PESQ_RATE, ref, deg, "wb"))
+
+
+def codec_only(loop: npt.NDArray[np.float64], bitrate: int, loss_pct: int) -> float:
+    """PESQ of the speech through Opus alone (no network): seeded random loss, the next
+    packet's FEC copy when it arrived, else PLC (the receiver's rules)."""
+    from pipeline.audio.opus import OpusDecoder, OpusEncoder
+
+    sig = np.concatenate([loop, loop]).astype(np.int16)
+    enc, dec = OpusEncoder(bitrate), OpusDecoder()
+    packets = [
+        p for k in range(len(sig) // 960) for _, p in enc.encode(sig[k * 960 : (k + 1) * 960])
+    ]
+    lost = np.random.default_rng(loss_pct).random(len(packets)) < loss_pct / 100
+    out = []
+    for i, p in enumerate(packets):
+        if not lost[i]:
+            out.append(dec.decode(p))
+        elif i + 1 < len(packets) and not lost[i + 1]:
+            out.append(dec.decode_fec(packets[i + 1]))
+        else:
+            out.append(dec.conceal())
+    y = np.concatenate(out).astype(np.float64)[312:]  # the encoder's look-ahead
+    return pesq_wb(sig.astype(np.float64)[: len(y)], y)
 
 
 # --------------------------------------------------------------------------- processes
@@ -228,13 +286,14 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- measurements
 
 
-def loopback(work: Path, seconds: float) -> dict[str, Any]:
-    """Tone through a real pipeline to a real receiver on loopback; its figures."""
+def loopback(work: Path, seconds: float, *, baseline: bool = True) -> dict[str, Any]:
+    """Tone through a real pipeline to a real receiver on loopback; its figures (and,
+    with ``baseline``, the 16-bit PCM baseline's through the same server)."""
     port = free_port()
     with pipeline(config(work, port, source="tone"), work) as proc:
         rep, wav = receive(f"http://127.0.0.1:{port}", work, seconds)
         cpu = stage_cpu(proc.pid, "audio")
-        pcm = pcm_baseline(f"http://127.0.0.1:{port}", min(seconds, 5.0))
+        pcm = pcm_baseline(f"http://127.0.0.1:{port}", min(seconds, 5.0)) if baseline else {}
     (audio,) = rep["audio"].values()
     frames = json.loads(wav.with_suffix(".frames.json").read_text(encoding="utf-8"))
     match = tone_match(wav, frames)
@@ -295,7 +354,9 @@ def pcm_baseline(url: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def speech_quality(work: Path, seconds: float, losses: Sequence[int]) -> list[dict[str, Any]]:
+def speech_quality(
+    work: Path, seconds: float, losses: Sequence[int], bitrate: int
+) -> list[dict[str, Any]]:
     """PESQ of speech through the pipeline over WebRTC with loss on the receiver's link."""
     from bench.netns import topology, unavailable_reason
     from pipeline.audio.sources import read_pcm, render_speech
@@ -305,12 +366,14 @@ def speech_quality(work: Path, seconds: float, losses: Sequence[int]) -> list[di
     if why is not None:
         return [{"name": f"speech {loss}% loss", "skipped": why} for loss in losses]
     text = AudioConfig.model_fields["text"].default
-    reference = read_pcm(render_speech(text, work), "audio.text")
+    pcm = read_pcm(render_speech(text, work), "audio.text").astype(np.float64)
+    loop = pcm[: len(pcm) // 960 * 960]
     rows: list[dict[str, Any]] = []
     with topology(("s", "c")) as net:
         s, c = net.host("s"), net.host("c")
         port = 8765
-        cfg = config(work, port, source="speech", host=s.address, transport="webrtc")
+        cfg = config(work, port, source="speech", host=s.address, transport="webrtc",
+                     bitrate=bitrate)  # fmt: skip
         with pipeline(cfg, work, prefix=s.exec_argv([])):
             for loss in losses:
                 net.clear_faults()
@@ -321,11 +384,16 @@ def speech_quality(work: Path, seconds: float, losses: Sequence[int]) -> list[di
                                    name=f"speech{loss}")  # fmt: skip
                 (audio,) = rep["audio"].values() if rep["audio"] else ({},)
                 received = read_wav(wav)
-                skip = 48_000  # the first second: the jitter buffer settles
-                score = pesq_wb(reference.astype(np.float64), received[skip:])
+                frames = json.loads(wav.with_suffix(".frames.json").read_text(encoding="utf-8"))
+                skip = 50  # the first second: the jitter buffer settles
+                expected = speech_reference(received, frames, loop)
+                score = pesq_wb(expected[skip * 960 :], received[skip * 960 : len(expected)])
                 rows.append({
-                    "name": f"speech {loss}% loss", "transport": rep["transport"]["kind"],
-                    "loss_pct": loss, "pesq_wb": score,
+                    "name": f"speech {loss}% loss, whole path", "bitrate_kbps": bitrate,
+                    "transport": rep["transport"]["kind"], "loss_pct": loss, "pesq_wb": score,
+                    "codec_only_pesq_wb": codec_only(loop, bitrate, loss),
+                    "mouth_to_ear_p95_ms": audio.get("mouth_to_ear_ms", {}).get("p95"),
+                    "frames_discarded": audio.get("discarded"),
                     "frames_fec": audio.get("frames_fec"),
                     "frames_concealed": audio.get("frames_concealed"),
                     "frames_received": audio.get("frames_received"),
@@ -339,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench audio", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--no-speech", action="store_true", help="skip the PESQ part")
+    parser.add_argument("--speech-bitrate", type=int, default=48, help="kbit/s (default 48)")
     add_json_flag(parser)
     args = parser.parse_args(argv)
     seconds = 6.0 if args.quick else 20.0
@@ -371,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             at_least("tone cross-correlation", lb["ncc"], 0.9),
         ]
         if not args.no_speech:
-            speech = speech_quality(work, 8.0 if args.quick else 15.0, (0, 5, 20))
+            speech = speech_quality(
+                work, 8.0 if args.quick else 15.0, (0, 5, 20), args.speech_bitrate
+            )
             rows += speech
             by = {r.get("loss_pct"): r.get("pesq_wb") for r in speech}
             for loss, goal in ((0, 4.0), (5, 3.2)):

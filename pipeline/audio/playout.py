@@ -8,9 +8,10 @@ and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`)
   frame is played ``delay`` after its capture time; ``delay`` adapts: the 95th
   percentile of the recent transit times (arrival - capture) plus a margin, and, with
   poses to keep in sync, the same figure of the poses (audio waits for the slower pose
-  path: lip sync), bounded by ``min_delay_ms`` .. ``max_delay_ms``. Ahead of the target
-  the card stretches (a concealed frame, nothing consumed); more than two frames behind it
-  drops a frame (counted).
+  path: lip sync), bounded by ``min_delay_ms`` .. ``max_delay_ms``. More than a frame
+  ahead of the target the card stretches (a concealed frame, nothing consumed); more than
+  two frames behind it drops a frame (at most one per 100 ms, counted). A late wake of the
+  event loop plays every frame that fell due (at most half a second's worth).
 * **Loss.** A missing frame with a newer one buffered is lost: decoded from the next
   packet's in-band FEC copy when it is there, else concealed (Opus PLC); a missing frame
   with nothing newer is an underrun (concealed, nothing consumed).
@@ -44,6 +45,10 @@ MAX_FRAMES = 50
 WINDOW = 100
 """Transit samples the delay is computed from (two seconds of audio)."""
 MARGIN_NS = 5_000_000
+DISCARD_EVERY = 5
+"""Ticks between two frames dropped to catch up (at most 200 ms per second)."""
+MAX_CATCH_UP = 25
+"""Ticks played at once when the event loop woke late (the card's buffer had them)."""
 IDLE_STOP_S = 1.0
 """The stream is over when nothing arrived for this long (the card stops)."""
 
@@ -128,6 +133,8 @@ class Playout:
         self._gap = 0
         self._last_capture: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticks = 0
+        self._discarded_at = -DISCARD_EVERY
 
     # ---------------------------------------------------------------- input
 
@@ -192,6 +199,7 @@ class Playout:
 
     def tick(self) -> bool:
         """Play one frame (call every 20 ms); False while nothing is playing."""
+        self._ticks += 1
         now = self.now()
         st = self.stats
         self.delay = self._target()
@@ -215,11 +223,15 @@ class Playout:
             self._emit(self._decoder.conceal(), capture - FRAME_NS, True)
             st.stretched += 1
             return True
-        while (
-            seq in self.buffer and lag > self.delay + 3 * FRAME_NS // 2 and seq + 1 in self.buffer
-        ):
+        if (
+            seq in self.buffer
+            and seq + 1 in self.buffer
+            and lag > self.delay + 2 * FRAME_NS
+            and self._ticks - self._discarded_at >= DISCARD_EVERY
+        ):  # behind the target: drop one frame (at most one per DISCARD_EVERY ticks)
             del self.buffer[seq], self._capture[seq]
             st.discarded += 1
+            self._discarded_at = self._ticks
             seq += 1
             capture = self._capture[seq]
             lag = now - capture
@@ -279,12 +291,12 @@ class Playout:
             wait = t0 + k * FRAME_NS / 1e9 - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)  # the card's clock, not a synchronisation
-            elif wait < -0.2:  # far behind (a stalled loop): skip the missed ticks
+            elif wait < -MAX_CATCH_UP * FRAME_NS / 1e9:  # stalled too long: start afresh
                 t0, k = time.monotonic(), 0
             idle = time.monotonic() - self._last_arrival > IDLE_STOP_S
             if idle and self.expected is not None and not self.buffer:
                 continue
-            self.tick()
+            self.tick()  # a late wake plays every due frame in turn (k catches up)
 
     def close(self) -> None:
         if self._wav is not None:

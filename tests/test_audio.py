@@ -1,0 +1,224 @@
+"""Audio beside the pose (issue 14): the packet format, Opus, the jitter buffer, the relay,
+and a tone through a real pipeline to a real ``receive --audio`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder
+from pipeline.audio.playout import FRAME_NS, Playout
+from pipeline.audio.sources import read_pcm, tone_samples
+from pipeline.codec import peek_header
+from pipeline.codec.audio import AudioPacket, is_audio, pack_audio, parse_audio
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError, ProtocolError
+from pipeline.transports.base import Packet
+from tests.procutil import TRACE
+from tests.test_server_support import PoseSource, member, running_server, until
+
+T0 = 1_790_000_000_000_000_000
+STEP = np.arange(FRAME_SAMPLES, dtype=np.int64) * FRAME_NS // FRAME_SAMPLES
+
+
+def _tone(k: int) -> Any:
+    return tone_samples(T0 + k * FRAME_NS + STEP, 440.0, 250_000_000)
+
+
+# --------------------------------------------------------------------------- packets
+
+
+def test_audio_packet_round_trip_and_told_apart_from_pose() -> None:
+    pkt = pack_audio(10364, 2**40, T0, 960, b"\x01" * 80)
+    assert pkt[0] == 0xA1 and is_audio(pkt) and len(pkt) == 1 + 1 + 2 + 6 + 8 + 2 + 1 + 80 + 4
+    assert parse_audio(pkt) == AudioPacket(10364, 2**40, T0, 960, b"\x01" * 80)
+    pose = PoseSource(3).next()
+    assert not is_audio(pose)
+    with pytest.raises(ProtocolError):
+        peek_header(pkt)  # a pose parser refuses audio (and the server branches first)
+    with pytest.raises(ProtocolError):
+        parse_audio(pose)
+
+
+def test_audio_packet_strict_checks_raise_only_protocol_error() -> None:
+    good = pack_audio(5, 7, T0, 960, bytes(range(60)))
+    for bad, what in (
+        (good[:-1], "checksum"),
+        (b"\xa2" + good[1:], "version"),
+        (good[:10], "shorter"),
+        (b"\xa1" + bytes(2000), "not under"),
+    ):
+        with pytest.raises(ProtocolError, match=what):
+            parse_audio(bad)
+    for args, what in (
+        ((5, 7, T0, 100, b"x"), "duration"),
+        ((5, 7, T0, 960, b""), "payload"),
+        ((5, -1, T0, 960, b"x"), "seq"),
+        ((2**32, 7, T0, 960, b"x"), "stream id"),
+    ):
+        with pytest.raises(ProtocolError, match=what):
+            pack_audio(*args)  # type: ignore[arg-type]
+    rng = np.random.default_rng(1)
+    for i in range(2000):  # every single-byte mutation and random junk: ProtocolError or a packet
+        data = bytearray(good)
+        data[i % len(data)] = int(rng.integers(256))
+        junk = bytes(rng.integers(0, 256, int(rng.integers(0, 40)), dtype=np.uint8))
+        for candidate in (bytes(data), b"\xa1" + junk):
+            with contextlib.suppress(ProtocolError):
+                parse_audio(candidate)
+
+
+# --------------------------------------------------------------------------- config, sources
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("audio:\n  enabled: true\n  source: file\n", "audio.path"),
+        ("audio:\n  enabled: true\n  bitrate_kbps: 8\n", "audio.bitrate_kbps"),
+        ("audio:\n  enabled: true\n  frame_ms: 10\n", "audio.frame_ms"),
+        ("audio:\n  enabled: true\n  source: radio\n", "audio.source"),
+    ],
+)
+def test_bad_audio_config_names_the_field(body: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(body)
+    assert field in str(err.value), str(err.value)
+
+
+def test_a_file_without_audio_names_audio_path(tmp_path: Path) -> None:
+    import av
+
+    video = tmp_path / "silent.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 64
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+            frame.pts = i
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode(None):
+            out.mux(p)
+    with pytest.raises(ConfigError, match=r"audio\.path: .* has no audio stream"):
+        read_pcm(video)
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF" + bytes(100))
+    with pytest.raises(ConfigError, match=r"audio\.path: "):
+        read_pcm(junk)
+
+
+# --------------------------------------------------------------------------- Opus, playout
+
+
+def test_opus_fec_and_concealment_through_libopus() -> None:
+    enc, dec = OpusEncoder(32, fec=True), OpusDecoder()
+    payloads = [p for k in range(50) for _, p in enc.encode(_tone(k))]
+    assert 40 <= len(payloads) <= 51 and all(20 < len(p) < 400 for p in payloads)
+    assert any(dec.has_fec(p) for p in payloads)  # in-band FEC is on
+    out = dec.decode(payloads[0])
+    assert len(out) == FRAME_SAMPLES
+    assert len(dec.decode_fec(payloads[2])) == FRAME_SAMPLES  # frame 1 from frame 2's copy
+    assert len(dec.conceal()) == FRAME_SAMPLES
+
+
+def test_playout_recovers_a_loss_with_fec_and_writes_what_is_heard(tmp_path: Path) -> None:
+    enc = OpusEncoder(32, fec=True)
+    clock = [T0]
+    wav = tmp_path / "out.wav"
+    play = Playout(wav, lambda: clock[0], sync=False)
+    packets = []
+    for k in range(60):
+        for pts, payload in enc.encode(_tone(k)):
+            ts = T0 + pts * FRAME_NS // FRAME_SAMPLES
+            packets.append(AudioPacket(1, 100 + len(packets), ts, 960, payload))
+    lost = {30}
+    for i, pkt in enumerate(packets):
+        clock[0] = pkt.capture_ts_ns + 25_000_000  # arrives 25 ms after capture
+        if i not in lost:
+            play.on_packet(pkt, pkt.capture_ts_ns, clock[0])
+        play.tick()
+    while play.buffer:
+        clock[0] += FRAME_NS
+        play.tick()
+    play.close()
+    st = play.stats
+    assert st.received == len(packets) - 1
+    assert st.played + st.fec == len(packets) - 1 or st.fec + st.concealed >= 1
+    assert st.fec + st.concealed >= 1 and st.late == 0
+    with wave.open(str(wav), "rb") as w:
+        assert w.getframerate() == 48000 and w.getnchannels() == 1
+        assert w.getnframes() == FRAME_SAMPLES * len(play.frame_capture)
+
+
+# --------------------------------------------------------------------------- server relay
+
+
+def test_server_relays_audio_never_stores_it_and_refuses_a_malformed_one() -> None:
+    async def run() -> None:
+        async with running_server() as srv:
+            pub = member(srv, "R", "publisher", publish=True, subscribe=False, subject="p")
+            sub = member(srv, "R", "subscriber", subject="s")
+            await pub.connect()
+            await sub.connect()
+            pose = PoseSource(9)
+            await pub.send(pose.next())
+            for k in range(5):
+                await pub.send(pack_audio(9, 1000 + k, T0 + k * FRAME_NS, 960, b"\xfc" + bytes(40)))
+            got = await until(
+                sub,
+                lambda items: sum(isinstance(i, Packet) and is_audio(i.data) for i in items) == 5,
+            )
+            assert [
+                parse_audio(i.data).seq for i in got if isinstance(i, Packet) and is_audio(i.data)
+            ] == [1000 + k for k in range(5)]
+            m = srv.state.metrics
+            assert m.audio_packets_in == 5 and m.audio_packets_out == 5
+            late = member(srv, "R", "subscriber", subject="late")
+            await late.connect()
+            history = await until(late, lambda items: any(isinstance(i, Packet) for i in items))
+            assert not any(isinstance(i, Packet) and is_audio(i.data) for i in history)
+            await late.close()
+            bad = bytearray(pack_audio(9, 2000, T0, 960, b"\xfc" + bytes(40)))
+            bad[-1] ^= 0xFF
+            await pub.send(bytes(bad))
+            deadline = time.monotonic() + 10
+            while m.audio_bad_packets == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the server's counter is the event
+            assert m.audio_bad_packets == 1 and m.rejections["bad_packet"] == 1
+            text = srv.state.metrics.render(rooms=1, members=1, connections=1, ready=True)
+            assert "posewire_server_audio_bad_packets_total 1" in text
+            await sub.close()
+            await pub.close()
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timing
+@pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+def test_tone_through_the_pipeline_to_a_receiver_wav_in_sync(tmp_path: Path) -> None:
+    """Acceptance (issue 14): the received WAV matches the tone (normalized
+    cross-correlation >= 0.9 after alignment) and |pose/audio skew| p95 <= 20 ms."""
+    from bench.audio import loopback
+
+    got = loopback(tmp_path, 6.0, baseline=False)
+    audio = got["audio"]
+    assert audio["frames_played"] > 200, audio
+    assert got["ncc"] >= 0.9, got["ncc"]
+    assert got["clicks"] >= 15 and got["click_offset_ms_max"] < 2.0, got
+    assert audio["abs_skew_ms"]["p95"] is not None and audio["abs_skew_ms"]["p95"] <= 20.0, audio
+    assert audio["mouth_to_ear_ms"]["p50"] is not None
+    pose = got["report"]["publishers"]
+    assert [s["stream_id"] for s in pose.values()] == [int(k) for k in got["report"]["audio"]]
+    print(json.dumps({k: audio[k] for k in ("mouth_to_ear_ms", "abs_skew_ms", "frames_concealed")}))
