@@ -12,9 +12,13 @@ and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`)
   ahead of the target the card stretches (a concealed frame, nothing consumed); more than
   two frames behind it drops a frame (at most one per 100 ms, counted). A late wake of the
   event loop plays every frame that fell due (at most half a second's worth).
-* **Loss.** A missing frame with a newer one buffered is lost: decoded from the next
-  packet's in-band FEC copy when it is there, else concealed (Opus PLC); a missing frame
-  with nothing newer is an underrun (concealed, nothing consumed).
+* **Loss.** A frame missing when it is due is lost (the delay target already covers
+  the 95th percentile of the transit): decoded from the next packet's in-band FEC copy
+  when that is buffered, else concealed (Opus PLC), and the card moves on (a gap in the
+  sequence numbers is jumped over at once); with nothing newer buffered it counts as an
+  underrun too, and if it comes after all it is counted late. The card never waits for
+  a missing frame, so losses cannot pile up latency; it waits (stretches) only when the
+  target delay grew.
 * **What a listener hears** goes to the WAV (48 kHz mono 16-bit), concealment included.
 * **Sync.** Poses are presented on the audio clock: a pose is due when the card plays
   the audio captured at the pose's capture time, or when it arrives if that is later.
@@ -25,6 +29,7 @@ and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import wave
 from collections import deque
@@ -243,7 +248,7 @@ class Playout:
             st.played += 1
             st.mouth_to_ear_ms.append(lag / 1e6)
             self.expected = seq + 1
-        elif newer:
+        else:  # lost, or later than the target allows: FEC from the next packet, else PLC
             nxt = self.buffer.get(seq + 1)
             if nxt is not None and self._decoder.has_fec(nxt.payload):
                 raw = nxt.capture_ts_ns - FRAME_NS
@@ -252,11 +257,9 @@ class Playout:
                 st.mouth_to_ear_ms.append(lag / 1e6)
             else:
                 self._emit(self._decoder.conceal(), capture, True)
-            self.expected = max(seq + 1, min(newer) if min(newer) > seq + 1 else seq + 1)
-        else:
-            self._emit(self._decoder.conceal(), capture, True)
-            st.underruns += 1
-            return True  # nothing consumed: the delay grows by a frame
+            if not newer:
+                st.underruns += 1  # it may still come: then it is counted late
+            self.expected = max(seq + 1, min(newer)) if newer else seq + 1
         self._last_capture = capture
         st.depth.append(len(self.buffer))
         st.delay_ms.append(self.delay / 1e6)
@@ -304,6 +307,14 @@ class Playout:
             self._wav = None
         self._decoder.close()
 
+    def content_gap_ms(self) -> float:
+        """The longest stretch of source audio missing between two frames heard from their
+        own packet or FEC copy (concealed, dropped or jumped over): capture times apart
+        minus one frame."""
+        good = [c for c in self.frame_raw_capture if c >= 0]
+        gaps = [b - a - FRAME_NS for a, b in itertools.pairwise(good) if b > a]
+        return max(gaps, default=0) / 1e6
+
     def report(self) -> dict[str, Any]:
         st = self.stats
         return {
@@ -319,6 +330,7 @@ class Playout:
             "bad_packets": st.bad,
             "bytes": st.bytes,
             "longest_gap_ms": st.longest_gap_ms,
+            "longest_content_gap_ms": self.content_gap_ms(),
             "jitter_buffer_depth": _summary([float(d) for d in st.depth]),
             "delay_ms": _summary(st.delay_ms),
             "mouth_to_ear_ms": _summary(st.mouth_to_ear_ms),
