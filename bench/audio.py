@@ -375,6 +375,9 @@ def speech_quality(
         cfg = config(work, port, source="speech", host=s.address, transport="webrtc",
                      bitrate=bitrate)  # fmt: skip
         with pipeline(cfg, work, prefix=s.exec_argv([])):
+            # warm-up, not measured: the first receiver meets the pipeline's start-up
+            receive(f"http://{s.address}:{port}", work, 3.0, transport="webrtc",
+                    prefix=c.exec_argv([]), name="warmup")  # fmt: skip
             for loss in losses:
                 net.clear_faults()
                 if loss:

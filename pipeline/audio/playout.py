@@ -5,12 +5,14 @@ server's clock (the receiver corrects both with the clock offsets, as for pose l
 and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`):
 
 * **Jitter buffer.** Packets wait by sequence number (at most :data:`MAX_FRAMES`). A
-  frame is played ``delay`` after its capture time; ``delay`` adapts: the 95th
-  percentile of the recent transit times (arrival - capture) plus a margin, and, with
+  frame is played ``delay`` after its capture time; ``delay`` adapts: the largest
+  transit time (arrival - capture) of the last two seconds plus a margin, and, with
   poses to keep in sync, the same figure of the poses (audio waits for the slower pose
-  path: lip sync), bounded by ``min_delay_ms`` .. ``max_delay_ms``. More than a frame
+  path: lip sync), bounded by ``min_delay_ms`` .. ``max_delay_ms``; it rises at once and
+  falls by at most 200 ms per second. More than a frame
   ahead of the target the card stretches (a concealed frame, nothing consumed); more than
-  two frames behind it drops a frame (at most one per 100 ms, counted). A late wake of the
+  two frames behind it drops a frame (at most one per 100 ms, counted), more than 200 ms
+  behind (a burst after a stall) every frame in the way. A late wake of the
   event loop plays every frame that fell due (at most half a second's worth).
 * **Loss.** A frame missing when it is due is lost (the delay target already covers
   the 95th percentile of the transit): decoded from the next packet's in-band FEC copy
@@ -18,7 +20,7 @@ and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`)
   sequence numbers is jumped over at once); with nothing newer buffered it counts as an
   underrun too, and if it comes after all it is counted late. The card never waits for
   a missing frame, so losses cannot pile up latency; it waits (stretches) only when the
-  target delay grew.
+  target delay rose.
 * **What a listener hears** goes to the WAV (48 kHz mono 16-bit), concealment included.
 * **Sync.** Poses are presented on the audio clock: a pose is due when the card plays
   the audio captured at the pose's capture time, or when it arrives if that is later.
@@ -50,16 +52,16 @@ MAX_FRAMES = 50
 WINDOW = 100
 """Transit samples the delay is computed from (two seconds of audio)."""
 MARGIN_NS = 5_000_000
+DECAY_NS = 4_000_000
+"""How fast the target delay falls, per tick (200 ms per second)."""
 DISCARD_EVERY = 5
 """Ticks between two frames dropped to catch up (at most 200 ms per second)."""
+FLUSH_NS = 200_000_000
+"""More than this behind the target: drop every frame in the way at once."""
 MAX_CATCH_UP = 25
 """Ticks played at once when the event loop woke late (the card's buffer had them)."""
 IDLE_STOP_S = 1.0
 """The stream is over when nothing arrived for this long (the card stops)."""
-
-
-def _p95(values: deque[int]) -> int:
-    return int(percentiles(list(values), (95,))[0]) if values else 0
 
 
 def _summary(values: list[float]) -> dict[str, float | None]:
@@ -108,11 +110,15 @@ class Playout:
         min_delay_ms: float = 20.0,
         max_delay_ms: float = 400.0,
         sync: bool = True,
+        settle_s: float = 2.0,
     ) -> None:
         self.now = now_server_ns
         self.min_delay = int(min_delay_ms * 1e6)
         self.max_delay = int(max_delay_ms * 1e6)
         self.sync = sync
+        self.settle_ticks = round(settle_s * 1e9 / FRAME_NS)
+        """Playout ticks before the figures count (the jitter buffer settling; counts of
+        frames cover the whole run)."""
         self.stats = PlayoutStats()
         self.buffer: dict[int, AudioPacket] = {}
         self._capture: dict[int, int] = {}  # seq -> capture on the server clock
@@ -139,6 +145,7 @@ class Playout:
         self._last_capture: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticks = 0
+        self._played_ticks = 0
         self._discarded_at = -DISCARD_EVERY
 
     # ---------------------------------------------------------------- input
@@ -169,7 +176,7 @@ class Playout:
         self._pose_transit.append(arrival_ns - capture_ns)
         position = self.position(arrival_ns)
         if position is not None and capture_ns <= position:
-            self.stats.skew_ms.append((capture_ns - position) / 1e6)
+            self._skew(capture_ns - position)
         else:
             self._poses.append(capture_ns)
 
@@ -182,10 +189,14 @@ class Playout:
     # ---------------------------------------------------------------- playout
 
     def _target(self) -> int:
-        want = _p95(self._transit) + MARGIN_NS
+        """The delay to play at: the largest transit of the window (and of the poses, to
+        keep them in sync) plus a margin; it rises at once and falls by at most
+        :data:`DECAY_NS` per tick, as fast as the card drops frames to follow it."""
+        want = max(self._transit, default=0) + MARGIN_NS
         if self.sync and self._pose_transit:
-            want = max(want, _p95(self._pose_transit) + MARGIN_NS)
-        return min(max(want, self.min_delay), self.max_delay)
+            want = max(want, max(self._pose_transit) + MARGIN_NS)
+        want = min(max(want, self.min_delay), self.max_delay)
+        return want if want >= self.delay else max(want, self.delay - DECAY_NS)
 
     def _emit(self, pcm: PCM, capture: int, concealed: bool, raw: int | None = None) -> None:
         if len(pcm) != FRAME_SAMPLES:
@@ -215,6 +226,7 @@ class Playout:
             if now - self._capture[first] < self.delay:
                 return False
             self.expected = first
+        self._played_ticks += 1
         seq = self.expected
         capture = self._capture.get(seq)
         if capture is None and self._last_capture is not None:
@@ -228,6 +240,12 @@ class Playout:
             self._emit(self._decoder.conceal(), capture - FRAME_NS, True)
             st.stretched += 1
             return True
+        while seq in self.buffer and seq + 1 in self.buffer and lag > self.delay + FLUSH_NS:
+            del self.buffer[seq], self._capture[seq]  # far behind (a burst after a stall)
+            st.discarded += 1
+            seq += 1
+            capture = self._capture[seq]
+            lag = now - capture
         if (
             seq in self.buffer
             and seq + 1 in self.buffer
@@ -246,7 +264,7 @@ class Playout:
             self._capture.pop(seq, None)
             self._emit(self._decoder.decode(pkt.payload), capture, False, pkt.capture_ts_ns)
             st.played += 1
-            st.mouth_to_ear_ms.append(lag / 1e6)
+            self._latency(lag)
             self.expected = seq + 1
         else:  # lost, or later than the target allows: FEC from the next packet, else PLC
             nxt = self.buffer.get(seq + 1)
@@ -254,16 +272,29 @@ class Playout:
                 raw = nxt.capture_ts_ns - FRAME_NS
                 self._emit(self._decoder.decode_fec(nxt.payload), capture, False, raw)
                 st.fec += 1
-                st.mouth_to_ear_ms.append(lag / 1e6)
+                self._latency(lag)
             else:
                 self._emit(self._decoder.conceal(), capture, True)
             if not newer:
                 st.underruns += 1  # it may still come: then it is counted late
             self.expected = max(seq + 1, min(newer)) if newer else seq + 1
         self._last_capture = capture
-        st.depth.append(len(self.buffer))
-        st.delay_ms.append(self.delay / 1e6)
+        if self._settled:
+            st.depth.append(len(self.buffer))
+            st.delay_ms.append(self.delay / 1e6)
         return True
+
+    @property
+    def _settled(self) -> bool:
+        return self._played_ticks > self.settle_ticks
+
+    def _latency(self, lag: int) -> None:
+        if self._settled:
+            self.stats.mouth_to_ear_ms.append(lag / 1e6)
+
+    def _skew(self, skew_ns: int) -> None:
+        if self._settled:
+            self.stats.skew_ms.append(skew_ns / 1e6)
 
     def _present(self, now: int, capture: int) -> None:
         """Schedule the poses due while this frame plays: each is presented (a timer of the
@@ -281,7 +312,7 @@ class Playout:
     def _presented(self, pose: int) -> None:
         position = self.position(self.now())
         if position is not None:
-            self.stats.skew_ms.append((pose - position) / 1e6)
+            self._skew(pose - position)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every 20 ms of the monotonic clock (the virtual card) until ``stop`` is set,
@@ -336,4 +367,5 @@ class Playout:
             "mouth_to_ear_ms": _summary(st.mouth_to_ear_ms),
             "skew_ms": _summary(st.skew_ms),
             "abs_skew_ms": _summary([abs(x) for x in st.skew_ms]),
+            "figures_after_s": self.settle_ticks * FRAME_NS / 1e9,
         }
