@@ -37,6 +37,7 @@ from pipeline.codec.header import (
     MAX_SEQ,
     MAX_STREAM_ID,
     as_bytes,
+    finish_packet,
     get_varint,
     put_varint,
 )
@@ -100,12 +101,7 @@ def pack_audio(
     put_varint(out, duration)
     put_varint(out, len(payload))
     out += payload
-    if len(out) + CHECKSUM_BYTES >= MAX_PACKET_BYTES:
-        raise ProtocolError(
-            f"audio packet of {len(out) + CHECKSUM_BYTES} bytes would not be under "
-            f"MAX_PACKET_BYTES={MAX_PACKET_BYTES}"
-        )
-    return bytes(out) + _U32.pack(google_crc32c.value(bytes(out)))
+    return finish_packet(out)  # the checksum; ProtocolError past MAX_PACKET_BYTES
 
 
 def parse_audio(packet: object) -> AudioPacket:
