@@ -41,7 +41,9 @@ def run(ctx: StageContext) -> int:
     state: dict[str, Any] = {"bitrate": cfg.bitrate_kbps, "rebuild": False}
 
     def on_set(args: dict[str, Any]) -> dict[str, Any]:
-        kbps = args.get("bitrate_kbps")
+        if "bitrate_kbps" not in args:
+            return {}
+        kbps = args["bitrate_kbps"]
         if not isinstance(kbps, int) or not 16 <= kbps <= 64:
             raise CommandError("set: bitrate_kbps must be an integer 16..64")
         state["bitrate"], state["rebuild"] = kbps, True
