@@ -143,7 +143,7 @@ def test_playout_recovers_a_loss_with_fec_and_writes_what_is_heard(tmp_path: Pat
         for pts, payload in enc.encode(_tone(k)):
             ts = T0 + pts * FRAME_NS // FRAME_SAMPLES
             packets.append(AudioPacket(1, 100 + len(packets), ts, 960, payload))
-    lost = {30}
+    lost = {30, 40, 41}  # one loss (FEC from the next packet), two in a row (PLC first)
     for i, pkt in enumerate(packets):
         clock[0] = pkt.capture_ts_ns + 25_000_000  # arrives 25 ms after capture
         if i not in lost:
@@ -154,9 +154,10 @@ def test_playout_recovers_a_loss_with_fec_and_writes_what_is_heard(tmp_path: Pat
         play.tick()
     play.close()
     st = play.stats
-    assert st.received == len(packets) - 1
-    assert st.played + st.fec == len(packets) - 1 or st.fec + st.concealed >= 1
-    assert st.fec + st.concealed >= 1 and st.late == 0
+    assert st.received == st.played == len(packets) - 3
+    assert st.fec + st.concealed == 3 and st.concealed >= 1 and st.fec >= 1, st
+    assert st.late == st.discarded == st.stretched == 0, st
+    assert play.content_gap_ms() <= 40.0  # at most 40 and 41 missing from what is heard
     with wave.open(str(wav), "rb") as w:
         assert w.getframerate() == 48000 and w.getnchannels() == 1
         assert w.getnframes() == FRAME_SAMPLES * len(play.frame_capture)

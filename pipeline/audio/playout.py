@@ -9,9 +9,9 @@ and plays one 20 ms frame per tick of a virtual sound card (:meth:`Playout.run`)
   transit time (arrival - capture) of the last two seconds plus a margin, and, with
   poses to keep in sync, the same figure of the poses (audio waits for the slower pose
   path: lip sync), bounded by ``min_delay_ms`` .. ``max_delay_ms``; it rises at once and
-  falls by at most 200 ms per second. More than a frame
+  falls by at most 100 ms per second. More than a frame
   ahead of the target the card stretches (a concealed frame, nothing consumed); more than
-  two frames behind it drops a frame (at most one per 100 ms, counted), more than 200 ms
+  two frames behind it drops a frame (at most one per 200 ms, counted), more than 200 ms
   behind (a burst after a stall) every frame in the way. A late wake of the
   event loop plays every frame that fell due (at most half a second's worth).
 * **Loss.** A frame missing when it is due is lost (the delay target already covers
@@ -52,10 +52,10 @@ MAX_FRAMES = 50
 WINDOW = 100
 """Transit samples the delay is computed from (two seconds of audio)."""
 MARGIN_NS = 5_000_000
-DECAY_NS = 4_000_000
-"""How fast the target delay falls, per tick (200 ms per second)."""
-DISCARD_EVERY = 5
-"""Ticks between two frames dropped to catch up (at most 200 ms per second)."""
+DECAY_NS = 2_000_000
+"""How fast the target delay falls, per tick (100 ms per second)."""
+DISCARD_EVERY = 10
+"""Ticks between two frames dropped to catch up (at most 100 ms per second)."""
 FLUSH_NS = 200_000_000
 """More than this behind the target: drop every frame in the way at once."""
 MAX_CATCH_UP = 25
@@ -170,9 +170,8 @@ class Playout:
             st.discarded += 1
 
     def on_pose(self, capture_ns: int, arrival_ns: int) -> None:
-        """A decoded pose; presented now if the audio is already past it."""
-        if not self.sync:
-            return
+        """A decoded pose; presented now if the audio is already past it (``sync`` off:
+        the audio delay does not wait for the poses, the skew is still measured)."""
         self._pose_transit.append(arrival_ns - capture_ns)
         position = self.position(arrival_ns)
         if position is not None and capture_ns <= position:
@@ -193,7 +192,7 @@ class Playout:
         keep them in sync) plus a margin; it rises at once and falls by at most
         :data:`DECAY_NS` per tick, as fast as the card drops frames to follow it."""
         want = max(self._transit, default=0) + MARGIN_NS
-        if self.sync and self._pose_transit:
+        if self.sync and self._pose_transit:  # wait for the poses (lip sync)
             want = max(want, max(self._pose_transit) + MARGIN_NS)
         want = min(max(want, self.min_delay), self.max_delay)
         return want if want >= self.delay else max(want, self.delay - DECAY_NS)

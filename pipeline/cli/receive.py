@@ -133,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "listener hears to OUT.wav (48 kHz mono); OUT.frames.json: each frame's capture time",
     )
     parser.add_argument(
+        "--no-audio-sync",
+        action="store_true",
+        help="with --audio: the audio delay covers the audio's own jitter only, not the "
+        "poses' transit (a listener that shows no skeleton)",
+    )
+    parser.add_argument(
         "--record-max-mb",
         type=float,
         default=1024.0,
@@ -268,6 +274,7 @@ async def _main(args: argparse.Namespace) -> int:
         on_pose=on_pose,
         on_state=on_state,
         audio=args.audio,
+        audio_sync=not args.no_audio_sync,
     )
     if writer is not None:
         t = receiver.transport

@@ -288,8 +288,11 @@ class Receiver:
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
         audio: Path | bool | None = None,
+        audio_sync: bool = True,
     ) -> None:
         self.audio = audio
+        self.audio_sync = audio_sync
+        """The audio delay also covers the poses' transit (lip sync); False: audio only."""
         """Play audio streams (:mod:`pipeline.audio.playout`); a path: the first one's WAV."""
         self.playouts: dict[int, Playout] = {}
         self.audio_ignored = 0
@@ -373,7 +376,9 @@ class Receiver:
 
             wav = self.audio if isinstance(self.audio, Path) and not self.playouts else None
             found = self.playouts[pkt.stream_id] = Playout(
-                wav, lambda: time.time_ns() + (self.transport.clock_offset_ns or 0)
+                wav,
+                lambda: time.time_ns() + (self.transport.clock_offset_ns or 0),
+                sync=self.audio_sync,
             )
             task = asyncio.get_running_loop().create_task(found.run(self._audio_stop))
             self._audio_tasks.append(task)
