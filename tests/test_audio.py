@@ -119,6 +119,35 @@ def test_a_file_without_audio_names_audio_path(tmp_path: Path) -> None:
         read_pcm(junk)
 
 
+def test_no_microphone_is_one_message_naming_audio_source() -> None:
+    from pipeline.audio.sources import microphone_source
+
+    try:
+        source = microphone_source(lambda: True)
+    except ConfigError as exc:
+        assert str(exc).startswith("audio.source: microphone: no ALSA capture device"), exc
+        assert "goes on without audio" in str(exc)
+    else:  # a machine with a capture device: nothing to check here
+        source.close()  # type: ignore[attr-defined]
+
+
+def test_receiver_counts_and_skips_a_malformed_audio_packet(tmp_path: Path) -> None:
+    from pipeline.client.receiver import Receiver
+
+    async def run() -> dict[str, Any]:
+        rx = Receiver("http://127.0.0.1:9", "R", "t", audio=tmp_path / "a.wav", warm=False)
+        bad = bytearray(pack_audio(4, 1, T0, 960, b"\xfc" + bytes(20)))
+        bad[5] ^= 1  # checksum mismatch
+        await rx.handle(Packet(bytes(bad), T0))
+        ignored = Receiver("http://127.0.0.1:9", "R", "t", warm=False)
+        await ignored.handle(Packet(pack_audio(4, 1, T0, 960, b"\xfc"), T0))
+        assert ignored.audio_ignored == 1 and not ignored.playouts
+        return rx.report()
+
+    rep = asyncio.run(run())
+    assert rep["publishers"]["-1"]["bad_packets"] == 1 and rep["audio"] == {}
+
+
 # --------------------------------------------------------------------------- Opus, playout
 
 
