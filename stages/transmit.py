@@ -196,18 +196,23 @@ class Transmitter:
         with contextlib.suppress(RingError):
             self.feedback.send(message)
 
+    async def _next(self, ring: Any) -> Any:
+        """The ring's next item (waited for in a thread, at most 0.1 s); None while paused
+        or when nothing came."""
+        if self.ctx.paused:
+            await asyncio.sleep(0.05)
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, ring.recv, 0.1)
+        except WouldBlock:
+            return None
+
     async def _audio(self) -> None:
         """The audio ring's reader: each packet at once on the active transport."""
-        ring, loop = self.ctx.ring("audio"), asyncio.get_running_loop()
+        ring = self.ctx.ring("audio")
         while not self.ctx.stopping:
-            if self.ctx.paused:
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                item = await loop.run_in_executor(None, ring.recv, 0.1)
-            except WouldBlock:
-                continue
-            if await self.sender.send(bytes(item.data), throttled="send"):
+            item = await self._next(ring)
+            if item is not None and await self.sender.send(bytes(item.data), throttled="send"):
                 self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
 
     async def main(self) -> int:
@@ -227,14 +232,8 @@ class Transmitter:
                     (target, reason, auto), self.pending_switch = self.pending_switch, None
                     with contextlib.suppress(CommandError):  # pinned or capped meanwhile
                         await sender.switch(target, reason, auto=auto)
-                if ctx.paused:
-                    await asyncio.sleep(0.05)
-                    continue
-                try:
-                    item = await loop.run_in_executor(None, packets.recv, 0.1)
-                except WouldBlock:
-                    continue
-                if not await sender.send(bytes(item.data)):
+                item = await self._next(packets)
+                if item is None or not await sender.send(bytes(item.data)):
                     continue
                 self.rate.tick()
                 self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
