@@ -363,13 +363,12 @@ def speech_quality(
     """PESQ of speech through the pipeline over WebRTC with loss on the receiver's link."""
     from bench.netns import topology, unavailable_reason
     from pipeline.audio.sources import read_pcm, render_speech
-    from pipeline.config import AudioConfig
+    from pipeline.config import SPEECH_TEXT
 
     why = unavailable_reason()
     if why is not None:
         return [{"name": f"speech {loss}% loss", "skipped": why} for loss in losses]
-    text = AudioConfig.model_fields["text"].default
-    pcm = read_pcm(render_speech(text, work), "audio.text").astype(np.float64)
+    pcm = read_pcm(render_speech(SPEECH_TEXT, work), "audio.text").astype(np.float64)
     loop = pcm[: len(pcm) // 960 * 960]
     rows: list[dict[str, Any]] = []
     with topology(("s", "c")) as net:

@@ -57,6 +57,7 @@ from typing import Any
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
+    CertificateError,
     CommandError,
     ConfigError,
     RegistryError,
@@ -102,6 +103,8 @@ def run(ctx: StageContext) -> int:
     except TokenError as exc:  # a refused token: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"transmit.token: refused by the server ({exc.reason}): {exc}")
+    except CertificateError as exc:  # the server's certificate is not trusted here
+        return ctx.refuse(f"{exc} (transmit.ca_file: the CA to verify it with)")
     except BrokenResourceError as exc:  # kicked, stream id taken, ...: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"the room server refused this publisher for good ({exc.reason}): {exc}")

@@ -19,7 +19,7 @@ import pytest
 
 from tests.procutil import ROOT, TRACE
 
-pytestmark = [pytest.mark.slow, pytest.mark.timing]
+pytestmark = pytest.mark.slow
 
 PROCESSES = {"supervisor", "capture", "encode", "transmit", "server", "receiver0", "receiver1"}
 

@@ -19,6 +19,7 @@ from typing import IO, Any
 import numpy as np
 from pydantic import ValidationError
 
+from pipeline.cli import add_server_arguments, check_server_arguments
 from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.recording import Recorder, RecordingWriter
 from pipeline.client.vmc import VmcSender, parse_target
@@ -79,7 +80,7 @@ def write_npz(path: Path, poses: list[ReceivedPose]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8765")
+    add_server_arguments(parser)
     parser.add_argument("--room", required=True, help="room to join")
     parser.add_argument("--token", required=True, help="access token with 'subscribe'")
     parser.add_argument("--duration", type=float, help="seconds to receive (default: until ^C)")
@@ -229,6 +230,7 @@ def main(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise TransportError("--duration must be positive")
     ice_settings(args)  # refuse bad ICE options before connecting
+    check_server_arguments(args)
     if args.audio is not None and args.audio.suffix != ".wav":
         raise TransportError(f"--audio must end in .wav, not {args.audio.name!r}")
     if not args.record_max_mb > 0:
@@ -258,7 +260,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     writer: RecordingWriter | None = None
     if args.record is not None:
-        header = {"room": args.room, "server": args.server, "tool": "posewire receive"}
+        header = {"room": args.room, "server": ",".join(args.server), "tool": "posewire receive"}
         writer = RecordingWriter(
             args.record, header, max_bytes=int(args.record_max_mb * 1024 * 1024)
         )
@@ -270,6 +272,7 @@ async def _main(args: argparse.Namespace) -> int:
         transport_kind=args.transport,
         ice_servers=ice_servers,
         rtc=rtc,
+        ca_file=args.ca_file,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
         on_state=on_state,
@@ -322,8 +325,8 @@ async def _main(args: argparse.Namespace) -> int:
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
-    if args.audio is not None and receiver.playouts:
-        frames = next(iter(receiver.playouts.values())).frame_raw_capture
+    if args.audio is not None and receiver.audio is not None:
+        frames = receiver.audio.frames()
         args.audio.with_suffix(".frames.json").write_text(json.dumps(frames), encoding="utf-8")
     if args.report is not None:
         args.report.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")

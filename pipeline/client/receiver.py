@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
-from pipeline.codec.audio import is_audio, parse_audio
+from pipeline.codec import Decoded, peek_header, warm_kernels
+from pipeline.codec.audio import is_audio
+from pipeline.codec.holding import HoldingDecoder
 from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import ProtocolError, RefusedError, TransportError
 from pipeline.model.pose import PoseFrame
@@ -58,11 +59,13 @@ from pipeline.wire import messages
 from pipeline.wire.messages import Backfill
 
 if TYPE_CHECKING:
-    from pipeline.audio.playout import Playout
+    from pipeline.audio.player import AudioPlayer
 
 log = logging.getLogger("posewire.receiver")
 
-KEYFRAME_REQUEST_INTERVAL_S = 0.1
+#: a request naming a missing reference at most this often per stream (the repair on
+#: the lossy channel may be lost too: the next packet that waits asks again)
+NACK_INTERVAL_S = 0.05
 #: what ``--transport`` may name: auto is WebRTC when the server takes offers and this
 #: host can reach it (not on loopback), else the WebSocket (saying why)
 TRANSPORT_CHOICES = ("auto", "webrtc", "websocket")
@@ -98,7 +101,7 @@ def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
 
 def member_transport(
     kind: str,
-    url: str,
+    url: str | Sequence[str],
     room: str,
     token: str,
     name: str,
@@ -106,10 +109,12 @@ def member_transport(
     *,
     ice_servers: Sequence[IceServer] = (),
     rtc: RtcConfig | None = None,
+    ca_file: Path | None = None,
 ) -> MemberTransport:
     """A subscribing member's transport: ``websocket``, ``webrtc`` (fails where WebRTC
     cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why);
-    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat)."""
+    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat);
+    ``url`` may be a list (tried in turn), ``ca_file`` verifies https/wss servers."""
     if kind not in TRANSPORT_CHOICES:
         choices = ", ".join(TRANSPORT_CHOICES)
         raise TransportError(f"transport must be one of {choices}, not {kind!r}")
@@ -118,6 +123,7 @@ def member_transport(
         "subscribe": True,
         "name": name,
         "connect_timeout_s": connect_timeout_s,
+        "ca_file": ca_file,
     }
     if kind == "websocket":
         return WebSocketTransport(url, room, token, **options)
@@ -173,6 +179,13 @@ class StreamStats:
     """Packets that could not be decoded for lack of their reference."""
     bad_packets: int = 0
     keyframe_requests: int = 0
+    held: int = 0
+    """Packets that arrived before their reference and waited for it (decoded later, or
+    counted in ``need_keyframe`` when it did not come in time)."""
+    duplicates: int = 0
+    """Second copies of decoded packets (a repair that crossed the original), skipped."""
+    late: int = 0
+    """Packets that arrived after a newer one (counted as lost first, then not)."""
     first_seq: int | None = None
     last_seq: int | None = None
     first_decoded_at: int | None = None
@@ -229,6 +242,9 @@ class StreamStats:
             self.live_last = seq
         elif keyframe:  # a restarted publisher: a new sequence
             self.live_last = seq
+        elif self.lost > 0:  # it was counted lost when a newer one came first
+            self.lost -= 1
+            self.late += 1
         return False
 
     def summary(self) -> dict[str, Any]:
@@ -244,6 +260,9 @@ class StreamStats:
             "need_keyframe": self.need_keyframe,
             "bad_packets": self.bad_packets,
             "keyframe_requests": self.keyframe_requests,
+            "held": self.held,
+            "duplicates": self.duplicates,
+            "late": self.late,
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "first_decoded_at": self.first_decoded_at,
@@ -271,7 +290,7 @@ class Receiver:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -284,21 +303,22 @@ class Receiver:
         transport_kind: str = "websocket",
         ice_servers: Sequence[IceServer] = (),
         rtc: RtcConfig | None = None,
+        ca_file: Path | None = None,
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
         audio: Path | bool | None = None,
         audio_sync: bool = True,
     ) -> None:
-        self.audio = audio
-        self.audio_sync = audio_sync
-        """The audio delay also covers the poses' transit (lip sync); False: audio only."""
-        """Play audio streams (:mod:`pipeline.audio.playout`); a path: the first one's WAV."""
-        self.playouts: dict[int, Playout] = {}
+        self.audio: AudioPlayer | None = None
+        """Plays the audio streams when ``audio`` is given (a path: the first one's WAV)."""
+        if audio:
+            from pipeline.audio.player import AudioPlayer  # libopus: only when asked for
+
+            wav = audio if isinstance(audio, Path) else None
+            self.audio = AudioPlayer(wav, self._now_server_ns, sync=audio_sync)
         self.audio_ignored = 0
         """Audio packets received without ``audio`` (skipped)."""
-        self._audio_stop = asyncio.Event()
-        self._audio_tasks: list[asyncio.Task[None]] = []
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
             transport_kind,
@@ -309,6 +329,7 @@ class Receiver:
             connect_timeout_s,
             ice_servers=ice_servers,
             rtc=rtc,
+            ca_file=ca_file,
         )
         self.room = room
         self.keep_poses = keep_poses
@@ -324,7 +345,7 @@ class Receiver:
         self.streams: dict[int, StreamStats] = {}
         self.events: list[Control | StateChange] = []
         self.disconnects = 0
-        self._decoders: dict[int, Decoder] = {}
+        self._decoders: dict[int, HoldingDecoder[tuple[int, bool]]] = {}
         self._started: float | None = None
         self._ended: float | None = None
         self.error: BaseException | None = None
@@ -344,13 +365,12 @@ class Receiver:
     async def close(self) -> None:
         if self._ended is None:
             self._ended = time.monotonic()
-        self._audio_stop.set()
-        for task in self._audio_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for playout in self.playouts.values():
-            playout.close()
+        if self.audio is not None:
+            await self.audio.close()
         await self.transport.close()
+
+    def _now_server_ns(self) -> int:
+        return time.time_ns() + (self.transport.clock_offset_ns or 0)
 
     def _clock(self, stream_id: int) -> tuple[int, int]:
         """(our clock offset, the stream publisher's) to the server, 0 when unknown."""
@@ -359,32 +379,11 @@ class Receiver:
         return self.transport.clock_offset_ns or 0, pub or 0
 
     def _on_audio(self, data: bytes, received_ns: int) -> None:
-        """An audio packet: into its stream's playout (a malformed one counted, skipped)."""
-        if not self.audio:
+        """An audio packet: to the player (a malformed one counted and skipped)."""
+        if self.audio is None:
             self.audio_ignored += 1
-            return
-        try:
-            pkt = parse_audio(data)
-        except ProtocolError:
+        elif not self.audio.on_packet(data, self._clock, received_ns):
             self._stream(-1).bad_packets += 1
-            for playout in self.playouts.values():
-                playout.stats.bad += 1
-            return
-        found = self.playouts.get(pkt.stream_id)
-        if found is None:
-            from pipeline.audio.playout import Playout  # libopus: only when asked for audio
-
-            wav = self.audio if isinstance(self.audio, Path) and not self.playouts else None
-            found = self.playouts[pkt.stream_id] = Playout(
-                wav,
-                lambda: time.time_ns() + (self.transport.clock_offset_ns or 0),
-                sync=self.audio_sync,
-            )
-            task = asyncio.get_running_loop().create_task(found.run(self._audio_stop))
-            self._audio_tasks.append(task)
-        found.stats.bytes += len(data)
-        mine, pub = self._clock(pkt.stream_id)
-        found.on_packet(pkt, pkt.capture_ts_ns + pub, received_ns + mine)
 
     async def __aenter__(self) -> Receiver:
         await self.connect()
@@ -436,6 +435,8 @@ class Receiver:
                 self.disconnects += 1
             else:
                 # a new server (or a new membership) starts every stream again
+                for sid, holding in self._decoders.items():
+                    self._stream(sid).need_keyframe += holding.held(sid)
                 self._decoders.clear()
                 for st in self.streams.values():
                     st.new_session()
@@ -458,30 +459,44 @@ class Receiver:
             st.bad_packets += 1
             return
         st = self._stream(h.stream_id)
-        is_backfill = st.count(h.seq, h.keyframe)
         decoder = self._decoders.get(h.stream_id)
         if decoder is None:
-            decoder = self._decoders[h.stream_id] = Decoder()
+            decoder = self._decoders[h.stream_id] = HoldingDecoder()
+        if not h.keyframe and decoder.has(h.stream_id, h.seq):
+            st.duplicates += 1  # a repaired packet that crossed its original
+            return
+        is_backfill = st.count(h.seq, h.keyframe)
+        now = time.monotonic()
         try:
-            res = decoder.decode(data)
+            done, missing = decoder.feed(data, (item.received_ns, is_backfill), now)
         except ProtocolError:
             st.bad_packets += 1
             return
-        if isinstance(res, NeedKeyframe):
-            st.need_keyframe += 1
-            now = time.monotonic()
-            if now - st.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S:
-                st.last_keyframe_request = now
-                st.keyframe_requests += 1
-                with contextlib.suppress(TransportError):
-                    await self.transport.request_keyframe(h.stream_id)
+        st.need_keyframe += decoder.expire(now)
+        if missing is not None:
+            st.held += 1
+            await self._ask_for(st, h.stream_id, missing.missing_ref, now)
+        for res, (received_ns, backfill) in done:
+            self._deliver(st, res, received_ns, backfill)
+
+    async def _ask_for(self, st: StreamStats, stream_id: int, ref: int, now: float) -> None:
+        """A packet waits for reference ``ref``: ask the server for it (a NACK it answers
+        from its history when it has the packet, else with a keyframe; docs/webrtc.md),
+        at most every :data:`NACK_INTERVAL_S` per stream."""
+        if now - st.last_keyframe_request < NACK_INTERVAL_S:
             return
-        assert isinstance(res, Decoded)
+        st.last_keyframe_request = now
+        st.keyframe_requests += 1
+        with contextlib.suppress(TransportError):
+            await self.transport.request_keyframe(stream_id, ref)
+
+    def _deliver(self, st: StreamStats, res: Decoded, received_ns: int, is_backfill: bool) -> None:
+        stream_id = res.header.stream_id
         t_dec = time.time_ns()
         st.decoded += 1
         if st.first_decoded_at is None:
             st.first_decoded_at = st.received
-        owner = self.transport.stream_owner(h.stream_id)
+        owner = self.transport.stream_owner(stream_id)
         pub_off: int | None = None
         bad = False
         if owner is not None:
@@ -492,7 +507,7 @@ class Receiver:
             st.bad_member_records += 1
             log.warning(
                 "stream %d: member %s sent an invalid clock offset: ignored (latency uncorrected)",
-                h.stream_id,
+                stream_id,
                 st.member_id,
             )
         st.bad_record = bad
@@ -506,11 +521,10 @@ class Receiver:
         if len(samples) < MAX_LATENCY_SAMPLES:
             samples.append(latency_ms)
         pose = ReceivedPose(
-            h.stream_id, st.member_id, res.frame, item.received_ns, t_dec, latency_ms, is_backfill
+            stream_id, st.member_id, res.frame, received_ns, t_dec, latency_ms, is_backfill
         )
-        playout = self.playouts.get(h.stream_id)
-        if playout is not None and not is_backfill:
-            playout.on_pose(capture + pub_off, t_dec + my_off)
+        if self.audio is not None and not is_backfill:
+            self.audio.on_pose(stream_id, capture + pub_off, t_dec + my_off)
         if self.keep_poses:
             self.poses.append(pose)
         if self.on_pose is not None:
@@ -567,7 +581,7 @@ class Receiver:
             "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
             "bad_member_records": sum(s.bad_member_records for s in self.streams.values()),
             "bad_messages": stats.bad_messages,
-            "audio": {str(k): p.report() for k, p in sorted(self.playouts.items())},
+            "audio": self.audio.report() if self.audio is not None else {},
             "audio_ignored": self.audio_ignored,
             "transport": {
                 "requested": self.transport_kind,

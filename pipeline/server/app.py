@@ -9,7 +9,8 @@ Endpoints
 ``GET /healthz``
     200 ``ok`` while the process runs.
 ``GET /readyz``
-    200 when accepting members, 503 while starting, shutting down or full.
+    200 when accepting members, 503 while starting, shutting down or full, or
+    while ``server.redis`` is configured and Redis is unreachable.
 ``GET /metrics``
     Prometheus text: ``posewire_server_rooms``, ``_members``, ``_connections``,
     ``_pending_connections``, ``_messages_in_total``, ``_messages_out_total``,
@@ -37,6 +38,7 @@ from aiohttp import web
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
+from pipeline.model.tls import server_context
 from pipeline.server import api, guard, members
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import Member, RoomManager
@@ -72,9 +74,14 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     async def on_text(member: Member, text: str) -> None:
         await members.handle_text(state, member, text, time.time_ns(), members.WEBRTC)
 
+    store = None
+    if config.redis is not None:  # a cluster node: redis is imported on this path only
+        from pipeline.server.redisstore import RedisStore
+
+        store = RedisStore(config.redis.key_prefix, config.redis.node_id)
     state = ServerState(
         config=config,
-        manager=RoomManager(config, metrics, kicks),
+        manager=RoomManager(config, metrics, kicks, store),
         verifier=TokenVerifier(secret, leeway_s=config.token_leeway_s, kicks=kicks),
         metrics=metrics,
         secret=secret,
@@ -82,6 +89,12 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         guard=http_guard,
         rtc=RtcHub(config, metrics, on_binary=on_binary, on_text=on_text),
     )
+    if config.redis is not None:
+        from pipeline.server.backplane import Backplane
+        from pipeline.server.redisstore import RedisStore
+
+        assert isinstance(store, RedisStore)
+        state.cluster = Backplane(config.redis, state.manager, store)
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     app[STATE] = state
     app.on_response_prepare.append(http_guard.on_response_prepare)
@@ -104,6 +117,8 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
             state.verifier.kicks.prune(time.time())
 
     task = asyncio.get_running_loop().create_task(loop(), name="posewire-housekeeping")
+    if state.cluster is not None:
+        state.cluster.start()
     state.ready = True
     yield
     state.ready = False
@@ -117,6 +132,8 @@ async def _on_shutdown(app: web.Application) -> None:
     state.ready = False
     await state.rtc.shutdown()
     await state.manager.shutdown()
+    if state.cluster is not None:
+        await state.cluster.stop()
 
 
 async def serve(
@@ -135,10 +152,15 @@ async def serve(
     (useful with ``port=0``). Members are closed with 1001 on shutdown. Pass
     ``app`` (from :func:`create_app` with the same host) to keep a handle on
     its :data:`STATE`. An address that cannot be bound raises
-    :class:`~pipeline.errors.TransportError`.
+    :class:`~pipeline.errors.TransportError`. With ``config.tls`` it serves https/wss
+    (TLS 1.2+; the handshake counts against ``header_timeout_s``); a certificate or key
+    it cannot use raises :class:`~pipeline.errors.ConfigError` naming the field, before
+    anything listens.
     """
     h = config.host if host is None else host
     p = config.port if port is None else port
+    tls = config.tls
+    ssl_ctx = server_context(tls.certfile, tls.keyfile) if tls is not None else None
     if app is None:
         app = create_app(config, host=h, dev=dev)
     state = app[STATE]
@@ -155,12 +177,17 @@ async def serve(
         try:
             # not a TCPSite: the guard wraps the protocol factory (aiohttp's web.Server)
             listener = await loop.create_server(
-                state.guard.protocol_factory(runner.server), h, p, backlog=BACKLOG
+                state.guard.protocol_factory(runner.server),
+                h,
+                p,
+                backlog=BACKLOG,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=config.header_timeout_s if ssl_ctx is not None else None,
             )
         except OSError as exc:
             raise TransportError(f"cannot listen on {h}:{p}: {exc.strerror or exc}") from exc
         bound = listener.sockets[0].getsockname()
-        log.info("posewire server listening on http://%s:%d", h, bound[1])
+        log.info("posewire server listening on %s://%s:%d", scheme(config), h, bound[1])
         if ready_cb is not None:
             ready_cb(h, int(bound[1]))
         if stop is None:
@@ -172,6 +199,11 @@ async def serve(
             listener.close()
         await runner.cleanup()
         restore_handler()
+
+
+def scheme(config: ServerConfig) -> str:
+    """``https`` when the server speaks TLS (``server.tls``), else ``http``."""
+    return "https" if config.tls is not None else "http"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -196,7 +228,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
         ready=state.accepting,
         pending=state.guard.pending,
     )
+    if state.cluster is not None:
+        text += state.cluster.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
-__all__ = ["STATE", "ServerState", "create_app", "serve"]
+__all__ = ["STATE", "ServerState", "create_app", "scheme", "serve"]
