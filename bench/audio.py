@@ -384,9 +384,14 @@ def speech_quality(
                 net.clear_faults()
                 if loss:
                     net.add_drop("udp", loss, host="c", direction="to", name="loss")
-                rep, wav = receive(f"http://{s.address}:{port}", work, seconds,
-                                   transport="webrtc", prefix=c.exec_argv([]),
-                                   name=f"speech{loss}", sync=False)  # fmt: skip
+                try:
+                    rep, wav = receive(f"http://{s.address}:{port}", work, seconds,
+                                       transport="webrtc", prefix=c.exec_argv([]),
+                                       name=f"speech{loss}", sync=False)  # fmt: skip
+                except RuntimeError as exc:  # e.g. the WebRTC session declared dead
+                    rows.append({"name": f"speech {loss}% loss, whole path",
+                                 "loss_pct": loss, "error": str(exc)[-300:]})  # fmt: skip
+                    continue
                 (audio,) = rep["audio"].values() if rep["audio"] else ({},)
                 received = read_wav(wav)
                 frames = json.loads(wav.with_suffix(".frames.json").read_text(encoding="utf-8"))
