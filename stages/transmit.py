@@ -31,6 +31,10 @@ automatic switch) and ``unpin``, and
 ``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
 argument is refused with a :class:`~pipeline.errors.CommandError`.
 
+Audio (``audio.enabled``): the ``audio`` ring's packets go through the same ``Sender``
+(they move with the stream on every switch), sent at once by a reader of their own
+(rank :data:`AUDIO_PRIORITY` for issue 13's queue): ``audio_latency_ms_p50/p95/p99``.
+
 Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 (send failures and packets refused), ``packets_refused_total``,
 ``transport_refusals_total``, ``transport_refused``, ``acks_total``, ``fps``,
@@ -88,6 +92,9 @@ def publisher_token(ctx: StageContext) -> str:
 
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
+#: audio's rank for the priority send queue of issue 13 (lower is sent first; a pose
+#: keyframe 0, audio 1, pose deltas 2): the hook the ladder plugs into
+AUDIO_PRIORITY = 1
 
 
 def run(ctx: StageContext) -> int:
@@ -134,6 +141,7 @@ class Transmitter:
         )
         self.rate = Rate()
         self.latency = Window()
+        self.audio_latency = Window()
         self._published = 0.0
         self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
@@ -179,19 +187,46 @@ class Transmitter:
             if key not in fresh:  # a refusal that is over, a figure with no sample in the window
                 del self.ctx.metrics[key]
         self.ctx.metrics.update(
-            {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}
+            {
+                **fresh,
+                "fps": self.rate.per_second(),
+                **self.latency.summary("latency_ms"),
+                **self.audio_latency.summary("audio_latency_ms"),
+            }
         )
 
     def _feedback(self, message: bytes) -> None:
         with contextlib.suppress(RingError):
             self.feedback.send(message)
 
+    async def _next(self, ring: Any) -> Any:
+        """The ring's next item (waited for in a thread, at most 0.1 s); None while paused
+        or when nothing came."""
+        if self.ctx.paused:
+            await asyncio.sleep(0.05)
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, ring.recv, 0.1)
+        except WouldBlock:
+            return None
+
+    async def _audio(self) -> None:
+        """The audio ring's reader: each packet at once on the active transport."""
+        ring = self.ctx.ring("audio")
+        while not self.ctx.stopping:
+            item = await self._next(ring)
+            if item is not None and await self.sender.send(bytes(item.data), throttled="send"):
+                self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
+
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender
         loop = asyncio.get_running_loop()
+        audio: asyncio.Task[None] | None = None
         try:
             if not await sender.activate(sender.kind):
                 return 0
+            if ctx.config.audio.enabled:
+                audio = loop.create_task(self._audio())
             packets = ctx.ring("packets")
             while not ctx.stopping:
                 self._tick()
@@ -200,18 +235,16 @@ class Transmitter:
                     (target, reason, auto), self.pending_switch = self.pending_switch, None
                     with contextlib.suppress(CommandError):  # pinned or capped meanwhile
                         await sender.switch(target, reason, auto=auto)
-                if ctx.paused:
-                    await asyncio.sleep(0.05)
-                    continue
-                try:
-                    item = await loop.run_in_executor(None, packets.recv, 0.1)
-                except WouldBlock:
-                    continue
-                if not await sender.send(bytes(item.data)):
+                item = await self._next(packets)
+                if item is None or not await sender.send(bytes(item.data)):
                     continue
                 self.rate.tick()
                 self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
         finally:
+            if audio is not None:
+                audio.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await audio
             self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()
         return 0

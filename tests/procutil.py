@@ -64,11 +64,13 @@ def sender_config(
     loop: bool = True,
     transmit_extra: str = "",
     monitor: bool = False,
+    extra: str = "",
 ) -> Path:
     """A trace-replay pipeline publishing into room ``room`` of the server at
     ``host:port`` (its embedded server there, or an external one); ``transmit_extra``:
     more lines of the ``transmit`` section (indented two spaces); ``monitor``: its
-    monitor and control endpoint on (any free port, for ``python -m pipeline ctl``)."""
+    monitor and control endpoint on (any free port, for ``python -m pipeline ctl``);
+    ``extra``: more top-level sections (e.g. ``audio``)."""
     server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
     return write_config(
         tmp_path,
@@ -83,7 +85,7 @@ def sender_config(
   heartbeat_timeout_ms: 1500
 monitor:
   {"port: 0" if monitor else "enabled: false"}
-""",
+{extra}""",
     )
 
 

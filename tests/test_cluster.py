@@ -478,3 +478,45 @@ def test_a_single_node_never_imports_redis() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True, env=env, cwd=ROOT)  # fmt: skip
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_audio_crosses_nodes_and_is_never_kept_in_the_history(nodes: list[ServeProcess]) -> None:
+    """Audio packets (docs/audio.md) of a publisher on A reach a subscriber on B; a late
+    joiner on B gets the pose history from Redis but no audio from before it joined."""
+    from pipeline.codec.audio import is_audio, pack_audio
+    from pipeline.transports.base import Packet
+
+    a, b = nodes
+
+    async def main() -> None:
+        rb = Receiver(b.url, ROOM, token(ROOM, "subscriber", subject="ear-b"),
+                      connect_timeout_s=10, audio=True)  # fmt: skip
+        await rb.connect()
+        pub = _publisher(a)
+        await pub.connect()
+        await _until(lambda: any(m["subject"] == "coach" for m in _members(b)), 10, "B sees A")
+        src = PoseSource(7)
+        run = asyncio.create_task(rb.run(30, until=lambda: rb.audio is not None
+                                         and rb.audio.report().get("7", {}).get(
+                                             "frames_received", 0) >= 20))  # fmt: skip
+        t0 = time.time_ns()
+        for k in range(300):  # bounded: until B has 20 audio frames, at most 300 x 20 ms
+            if run.done():
+                break
+            if k % 2 == 0:
+                await pub.send(src.next(keyframe=k == 0))
+            await pub.send(pack_audio(7, 10**6 + k, t0 + k * 20_000_000, 960, b"\xfc" + bytes(30)))
+            await asyncio.sleep(0.02)
+        await run
+        assert rb.audio is not None and rb.audio.report()["7"]["frames_received"] >= 20
+        late = _receiver(b, "late-ear")
+        got: list[bytes] = []
+        late.on_item = lambda item: got.append(item.data) if isinstance(item, Packet) else None
+        await late.connect()
+        await late.run(10, until=lambda: late.decoded >= 1)
+        assert got and not any(is_audio(d) for d in got[: late.streams[7].backfill])
+        for r in (rb, late):
+            await r.close()
+        await pub.close()
+
+    asyncio.run(main())

@@ -127,6 +127,7 @@ def _sender(
     where: str = "a",
     transmit_extra: str = "",
     monitor: bool = False,
+    extra: str = "",
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
         tmp,
@@ -136,6 +137,7 @@ def _sender(
         embedded=False,
         transmit_extra=transmit_extra,
         monitor=monitor,
+        extra=extra,
     )
     report = tmp / "sender.json"
     proc = start(

@@ -307,6 +307,9 @@ class Backplane:
             self.metrics.dropped += 1
             return
         msg = PACKET + self._origin + bytes([LOSSY if pkt.lossy else 0]) + pkt.data
+        if pkt.audio:  # relayed to the other nodes, never kept in the history
+            self._send(("PUBLISH", self._pkt(room.name), msg))
+            return
         hist = self._hist(room.name, pkt.stream_id)
         n = sync.announced.get(pkt.stream_id)
         cmds: list[Command] = [("PUBLISH", self._pkt(room.name), msg)]

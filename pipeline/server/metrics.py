@@ -62,6 +62,13 @@ class ServerMetrics:
     """Links closed because nothing arrived for ``server.webrtc.dead_after_ms``."""
     rtc_dropped_stale: int = 0
     """Delta packets not sent on a pose channel holding more than the watermark."""
+    audio_packets_in: int = 0
+    """Audio packets accepted (relayed like lossy deltas, never stored)."""
+    audio_packets_out: int = 0
+    audio_bad_packets: int = 0
+    """Malformed audio packets (the sender is closed, like for a malformed pose packet)."""
+    audio_late_packets: int = 0
+    """Audio packets dropped as late or duplicate (not after the stream's last one)."""
     late_packets: int = 0
     """Packets from a data channel dropped as late, duplicate or an old keyframe."""
     keyframe_repairs: int = 0
@@ -140,6 +147,10 @@ class ServerMetrics:
         out.add(f"{PREFIX}rtc_dead_total", self.rtc_dead)
         out.add(f"{PREFIX}rtc_dropped_stale_total", self.rtc_dropped_stale)
         out.add(f"{PREFIX}late_packets_total", self.late_packets)
+        out.add(f"{PREFIX}audio_packets_in_total", self.audio_packets_in)
+        out.add(f"{PREFIX}audio_packets_out_total", self.audio_packets_out)
+        out.add(f"{PREFIX}audio_bad_packets_total", self.audio_bad_packets)
+        out.add(f"{PREFIX}audio_late_packets_total", self.audio_late_packets)
         out.add(f"{PREFIX}keyframe_repairs_total", self.keyframe_repairs)
         out.add(f"{PREFIX}keyframe_repairs_skipped_total", self.keyframe_repairs_skipped)
         out.add(f"{PREFIX}nack_repairs_total", self.nack_repairs)
@@ -213,6 +224,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
             "counter",
             "Data-channel packets dropped as late, duplicate or an old keyframe.",
         ),
+        ("audio_packets_in_total", "counter", "Audio packets accepted."),
+        ("audio_packets_out_total", "counter", "Audio packets relayed."),
+        ("audio_bad_packets_total", "counter", "Malformed audio packets (sender closed)."),
+        ("audio_late_packets_total", "counter", "Audio packets dropped as late or duplicate."),
         ("keyframe_repairs_total", "counter", "Stored keyframes re-sent to WebRTC members."),
         (
             "keyframe_repairs_skipped_total",

@@ -3,7 +3,8 @@ backplane's message format (docs/scaling.md).
 
 A message on a room's channels is ``kind | u8 len(origin) | origin | body``:
 kind :data:`PACKET` (body: a flags byte, :data:`LOSSY` for a delta that may go
-on a lossy channel, then the packet bytes unchanged) or :data:`EVENT` (body:
+on a lossy channel, then the packet bytes unchanged; an audio packet too, but it is
+never in a history list) or :data:`EVENT` (body:
 JSON). The stream history lists in Redis hold the same packet messages.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pipeline.codec import peek_header
+from pipeline.codec.audio import is_audio, parse_audio
 from pipeline.errors import ProtocolError
 from pipeline.server.rooms import Room
 from pipeline.server.streams import StoredPacket, StreamState
@@ -49,6 +51,8 @@ class RoomSync:
         """A packet of node ``origin`` into the room's remote stream: the packet to relay,
         or None (late, duplicate, not a packet, or a stream published here now)."""
         data = body[1:]
+        if is_audio(data):
+            return self._apply_audio(room, origin, data, history)
         try:
             h = peek_header(data)
         except ProtocolError:
@@ -67,6 +71,27 @@ class RoomSync:
         stream.add(pkt)
         pkt.lossy = bool(body[0] & LOSSY) and not h.keyframe
         return pkt
+
+    def _apply_audio(
+        self, room: Room, origin: str, data: bytes, history: int
+    ) -> StoredPacket | None:
+        """An audio packet of node ``origin``: relayed like a lossy delta, never stored
+        (the origin checked it; a malformed one here is dropped)."""
+        try:
+            a = parse_audio(data)
+        except ProtocolError:
+            return None
+        if a.stream_id in room.streams:
+            return None
+        stream = room.remote.get(a.stream_id)
+        if stream is None:
+            stream = room.remote[a.stream_id] = StreamState[Any](a.stream_id, history)
+        self.stream_nodes[a.stream_id] = origin
+        if a.seq <= stream.audio_last_seq:
+            return None
+        stream.audio_last_seq = a.seq
+        t = time.monotonic_ns()
+        return StoredPacket(a.stream_id, a.seq, None, False, data, 0, t, lossy=True, audio=True)
 
     def presence(self, room: Room, origin: str, obj: dict[str, Any]) -> bool:
         """A presence event of node ``origin``; False: stale (the member resumed on
