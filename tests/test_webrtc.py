@@ -38,7 +38,7 @@ DEAD_WITHIN_MS = 300.0
 
 
 def figure(record: Record, name: str, value: float) -> None:
-    record(name, round(value, 3))
+    record(name, round(float(value), 3))
     print(f"webrtc figure: {name} = {value:.3f}")
 
 
