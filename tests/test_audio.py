@@ -262,7 +262,7 @@ def test_tone_through_the_pipeline_in_sync_and_across_transport_switches(
     try:
         rx.line("joined room A", 20)
         audio = "audio:\n  enabled: true\n  source: tone\n"
-        sender, _ = _hot_sender(net, tmp_path, server, 40.0, monitor=True, extra=audio)
+        sender, sender_report = _hot_sender(net, tmp_path, server, 40.0, monitor=True, extra=audio)
         assert wait_for(lambda: len(rx.poses()) > 60, 40), rx.tail()
         for to in ("websocket", "webrtc"):
             seen = len(rx.poses())
@@ -294,3 +294,8 @@ def test_tone_through_the_pipeline_in_sync_and_across_transport_switches(
     assert got["abs_skew_ms"]["p95"] is not None and got["abs_skew_ms"]["p95"] <= 20.0, got
     (pose,) = rep["publishers"].values()
     assert str(pose["stream_id"]) in rep["audio"]  # audio rides the pose stream's id
+    # the sender's run report: audio sent, and its send rate in the series of the plots
+    run = json.loads(sender_report.read_text(encoding="utf-8"))
+    assert run["audio"]["packets_sent"] >= got["frames_played"] * 0.9, run["audio"]
+    audio_kbps = [v for v in run["series"]["audio_kbps"] if v]
+    assert audio_kbps and 20.0 < float(np.median(audio_kbps)) < 80.0, audio_kbps

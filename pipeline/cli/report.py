@@ -264,7 +264,10 @@ def _plot_bytes(report: Mapping[str, Any], series: Mapping[str, Any], title: str
         _no_data(ax, "bytes per frame")
     xs, ys = _xy(t, series.get("bandwidth_kbps"))
     if xs:
-        ax_bw.plot(xs, ys, color="tab:purple", label="send rate")
+        ax_bw.plot(xs, ys, color="tab:purple", label="pose send rate")
+        axs, ays = _xy(t, series.get("audio_kbps"))
+        if any(ays):
+            ax_bw.plot(axs, ays, color="tab:orange", label="audio send rate")
         ax_bw.set_ylim(bottom=0)
         _finish(fig, ax_bw, "kbit/s")
     else:
@@ -377,6 +380,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     bpf = _dict(report.get("bytes_per_frame"))
     tr = _dict(report.get("transport"))
     bw = _dict(report.get("bandwidth_kbps"))
+    au = _dict(report.get("audio"))
     parts.append("<h2>Wire</h2>")
     parts.append(
         _table(
@@ -391,6 +395,11 @@ def render_html(report: Mapping[str, Any]) -> str:
                 ),
                 ("transport", f"{tr.get('active')} (primary {tr.get('primary')})"),
                 ("transport switches", tr.get("switches")),
+                (
+                    "audio packets / bytes sent, mean kbit/s",
+                    f"{au.get('packets_sent', 0)} / {au.get('bytes_sent', 0)}, "
+                    f"{_fmt(au.get('kbps_mean'))}",
+                ),
             ],
         )
     )

@@ -299,6 +299,7 @@ class Monitor:
         counters = {f"frames.{k}": float(v) for k, v in frames.items()}
         counters["packets_sent"] = tx.get("packets_sent_total", 0.0)
         counters["bytes_sent"] = tx.get("bytes_sent_total", 0.0)
+        counters["audio_bytes_sent"] = tx.get("audio_bytes_sent_total", 0.0)
         counters["switches"] = tx.get("transport_switches_total", 0.0)
         snap = _Window(mono, counters)
         self._window.append(snap)
@@ -321,9 +322,10 @@ class Monitor:
         compression = None if bytes_per_frame is None else bytes_per_frame / RAW_FLOAT32_BYTES
         switch_rate = delta("switches") / d_packets if d_packets > 0 else 0.0
         prev = self._prev
-        bandwidth = None
+        bandwidth = audio_bw = None
         if prev is not None and mono > prev.mono:
             bandwidth = delta("bytes_sent", prev) * 8 / (mono - prev.mono)
+            audio_bw = delta("audio_bytes_sent", prev) * 8 / (mono - prev.mono)
             self._bandwidth_peak = max(self._bandwidth_peak, bandwidth)
         self._prev = snap
 
@@ -382,6 +384,7 @@ class Monitor:
             "bytes_per_frame": bytes_per_frame,
             "compression_ratio": compression,
             "bandwidth_kbps": None if bandwidth is None else bandwidth / 1000,
+            "audio_kbps": None if audio_bw is None else audio_bw / 1000,
             "drop_rate": drop_rate,
             "skip_rate": skip_rate,
         }
@@ -478,6 +481,11 @@ class Monitor:
             "bandwidth_kbps": {
                 "mean": _round(nbytes * 8 / 1000 / duration),
                 "peak": _round(self._bandwidth_peak / 1000),
+            },
+            "audio": {
+                "packets_sent": int(tx.get("audio_packets_sent_total", 0.0)),
+                "bytes_sent": int(tx.get("audio_bytes_sent_total", 0.0)),
+                "kbps_mean": _round(tx.get("audio_bytes_sent_total", 0.0) * 8 / 1000 / duration),
             },
             "rates": {
                 "skip": _round(frames.get("skipped", 0) / captured if captured else 0.0),
