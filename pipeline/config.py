@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.degrade_config import DegradeConfig
 from pipeline.errors import ConfigError
 from pipeline.settings import (
     DEFAULT_DETECTOR,
@@ -222,6 +223,13 @@ class TransmitConfig(ConfigModel):
     webrtc: RtcConfig = Field(
         default_factory=lambda: RtcConfig.model_validate({}),
         description="WebRTC transport: heartbeat, dead-path detection, flow control.",
+    )
+    send_queue: int = Field(
+        16, ge=1, le=4096, description="Packets the sender's priority queue holds (then drops)."
+    )
+    degrade: DegradeConfig = Field(
+        default_factory=lambda: DegradeConfig.model_validate({}),
+        description="Degradation ladder: fewer frames, then coarser precision.",
     )
 
     @model_validator(mode="after")
@@ -475,6 +483,16 @@ class Config(ConfigModel):
             default=DEFAULT_DETECTOR,
             base=DetectorSettings,
         )
+
+    @model_validator(mode="after")
+    def _degrade_coarser(self) -> Config:
+        steps = self.transmit.degrade.precision_px
+        if steps and steps[0] <= self.encode.precision_px:
+            raise ValueError(
+                f"transmit.degrade.precision_px: every level must be coarser than "
+                f"encode.precision_px ({self.encode.precision_px:g}), got {steps}"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The transmit stage: packets ring -> the active transport.
 
-Reads packets in order (a bounded queue that drops the oldest when full) and
-sends them with a :class:`~pipeline.transports.sender.Sender` on the active
-transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
+Moves packets from the ring (a bounded queue that drops the oldest when full) into
+the sender's priority queue (:mod:`pipeline.transports.sendqueue`: keyframes before
+deltas, stale deltas dropped rather than sent late, ``sendqueue_*`` metrics) and sends
+from it, as the throttle allows, with a :class:`~pipeline.transports.sender.Sender` on the
+active transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
 (a local sink), ``websocket`` or ``webrtc`` (a room on the room server; WebRTC
 puts deltas on the lossy pose channel). What comes back from the far side
 (acks, keyframe requests) goes to the encode stage through the ``feedback``
@@ -50,6 +52,7 @@ import os
 import time
 from typing import Any
 
+from pipeline.codec import feedback
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
@@ -64,6 +67,7 @@ from pipeline.model.stats import Rate, Window
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
 from pipeline.transports.sender import Sender, parse_kind
+from pipeline.transports.sendqueue import SendQueue, send_next
 from pipeline.wire.tokens import MAX_TTL_S, mint_token, resolve_secret
 
 TOKEN_ENV = "POSEWIRE_TOKEN"
@@ -85,6 +89,9 @@ def publisher_token(ctx: StageContext) -> str:
     )
 
 
+#: the capture-to-send percentiles cover the packets sent in the last this many seconds
+#: (a degradation step or a lifted cap shows within it, whatever the frame rate)
+LATENCY_WINDOW_S = 5.0
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
 
@@ -129,8 +136,12 @@ class Transmitter:
             tick=self._tick,
             log=ctx.log,
         )
+        self.queue = SendQueue(
+            ctx.config.transmit.send_queue,
+            on_broken=lambda: self._feedback(feedback.pack_keyframe_request()),
+        )
         self.rate = Rate()
-        self.latency = Window()
+        self.latency = Window(max_age_s=LATENCY_WINDOW_S)
         self._published = 0.0
         self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
@@ -172,6 +183,8 @@ class Transmitter:
             return
         self._published = now
         fresh = self.sender.metrics()
+        fresh.update(self.queue.metrics())  # its drops are frames dropped too
+        fresh["packets_dropped_total"] += self.queue.dropped_total()
         for key in [k for k in self.ctx.metrics if k.startswith("transport_refused_")]:
             if key not in fresh:  # the reason of a refusal that is over
                 del self.ctx.metrics[key]
@@ -200,14 +213,27 @@ class Transmitter:
                 if ctx.paused:
                     await asyncio.sleep(0.05)
                     continue
-                try:
-                    item = await loop.run_in_executor(None, packets.recv, 0.1)
-                except WouldBlock:
+                while len(self.queue) < self.queue.capacity:  # what waits, without blocking
+                    try:
+                        item = packets.recv(timeout=0)
+                    except WouldBlock:
+                        break
+                    self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
+                if not self.queue:
+                    try:
+                        item = await loop.run_in_executor(None, packets.recv, 0.1)
+                    except WouldBlock:
+                        continue
+                    self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
+                done = await send_next(self.queue, sender.throttle, sender.send)
+                if done is None:  # the throttle says wait: the queue drops what goes stale
+                    await asyncio.sleep(min(max(sender.throttle.delay(), 0.001), 0.01))
                     continue
-                if not await sender.send(bytes(item.data)):
-                    continue
-                self.rate.tick()
-                self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
+                sent, ok = done
+                if ok:
+                    self.rate.tick()
+                    if sent.capture_ts_ns is not None:
+                        self.latency.add((time.time_ns() - sent.capture_ts_ns) / 1e6)
         finally:
             self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()

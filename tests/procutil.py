@@ -63,10 +63,12 @@ def sender_config(
     room: str = "A",
     loop: bool = True,
     transmit_extra: str = "",
+    monitor: str = "  enabled: false",
 ) -> Path:
     """A trace-replay pipeline publishing into room ``room`` of the server at
     ``host:port`` (its embedded server there, or an external one); ``transmit_extra``:
-    more lines of the ``transmit`` section (indented two spaces)."""
+    more lines of the ``transmit`` section (indented two spaces); ``monitor``: the
+    ``monitor`` section's lines."""
     server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
     return write_config(
         tmp_path,
@@ -80,7 +82,7 @@ def sender_config(
   heartbeat_interval_ms: 100
   heartbeat_timeout_ms: 1500
 monitor:
-  enabled: false
+{monitor}
 """,
     )
 
