@@ -92,6 +92,8 @@ def publisher_token(ctx: StageContext) -> str:
 #: the capture-to-send percentiles cover the packets sent in the last this many seconds
 #: (a degradation step or a lifted cap shows within it, whatever the frame rate)
 LATENCY_WINDOW_S = 5.0
+#: metrics that go away when they have no value (no stale figure for the policy or ladder)
+_VANISHING = ("transport_refused_", "path_", "latency_ms_", "ack_rtt_ms")
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
 
@@ -185,12 +187,11 @@ class Transmitter:
         fresh = self.sender.metrics()
         fresh.update(self.queue.metrics())  # its drops are frames dropped too
         fresh["packets_dropped_total"] += self.queue.dropped_total()
-        for key in [k for k in self.ctx.metrics if k.startswith("transport_refused_")]:
-            if key not in fresh:  # the reason of a refusal that is over
-                del self.ctx.metrics[key]
-        self.ctx.metrics.update(
-            {**fresh, "fps": self.rate.per_second(), **self.latency.summary("latency_ms")}
-        )
+        fresh.update({"fps": self.rate.per_second(), **self.latency.summary("latency_ms")})
+        for key in [k for k in self.ctx.metrics if k.startswith(_VANISHING)]:
+            if key not in fresh:  # a refusal that is over, a figure with no sample left
+                del self.ctx.metrics[key]  # (a stale path RTT kept the policy from returning)
+        self.ctx.metrics.update(fresh)
 
     def _feedback(self, message: bytes) -> None:
         with contextlib.suppress(RingError):
