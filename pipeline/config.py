@@ -202,7 +202,7 @@ class TransmitConfig(ConfigModel):
         0.05, gt=0, le=60, description="WebSocket: first reconnect delay (doubles per failure)."
     )
     reconnect_max_s: float = Field(
-        1.0, gt=0, le=600, description="WebSocket: cap of the exponential reconnect backoff."
+        0.25, gt=0, le=600, description="WebSocket: cap of the exponential reconnect backoff."
     )
     connect_timeout_s: float = Field(
         5.0, gt=0, le=600, description="WebSocket: give up the first connection after this long."

@@ -436,6 +436,8 @@ class Sender:
                 health.dead = None if item.connected else (item.reason or "down")
                 if not item.connected and transport is self.transport:
                     await self._failover(item.reason or "down")
+                elif item.connected and transport is self.standby and self.health[self.kind].dead:
+                    await self._failover("dead")  # the standby came back before the active
             if transport is not self.transport:
                 continue  # the standby: figures only
             if isinstance(item, StateChange) and item.connected:
