@@ -14,7 +14,9 @@ time, decode time) to a JSON-lines file, from which the frames missing and the o
 are counted. Three sender modes, one after the other, each through the same timeline:
 
 * ``policy``: primary webrtc, fallback websocket (hot standby, the supervisor's policy;
-  ``recovery_interval_s`` 2, ``hold_s`` 1);
+  ``recovery_interval_s`` 2, ``hold_s`` 1, ``max_switches_per_min`` 12: the timeline puts
+  more than the default 6 switches into one minute, and the cap would then keep the
+  dead-path failover of the server restart from happening);
 * ``reconnect-only`` (baseline): webrtc alone: its dead-path detection drops the link and
   reconnects the same transport, no switch;
 * ``no-policy`` (baseline): webrtc alone with ``webrtc.dead_after_ms`` 60000: nothing
@@ -66,7 +68,8 @@ RECOVERY_S = 2.0
 HOLD_S = 1.0
 DELAY_MS = 100.0
 MODES: dict[str, str] = {
-    "policy": f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n",
+    "policy": f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n"
+    "  max_switches_per_min: 12\n",
     "reconnect-only": "",
     "no-policy": "  webrtc:\n    dead_after_ms: 60000\n",
 }
@@ -241,17 +244,26 @@ def _timeline(net: Topology, server: Server, jsonl: Path, plan: Plan, work: Path
     return out
 
 
+def _seq_at(poses: list[dict[str, Any]], t_ns: int) -> int | None:
+    """The sequence number captured at ``t_ns``: from the last received frame captured
+    before it, at the stream's frame interval (frames lost around ``t_ns`` have no
+    capture time of their own at the receiver)."""
+    before = [p for p in poses if p["capture_ts_ns"] <= t_ns]
+    if not before or len(poses) < 2:
+        return None
+    first = min(poses, key=lambda p: p["seq"])
+    last = max(poses, key=lambda p: p["seq"])
+    interval = (last["capture_ts_ns"] - first["capture_ts_ns"]) / max(1, last["seq"] - first["seq"])
+    ref = max(before, key=lambda p: p["capture_ts_ns"])
+    return int(ref["seq"] + (t_ns - ref["capture_ts_ns"]) // max(interval, 1.0))
+
+
 def _figures(
     mode: str, w: Window, poses: list[dict[str, Any]], decisions: list[dict[str, Any]]
 ) -> dict[str, Any]:
     got = {p["seq"] for p in poses}
-    before = [p["seq"] for p in poses if p["capture_ts_ns"] < w.t0]
-    after = [p["seq"] for p in poses if p["capture_ts_ns"] > w.t1]
-    lo = max(before) if before else None
-    hi = min(after) if after else None
-    missing = None
-    if lo is not None and hi is not None:
-        missing = sum(1 for s in range(lo + 1, hi) if s not in got)
+    lo, hi = _seq_at(poses, w.t0), _seq_at(poses, w.t1)
+    missing = None if lo is None or hi is None else sum(s not in got for s in range(lo + 1, hi + 1))
     arrivals = sorted(p["decoded_ns"] for p in poses if w.t0 <= p["decoded_ns"] <= w.t1)
     edges = [w.t0, *arrivals, w.t1]
     outage = max(b - a for a, b in itertools.pairwise(edges)) / 1e6
@@ -294,6 +306,7 @@ def run_mode(mode: str, plan: Plan, work: Path) -> list[dict[str, Any]]:
             if sender is not None:
                 stop_process(sender, 30, sig=signal.SIGINT, kill_group=True)
             server.stop()
+    (work / "windows.json").write_text(json.dumps([dataclasses.asdict(w) for w in windows]))
     decisions: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, json.JSONDecodeError):
         run = json.loads(rep.read_text())

@@ -124,8 +124,7 @@ def test_the_ladder_steps_once_per_window_and_back_only_where_the_cap_leaves_roo
         ladder.step(_metrics(t, rates[ladder.level], None), now=t)
         t += 0.1
     assert [a["level"] for a in sent] == [1, 2, 1, 0]
-    ups = [s for s in ladder.steps if s["reason"] == "recovered"]
-    assert ups[1]["t_wall"] - ups[0]["t_wall"] >= 0  # recorded in order
+    assert [s["reason"] for s in ladder.steps][2:] == ["recovered", "recovered"]
     # latency alone steps down only while packets wait in the send queue (the link's fault)
     ladder2 = DegradationLadder(_tx(window_s=1.0), lambda s, c, a: 1)
     for i in range(30):
@@ -169,8 +168,10 @@ def test_a_bandwidth_cap_engages_the_ladder_and_lifting_it_releases_it(tmp_path:
             lambda: sample("posewire_alerts_raised_total", alert="latency") >= 1, 30, 0.2
         ), "the latency alert was never raised under the cap"
         assert wait_for(
-            lambda: sample("posewire_alert_active", alert="latency") == 0
-            and sample("posewire_degradation_level") >= 1,
+            lambda: (
+                sample("posewire_alert_active", alert="latency") == 0
+                and sample("posewire_degradation_level") >= 1
+            ),
             30,
             0.2,
         ), "the latency alert did not clear under the cap"
