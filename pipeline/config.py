@@ -164,7 +164,7 @@ class TransmitConfig(ConfigModel):
         150.0,
         gt=0,
         le=10000,
-        description="Switch to the fallback when the primary's ack RTT p95 over window_s "
+        description="Switch to the fallback when the primary's median ack RTT over window_s "
         "exceeds this.",
     )
     switch_threshold: float = Field(

@@ -109,8 +109,9 @@ def test_blackout_fails_over_to_the_websocket_and_the_policy_brings_webrtc_back(
 
 #: acceptance (issue 13): after kill -9 of the server the members are back this soon
 BACK_AFTER_KILL_MS = 1500.0
-#: the members' share of it, asserted: from the restarted server listening to frames again
-MEMBERS_SHARE_MS = 1000.0
+#: the members' share of it, asserted (the issue's bound): from the restarted server
+#: listening to frames again
+MEMBERS_SHARE_MS = 1500.0
 
 
 @pytest.mark.timing
@@ -121,7 +122,7 @@ def test_kill9_of_the_server_while_on_webrtc_members_come_back_at_once(
     once on the same port: the receiver decodes frames again (both members back, on
     either transport). Recorded: kill to frames again (the issue's 1.5 s) and the
     restarted server's own start; asserted: the members' share (server listening to
-    frames again) within 1 s. The total is not asserted: the server's start alone (a
+    frames again) within 1.5 s. The total is not asserted: the server's start alone (a
     Python process importing aiohttp and aiortc) took 0.5-1.8 s on the loaded 2-core
     machine, and the bound would be the machine's, not the members'."""
     b = net.host("b")

@@ -60,12 +60,13 @@ class PathHealth:
         while self._sends and self._sends[0][0] < edge:
             self._sends.popleft()
 
-    def rtt_p95_ms(self, now: float | None = None) -> float | None:
+    def rtt_p95_ms(self, now: float | None = None, q: float = 0.95) -> float | None:
+        """The ``q`` quantile (0.95 by default) of the ack RTTs in the window."""
         self._trim(time.monotonic() if now is None else now)
         if not self._rtts:
             return None
         values = sorted(v for _, v in self._rtts)
-        return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
     def failure_rate(self, now: float | None = None) -> float:
         self._trim(time.monotonic() if now is None else now)
@@ -84,9 +85,10 @@ class PathHealth:
             p + "failure_rate": self.failure_rate(now),
             p + "sends": float(len(self._sends)),
         }
-        rtt = self.rtt_p95_ms(now)
-        if rtt is not None:
-            out[p + "rtt_p95_ms"] = rtt
+        for name, q in (("rtt_p50_ms", 0.5), ("rtt_p95_ms", 0.95)):
+            rtt = self.rtt_p95_ms(now, q)
+            if rtt is not None:
+                out[p + name] = rtt
         if transport is not None:
             stats = transport.statistics()
             out[p + "buffered_bytes"] = float(stats.buffered_bytes or 0)
