@@ -37,7 +37,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 # pytest under coverage, across every process the tests start (docs/coverage.md),
-# then the codec tests once more with the numba kernels run as plain Python
+# in the two passes below, then the codec tests once more with the numba kernels run as plain Python
 # (NUMBA_DISABLE_JIT=1: compiled code is not traced; ~45 s). The coverage table is
 # printed whatever the outcome; the exit status is pytest's (5, "no tests
 # collected", is a failure too).
@@ -47,10 +47,20 @@ COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
 	$(PY) -m coverage report --sort=cover; \
 	echo "coverage of pipeline/ + stages/ (every process): $$($(PY) -m coverage report --format=total)%"
 
+# Two pytest passes (docs/testing.md): the tests that assert no time run on
+# $(WORKERS) xdist workers, one test module per worker at a time; those marked
+# `timing` (latency, detection-time or rate bounds) then run alone, so that no other
+# test's load decides them. With PYTEST_ARGS one plain pass runs what they select.
+WORKERS ?= 2
+PARALLEL := -n $(WORKERS) --dist loadfile -m "not timing"
 unit: install
 	rm -f .coverage .coverage.*
-	status=0; $(PY) -m coverage run -m pytest -q --durations=15 $(PYTEST_ARGS) || status=$$?; \
-	if [ -z "$(PYTEST_ARGS)" ]; then \
+	status=0; \
+	if [ -n "$(PYTEST_ARGS)" ]; then \
+	  $(PY) -m coverage run -m pytest -q --durations=15 $(PYTEST_ARGS) || status=$$?; \
+	else \
+	  $(PY) -m coverage run -m pytest -q --durations=15 $(PARALLEL) || status=$$?; \
+	  $(PY) -m coverage run -m pytest -q --durations=15 -m timing || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
 	  NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
 	    $(KERNEL_TESTS) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
 	fi; \

@@ -16,6 +16,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -29,6 +30,10 @@ from pydantic import (
 
 from pipeline.degrade_config import DegradeConfig
 from pipeline.errors import ConfigError
+from pipeline.netconfig import IceServer as IceServer
+from pipeline.netconfig import RtcConfig as RtcConfig
+from pipeline.netconfig import ServerRtcConfig as ServerRtcConfig
+from pipeline.netconfig import TlsConfig as TlsConfig
 from pipeline.settings import (
     DEFAULT_DETECTOR,
     DEFAULT_SOURCE,
@@ -61,83 +66,16 @@ class EncodeConfig(ConfigModel):
     reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
     keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
     world_landmarks: bool = Field(False, description="Send world landmarks too.")
-    references: Literal["auto", "previous", "keyframe"] = Field(
+    references: Literal["auto", "previous", "keyframe", "anchor"] = Field(
         "auto",
         description="What a delta packet predicts from: 'previous' (the previous packet, "
         "smallest, for reliable transports), 'keyframe' (the stream's latest keyframe: every "
-        "delta decodes on its own, for lossy channels); auto: keyframe when transmit uses webrtc.",
+        "delta decodes on its own), 'anchor' (the latest anchor, every third delta, which "
+        "must arrive: for lossy channels, 11 % more bytes than 'previous'); auto: anchor when "
+        "transmit uses webrtc.",
     )
     stream_id: int | None = Field(
         None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
-    )
-
-
-class IceServer(ConfigModel):
-    """A STUN or TURN server (the WebRTC ``RTCIceServer`` dictionary)."""
-
-    urls: list[str] = Field(
-        min_length=1, max_length=8, description="stun:, turn: or turns: URLs (host:port)."
-    )
-    username: str | None = Field(None, max_length=512, description="TURN user name.")
-    credential: str | None = Field(None, max_length=512, description="TURN password.")
-
-    @field_validator("urls")
-    @classmethod
-    def _schemes(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            scheme, _, rest = url.partition(":")
-            if scheme not in ("stun", "stuns", "turn", "turns") or not rest:
-                raise ValueError(f"{url!r} is not a stun:, stuns:, turn: or turns: URL")
-        return urls
-
-    @model_validator(mode="after")
-    def _turn_credentials(self) -> IceServer:
-        if any(u.startswith("turn") for u in self.urls) and (
-            self.username is None or self.credential is None
-        ):
-            raise ValueError("a TURN server needs username and credential")
-        return self
-
-
-class RtcConfig(ConfigModel):
-    """WebRTC peer connections (``docs/webrtc.md``): ICE, heartbeat, flow control."""
-
-    ice_transport_policy: Literal["all", "relay"] = Field(
-        "all", description="relay: use TURN relay candidates only."
-    )
-    heartbeat_ms: int = Field(
-        250, ge=10, le=10000, description="Send a heartbeat after this long without sending."
-    )
-    dead_after_ms: int = Field(
-        250, ge=30, le=60000, description="The path is dead after this long without receiving."
-    )
-    watermark_ms: int = Field(
-        100,
-        ge=10,
-        le=5000,
-        description="Most pose data the lossy channel may hold (bufferedAmount).",
-    )
-    connect_timeout_s: float = Field(
-        5.0, gt=0, le=120, description="ICE + DTLS + SCTP must be up within this."
-    )
-
-
-class ServerRtcConfig(RtcConfig):
-    """The room server's WebRTC side."""
-
-    heartbeat_ms: int = Field(
-        80,
-        ge=10,
-        le=10000,
-        description="Send a heartbeat after this long without sending (clients notice a dead "
-        "path after 250 ms of silence: keep this well below).",
-    )
-    dead_after_ms: int = Field(
-        1000, ge=30, le=60000, description="The path is dead after this long without receiving."
-    )
-    enabled: bool = Field(True, description="Accept WebRTC offers from members.")
-    max_peers: int = Field(
-        500, ge=0, le=100000, description="Peer connections per server (offers past it refused)."
     )
 
 
@@ -156,6 +94,15 @@ class TransmitConfig(ConfigModel):
         Path("posewire-packets.bin"), description="File sink (transport file): length-prefixed."
     )
     server_url: str = Field("http://127.0.0.1:8765", description="Room server base URL.")
+    servers: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Room server URLs tried in turn (a lost connection moves to the next: "
+        "README 'Deployment'); instead of server_url.",
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s) to verify wss/https servers; default: system CAs."
+    )
     room: str = Field("demo", min_length=1, max_length=64, description="Room to publish into.")
     token: str | None = Field(
         None, description="Access token; default: $POSEWIRE_TOKEN, or minted with the secret."
@@ -164,8 +111,8 @@ class TransmitConfig(ConfigModel):
         150.0,
         gt=0,
         le=10000,
-        description="Switch to the fallback when the primary's median ack RTT over window_s "
-        "exceeds this.",
+        description="Switch to the fallback when the primary's ack RTT (median of per-0.5 s "
+        "minima) over window_s exceeds this.",
     )
     switch_threshold: float = Field(
         0.2,
@@ -232,6 +179,26 @@ class TransmitConfig(ConfigModel):
         description="Degradation ladder: fewer frames, then coarser precision.",
     )
 
+    @field_validator("server_url", "servers")
+    @classmethod
+    def _server_urls(cls, value: str | list[str]) -> str | list[str]:
+        for url in [value] if isinstance(value, str) else value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+                raise ValueError(f"{url!r} is not an http(s):// or ws(s)://HOST:PORT URL")
+        return value
+
+    @property
+    def urls(self) -> list[str]:
+        """The server URLs in the order tried: ``servers``, else ``[server_url]``."""
+        return list(self.servers) or [self.server_url]
+
+    @model_validator(mode="after")
+    def _one_address(self) -> TransmitConfig:
+        if self.servers and "server_url" in self.model_fields_set:
+            raise ValueError("transmit.servers: give server_url or servers, not both")
+        return self
+
     @model_validator(mode="after")
     def _fallback_valid(self) -> TransmitConfig:
         if self.fallback is None:
@@ -278,6 +245,7 @@ class ServerConfig(ConfigModel):
         "takes precedence.",
     )
     dev: bool = Field(False, description="Mint tokens for local demos (loopback only).")
+    tls: TlsConfig | None = Field(None, description="Serve https/wss with this certificate.")
     max_rooms: int = Field(100, ge=1, le=100000, description="Rooms per server.")
     max_members_per_room: int = Field(50, ge=1, le=10000, description="Members per room.")
     max_connections: int = Field(1000, ge=1, le=100000, description="Connections per server.")
@@ -532,6 +500,14 @@ def _file_problems(cfg: Config, lines: dict[tuple[Any, ...], int]) -> list[str]:
         missing = missing_path(cfg.base_dir, cfg.audio.path, "audio file")
         if missing:
             problems.append(f"{_where(('audio', 'path'), lines)}: {missing}")
+    tls = cfg.server.tls
+    for loc, path, what in (
+        (("server", "tls", "certfile"), tls and tls.certfile, "certificate file"),
+        (("server", "tls", "keyfile"), tls and tls.keyfile, "key file"),
+        (("transmit", "ca_file"), cfg.transmit.ca_file, "CA file"),
+    ):
+        if path and (missing := missing_path(cfg.base_dir, path, what)):
+            problems.append(f"{_where(loc, lines)}: {missing}")
     if cfg.supervisor.run_dir is not None:
         rd = cfg.supervisor.run_dir
         probe = rd
@@ -595,3 +571,18 @@ def load_config(path: Path | str) -> Config:
 def resolve_path(cfg: Config, p: Path) -> Path:
     """A config path made absolute against the config file's directory."""
     return p if p.is_absolute() else (cfg.base_dir / p).resolve()
+
+
+def server_section(cfg: Config) -> ServerConfig:
+    """The ``server`` section with its paths (``data_dir``, ``tls``) made absolute."""
+    server, tls = cfg.server, cfg.server.tls
+    update: dict[str, Any] = {}
+    if server.data_dir is not None:
+        update["data_dir"] = resolve_path(cfg, server.data_dir)
+    if tls is not None:
+        files = {
+            "certfile": resolve_path(cfg, tls.certfile),
+            "keyfile": resolve_path(cfg, tls.keyfile),
+        }
+        update["tls"] = tls.model_copy(update=files)
+    return server.model_copy(update=update)

@@ -84,6 +84,16 @@ class BrokenResourceError(RingError, TransportError):
         super().__init__(message)
 
 
+class CertificateError(BrokenResourceError):
+    """The server's TLS certificate failed verification (self-signed and no ``--ca-file``,
+    unknown CA, wrong host name, expired): retrying the same server cannot help. ``host``
+    is the server's host as its URL names it."""
+
+    def __init__(self, host: str, why: str) -> None:
+        self.host = host
+        super().__init__(f"certificate verify failed for {host}: {why}", reason="certificate")
+
+
 class TransportUnavailable(TransportError):
     """A transport that cannot work here at all (retrying cannot help), e.g. WebRTC to a
     server on loopback (aioice offers no loopback candidates); the message says why."""

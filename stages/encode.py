@@ -24,10 +24,12 @@ that it costs two bytes per packet (a one-byte id, below 128, saves one
 more: set ``encode.stream_id`` when you control the room's publishers).
 
 ``encode.references`` chooses what delta packets predict from
-(:attr:`~pipeline.codec.CodecConfig.references`); ``auto`` is ``keyframe`` when
+(:attr:`~pipeline.codec.CodecConfig.references`); ``auto`` is ``anchor`` when
 ``transmit.primary`` or ``transmit.fallback`` is webrtc (the unordered, lossy pose
-channel: every delta decodes on its own), else ``previous``. The start log line
-and the ``references_keyframe`` metric (1 or 0) show the mode in use.
+channel: every third delta is an anchor that must arrive, the others decode from the
+latest anchor or keyframe and may be lost; docs/codec.md), else ``previous``. The
+start log line and the ``references_keyframe`` / ``references_anchor`` metrics (1 or
+0) show the mode in use.
 """
 
 from __future__ import annotations
@@ -55,15 +57,15 @@ def stream_id_for(ctx: StageContext) -> int:
     return sid if sid is not None else zlib.crc32(ctx.spec.run_id.encode()) & 0x3FFF
 
 
-def references_for(config: Config) -> Literal["previous", "keyframe"]:
+def references_for(config: Config) -> Literal["previous", "keyframe", "anchor"]:
     """The codec's reference mode: ``encode.references``, with ``auto`` resolved to
-    ``keyframe`` when the transmit stage may use webrtc, else ``previous``."""
+    ``anchor`` when the transmit stage may use webrtc, else ``previous``."""
     mode = config.encode.references
     if mode != "auto":
         return mode
     tx = config.transmit
     webrtc = TransportKind.WEBRTC in (tx.primary, tx.fallback)
-    return "keyframe" if webrtc else "previous"
+    return "anchor" if webrtc else "previous"
 
 
 def clamp_to_codec_range(frame: PoseFrame) -> int:
@@ -96,7 +98,9 @@ def run(ctx: StageContext) -> int:
     interval = codec.effective_keyframe_interval()
     ctx.log.info(
         "delta packets predict from the %s (encode.references: %s), keyframe every %d frames%s",
-        "latest keyframe" if references == "keyframe" else "previous packet",
+        {"keyframe": "latest keyframe", "anchor": "latest anchor"}.get(
+            references, "previous packet"
+        ),
         cfg.references,
         interval,
         f" (keyframe_interval {cfg.keyframe_interval} clamped: decoders keep {HISTORY} frames)"
@@ -104,6 +108,7 @@ def run(ctx: StageContext) -> int:
         else "",
     )
     ctx.metrics["references_keyframe"] = float(references == "keyframe")
+    ctx.metrics["references_anchor"] = float(references == "anchor")
     poses = ctx.ring("poses")
     packets = ctx.ring("packets")
     fb = ctx.ring("feedback")
@@ -173,6 +178,7 @@ def run(ctx: StageContext) -> int:
                 "compression_ratio": sizes.mean() / RAW_FLOAT32_BYTES,
                 "fps": rate.per_second(),
                 "references_keyframe": float(references == "keyframe"),
+                "references_anchor": float(references == "anchor"),
                 **encode_us.summary("encode_us"),
                 **ladder.metrics(),
                 "precision_px": precision,

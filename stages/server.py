@@ -7,7 +7,8 @@ closes every member (1001, they reconnect elsewhere or later) and returns 0.
 Kicks, closed rooms and stream/member-id bindings persist in the server's
 store in ``server.data_dir`` (a relative path resolves against the config
 file's directory), so a restart of this stage forgets none of them; a data
-directory it cannot use is a user error (exit 78, the run exits 2).
+directory it cannot use is a user error (exit 78, the run exits 2), and so is a
+``server.tls`` certificate or key it cannot use (https/wss otherwise).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pipeline.config import resolve_path
+from pipeline.config import server_section
 from pipeline.errors import ConfigError, TransportError
 from pipeline.runtime.stage import StageContext
 from pipeline.server.app import STATE, create_app, serve
@@ -33,9 +34,7 @@ def run(ctx: StageContext) -> int:
 
 
 async def _main(ctx: StageContext) -> int:
-    cfg = ctx.config.server
-    if cfg.data_dir is not None and not cfg.data_dir.is_absolute():
-        cfg = cfg.model_copy(update={"data_dir": resolve_path(ctx.config, cfg.data_dir)})
+    cfg = server_section(ctx.config)
     app = create_app(cfg, host=cfg.host)
     state = app[STATE]
     stop = asyncio.Event()

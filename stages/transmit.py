@@ -56,6 +56,7 @@ from pipeline.codec import feedback
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
+    CertificateError,
     CommandError,
     ConfigError,
     RegistryError,
@@ -104,6 +105,8 @@ def run(ctx: StageContext) -> int:
     except TokenError as exc:  # a refused token: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"transmit.token: refused by the server ({exc.reason}): {exc}")
+    except CertificateError as exc:  # the server's certificate is not trusted here
+        return ctx.refuse(f"{exc} (transmit.ca_file: the CA to verify it with)")
     except BrokenResourceError as exc:  # kicked, stream id taken, ...: retrying cannot fix it
         _linger(ctx)
         return ctx.refuse(f"the room server refused this publisher for good ({exc.reason}): {exc}")
@@ -190,7 +193,7 @@ class Transmitter:
         fresh.update({"fps": self.rate.per_second(), **self.latency.summary("latency_ms")})
         for key in [k for k in self.ctx.metrics if k.startswith(_VANISHING)]:
             if key not in fresh:  # a refusal that is over, a figure with no sample left
-                del self.ctx.metrics[key]  # (a stale path RTT kept the policy from returning)
+                del self.ctx.metrics[key]
         self.ctx.metrics.update(fresh)
 
     def _feedback(self, message: bytes) -> None:

@@ -63,12 +63,14 @@ def sender_config(
     room: str = "A",
     loop: bool = True,
     transmit_extra: str = "",
-    monitor: str = "  enabled: false",
+    monitor: bool = False,
+    monitor_extra: str = "",
 ) -> Path:
     """A trace-replay pipeline publishing into room ``room`` of the server at
     ``host:port`` (its embedded server there, or an external one); ``transmit_extra``:
-    more lines of the ``transmit`` section (indented two spaces); ``monitor``: the
-    ``monitor`` section's lines."""
+    more lines of the ``transmit`` section (indented two spaces); ``monitor``: its
+    monitor and control endpoint on (any free port, for ``python -m pipeline ctl``),
+    with ``monitor_extra`` lines more in its section."""
     server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
     return write_config(
         tmp_path,
@@ -82,7 +84,8 @@ def sender_config(
   heartbeat_interval_ms: 100
   heartbeat_timeout_ms: 1500
 monitor:
-{monitor}
+  {"port: 0" if monitor else "enabled: false"}
+{monitor_extra if monitor else ""}
 """,
     )
 

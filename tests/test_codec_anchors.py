@@ -5,7 +5,10 @@ the latest anchor or keyframe; a server tells an anchor from its header alone
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import pytest
 
 from pipeline.codec import (
     ANCHOR_INTERVAL,
@@ -14,10 +17,13 @@ from pipeline.codec import (
     Decoder,
     Encoder,
     NeedKeyframe,
+    PacketHeader,
     peek_header,
 )
+from pipeline.codec.anchors import AnchorTracker
 from tests.test_codec_references import encode_all, keyframe_positions, trace_frames
 from tests.test_protocol import assert_close, walk
+from tests.test_server_support import PoseSource
 
 ANCHOR = CodecConfig(references="anchor")
 
@@ -108,3 +114,61 @@ def test_refresh_request_makes_the_next_packet_a_keyframe_in_anchor_mode() -> No
     assert enc.stats.refreshes == 0
     h = peek_header(enc.encode(frames[8]))
     assert h.ref_seq == 7 and not h.anchor
+
+
+# --------------------------------------------------------------------------- AnchorTracker
+
+
+def _headers(mode: str, n: int = 95) -> list[PacketHeader]:
+    src = PoseSource(1, references=mode, keyframe_interval=30)
+    return [peek_header(src.next()) for _ in range(n)]
+
+
+def _kinds(headers: list[PacketHeader]) -> tuple[str, str]:
+    t = AnchorTracker()
+    kinds = "".join(t.classify(h.seq, h.ref_seq, h.keyframe, h.epoch)[0] for h in headers)
+    return kinds, t.mode
+
+
+def _late(headers: list[PacketHeader], late: Callable[[PacketHeader], bool]) -> list[PacketHeader]:
+    """``headers`` with every packet ``late`` says arriving after the next two."""
+    out: list[PacketHeader] = []
+    i = 0
+    while i < len(headers):
+        if i > 0 and late(headers[i]):
+            out += [*headers[i + 1 : i + 3], headers[i]]
+            i += 3
+        else:
+            out.append(headers[i])
+            i += 1
+    return out
+
+
+@pytest.mark.parametrize("reorder", ["none", "anchors", "keyframes"])
+def test_tracker_learns_the_mode_and_which_packets_must_arrive(reorder: str) -> None:
+    """The room server and a WebRTC publisher split a stream into what must arrive and what
+    may be lost from the headers alone, whatever arrives first on the two channels."""
+    late: dict[str, Callable[[PacketHeader], bool]] = {
+        "none": lambda h: False,
+        "anchors": lambda h: h.anchor and not h.keyframe,
+        "keyframes": lambda h: h.keyframe,
+    }
+    for mode in ("anchor", "keyframe", "previous"):
+        headers = _headers(mode)
+        if mode == "anchor":  # the order of arrival is the test's; the anchors are the codec's
+            arrival = _late(headers, late[reorder])
+        else:
+            arrival = _late(headers, late[reorder] if reorder == "keyframes" else late["none"])
+        kinds, learned = _kinds(arrival)
+        by_seq = dict(zip((h.seq for h in arrival), kinds, strict=True))
+        assert learned == ("chained" if mode == "previous" else mode), (mode, kinds)
+        for h in headers:
+            kind = by_seq[h.seq]
+            if h.keyframe:
+                assert kind == "k"
+            elif mode == "anchor":
+                assert kind == ("a" if h.anchor else "f"), (mode, reorder, kinds)
+            elif mode == "keyframe":  # one speculative anchor, before the mode is known
+                assert kind == ("a" if h.seq == headers[3].seq else "f"), (mode, reorder, kinds)
+            else:  # every delta after the first is a reference: must arrive
+                assert kind == ("f" if h.seq == headers[1].seq else "c"), (mode, reorder, kinds)

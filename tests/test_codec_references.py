@@ -213,14 +213,15 @@ def _config(primary: str, references: str = "auto") -> Config:
 
 
 def test_auto_references_follow_the_transport() -> None:
-    assert references_for(_config("webrtc")) == "keyframe"
+    assert references_for(_config("webrtc")) == "anchor"
     assert references_for(_config("websocket")) == "previous"
     assert references_for(_config("file")) == "previous"
     assert references_for(_config("webrtc", "previous")) == "previous"
     assert references_for(_config("websocket", "keyframe")) == "keyframe"
-    # a webrtc fallback counts too (the config refuses fallbacks in this build today)
+    assert references_for(_config("websocket", "anchor")) == "anchor"
+    # a webrtc fallback counts too
     cfg = _config("websocket")
     cfg.transmit = TransmitConfig.model_construct(
         primary=TransportKind.WEBSOCKET, fallback=TransportKind.WEBRTC
     )
-    assert references_for(cfg) == "keyframe"
+    assert references_for(cfg) == "anchor"

@@ -19,6 +19,8 @@ from bench.delay import DELAY_TABLE, check
 from bench.netns import Topology
 from tests.test_netns import PEER, Record, connect, percentile, report
 
+pytestmark = pytest.mark.timing  # asserts times or rates: runs alone (Makefile)
+
 PORT = 4100
 BURST = 200
 

@@ -19,7 +19,10 @@ import pytest
 from pipeline.server.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for, wait_stages
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 SECRET = "e2e-test-secret-" + "x" * 32
 

@@ -147,7 +147,8 @@ def test_a_bandwidth_cap_engages_the_ladder_and_lifting_it_releases_it(tmp_path:
         tmp_path,
         free_port(),
         transmit_extra="  max_bandwidth_kbps: 6\n  window_s: 1\n  hold_s: 1\n",
-        monitor="  port: 0\n  sample_interval_s: 0.2\n  alert_hold_s: 1",
+        monitor=True,
+        monitor_extra="  sample_interval_s: 0.2\n  alert_hold_s: 1",
     )
     proc = start(cfg, "--run-id", run_id, "--report", str(report))
     try:

@@ -147,6 +147,7 @@ def srv() -> Iterator[ServeProcess]:
         server.stop()
 
 
+@pytest.mark.timing
 def test_record_replay_export(srv: ServeProcess, tmp_path: Path) -> None:
     frames = trace_frames(N_FRAMES)
     rec_path, orig = tmp_path / "live.pwr", tmp_path / "orig.jsonl"

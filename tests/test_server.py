@@ -497,6 +497,7 @@ async def _publisher_loop(pub: Any, src: PoseSource, stop: asyncio.Event) -> Non
         await asyncio.sleep(1 / 30)
 
 
+@pytest.mark.timing
 def test_clients_reconnect_and_resume_after_server_restart() -> None:
     async def main() -> None:
         async with running_server() as srv:

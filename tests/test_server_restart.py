@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.common import stop_process
 from pipeline.client.receiver import Receiver
 from pipeline.transports.base import Control, StateChange
@@ -27,6 +29,8 @@ from tests.test_server_support import (
     free_port,
     token,
 )
+
+pytestmark = pytest.mark.timing  # back within 3 s of a kill -9: runs alone (Makefile)
 
 
 async def _publisher(pub: WebSocketTransport, stop: asyncio.Event) -> None:

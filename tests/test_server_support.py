@@ -283,7 +283,8 @@ def free_port() -> int:
 
 class ServeProcess:
     """``python -m pipeline serve`` as a real process on 127.0.0.1 (or on ``host``, started
-    through ``prefix``, e.g. ``ip netns exec NS`` for a namespace host of bench/netns.py)."""
+    through ``prefix``, e.g. ``ip netns exec NS`` for a namespace host of bench/netns.py);
+    :attr:`url` is ``https://...`` when ``args`` give it a certificate (``--certfile``)."""
 
     def __init__(
         self, port: int = 0, *args: str, host: str = "127.0.0.1", prefix: Sequence[str] = ()
@@ -296,13 +297,13 @@ class ServeProcess:
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        m = re.search(rf"http://{re.escape(host)}:(\d+)", line)
+        m = re.search(rf"(https?)://{re.escape(host)}:(\d+)", line)
         if m is None:
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise AssertionError(f"server did not start: {line!r} {err}")
-        self.port = int(m.group(1))
-        self.url = f"http://{host}:{self.port}"
+        self.port = int(m.group(2))
+        self.url = f"{m.group(1)}://{host}:{self.port}"
 
     def kill9(self) -> None:
         self.proc.kill()

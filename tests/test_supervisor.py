@@ -39,6 +39,7 @@ def _strictly_increasing(seqs: list[int]) -> bool:
     return all(b > a for a, b in itertools.pairwise(seqs))
 
 
+@pytest.mark.timing  # a restart, a hang or a stop within a bound: runs alone
 @pytest.mark.parametrize("victim", ["capture", "encode", "transmit"])
 def test_kill9_stage_is_restarted_and_sequence_keeps_increasing(
     tmp_path: Path, victim: str
@@ -74,6 +75,7 @@ def test_kill9_stage_is_restarted_and_sequence_keeps_increasing(
     print(f"{victim}: restarted {restart_s * 1000:.0f} ms after kill -9")
 
 
+@pytest.mark.timing  # a restart, a hang or a stop within a bound: runs alone
 def test_stopped_stage_is_declared_hung_and_restarted(tmp_path: Path) -> None:
     run_id = f"hung{os.getpid()}"
     report = tmp_path / "report.json"
@@ -114,6 +116,7 @@ def test_stage_crashing_at_start_exceeds_intensity_exit_3(tmp_path: Path) -> Non
     assert shm_segments(run_id) == []
 
 
+@pytest.mark.timing  # a restart, a hang or a stop within a bound: runs alone
 def test_head_of_the_data_path_waits_for_a_slow_consumer(tmp_path: Path) -> None:
     """The encode stage takes 2 s to send its first heartbeat: the trace replay (the
     head of the data path) starts only then, so no pose waits in the ring for it.
@@ -137,6 +140,7 @@ def test_head_of_the_data_path_waits_for_a_slow_consumer(tmp_path: Path) -> None
     assert data["stages"]["encode"]["restarts"] == 0
 
 
+@pytest.mark.timing  # a restart, a hang or a stop within a bound: runs alone
 def test_sigint_stops_within_5s_and_leaves_no_segment(tmp_path: Path) -> None:
     run_id = f"int{os.getpid()}"
     proc = start(trace_config(tmp_path), "--run-id", run_id)
@@ -235,6 +239,7 @@ def test_stages_exit_by_themselves_when_the_supervisor_dies(tmp_path: Path) -> N
     assert shm_segments(run_id) == []
 
 
+@pytest.mark.timing  # a restart, a hang or a stop within a bound: runs alone
 def test_sigterm_is_an_orderly_stop(tmp_path: Path) -> None:
     run_id = f"term{os.getpid()}"
     report = tmp_path / "report.json"

@@ -11,19 +11,24 @@ Figures are printed (``pytest -s``) and recorded as junit properties.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.netns import Topology
+from bench.netns import Topology, python_env
 from tests.procutil import TRACE, stop, wait_for
 from tests.test_server_support import ServeProcess
 from tests.test_webrtc import Receive, Record, _sender, _server, _wait, figure
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 #: acceptance (issue 13): the stream is on the WebSocket this soon after the blackout
 SWITCHED_WITHIN_MS = 300.0
@@ -33,11 +38,21 @@ HOLD_S = 1.0
 
 
 def _hot_sender(
-    net: Topology, tmp: Path, server: ServeProcess, duration: float
+    net: Topology,
+    tmp: Path,
+    server: ServeProcess,
+    duration: float,
+    *,
+    transmit: str = "",
+    monitor: bool = False,
 ) -> tuple[subprocess.Popen[str], Path]:
-    """A trace-replay sender in host a: primary webrtc, fallback websocket, short timers."""
+    """A trace-replay sender in host a: primary webrtc, fallback websocket, short timers;
+    ``transmit``: more ``transmit.*`` lines; ``monitor``: its control endpoint on (any
+    free port in host a, for ``python -m pipeline ctl``)."""
     extra = f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n"
-    return _sender(net, tmp, server, "webrtc", duration, transmit_extra=extra)
+    return _sender(
+        net, tmp, server, "webrtc", duration, transmit_extra=extra + transmit, monitor=monitor
+    )
 
 
 def _missing(poses: list[dict[str, Any]], t0_ns: int, t1_ns: int) -> list[int]:
@@ -105,6 +120,183 @@ def test_blackout_fails_over_to_the_websocket_and_the_policy_brings_webrtc_back(
     assert at_back == [], at_back
     (stream,) = rep["publishers"].values()
     assert stream["need_keyframe"] == 0, stream
+
+
+def _run_report(
+    sender: subprocess.Popen[str], report: Path, timeout: float = 40.0
+) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
+    """Wait for the sender's end; its transmit metrics, (to, reason) decisions, stderr."""
+    assert _wait(sender, timeout), "the sender did not end"
+    code, _, err = stop(sender)
+    assert code == 0, err[-3000:]
+    run = json.loads(report.read_text())
+    decisions = run["transport_policy"]["decisions"]
+    return run["stages"]["transmit"]["metrics"], [(d["to"], d["reason"]) for d in decisions], err
+
+
+#: the delay added to every UDP packet crossing the router, each way (RTT + 240 ms), for
+#: longer than recovery + hold: the standby's probe must keep the stream off WebRTC
+DELAY_MS = 120.0
+DELAY_FOR_S = RECOVERY_S + HOLD_S + 2.0
+MAX_LATENCY_MS = 100.0
+
+
+def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    server = _server(net)
+    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
+    sender = None
+    try:
+        rx.line("joined room A", 20)
+        sender, report = _hot_sender(
+            net, tmp_path, server, DELAY_FOR_S + 10.0,
+            transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n  window_s: 1.0\n",
+        )  # fmt: skip
+        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+        time.sleep(0.5)
+        with net.delay(DELAY_MS, "udp", log_dir=tmp_path) as fault:
+            t_delay = time.time_ns()
+            time.sleep(DELAY_FOR_S)
+            held = fault.stats()
+        t_cleared = time.time_ns()
+        metrics, reasons, err = _run_report(sender, report)
+        time.sleep(0.5)
+        rx.finish()
+        poses = rx.poses()
+    finally:
+        rx.kill()
+        if sender is not None and sender.poll() is None:
+            stop(sender, timeout=20)
+        server.stop()
+    figure(record_property, "latency_udp_packets_delayed", held["queued"])
+    assert held["queued"] > 0, held
+    assert reasons == [("websocket", "latency"), ("webrtc", "recovered")], (reasons, err[-3000:])
+    assert metrics["transport_switches_latency_total"] == 1, metrics
+    assert metrics.get("transport_switches_dead_total", 0) == 0, metrics
+    assert metrics["transport_active_webrtc"] == 1, metrics
+    switched_ms = (metrics["transport_last_switch_latency_ns"] - t_delay) / 1e6
+    back_s = (metrics["transport_last_switch_recovered_ns"] - t_cleared) / 1e9
+    t_switch = int(metrics["transport_last_switch_latency_ns"])
+    t_back = int(metrics["transport_last_switch_recovered_ns"])
+    at_switch = _missing(poses, t_switch - 1_000_000_000, t_switch + 1_000_000_000)
+    at_back = _missing(poses, t_back - 1_000_000_000, t_back + 1_000_000_000)
+    figure(record_property, "latency_switch_after_delay_ms", switched_ms)
+    figure(record_property, "latency_back_on_webrtc_after_clear_s", back_s)
+    figure(record_property, "latency_frames_missing_at_switch", len(at_switch))
+    figure(record_property, "latency_frames_missing_at_switch_back", len(at_back))
+    assert switched_ms < 3000, metrics
+    assert back_s > 0, "back on WebRTC while the delay was still in force"
+    assert back_s < RECOVERY_S + HOLD_S + 4.0, back_s
+    assert at_back == [], at_back
+
+
+#: UDP loss that must not move the stream (latency stays under the threshold); the CI
+#: window is LOSS_WINDOW_S, the acceptance's 60 s is run by hand (POSEWIRE_LOSS_WINDOW_S=60)
+LOSS_PERCENT = 10
+LOSS_WINDOW_S = float(os.environ.get("POSEWIRE_LOSS_WINDOW_S", "15"))
+
+
+def test_ten_percent_udp_loss_does_not_switch(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    server = _server(net)
+    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
+    sender = None
+    try:
+        rx.line("joined room A", 20)
+        sender, report = _hot_sender(
+            net, tmp_path, server, LOSS_WINDOW_S + 6.0,
+            transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n",
+        )  # fmt: skip
+        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+        n0 = len(rx.poses())
+        net.drop_udp(LOSS_PERCENT)
+        t0 = time.time_ns()
+        time.sleep(LOSS_WINDOW_S)
+        t1 = time.time_ns()
+        dropped = net.dropped_packets()
+        net.clear_faults()
+        metrics, reasons, _ = _run_report(sender, report, LOSS_WINDOW_S + 40)
+        decisions = json.loads(report.read_text())["transport_policy"]["decisions"]
+        time.sleep(0.5)
+        rx.finish()
+        poses = rx.poses()
+    finally:
+        rx.kill()
+        if sender is not None and sender.poll() is None:
+            stop(sender, timeout=20)
+        server.stop()
+    missing = _missing(poses, t0, t1)
+    inside = [p for p in poses if t0 <= p["capture_ts_ns"] <= t1]
+    figure(record_property, "loss_window_s", LOSS_WINDOW_S)
+    figure(record_property, "loss_udp_packets_dropped", dropped)
+    figure(record_property, "loss_frames_received", len(inside))
+    figure(record_property, "loss_frames_missing", len(missing))
+    figure(record_property, "loss_rtt_ms", metrics.get("path_webrtc_rtt_ms") or 0.0)
+    assert len(poses) > n0
+    assert dropped > 0
+    assert reasons == [], [(d["to"], d["reason"], d["figures"]) for d in decisions]
+    assert metrics["transport_active_webrtc"] == 1, metrics
+    assert metrics.get("transport_switches_total", 0) == 0, metrics
+
+
+def _ctl(net: Topology, tmp: Path, cmd: str, args: str = "{}") -> dict[str, Any]:
+    """``python -m pipeline ctl transmit CMD ARGS`` in host a (where the monitor listens)."""
+    argv = [sys.executable, "-m", "pipeline", "ctl", "--run-dir", str(tmp / "run"),
+            "transmit", cmd, args]  # fmt: skip
+    done = subprocess.run(
+        net.host("a").exec_argv(argv), capture_output=True, text=True, timeout=20,
+        env=python_env(), cwd=Path(__file__).resolve().parents[1], check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
+    net: Topology, tmp_path: Path, record_property: Record
+) -> None:
+    server = _server(net)
+    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
+    sender = None
+    try:
+        rx.line("joined room A", 20)
+        sender, report = _hot_sender(net, tmp_path, server, 14.0, monitor=True)
+        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+        time.sleep(0.5)
+        t_pin = time.time_ns()  # before the command: ctl's own start-up is in the figure
+        pinned = _ctl(net, tmp_path, "pin", '{"to": "websocket"}')
+        time.sleep(1.0)
+        net.blackout_udp()
+        time.sleep(1.5)
+        net.clear_faults()
+        time.sleep(1.0)
+        t_unpin = time.time_ns()
+        unpinned = _ctl(net, tmp_path, "unpin")
+        metrics, reasons, err = _run_report(sender, report)
+        time.sleep(0.5)
+        rx.finish()
+        poses = rx.poses()
+    finally:
+        rx.kill()
+        if sender is not None and sender.poll() is None:
+            stop(sender, timeout=20)
+        server.stop()
+    print("pin answer:", pinned, "unpin answer:", unpinned)
+    t_moved = int(metrics["transport_last_switch_pin_ns"])
+    figure(record_property, "pin_moved_after_ms", (t_moved - t_pin) / 1e6)
+    figure(record_property, "pin_frames_missing", len(_missing(poses, t_pin, t_unpin)))
+    back_s = (metrics["transport_last_switch_recovered_ns"] - t_unpin) / 1e9
+    figure(record_property, "unpin_back_on_webrtc_after_s", back_s)
+    assert metrics["transport_switches_pin_total"] == 1, metrics
+    # pinned: no automatic switch, also not when the (standby) WebRTC path died
+    assert metrics.get("transport_switches_dead_total", 0) == 0, metrics
+    assert reasons == [("webrtc", "recovered")], (reasons, err[-3000:])
+    assert metrics["transport_active_webrtc"] == 1, metrics
+    assert 0 < (t_moved - t_pin) / 1e6 < 3000
+    assert back_s < RECOVERY_S + HOLD_S + 2.0, back_s
+    assert _missing(poses, t_pin - 1_000_000_000, t_unpin) == []
 
 
 #: acceptance (issue 13): after kill -9 of the server the members are back this soon

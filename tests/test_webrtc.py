@@ -27,7 +27,10 @@ from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 
-pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+pytestmark = [
+    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
+    pytest.mark.timing,
+]
 
 Record = Callable[[str, object], None]
 #: acceptance: a dead path is reported within this long (issue 12)
@@ -123,6 +126,7 @@ def _sender(
     duration: float,
     where: str = "a",
     transmit_extra: str = "",
+    monitor: bool = False,
 ) -> tuple[subprocess.Popen[str], Path]:
     cfg = sender_config(
         tmp,
@@ -131,6 +135,7 @@ def _sender(
         host=net.host("b").address,
         embedded=False,
         transmit_extra=transmit_extra,
+        monitor=monitor,
     )
     report = tmp / "sender.json"
     proc = start(
@@ -324,8 +329,10 @@ def test_receive_over_webrtc_from_a_loopback_server_says_why() -> None:
 
 #: the loss phases of one run: percent of packets dropped on the server -> host a path
 LOSS_PHASES = (0, 5, 20)
-PHASE_S = 5.0
+PHASE_S = 4.0
 SETTLE_NS = 300_000_000
+#: issue 13: decoded fraction >= 1 - LOSS_FACTOR x loss
+LOSS_FACTOR = 1.3
 """Frames captured in the first 0.3 s of a phase are left out (the rule changed mid-flight)."""
 
 
@@ -338,13 +345,18 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
 
 
-def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
+def test_loss_costs_webrtc_its_lost_frames_and_stalls_the_websocket(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    """One sender (WebRTC, in the server's host b) and two receivers in host a, one per
-    transport; the router drops 0, 5, then 20 % of the UDP *and* TCP packets towards
-    host a, a phase each. The WebRTC receiver decodes about (1 - loss) of the frames
-    with a p95 latency that does not grow; the WebSocket one decodes every frame, late
+    """A real sender pipeline (WebRTC, ``encode.references: auto`` = anchor) in host a, the
+    server in host b, two receivers in host a, one per transport; the router drops 0, 5,
+    then 20 % of the UDP *and* TCP packets to and from host a, a phase each, so both legs
+    lose (publisher -> server and server -> subscriber, acks, NACKs and repairs too).
+
+    Loss does not multiply (issue 13): the WebRTC receiver decodes at least
+    1 - 1.3 x the combined loss of the two legs (1 - (1 - p)^2): anchors travel reliably
+    and are repaired by NACK (docs/webrtc.md, "Loss repair"), other deltas cost only
+    themselves. The WebSocket receiver decodes every frame that reached the server, late
     (head-of-line blocking behind TCP retransmissions)."""
     server = _server(net)
     a = net.host("a")
@@ -355,14 +367,14 @@ def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
         for rx in (rx_rtc, rx_ws):
             rx.line("joined room A", 20)
         duration = len(LOSS_PHASES) * PHASE_S + 4.0
-        sender, _ = _sender(net, tmp_path, server, "webrtc", duration, where="b")
+        sender, _ = _sender(net, tmp_path, server, "webrtc", duration)
         path = rx_rtc.out_path.with_suffix(".jsonl")
         wait_for(lambda: path.exists() and path.stat().st_size > 0, 30, step=0.05)
         for pct in LOSS_PHASES:
             net.clear_faults()
             if pct:
-                net.add_drop("udp", pct, host="a", direction="to")
-                net.add_drop("tcp", pct, host="a", direction="to")
+                net.add_drop("udp", pct, host="a", direction="both")
+                net.add_drop("tcp", pct, host="a", direction="both")
             t0 = time.time_ns()
             time.sleep(PHASE_S)
             phases.append((pct, t0, time.time_ns()))
@@ -379,7 +391,6 @@ def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
             rx.kill()
         server.stop()
     assert rep_rtc["transport"]["kind"] == "webrtc", rep_rtc["transport"]
-    assert rep_rtc["transport"]["stats"]["extra"]["rtc_dead_detections"] == 0
     (rtc_stream,) = rep_rtc["publishers"].values()
     print(f"webrtc figure: loss run receiver stream {rtc_stream}")
     rtc, ws = _live(rx_rtc), _live(rx_ws)
@@ -389,29 +400,36 @@ def test_loss_webrtc_delivers_what_survives_and_websocket_stalls(
         def in_phase(p: dict[str, Any], t0: int = t0, t1: int = t1) -> bool:
             return bool(t0 + SETTLE_NS <= p["capture_ts_ns"] < t1)
 
-        sent = {s for s, p in ws.items() if in_phase(p)}  # TCP delivers every frame
+        # the sender numbers every frame it sends: the phase's frames are every sequence
+        # number from the first to the last that reached the WebSocket receiver (what the
+        # publisher leg lost never reached the server)
+        reached = sorted(s for s, p in ws.items() if in_phase(p))
+        sent = set(range(reached[0], reached[-1] + 1))
         got = {s for s, p in rtc.items() if in_phase(p)}
         assert len(sent) > PHASE_S * 20, (pct, len(sent))
         assert got <= sent
-        for s in got:  # the same packet decodes to the same pose on both paths
+        for s in got & set(reached):  # the same packet decodes to the same pose on both
             assert rtc[s]["image"] == ws[s]["image"], s
+        combined = 1 - (1 - pct / 100) ** 2
         f = figures[pct] = {
-            "delivered": len(got) / len(sent),
+            "decoded": len(got) / len(sent),
+            "target": 1 - LOSS_FACTOR * combined,
+            "rtc_p50": _p([rtc[s]["latency_ms"] for s in got], 0.50),
             "rtc_p95": _p([rtc[s]["latency_ms"] for s in got], 0.95),
-            "ws_p95": _p([ws[s]["latency_ms"] for s in sent], 0.95),
-            "ws_p99": _p([ws[s]["latency_ms"] for s in sent], 0.99),
+            "ws_p50": _p([ws[s]["latency_ms"] for s in reached], 0.50),
+            "ws_p95": _p([ws[s]["latency_ms"] for s in reached], 0.95),
+            "ws_p99": _p([ws[s]["latency_ms"] for s in reached], 0.99),
         }
         for name, value in f.items():
             figure(record_property, f"loss{pct}_{name}", value)
-    assert figures[0]["delivered"] >= 0.98, figures
-    # about (1 - loss); the lower bounds leave room for a loaded machine (one run with the
-    # other suites running beside it delivered 0.871 at 5 %)
-    assert 0.85 <= figures[5]["delivered"] <= 1.0, figures
-    assert 0.65 <= figures[20]["delivered"] <= 0.92, figures
-    # WebRTC: latency does not grow with loss; WebSocket: stalls behind retransmissions
-    assert figures[20]["rtc_p95"] <= figures[0]["rtc_p95"] + 10.0, figures
+    assert figures[0]["decoded"] >= 0.98, figures
+    for pct in LOSS_PHASES[1:]:
+        assert figures[pct]["decoded"] >= figures[pct]["target"], figures
+    assert rtc_stream["held"] > 0, rtc_stream  # frames waited for a repaired anchor
+    # WebRTC: the frames that did not wait are as fast as on a clean path; the WebSocket
+    # stalls behind its retransmissions
+    assert figures[20]["rtc_p50"] <= figures[0]["rtc_p50"] + 10.0, figures
     assert figures[20]["ws_p99"] >= 100.0, figures
-    assert figures[20]["ws_p95"] >= 3 * figures[20]["rtc_p95"], figures
 
 
 TURN_USER, TURN_PASSWORD = "posewire", "turn-secret-2"

@@ -13,9 +13,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol, cast
 
-from pipeline.errors import ConfigError, PosewireError
+from pipeline.errors import ConfigError, PosewireError, TransportError
 
 
 class _Command(Protocol):
@@ -41,6 +42,38 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_USAGE = 2
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--server URL`` (repeatable, or a comma list: tried in turn) and ``--ca-file``,
+    the options of every command that joins a room."""
+    parser.add_argument(
+        "--server",
+        required=True,
+        action="append",
+        metavar="URL",
+        help="server URL, e.g. http://127.0.0.1:8765 or https://rooms.example.org; repeat it "
+        "(or give a comma list) for servers tried in turn when one is lost",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="CA certificate(s) to verify https/wss servers with (default: the system's CAs)",
+    )
+
+
+def check_server_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad ``--server``/``--ca-file`` values (naming the option) before connecting."""
+    from pipeline.model.tls import client_context
+    from pipeline.transports.endpoints import server_urls
+
+    try:
+        server_urls(args.server)
+    except TransportError as exc:
+        raise ConfigError([f"--server: {exc}"]) from None
+    if args.ca_file is not None:
+        client_context(args.ca_file, field="--ca-file")
 
 
 def _load(name: str) -> _Command:

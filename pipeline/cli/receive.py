@@ -19,6 +19,7 @@ from typing import IO, Any
 import numpy as np
 from pydantic import ValidationError
 
+from pipeline.cli import add_server_arguments, check_server_arguments
 from pipeline.client.receiver import TRANSPORT_CHOICES, ReceivedPose, Receiver
 from pipeline.client.recording import Recorder, RecordingWriter
 from pipeline.client.vmc import VmcSender, parse_target
@@ -79,7 +80,7 @@ def write_npz(path: Path, poses: list[ReceivedPose]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8765")
+    add_server_arguments(parser)
     parser.add_argument("--room", required=True, help="room to join")
     parser.add_argument("--token", required=True, help="access token with 'subscribe'")
     parser.add_argument("--duration", type=float, help="seconds to receive (default: until ^C)")
@@ -207,6 +208,7 @@ def main(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise TransportError("--duration must be positive")
     ice_settings(args)  # refuse bad ICE options before connecting
+    check_server_arguments(args)
     if not args.record_max_mb > 0:
         raise RecordingError("--record-max-mb must be positive")
     return asyncio.run(_main(args))
@@ -234,7 +236,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     writer: RecordingWriter | None = None
     if args.record is not None:
-        header = {"room": args.room, "server": args.server, "tool": "posewire receive"}
+        header = {"room": args.room, "server": ",".join(args.server), "tool": "posewire receive"}
         writer = RecordingWriter(
             args.record, header, max_bytes=int(args.record_max_mb * 1024 * 1024)
         )
@@ -246,6 +248,7 @@ async def _main(args: argparse.Namespace) -> int:
         transport_kind=args.transport,
         ice_servers=ice_servers,
         rtc=rtc,
+        ca_file=args.ca_file,
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
         on_state=on_state,

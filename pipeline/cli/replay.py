@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cli import add_server_arguments, check_server_arguments
 from pipeline.client import recording
 from pipeline.codec import CodecConfig, Encoder, warm_kernels
 from pipeline.codec.quant import Quant
@@ -222,7 +223,7 @@ async def _send(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a recording (receive --record FILE)")
-    parser.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8765")
+    add_server_arguments(parser)
     parser.add_argument("--room", required=True, help="room to publish into")
     parser.add_argument("--token", required=True, help="access token with 'publish_pose'")
     parser.add_argument("--speed", type=float, default=1.0, help="time scale (2: twice as fast)")
@@ -248,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:
         known = ", ".join(k.value for k in TransportKind)
         raise RecordingError(f"unknown --transport {args.transport!r} (known: {known})") from None
+    check_server_arguments(args)
     rec = recording.read(args.file)
     if rec.problem:
         print(f"warning: {args.file}: {rec.problem}")
@@ -255,7 +257,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = TransmitConfig.model_validate(
             {
                 "primary": kind,
-                "server_url": args.server,
+                "servers": args.server,
+                "ca_file": args.ca_file,
                 "room": args.room,
                 "connect_timeout_s": args.connect_timeout,
             }

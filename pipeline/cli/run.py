@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config", type=Path, nargs="?", default=Path("pipeline.yaml"), help="pipeline YAML"
     )
     parser.add_argument(
-        "--duration", type=float, metavar="SECONDS", help="stop after this many seconds (exit 0)"
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this many seconds of streaming, counted once every stage is up (exit 0)",
     )
     parser.add_argument("--report", type=Path, metavar="PATH", help="write a JSON run report")
     parser.add_argument("--run-id", help="run id (default: supervisor.run_id, else random)")

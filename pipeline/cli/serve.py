@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import ServerConfig, load_config
+from pipeline.config import ServerConfig, TlsConfig, load_config, server_section
+from pipeline.errors import ConfigError
 
 HELP = (
     "Run the room server (rooms, tokens, WebSocket relay, /metrics). The token secret comes "
@@ -28,10 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="development mode: POST /api/dev/token mints tokens; refused on non-loopback hosts",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--certfile", type=Path, help="serve https/wss: PEM certificate chain (server.tls)"
+    )
+    parser.add_argument("--keyfile", type=Path, help="with --certfile: its PEM private key")
 
 
-def server_config(path: Path | None) -> ServerConfig:
-    return load_config(path).server if path is not None else ServerConfig()  # type: ignore[call-arg]
+def server_config(path: Path | None, args: argparse.Namespace | None = None) -> ServerConfig:
+    """The ``server`` section of ``path`` (defaults without one), its paths absolute;
+    ``--certfile/--keyfile`` of ``args`` replace ``server.tls``."""
+    cfg = server_section(load_config(path)) if path is not None else ServerConfig()  # type: ignore[call-arg]
+    cert, key = (getattr(args, "certfile", None), getattr(args, "keyfile", None))
+    if (cert is None) != (key is None):
+        raise ConfigError(["--certfile and --keyfile go together (server.tls): give both"])
+    if cert is not None and key is not None:
+        cfg = cfg.model_copy(update={"tls": TlsConfig(certfile=cert, keyfile=key)})
+    return cfg
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -48,9 +61,13 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.server.app import serve
+    from pipeline.model.tls import TLS_FIELDS, server_context
+    from pipeline.server.app import scheme, serve
 
-    cfg = server_config(args.config)
+    cfg = server_config(args.config, args)
+    if cfg.tls is not None:  # a certificate or key it cannot use: one error, nothing starts
+        names = ("--certfile", "--keyfile") if args.certfile else TLS_FIELDS
+        server_context(cfg.tls.certfile, cfg.tls.keyfile, fields=names)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s server %(levelname)s %(message)s",
@@ -68,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
     def ready(host: str, port: int) -> None:
         extra = "  (dev: POST /api/dev/token)" if (dev or cfg.dev) else ""
-        print(f"posewire server listening on http://{host}:{port}{extra}", flush=True)
+        print(f"posewire server listening on {scheme(cfg)}://{host}:{port}{extra}", flush=True)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -53,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import psutil
@@ -77,8 +78,9 @@ from pipeline.errors import (
 from pipeline.model.landmarks import frame_from_result
 from pipeline.model.pose import PoseFrame
 from pipeline.transports.base import Control, Received, StateChange, TransportContext
+from pipeline.transports.endpoints import server_urls
 from pipeline.transports.sender import FALLBACK_OF, Sender, WhenThrottled
-from pipeline.transports.websocket import WebSocketTransport, ws_url
+from pipeline.transports.websocket import WebSocketTransport
 
 log = logging.getLogger("posewire.client")
 
@@ -135,18 +137,20 @@ Event = PoseEvent | PresenceEvent | ConnectionEvent
 
 def _transmit_config(
     kind: TransportKind,
-    server_url: str,
+    server_url: str | Sequence[str],
     room: str,
     *,
     ice_servers: Sequence[IceServer | Mapping[str, Any]],
     rtc: RtcConfig | None,
     connect_timeout_s: float,
     max_bandwidth_kbps: float | None,
+    ca_file: str | Path | None,
 ) -> TransmitConfig:
-    ws_url(server_url)  # a TransportError naming a bad URL, before anything else
+    urls = server_urls(server_url)  # a TransportError naming a bad URL, before anything else
     data: dict[str, Any] = {
         "primary": kind,
-        "server_url": server_url,
+        "servers": urls,
+        "ca_file": ca_file,
         "room": room,
         "connect_timeout_s": connect_timeout_s,
         "max_bandwidth_kbps": max_bandwidth_kbps,
@@ -173,7 +177,7 @@ class Client:
 
     def __init__(
         self,
-        server_url: str,
+        server_url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -188,6 +192,7 @@ class Client:
         max_bandwidth_kbps: float | None = None,
         connect_timeout_s: float = 5.0,
         max_events: int = 4096,
+        ca_file: str | Path | None = None,
     ) -> None:
         if transport not in TRANSPORT_CHOICES:
             raise ConfigError([f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, "
@@ -212,6 +217,7 @@ class Client:
             rtc=rtc,
             connect_timeout_s=connect_timeout_s,
             max_bandwidth_kbps=max_bandwidth_kbps,
+            ca_file=ca_file,
         )
         context = TransportContext(
             token=lambda: token, name=self.name, publish=publish, subscribe=subscribe
@@ -242,7 +248,9 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def connect(cls, server_url: str, room: str, token: str, **options: Any) -> Client:
+    async def connect(
+        cls, server_url: str | Sequence[str], room: str, token: str, **options: Any
+    ) -> Client:
         """A joined client (the keyword options are those of the constructor)."""
         client = cls(server_url, room, token, **options)
         await client.open()
@@ -383,7 +391,7 @@ class Client:
         rx = self._receiver
         if rx is None:
             rx = self._receiver = Receiver(
-                self._cfg.server_url,
+                self._cfg.urls,
                 self.room,
                 self._token,
                 transport=t,

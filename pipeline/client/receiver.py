@@ -42,9 +42,11 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pipeline.codec import Decoded, Decoder, NeedKeyframe, peek_header, warm_kernels
+from pipeline.codec import Decoded, peek_header, warm_kernels
+from pipeline.codec.holding import HoldingDecoder
 from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import ProtocolError, RefusedError, TransportError
 from pipeline.model.pose import PoseFrame
@@ -57,7 +59,9 @@ from pipeline.wire.messages import Backfill
 
 log = logging.getLogger("posewire.receiver")
 
-KEYFRAME_REQUEST_INTERVAL_S = 0.1
+#: a request naming a missing reference at most this often per stream (the repair on
+#: the lossy channel may be lost too: the next packet that waits asks again)
+NACK_INTERVAL_S = 0.05
 #: what ``--transport`` may name: auto is WebRTC when the server takes offers and this
 #: host can reach it (not on loopback), else the WebSocket (saying why)
 TRANSPORT_CHOICES = ("auto", "webrtc", "websocket")
@@ -93,7 +97,7 @@ def clock_offset(record: dict[str, Any]) -> tuple[int | None, bool]:
 
 def member_transport(
     kind: str,
-    url: str,
+    url: str | Sequence[str],
     room: str,
     token: str,
     name: str,
@@ -101,10 +105,12 @@ def member_transport(
     *,
     ice_servers: Sequence[IceServer] = (),
     rtc: RtcConfig | None = None,
+    ca_file: Path | None = None,
 ) -> MemberTransport:
     """A subscribing member's transport: ``websocket``, ``webrtc`` (fails where WebRTC
     cannot work) or ``auto`` (WebRTC where it can, else the WebSocket, saying why);
-    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat)."""
+    ``ice_servers`` and ``rtc`` configure the WebRTC side (STUN/TURN, heartbeat);
+    ``url`` may be a list (tried in turn), ``ca_file`` verifies https/wss servers."""
     if kind not in TRANSPORT_CHOICES:
         choices = ", ".join(TRANSPORT_CHOICES)
         raise TransportError(f"transport must be one of {choices}, not {kind!r}")
@@ -113,6 +119,7 @@ def member_transport(
         "subscribe": True,
         "name": name,
         "connect_timeout_s": connect_timeout_s,
+        "ca_file": ca_file,
     }
     if kind == "websocket":
         return WebSocketTransport(url, room, token, **options)
@@ -168,6 +175,13 @@ class StreamStats:
     """Packets that could not be decoded for lack of their reference."""
     bad_packets: int = 0
     keyframe_requests: int = 0
+    held: int = 0
+    """Packets that arrived before their reference and waited for it (decoded later, or
+    counted in ``need_keyframe`` when it did not come in time)."""
+    duplicates: int = 0
+    """Second copies of decoded packets (a repair that crossed the original), skipped."""
+    late: int = 0
+    """Packets that arrived after a newer one (counted as lost first, then not)."""
     first_seq: int | None = None
     last_seq: int | None = None
     first_decoded_at: int | None = None
@@ -224,6 +238,9 @@ class StreamStats:
             self.live_last = seq
         elif keyframe:  # a restarted publisher: a new sequence
             self.live_last = seq
+        elif self.lost > 0:  # it was counted lost when a newer one came first
+            self.lost -= 1
+            self.late += 1
         return False
 
     def summary(self) -> dict[str, Any]:
@@ -239,6 +256,9 @@ class StreamStats:
             "need_keyframe": self.need_keyframe,
             "bad_packets": self.bad_packets,
             "keyframe_requests": self.keyframe_requests,
+            "held": self.held,
+            "duplicates": self.duplicates,
+            "late": self.late,
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "first_decoded_at": self.first_decoded_at,
@@ -266,7 +286,7 @@ class Receiver:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -279,6 +299,7 @@ class Receiver:
         transport_kind: str = "websocket",
         ice_servers: Sequence[IceServer] = (),
         rtc: RtcConfig | None = None,
+        ca_file: Path | None = None,
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
@@ -293,6 +314,7 @@ class Receiver:
             connect_timeout_s,
             ice_servers=ice_servers,
             rtc=rtc,
+            ca_file=ca_file,
         )
         self.room = room
         self.keep_poses = keep_poses
@@ -308,7 +330,7 @@ class Receiver:
         self.streams: dict[int, StreamStats] = {}
         self.events: list[Control | StateChange] = []
         self.disconnects = 0
-        self._decoders: dict[int, Decoder] = {}
+        self._decoders: dict[int, HoldingDecoder[tuple[int, bool]]] = {}
         self._started: float | None = None
         self._ended: float | None = None
         self.error: BaseException | None = None
@@ -380,6 +402,8 @@ class Receiver:
                 self.disconnects += 1
             else:
                 # a new server (or a new membership) starts every stream again
+                for sid, holding in self._decoders.items():
+                    self._stream(sid).need_keyframe += holding.held(sid)
                 self._decoders.clear()
                 for st in self.streams.values():
                     st.new_session()
@@ -399,30 +423,44 @@ class Receiver:
             st.bad_packets += 1
             return
         st = self._stream(h.stream_id)
-        is_backfill = st.count(h.seq, h.keyframe)
         decoder = self._decoders.get(h.stream_id)
         if decoder is None:
-            decoder = self._decoders[h.stream_id] = Decoder()
+            decoder = self._decoders[h.stream_id] = HoldingDecoder()
+        if not h.keyframe and decoder.has(h.stream_id, h.seq):
+            st.duplicates += 1  # a repaired packet that crossed its original
+            return
+        is_backfill = st.count(h.seq, h.keyframe)
+        now = time.monotonic()
         try:
-            res = decoder.decode(data)
+            done, missing = decoder.feed(data, (item.received_ns, is_backfill), now)
         except ProtocolError:
             st.bad_packets += 1
             return
-        if isinstance(res, NeedKeyframe):
-            st.need_keyframe += 1
-            now = time.monotonic()
-            if now - st.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL_S:
-                st.last_keyframe_request = now
-                st.keyframe_requests += 1
-                with contextlib.suppress(TransportError):
-                    await self.transport.request_keyframe(h.stream_id)
+        st.need_keyframe += decoder.expire(now)
+        if missing is not None:
+            st.held += 1
+            await self._ask_for(st, h.stream_id, missing.missing_ref, now)
+        for res, (received_ns, backfill) in done:
+            self._deliver(st, res, received_ns, backfill)
+
+    async def _ask_for(self, st: StreamStats, stream_id: int, ref: int, now: float) -> None:
+        """A packet waits for reference ``ref``: ask the server for it (a NACK it answers
+        from its history when it has the packet, else with a keyframe; docs/webrtc.md),
+        at most every :data:`NACK_INTERVAL_S` per stream."""
+        if now - st.last_keyframe_request < NACK_INTERVAL_S:
             return
-        assert isinstance(res, Decoded)
+        st.last_keyframe_request = now
+        st.keyframe_requests += 1
+        with contextlib.suppress(TransportError):
+            await self.transport.request_keyframe(stream_id, ref)
+
+    def _deliver(self, st: StreamStats, res: Decoded, received_ns: int, is_backfill: bool) -> None:
+        stream_id = res.header.stream_id
         t_dec = time.time_ns()
         st.decoded += 1
         if st.first_decoded_at is None:
             st.first_decoded_at = st.received
-        owner = self.transport.stream_owner(h.stream_id)
+        owner = self.transport.stream_owner(stream_id)
         pub_off: int | None = None
         bad = False
         if owner is not None:
@@ -433,7 +471,7 @@ class Receiver:
             st.bad_member_records += 1
             log.warning(
                 "stream %d: member %s sent an invalid clock offset: ignored (latency uncorrected)",
-                h.stream_id,
+                stream_id,
                 st.member_id,
             )
         st.bad_record = bad
@@ -447,7 +485,7 @@ class Receiver:
         if len(samples) < MAX_LATENCY_SAMPLES:
             samples.append(latency_ms)
         pose = ReceivedPose(
-            h.stream_id, st.member_id, res.frame, item.received_ns, t_dec, latency_ms, is_backfill
+            stream_id, st.member_id, res.frame, received_ns, t_dec, latency_ms, is_backfill
         )
         if self.keep_poses:
             self.poses.append(pose)

@@ -216,6 +216,12 @@ class Decoder:
         self.stats.decoded += 1
         return Decoded(PoseFrame(seq, ts, image, world if has_world else None), header)
 
+    def has(self, stream_id: int, seq: int) -> bool:
+        """Whether frame ``seq`` of ``stream_id`` was decoded and is still kept (a second
+        copy of its packet, e.g. a repair that crossed the original, is a duplicate)."""
+        st = self._streams.get(stream_id)
+        return st is not None and seq in st.entries
+
     def ack_for(self, result: Decoded | NeedKeyframe) -> Feedback:
         """The :class:`Feedback` to send back (reliably) for a decode result.
 

@@ -13,15 +13,15 @@ The decision lives in the supervisor, beside the transport policy
 (:mod:`pipeline.runtime.policy`), for the same reason: the figures come from one stage
 (the transmit stage's ``latency_ms_p95``, ``bandwidth_limit_kbps``, the bytes offered to
 its send queue ``sendqueue_queued_bytes_total``, the paths' ``ack_rtt_ms`` /
-``path_<kind>_rtt_p50_ms``) and the action is taken by another (the encode stage, the
+``path_<kind>_rtt_ms``) and the action is taken by another (the encode stage, the
 only place where a frame can be left out before it costs a reference, and where the
 quantization is chosen). :class:`DegradationLadder` judges them at every heartbeat:
 
 * **down** one level when the capture-to-send p95 exceeds ``transmit.max_latency_ms``
   while packets wait in the send queue (``latency``: the link's fault, not a slow
   detector's, and not the tail of a backlog already drained), the best connected
-  path's median ack RTT exceeds it (``rtt``: with a hot standby the transport policy
-  switches first; the ladder acts when both are slow), or
+  path's ack RTT (``path_<kind>_rtt_ms``) exceeds it (``rtt``: with a hot standby the
+  transport policy switches first; the ladder acts when both are slow), or
   the cap is below the rate offered over the time since the last step (``bandwidth``);
   at most one step per ``transmit.window_s``;
 * **up** one level after all of that stayed good for ``transmit.hold_s`` (and one
@@ -115,8 +115,8 @@ class DegradationLadder:
             v
             for k, v in m.items()
             if k.startswith("path_")
-            and k.endswith("_rtt_p50_ms")
-            and m.get(k.removesuffix("rtt_p50_ms") + "connected")
+            and k.endswith("_rtt_ms")
+            and m.get(k.removesuffix("rtt_ms") + "connected")
         ]
         if rtts:
             return min(rtts)

@@ -2,12 +2,14 @@
 
 The supervisor sees every stage's metrics; the stage with a hot standby
 (``transport_hot_standby`` 1: the transmit stage with a ``transmit.fallback``) exports
-per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_p50_ms`` (server acks over
-``transmit.window_s``), ``_failure_rate`` (failed sends / sends over the window),
-``_buffered_bytes`` (:mod:`pipeline.transports.health`). :class:`TransportPolicy` judges
-them at every heartbeat:
+per transport ``path_<kind>_connected``, ``_dead``, ``_rtt_ms`` (server acks, or
+the standby's probe, over ``transmit.window_s``:
+:meth:`~pipeline.transports.health.PathHealth.rtt_ms`), ``_failure_rate`` (failed
+sends / sends over the window), ``_buffered_bytes`` (:mod:`pipeline.transports.health`).
+:class:`TransportPolicy` judges them at every heartbeat:
 
-* on the primary: switch to the fallback when its median ack RTT (:data:`RTT_FIGURE`) exceeds
+* on the primary: switch to the fallback when its ack RTT (the median of per-slot minima)
+  exceeds
   ``max_latency_ms`` (``reason=latency``), its failure rate exceeds ``switch_threshold``
   (``failure_rate``) or it is dead (``dead``: the stage already failed over by itself at
   the moment it saw the dead path, a round trip through here would cost heartbeats; the
@@ -36,11 +38,6 @@ from pipeline.config import TransmitConfig
 
 log = logging.getLogger("posewire.policy")
 
-#: the ack-RTT figure judged against ``max_latency_ms``: the median, because a loss on the
-#: reliable channel the acks come back on delays the acks behind it by a retransmission
-#: (10 % UDP loss put the p95 at 170-370 ms with no added latency: bench switch), while
-#: a slow path delays every ack
-RTT_FIGURE = "rtt_p50_ms"
 #: a command sent is taken as under way this long (the stage's metrics then show it)
 PENDING_S = 1.0
 
@@ -68,8 +65,7 @@ class TransportPolicy:
         return {
             "connected": m.get(p + "connected"),
             "dead": m.get(p + "dead"),
-            "rtt_p95_ms": m.get(p + "rtt_p95_ms"),
-            "rtt_p50_ms": m.get(p + "rtt_p50_ms"),
+            "rtt_ms": m.get(p + "rtt_ms"),
             "failure_rate": m.get(p + "failure_rate"),
             "buffered_bytes": m.get(p + "buffered_bytes"),
         }
@@ -126,7 +122,7 @@ class TransportPolicy:
             self._healthy_since = None
             return  # no standby to go to
         cfg = self.cfg
-        rtt, fail = prim[RTT_FIGURE], prim["failure_rate"] or 0.0
+        rtt, fail = prim["rtt_ms"], prim["failure_rate"] or 0.0
         if active == self.primary:
             # a dead primary: the stage fails over by itself (recorded above)
             if rtt is not None and rtt > cfg.max_latency_ms:

@@ -219,7 +219,7 @@ class Supervisor:
 
     def _loop(self) -> None:
         assert self._router is not None
-        deadline = None if self.duration_s is None else self._started + self.duration_s
+        deadline: float | None = None
         next_status = time.monotonic() + 5.0
         while self.exit_code is None:
             events = dict(self._poller.poll(50))
@@ -236,6 +236,10 @@ class Supervisor:
             now = time.monotonic()
             if self._held:
                 self._release_head(now)
+            if deadline is None and self.duration_s is not None and not self._held:
+                # the duration is streaming time: counted from the start of the heads of
+                # the data path, so a slow start-up (a loaded machine) does not eat it
+                deadline = now + self.duration_s
             self._check_hung(now)
             self._check_drain()
             if self._signal is not None:

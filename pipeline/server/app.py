@@ -37,6 +37,7 @@ from aiohttp import web
 from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
+from pipeline.model.tls import server_context
 from pipeline.server import api, guard, members
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import Member, RoomManager
@@ -135,10 +136,15 @@ async def serve(
     (useful with ``port=0``). Members are closed with 1001 on shutdown. Pass
     ``app`` (from :func:`create_app` with the same host) to keep a handle on
     its :data:`STATE`. An address that cannot be bound raises
-    :class:`~pipeline.errors.TransportError`.
+    :class:`~pipeline.errors.TransportError`. With ``config.tls`` it serves https/wss
+    (TLS 1.2+; the handshake counts against ``header_timeout_s``); a certificate or key
+    it cannot use raises :class:`~pipeline.errors.ConfigError` naming the field, before
+    anything listens.
     """
     h = config.host if host is None else host
     p = config.port if port is None else port
+    tls = config.tls
+    ssl_ctx = server_context(tls.certfile, tls.keyfile) if tls is not None else None
     if app is None:
         app = create_app(config, host=h, dev=dev)
     state = app[STATE]
@@ -155,12 +161,17 @@ async def serve(
         try:
             # not a TCPSite: the guard wraps the protocol factory (aiohttp's web.Server)
             listener = await loop.create_server(
-                state.guard.protocol_factory(runner.server), h, p, backlog=BACKLOG
+                state.guard.protocol_factory(runner.server),
+                h,
+                p,
+                backlog=BACKLOG,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=config.header_timeout_s if ssl_ctx is not None else None,
             )
         except OSError as exc:
             raise TransportError(f"cannot listen on {h}:{p}: {exc.strerror or exc}") from exc
         bound = listener.sockets[0].getsockname()
-        log.info("posewire server listening on http://%s:%d", h, bound[1])
+        log.info("posewire server listening on %s://%s:%d", scheme(config), h, bound[1])
         if ready_cb is not None:
             ready_cb(h, int(bound[1]))
         if stop is None:
@@ -172,6 +183,11 @@ async def serve(
             listener.close()
         await runner.cleanup()
         restore_handler()
+
+
+def scheme(config: ServerConfig) -> str:
+    """``https`` when the server speaks TLS (``server.tls``), else ``http``."""
+    return "https" if config.tls is not None else "http"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -199,4 +215,4 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
-__all__ = ["STATE", "ServerState", "create_app", "serve"]
+__all__ = ["STATE", "ServerState", "create_app", "scheme", "serve"]

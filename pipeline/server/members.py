@@ -67,6 +67,10 @@ WEBRTC = "webrtc"
 SIGNALING = frozenset({"rtc_offer", "rtc_candidate", "rtc_close"})
 #: a WebRTC member's keyframe repairs, at most one per stream this often
 REPAIR_INTERVAL_S = 0.1
+#: a NACK repair of one packet to one member at most this often (the member asks again
+#: while the packet is missing: the copy on the lossy channel may be lost too)
+NACK_INTERVAL_S = 0.05
+MAX_NACKS_KEPT = 64
 
 
 class MemberSocket(web.WebSocketResponse):
@@ -99,31 +103,62 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/ws", ws_handler)
 
 
-def repair_keyframe(state: ServerState, member: Member, stream_id: int) -> None:
+def repair_keyframe(
+    state: ServerState, member: Member, stream_id: int, ref_seq: int | None = None
+) -> None:
     """A ``keyframe_request`` from a member on an open WebRTC link.
 
-    Keyframes and the deltas that do not decode on their own travel on the reliable
-    channel, so a member that was sent the stream's latest keyframe will have it:
-    the request came from a delta that overtook it on the lossy channel, and is
-    ignored (counted). Otherwise the stored keyframe and its chained history are
-    re-sent on ``control`` (a ``backfill``), at most every
-    :data:`REPAIR_INTERVAL_S` per stream; the publisher is asked only when nothing
-    is stored (or over the WebSocket)."""
+    With ``ref_seq`` (the missing reference of the packet that did not decode) and that
+    packet in the stream's history, the packet is sent again on the lossy channel (a
+    NACK repair: an anchor delayed by the reliable channel's retransmission, or lost;
+    at most every :data:`NACK_INTERVAL_S` per member and packet). Otherwise: keyframes
+    and the packets later ones predict from travel on the reliable channel, so a member
+    that was sent the stream's latest keyframe will have it: the request came from a
+    delta that overtook it on the lossy channel, and is ignored (counted). Otherwise the
+    stored keyframe and its chained history are re-sent on ``control`` (a
+    ``backfill``), at most every :data:`REPAIR_INTERVAL_S` per stream; the publisher is
+    asked only when nothing is stored (or over the WebSocket)."""
     room = member.room
     stream = room.streams.get(stream_id)
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
         return
+    now = time.monotonic()
+    if ref_seq is not None and (pkt := stream.stored(ref_seq)) is not None:
+        key = (stream_id, ref_seq)
+        if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+            return
+        member.nacked[key] = now
+        while len(member.nacked) > MAX_NACKS_KEPT:
+            del member.nacked[next(iter(member.nacked))]
+        if member.repair(pkt):
+            state.metrics.nack_repairs += 1
+            return
     if stream.anchored and member.holds_keyframe(stream.keyframe):
         # it went on the reliable channel: the delta that asked raced ahead of it
         state.metrics.keyframe_repairs_skipped += 1
         return
-    now = time.monotonic()
     if now - member.repaired.get(stream_id, -1e9) < REPAIR_INTERVAL_S:
         return
     member.repaired[stream_id] = now
     state.metrics.keyframe_repairs += 1
     member.post_snapshot(stream.snapshot())
+
+
+def _nack_publisher(state: ServerState, member: Member, stream_id: int, seq: int | None) -> None:
+    """Ask a WebRTC publisher for packet ``seq`` again (a delta that predicts from it came
+    first), at most every :data:`NACK_INTERVAL_S` per packet."""
+    if seq is None:
+        return
+    now = time.monotonic()
+    key = (stream_id, seq)
+    if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+        return
+    member.nacked[key] = now
+    while len(member.nacked) > MAX_NACKS_KEPT:
+        del member.nacked[next(iter(member.nacked))]
+    state.metrics.nacks_sent += 1
+    member.post_text(messages.nack(stream_id, seq))
 
 
 async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, message: str) -> None:
@@ -366,6 +401,9 @@ async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered
     pkt = StoredPacket(h.stream_id, h.seq, h.ref_seq, h.keyframe, data, h.epoch, t_recv)
     if not ordered:
         stream.presume_anchored()  # a WebRTC publisher: keyframe references (docs/webrtc.md)
+    if not ordered and stream.lacks(h.ref_seq):
+        pkt.early = True
+        _nack_publisher(state, member, h.stream_id, h.ref_seq)
     stream.add(pkt)
     state.metrics.packets_in += 1
     member.post_text(messages.ack(h.stream_id, h.seq))
@@ -388,7 +426,7 @@ async def _on_control(state: ServerState, member: Member, obj: dict[str, Any], t
             {"type": "presence", "event": "update", "member": member.info()}, exclude=member
         )
     elif kind == "keyframe_request":
-        repair_keyframe(state, member, obj["stream_id"])
+        repair_keyframe(state, member, obj["stream_id"], obj.get("ref_seq"))
     elif kind in SIGNALING:
         await state.rtc.signal(member, obj)
     elif kind == "hb":

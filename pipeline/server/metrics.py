@@ -67,6 +67,10 @@ class ServerMetrics:
     """Stored keyframes re-sent to a WebRTC member that asked for one."""
     keyframe_repairs_skipped: int = 0
     """Keyframe requests of WebRTC members that were already sent the keyframe (reliably)."""
+    nack_repairs: int = 0
+    """Stored packets sent again to a WebRTC member that named them as missing (NACK)."""
+    nacks_sent: int = 0
+    """Packets asked again of WebRTC publishers (a delta that predicts from them came first)."""
     by_transport: dict[str, Counter[str]] = field(
         default_factory=lambda: {t: Counter() for t in TRANSPORTS}
     )
@@ -137,6 +141,8 @@ class ServerMetrics:
         out.add(f"{PREFIX}late_packets_total", self.late_packets)
         out.add(f"{PREFIX}keyframe_repairs_total", self.keyframe_repairs)
         out.add(f"{PREFIX}keyframe_repairs_skipped_total", self.keyframe_repairs_skipped)
+        out.add(f"{PREFIX}nack_repairs_total", self.nack_repairs)
+        out.add(f"{PREFIX}nacks_sent_total", self.nacks_sent)
         for transport in TRANSPORTS:
             c = self.by_transport[transport]
             for what in ("messages_in", "messages_out", "bytes_in", "bytes_out"):
@@ -212,6 +218,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
             "counter",
             "Keyframe requests of WebRTC members already sent the keyframe on control.",
         ),
+        ("nack_repairs_total", "counter", "Stored packets re-sent to WebRTC members (NACK)."),
+        ("nacks_sent_total", "counter", "Packets asked again of WebRTC publishers (NACK)."),
         ("transport_messages_in_total", "counter", "Messages received, per transport."),
         ("transport_messages_out_total", "counter", "Messages sent, per transport."),
         ("transport_bytes_in_total", "counter", "Bytes received, per transport."),

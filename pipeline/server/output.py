@@ -110,14 +110,33 @@ class MemberOutput:
         if (
             have is not None
             and pkt.ref_seq is not None
-            and pkt.ref_seq in have.seqs
             and pkt.epoch == have.epoch
+            and (pkt.ref_seq in have.seqs or (pkt.early and pkt.ref_seq > have.newest))
         ):
+            # (a packet that overtook its reference on the publisher leg: the reference
+            # follows, and the subscriber holds the packet until then; docs/webrtc.md)
             have.add(pkt.seq)
             return True
         self.metrics.skipped_undecodable += 1
         self._undecodable(pkt.stream_id)
         return False
+
+    def repair(self, pkt: StoredPacket) -> bool:
+        """Send a stored packet again at a subscriber's request (its ``keyframe_request``
+        named it as a missing reference), on the lossy channel: a copy there never waits
+        behind the reliable channel's retransmission of the original. False when the
+        member is not on an open link (the caller falls back to a keyframe repair)."""
+        link = self.link
+        if self.closed or link is None or not link.is_open:
+            return False
+        if not link.send_pose(pkt.data):
+            self.metrics.rtc_dropped_stale += 1
+            return True
+        have = self._have.get(pkt.stream_id)
+        if have is not None and have.epoch == pkt.epoch:
+            have.add(pkt.seq)
+        self._sent(pkt, "webrtc", False)
+        return True
 
     def holds_keyframe(self, kf: StoredPacket) -> bool:
         """Whether keyframe ``kf`` was written to this member (on a reliable path)."""

@@ -115,6 +115,8 @@ class Member(MemberOutput):
         self.limiter = limiter or RateLimiter(manager.config.max_messages_per_s)
         """Messages from this member, WebSocket and data channels together."""
         self.repaired: dict[int, float] = {}
+        self.nacked: dict[tuple[int, int], float] = {}
+        """(stream, seq) -> when it was last sent again at this member's request."""
         """Per stream: when a stored keyframe was last re-sent to this member (monotonic)."""
         super().__init__(
             manager.metrics,

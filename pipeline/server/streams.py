@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
+from pipeline.codec.anchors import AnchorTracker
+
 HAVE_WINDOW: Final = 256
 EPOCH_CHANGE_INTERVAL_S: Final = 1.0
 OwnerT = TypeVar("OwnerT")
@@ -48,8 +50,14 @@ class StoredPacket:
     """``time.monotonic_ns()`` when the server received it (relay latency); 0: unknown."""
     lossy: bool = False
     """A delta that may go on a lossy channel: it predicts from the stream's latest
-    keyframe and the stream's deltas have done so for a whole keyframe interval
+    keyframe or anchor and no later packet predicts from it
+    (:class:`~pipeline.codec.anchors.AnchorTracker`: ``free``), and the stream's deltas
+    have been self-contained for a whole keyframe interval
     (:attr:`StreamState.anchored`); every other packet needs a reliable path."""
+    early: bool = False
+    """It arrived before its reference (a WebRTC publisher's anchor or keyframe still on
+    the reliable channel, or being repaired by NACK): relayed anyway, the subscriber
+    holds it until the reference follows."""
 
 
 class Snapshot:
@@ -64,23 +72,26 @@ class Snapshot:
 class Have:
     """Sequence numbers of one stream a subscriber has received since its last keyframe."""
 
-    __slots__ = ("epoch", "order", "seqs")
+    __slots__ = ("epoch", "newest", "order", "seqs")
 
     def __init__(self) -> None:
         self.seqs: set[int] = set()
         self.order: deque[int] = deque()
         self.epoch = 0
+        self.newest = -1
 
     def reset(self, epoch: int) -> None:
         self.seqs.clear()
         self.order.clear()
         self.epoch = epoch
+        self.newest = -1
 
     def add(self, seq: int) -> None:
         if len(self.order) >= HAVE_WINDOW:
             self.seqs.discard(self.order.popleft())
         self.order.append(seq)
         self.seqs.add(seq)
+        self.newest = max(self.newest, seq)
 
     def discard(self, seq: int) -> None:
         """Forget ``seq`` (it was not sent after all: the lossy channel's watermark)."""
@@ -112,7 +123,8 @@ class StreamState(Generic[OwnerT]):
         first delta that predicts from another frame."""
         self._interval_anchored = False
         self._chained = False
-        """A delta that predicted from another frame than its keyframe was seen."""
+        """A delta that predicted from another frame than its keyframe or anchor was seen."""
+        self.tracker = AnchorTracker()
 
     def stale(self, seq: int, epoch: int, keyframe: bool, now: float) -> str | None:
         """Why a packet is a replay (see the module docstring), or None to accept it;
@@ -139,6 +151,9 @@ class StreamState(Generic[OwnerT]):
         """
         if self.epoch is not None and epoch == self.epoch and seq <= self.last_seq:
             if not keyframe:
+                kf = self.keyframe
+                if kf is not None and kf.epoch == epoch and seq > kf.seq and not self.stored(seq):
+                    return None  # a late packet the stream lacks (an anchor: NACK repair)
                 return f"sequence {seq} is not after {self.last_seq}, the stream's last"
             kf = self.keyframe
             if kf is not None and kf.epoch == epoch and seq <= kf.seq:
@@ -155,6 +170,7 @@ class StreamState(Generic[OwnerT]):
 
     def add(self, pkt: StoredPacket) -> None:
         self.packets += 1
+        kind = self.tracker.classify(pkt.seq, pkt.ref_seq, pkt.keyframe, pkt.epoch)
         if pkt.keyframe:
             if self.keyframe is not None and self.since:
                 self.anchored = self._interval_anchored
@@ -162,11 +178,32 @@ class StreamState(Generic[OwnerT]):
             self.keyframe = pkt
             self.since.clear()
         elif self.keyframe is not None:
-            if pkt.ref_seq != self.keyframe.seq or pkt.epoch != self.keyframe.epoch:
+            if kind == "chained" or pkt.epoch != self.keyframe.epoch:
                 self._interval_anchored = self.anchored = False
                 self._chained = True
-            pkt.lossy = self.anchored
+            pkt.lossy = self.anchored and kind == "free"
             self.since.append(pkt)
+
+    def lacks(self, ref_seq: int | None) -> bool:
+        """Whether the reference ``ref_seq`` of a delta that just arrived is missing here:
+        newer than the stored keyframe and not in the history (an anchor that the
+        reliable channel is still retransmitting, or that was lost)."""
+        kf = self.keyframe
+        if ref_seq is None or kf is None or ref_seq <= kf.seq:
+            return False
+        return self.stored(ref_seq) is None
+
+    def stored(self, seq: int) -> StoredPacket | None:
+        """The stored packet ``seq`` (the keyframe or one of the history), if any."""
+        kf = self.keyframe
+        if kf is not None and kf.seq == seq:
+            return kf
+        if kf is None or seq < kf.seq:
+            return None
+        for p in reversed(self.since):
+            if p.seq == seq:
+                return p
+        return None
 
     def snapshot(self) -> list[StoredPacket]:
         """The keyframe and the history packets that decode from it, in order."""
@@ -175,7 +212,7 @@ class StreamState(Generic[OwnerT]):
         out = [self.keyframe]
         have = {self.keyframe.seq}
         epoch = self.keyframe.epoch
-        for p in self.since:
+        for p in sorted(self.since, key=lambda p: p.seq):  # a late anchor came after its deltas
             if p.ref_seq is not None and p.ref_seq in have and p.epoch == epoch:
                 out.append(p)
                 have.add(p.seq)

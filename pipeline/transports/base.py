@@ -136,6 +136,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def statistics(self) -> TransportStatistics: ...
 
+    async def probe_rtt_ms(self) -> float | None:
+        """One probe exchange with the far side over the path the stream would take: its
+        round trip in ms, None when lost, timed out or not possible (the hot standby's
+        latency: it carries no stream, so no acks)."""
+        return None
+
     @property
     @abc.abstractmethod
     def connected(self) -> bool: ...
@@ -162,8 +168,10 @@ class MemberTransport(Protocol):
     (:class:`~pipeline.transports.websocket.WebSocketTransport`,
     :class:`~pipeline.transports.webrtc.WebRtcTransport`)."""
 
-    url: str
-    """The server's member endpoint."""
+    @property
+    def url(self) -> str:
+        """The server's member endpoint in use (of the URLs it was given)."""
+
     member_id: str | None
     """Our member id (from the welcome; kept across a resume)."""
     members: dict[str, dict[str, Any]]
@@ -176,8 +184,9 @@ class MemberTransport(Protocol):
     def stream_owner(self, stream_id: int) -> dict[str, Any] | None:
         """The member record publishing ``stream_id``, if known."""
 
-    async def request_keyframe(self, stream_id: int) -> None:
-        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
+    async def request_keyframe(self, stream_id: int, ref_seq: int | None = None) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``;
+        ``ref_seq``: the missing reference, which the server sends again when it has it."""
 
     async def connect(self) -> None: ...
 

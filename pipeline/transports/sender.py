@@ -17,8 +17,10 @@ until the keyframe comes, at most :data:`KEYFRAME_WAIT_S`.
 
 With ``transmit.fallback`` the sender keeps a **hot standby**: both transports connected
 (as a ``pair`` on the server: one stream, docs/room-protocol.md), the stream on one, the
-other carrying only its own heartbeat and clock probe. Per transport it keeps the health
-figures of :mod:`pipeline.transports.health` (stage metrics ``path_<kind>_*``). A switch
+other carrying only its own heartbeat and a clock ping every
+:data:`~pipeline.transports.health.PROBE_S` (its round trip: the standby has no acks).
+Per transport it keeps the health figures of :mod:`pipeline.transports.health` (stage
+metrics ``path_<kind>_*``). A switch
 (:meth:`Sender.switch`, the ``switch_transport`` command) moves the stream onto the
 connected standby and sends the packets of the last moment again there; a dead path of
 the active transport fails over at once (:meth:`Sender._failover`); automatic switches
@@ -42,7 +44,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
@@ -68,7 +69,7 @@ from pipeline.transports.base import (
     TransportContext,
     refusal_of,
 )
-from pipeline.transports.health import PathHealth, Recent, SwitchCap
+from pipeline.transports.health import PathHealth, Recent, SwitchCap, metric_name, probe_standby
 from pipeline.transports.throttle import Throttle
 
 CONNECT_BACKOFF_MAX_S = 2.0
@@ -112,11 +113,6 @@ def parse_kind(value: object) -> TransportKind:
         names = ", ".join(k.value for k in known)
         raise CommandError(f"switch_transport: 'to' must be one of {names}")
     return kind
-
-
-def metric_name(reason: str) -> str:
-    """``reason`` as a metric-name suffix: lower-case letters, digits and ``_``, short."""
-    return re.sub(r"[^a-z0-9_]+", "_", reason.lower()).strip("_")[:40] or "unknown"
 
 
 class Sender:
@@ -181,6 +177,7 @@ class Sender:
         self.standby_kind: TransportKind | None = None
         self._standby_pump: asyncio.Task[None] | None = None
         self._standby_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self.health = {k: PathHealth(k.value, cfg.window_s) for k in TransportKind}
         self.recent = Recent(cfg.webrtc.dead_after_ms / 1000 + 0.15)  # sent again on a switch
         self.cap = SwitchCap(cfg.max_switches_per_min)
@@ -343,6 +340,9 @@ class Sender:
 
     def _ensure_standby(self) -> None:
         """With a fallback: connect the other transport as the standby (in the background)."""
+        if self.hot and self._probe_task is None:  # the standby's RTT: it has no acks
+            probe = probe_standby(lambda: (self.standby, self.standby_kind), self.health)
+            self._probe_task = asyncio.get_running_loop().create_task(probe)
         if not self.hot or self.standby is not None or self._standby_task is not None:
             return
         assert self.cfg.fallback is not None
@@ -434,10 +434,9 @@ class Sender:
                     self.on_feedback(feedback.pack_keyframe_request())
             elif isinstance(item, StateChange):
                 health.dead = None if item.connected else (item.reason or "down")
-                if not item.connected and transport is self.transport:
-                    await self._failover(item.reason or "down")
-                elif item.connected and transport is self.standby and self.health[self.kind].dead:
-                    await self._failover("dead")  # the standby came back before the active
+                standby_back = transport is self.standby and self.health[self.kind].dead is not None
+                if standby_back or (not item.connected and transport is self.transport):
+                    await self._failover("dead" if standby_back else item.reason or "down")
             if transport is not self.transport:
                 continue  # the standby: figures only
             if isinstance(item, StateChange) and item.connected:
@@ -578,10 +577,11 @@ class Sender:
 
     async def close(self) -> None:
         self._cancel_recovery()
-        if self._standby_task is not None:
-            self._standby_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._standby_task
+        for task in (self._probe_task, self._standby_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.standby is not None:
             await self._retire(self.standby, self._standby_pump)
             self.standby = self._standby_pump = None

@@ -5,8 +5,11 @@
 message parser, the clock exchange) that, once joined, offers a
 :class:`~pipeline.rtc.link.PeerLink` (``rtc_offer`` on the WebSocket, the
 server answers) and carries the traffic on its channels when they are open:
-keyframes on ``control`` (reliable), delta packets on ``pose`` (unordered, no
-retransmission, bounded by the ``bufferedAmount`` watermark), control messages
+the packets that must arrive on ``control`` (reliable: keyframes, the anchors of an
+anchor-reference stream, the deltas of a chained one, as
+:class:`~pipeline.codec.anchors.AnchorTracker` learns them from the headers), the
+other delta packets on ``pose`` (unordered, no retransmission, bounded by the
+``bufferedAmount`` watermark), control messages
 and clock pings on ``control``. It receives from both channels and from the
 WebSocket (the server uses the WebSocket until the link is open, and again
 after it dies). :attr:`connected` is true while the link is open.
@@ -45,6 +48,7 @@ import aiohttp
 from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
+from pipeline.codec.anchors import AnchorTracker
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
 from pipeline.errors import (
     BrokenResourceError,
@@ -58,7 +62,8 @@ from pipeline.model.net import is_loopback
 from pipeline.rtc.link import LinkStats, PeerLink
 from pipeline.transports import TRANSPORTS
 from pipeline.transports.base import StateChange, TransportStatistics
-from pipeline.transports.websocket import WebSocketTransport, member_factory, ws_url
+from pipeline.transports.endpoints import ws_url
+from pipeline.transports.websocket import WebSocketTransport, member_factory
 from pipeline.wire import messages
 
 log = logging.getLogger("posewire.transport.webrtc")
@@ -72,6 +77,10 @@ CONFIRM_S: Final = 0.005
 FLUSH_S: Final = 0.5
 #: clock pings over the control channel right after it opens
 CHANNEL_CLOCK_SAMPLES: Final = 4
+#: publisher streams whose reference mode the transport follows (AnchorTracker each)
+MAX_TRACKED_STREAMS: Final = 64
+#: reliable packets kept for the server's NACKs (anchors come every third packet)
+KEPT_FOR_NACKS: Final = 32
 #: server ``error`` reasons that answer an offer: no retry can help / a retry may
 _NEVER: Final = frozenset({"webrtc_disabled"})
 _LATER: Final = frozenset({"too_many_peers"})
@@ -100,12 +109,19 @@ def _add(total: LinkStats, more: LinkStats) -> None:
         setattr(total, f.name, getattr(total, f.name) + getattr(more, f.name))
 
 
-def _keyframe(packet: bytes) -> bool:
-    """A keyframe (or something unreadable: the reliable channel, the server judges it)."""
+def _must_arrive(packet: bytes, trackers: dict[int, AnchorTracker]) -> bool:
+    """Whether ``packet`` goes on the reliable channel: a keyframe, an anchor or a chained
+    delta (something unreadable too: the server judges it)."""
     try:
-        return peek_header(packet).keyframe
+        h = peek_header(packet)
     except ProtocolError:
         return True
+    tracker = trackers.get(h.stream_id)
+    if tracker is None:
+        if len(trackers) >= MAX_TRACKED_STREAMS:
+            trackers.clear()
+        tracker = trackers[h.stream_id] = AnchorTracker()
+    return tracker.classify(h.seq, h.ref_seq, h.keyframe, h.epoch) != "free"
 
 
 class WebRtcTransport(WebSocketTransport):
@@ -115,7 +131,7 @@ class WebRtcTransport(WebSocketTransport):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -131,6 +147,9 @@ class WebRtcTransport(WebSocketTransport):
         self.unavailable: str | None = None
         """Why this member runs over the WebSocket only (``optional``), else None."""
         self._link: PeerLink | None = None
+        self._trackers: dict[int, AnchorTracker] = {}
+        self._recent: dict[tuple[int, int], bytes] = {}
+        """The last packets sent on the reliable channel, for the server's NACKs."""
         self._rtc_session = 0
         self._up = False
         """What the last StateChange said (the link open and in use)."""
@@ -142,8 +161,12 @@ class WebRtcTransport(WebSocketTransport):
         self._background: set[asyncio.Task[Any]] = set()
         self._retired = LinkStats()
         self._counts: dict[str, int] = dict.fromkeys(
-            ("offers", "opens", "failures", "dead_detections", "violations", "via_webrtc"), 0
-        )
+            (
+                "offers", "opens", "failures", "dead_detections", "violations", "via_webrtc",
+                "nack_resent",
+            ),
+            0,
+        )  # fmt: skip
         self._open_ms: float | None = None
         self._last_dead_ns: int | None = None
         self._last_dead_silence_ms: float | None = None
@@ -210,7 +233,10 @@ class WebRtcTransport(WebSocketTransport):
             self._stats.send_failures += 1
             return
         t0 = time.perf_counter()
-        sent = link.send_control(packet) if _keyframe(packet) else link.send_pose(packet)
+        reliable = _must_arrive(packet, self._trackers)
+        sent = link.send_control(packet) if reliable else link.send_pose(packet)
+        if reliable:
+            self._keep(packet)
         if not sent:  # over the watermark: counted by the link as pose_dropped_stale
             return
         self._sent(packet, (time.perf_counter() - t0) * 1000.0)
@@ -266,6 +292,7 @@ class WebRtcTransport(WebSocketTransport):
                 "rtc_last_dead_reason": self._last_dead_reason,
                 "rtc_violations": c["violations"],
                 "packets_via_webrtc": c["via_webrtc"],
+                "nack_resent": c["nack_resent"],
                 "packets_via_websocket": s.packets_received - c["via_webrtc"],
                 **{f"rtc_{k}": v for k, v in totals.as_dict().items()},
             }
@@ -465,12 +492,33 @@ class WebRtcTransport(WebSocketTransport):
         if kind in ("rtc_answer", "rtc_state"):
             self._on_signal(obj)
             return
+        if kind == "nack":
+            self._resend(obj["stream_id"], obj["seq"])
+            return
         if kind == "error" and self._failure is not None:
             reason = str(obj.get("reason") or "")
             if reason in _NEVER | _LATER:
                 error = TransportUnavailable if reason in _NEVER else TransportError
                 self._fail(error(f"the server refused the WebRTC offer: {reason}"))
         super()._on_control(obj, t)
+
+    def _keep(self, packet: bytes) -> None:
+        """Remember a packet that must arrive, for a NACK of the server."""
+        with contextlib.suppress(ProtocolError):
+            h = peek_header(packet)
+            self._recent[(h.stream_id, h.seq)] = packet
+            while len(self._recent) > KEPT_FOR_NACKS:
+                del self._recent[next(iter(self._recent))]
+
+    def _resend(self, stream_id: int, seq: int) -> None:
+        """The server lacks packet ``seq`` (a ``nack``): send it again on the lossy channel,
+        where it does not wait behind the reliable channel's retransmission of it."""
+        packet = self._recent.get((stream_id, seq))
+        link = self._link
+        if packet is None or link is None or not self.connected:
+            return
+        self._counts["nack_resent"] += 1
+        link.send_pose(packet)
 
     def _on_signal(self, obj: Mapping[str, Any]) -> None:
         if obj.get("session") != self._rtc_session:

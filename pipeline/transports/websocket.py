@@ -33,9 +33,9 @@ import random
 import statistics as pystats
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -60,6 +60,7 @@ from pipeline.transports.base import (
     TransportStatistics,
 )
 from pipeline.transports.clock import ClockSync
+from pipeline.transports.endpoints import Endpoints
 from pipeline.wire import messages
 from pipeline.wire.close import final_error
 
@@ -75,18 +76,6 @@ _W = aiohttp.WSMsgType
 _ENDED = frozenset({_W.CLOSE, _W.CLOSING, _W.CLOSED, _W.ERROR})
 
 
-def ws_url(url: str) -> str:
-    """``http(s)://host:port[/ws]`` or ``ws(s)://...`` -> the member WebSocket URL."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise TransportError(f"server URL must be http(s):// or ws(s)://host:port, got {url!r}")
-    path = parts.path.rstrip("/")
-    if not path:
-        path = "/ws"
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
 class WebSocketTransport(Transport):
     """A member of one room over a WebSocket (see the module docstring)."""
 
@@ -94,7 +83,7 @@ class WebSocketTransport(Transport):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         room: str,
         token: str,
         *,
@@ -111,8 +100,9 @@ class WebSocketTransport(Transport):
         heartbeat_s: float = 10.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         session: aiohttp.ClientSession | None = None,
+        ca_file: Path | None = None,
     ) -> None:
-        self.url = ws_url(url)
+        self.endpoints = Endpoints(url, ca_file)  # the URLs tried in turn, and TLS
         self.room = room
         self._token = token
         self.publish = publish
@@ -158,7 +148,7 @@ class WebSocketTransport(Transport):
     ) -> Self:
         """A transport for the transmit stage from the ``transmit`` config section."""
         return cls(
-            cfg.server_url,
+            cfg.urls,
             cfg.room,
             token,
             publish=publish,
@@ -174,9 +164,15 @@ class WebSocketTransport(Transport):
             "reconnect_initial_s": cfg.reconnect_initial_s,
             "reconnect_max_s": cfg.reconnect_max_s,
             "connect_timeout_s": cfg.connect_timeout_s,
+            "ca_file": cfg.ca_file,
         }
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def url(self) -> str:
+        """The member WebSocket URL in use (or tried next)."""
+        return self.endpoints.current
 
     @property
     def connected(self) -> bool:
@@ -209,26 +205,31 @@ class WebSocketTransport(Transport):
         delay = self.reconnect_initial_s
         last: BaseException | None = None
         while True:
+            tried = self.url
             try:
                 ws = await self._open(max(deadline - time.monotonic(), 0.05))
                 break
-            except (TokenError, BrokenResourceError):
-                await self._close_session()
-                raise
-            except TransportError as exc:  # worth retrying
+            except (TokenError, TransportError) as exc:
                 last = exc
+                try:
+                    round_failed = self.endpoints.failed(exc)
+                except (TokenError, BrokenResourceError):
+                    await self._close_session()
+                    raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._close_session()
-                raise TransportError(f"cannot connect to {self.url}: {last}") from None
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, self.reconnect_max_s)
+                raise TransportError(f"cannot connect to {tried}: {last}") from None
+            if round_failed:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, self.reconnect_max_s)
         self._stats.connects += 1
         self._attach(ws)
         self._run_task = asyncio.get_running_loop().create_task(
             self._run(ws), name="posewire-ws-transport"
         )
-        await self._initial_clock(ws)
+        await self._sync.measure(self._via(ws), self.clock_samples)
+        await self._report_clock()
 
     async def send(self, packet: bytes) -> None:
         self._check()
@@ -265,9 +266,10 @@ class WebSocketTransport(Transport):
         except ConnectionError:
             self._stats.send_failures += 1
 
-    async def request_keyframe(self, stream_id: int) -> None:
-        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``."""
-        await self.send_control(messages.keyframe_request(stream_id))
+    async def request_keyframe(self, stream_id: int, ref_seq: int | None = None) -> None:
+        """Ask the server (and through it the publisher) for a keyframe of ``stream_id``;
+        ``ref_seq``: the missing reference, which the server sends again when it has it."""
+        await self.send_control(messages.keyframe_request(stream_id, ref_seq))
 
     async def recv(self) -> Received:
         while not self._queue:
@@ -367,7 +369,7 @@ class WebSocketTransport(Transport):
         return final_error(code, str(detail.get("message") or fallback), reason)
 
     async def _open(self, timeout: float) -> aiohttp.ClientWebSocketResponse:
-        """Connect, join and read the welcome.
+        """Connect to :attr:`url`, join and read the welcome (within ``timeout``).
 
         Raises :data:`Fatal` errors for a refusal that retrying cannot fix, and a
         plain :class:`TransportError` when a retry may help.
@@ -375,23 +377,12 @@ class WebSocketTransport(Transport):
         assert self._session is not None
         self._last_error = None
         try:
-            ws = await self._session.ws_connect(
-                self.url,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
-                heartbeat=self.heartbeat_s,
-                max_msg_size=self.max_message_bytes,
-                compress=0,
-                autoping=True,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            if exc.status in (502, 503, 504):
-                raise TransportError(f"HTTP {exc.status} {exc.message}") from exc
-            raise BrokenResourceError(
-                f"{self.url} is not a posewire server: HTTP {exc.status}",
-                reason="not_a_server",
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(str(exc) or type(exc).__name__) from exc
+            async with asyncio.timeout(max(timeout, 1.0)):
+                ws = await self.endpoints.open(
+                    self._session, heartbeat=self.heartbeat_s, max_msg_size=self.max_message_bytes
+                )
+        except TimeoutError as exc:
+            raise TransportError(f"no answer within {max(timeout, 1.0):g} s") from exc
         try:
             await ws.send_str(self._join_message())
             async with asyncio.timeout(max(timeout, 1.0)):
@@ -401,6 +392,7 @@ class WebSocketTransport(Transport):
                         obj = self._parse(msg.data) or {}
                         if obj.get("type") == "welcome":
                             self._on_welcome(obj)
+                            self.endpoints.joined()
                             return ws
                         if obj.get("type") == "error":
                             self._last_error = obj
@@ -455,18 +447,25 @@ class WebSocketTransport(Transport):
             ws = new
 
     async def _reconnect(self) -> aiohttp.ClientWebSocketResponse | None:
+        """Join again, from the URL after the lost one (order and backoff:
+        :mod:`pipeline.transports.endpoints`)."""
         delay = self.reconnect_initial_s
+        self.endpoints.lost()
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
         while not self._closed:
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             try:
                 ws = await self._open(max(self.connect_timeout_s, 1.0))
-            except (TokenError, BrokenResourceError) as exc:
-                self._fatal = exc
-                self._wake.set()
-                log.warning("%s", exc)
-                return None
-            except TransportError:  # worth retrying
-                delay = min(delay * 2, self.reconnect_max_s)
+            except (TokenError, TransportError) as exc:
+                try:
+                    round_failed = self.endpoints.failed(exc)
+                except (TokenError, BrokenResourceError) as fatal:
+                    self._fatal = fatal
+                    self._wake.set()
+                    log.warning("%s", fatal)
+                    return None
+                if round_failed:
+                    delay = min(delay * 2, self.reconnect_max_s)
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 continue
             self._stats.reconnects += 1
             self._stats.connects += 1
@@ -555,9 +554,10 @@ class WebSocketTransport(Transport):
 
         return send
 
-    async def _initial_clock(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await self._sync.measure(self._via(ws), self.clock_samples)
-        await self._report_clock()
+    async def probe_rtt_ms(self) -> float | None:
+        ws = self._ws  # one clock ping (on the WebRTC control channel once that is open)
+        got = await self._sync.ping(self._via(ws)) if ws is not None and not ws.closed else None
+        return got[0] / 1e6 if got is not None else None
 
     async def _report_clock(self) -> None:
         off, rtt = self.clock_offset_ns, self.clock_rtt_ns
@@ -585,6 +585,8 @@ def member_factory(cls: type[WebSocketTransport]) -> TransportFactory:
     from the ``transmit`` section (``websocket`` and ``webrtc`` register one each)."""
 
     def factory(cfg: TransmitConfig, context: TransportContext) -> WebSocketTransport:
+        if cfg.ca_file is not None:  # relative to the configuration file
+            cfg = cfg.model_copy(update={"ca_file": context.resolve_path(cfg.ca_file)})
         member = cls.from_config(
             cfg, context.token(), publish=context.publish, subscribe=context.subscribe
         )

@@ -60,6 +60,7 @@ SERVER_TYPES: Final = frozenset(
         "pong",
         "ack",
         "keyframe_request",
+        "nack",
         "broadcast",
         "kicked",
         "error",
@@ -251,6 +252,14 @@ def _stream(obj: Mapping[str, Any]) -> None:
     field_int(obj, "stream_id", STREAM_ID)
 
 
+def _keyframe_request(obj: Mapping[str, Any]) -> None:
+    """``stream_id``, and optionally ``ref_seq``: the missing reference of a packet that
+    did not decode (a NACK: the server sends that packet again when it has it)."""
+    field_int(obj, "stream_id", STREAM_ID)
+    if "ref_seq" in obj:
+        field_int(obj, "ref_seq", SEQ)
+
+
 def _ack(obj: Mapping[str, Any]) -> None:
     field_int(obj, "stream_id", STREAM_ID)
     field_int(obj, "seq", SEQ)
@@ -341,7 +350,7 @@ CLIENT_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "join": lambda obj: Join.parse(obj),
     "ping": _ping,
     "clock": _clock,
-    "keyframe_request": _stream,
+    "keyframe_request": _keyframe_request,
     "ack": _ack,
     "broadcast": field_data,
     "kick": lambda obj: field_member_id(obj, "member"),
@@ -358,6 +367,7 @@ SERVER_FIELDS: Final[Mapping[str, Callable[[Mapping[str, Any]], object]]] = {
     "pong": _pong,
     "ack": _ack,
     "keyframe_request": _stream,
+    "nack": _ack,
     "backfill": _backfill,
     "broadcast": _server_broadcast,
     "kicked": lambda obj: field_member_id(obj, "member"),
@@ -439,12 +449,20 @@ def ack(stream_id: int, seq: int) -> str:
     return f'{{"type":"ack","stream_id":{stream_id},"seq":{seq}}}'
 
 
+def nack(stream_id: int, seq: int) -> str:
+    """To a WebRTC publisher: packet ``seq`` of ``stream_id``, which later packets predict
+    from, has not arrived: send it again (on the lossy channel) if you still have it."""
+    return f'{{"type":"nack","stream_id":{stream_id},"seq":{seq}}}'
+
+
 def ping(ping_id: int, t0_ns: int) -> str:
     return f'{{"type":"ping","id":{ping_id},"t0":{t0_ns}}}'
 
 
-def keyframe_request(stream_id: int) -> dict[str, Any]:
-    return {"type": "keyframe_request", "stream_id": stream_id}
+def keyframe_request(stream_id: int, ref_seq: int | None = None) -> dict[str, Any]:
+    if ref_seq is None:
+        return {"type": "keyframe_request", "stream_id": stream_id}
+    return {"type": "keyframe_request", "stream_id": stream_id, "ref_seq": ref_seq}
 
 
 def error(code: CloseCode | None, reason: str, message: str) -> dict[str, Any]:
