@@ -12,6 +12,7 @@ import asyncio
 import time
 
 from pipeline.codec import Decoder, NeedKeyframe, peek_header
+from pipeline.codec.header import ANCHOR_INTERVAL
 from pipeline.transports.base import Packet
 from pipeline.transports.sendqueue import Priority, SendQueue, send_next
 from pipeline.transports.throttle import Throttle
@@ -61,17 +62,20 @@ def test_keyframes_first_and_stale_deltas_dropped_not_sent_late() -> None:
             while (item := q.pop(now=0.2)) is not None:  # they all waited 200 ms
                 await pub.send(item.packet)
                 sent.append(item)
+            # D4 is ANCHOR_INTERVAL after the keyframe: an anchor candidate, which must
+            # arrive until the stream's mode is known (pipeline/codec/anchors.py)
             assert [(i.priority, i.seq) for i in sent] == [
                 (Priority.KEYFRAME, 1),
+                (Priority.KEYFRAME, 4),
                 (Priority.DELTA, 5),
             ]
             m = q.metrics()
-            assert m["sendqueue_dropped_delta_total"] == 3
-            assert m["sendqueue_dropped_stale_total"] == 3
+            assert m["sendqueue_dropped_delta_total"] == 2
+            assert m["sendqueue_dropped_stale_total"] == 2
             assert m["sendqueue_dropped_keyframe_total"] == 0
-            got = await _received(sub, 2)
-            assert [peek_header(p).seq for p in got] == [1, 5]
-            assert _decodable(got) == 2  # the newest pose, at once
+            got = await _received(sub, 3)
+            assert [peek_header(p).seq for p in got] == [1, 4, 5]
+            assert _decodable(got) == 3  # the newest pose, at once
             await pub.close()
             await sub.close()
 
@@ -168,3 +172,22 @@ def test_under_a_bandwidth_cap_keyframes_all_go_and_the_rest_is_counted() -> Non
             await sub.close()
 
     asyncio.run(main())
+
+
+def test_the_anchors_of_an_anchor_stream_rank_with_keyframes() -> None:
+    """Anchor references (the WebRTC default): the deltas after an anchor predict from it,
+    so it must arrive: it ranks (and goes) with the keyframes, never dropped as stale."""
+    src = PoseSource(10, references="anchor", keyframe_interval=60)
+    q = SendQueue(64)
+    t0 = time.time_ns()
+    for packet, ts in _frames(src, 2 * ANCHOR_INTERVAL + 2, t0):
+        q.put(packet, capture_ts_ns=ts, now=0.0)
+    first = [q.pop(now=0.0) for _ in range(3)]
+    assert [i.priority for i in first if i is not None] == [Priority.KEYFRAME] * 3
+    anchors = [i.seq for i in first[1:] if i is not None]
+    assert anchors == [1 + ANCHOR_INTERVAL, 1 + 2 * ANCHOR_INTERVAL]
+    rest = []
+    while (item := q.pop(now=1.0)) is not None:
+        rest.append(item)
+    assert [i.seq for i in rest] == [2 + 2 * ANCHOR_INTERVAL]  # the newest delta only
+    assert q.metrics()["sendqueue_dropped_keyframe_total"] == 0

@@ -10,7 +10,8 @@ says a packet may go (:func:`send_next`). The queue orders by :class:`Priority`,
   that is the same order, strictly first. The class exists for callers that queue control
   data themselves.
 * ``KEYFRAME`` (1): a keyframe is what every later delta of its stream needs; losing one
-  costs up to a keyframe interval of undecodable deltas.
+  costs up to a keyframe interval of undecodable deltas. The anchors of an anchor stream
+  (``encode.references: anchor``, the WebRTC default) rank here too, for the same reason.
 * ``AUDIO`` (2, reserved: audio is not in this build): a lost 20 ms audio frame is an
   audible gap that concealment only hides for a frame or two, while a lost pose delta is
   covered by the next one 33 ms later (a viewer draws the newest pose); but an audio frame
@@ -41,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pipeline.codec import peek_header
+from pipeline.codec.anchors import AnchorTracker
 from pipeline.errors import ProtocolError
 from pipeline.transports.throttle import Throttle
 
@@ -77,14 +79,22 @@ class Item:
     ref_seq: int | None = None
 
 
-def classify(packet: bytes) -> tuple[Priority, int | None, int | None, int | None]:
-    """Priority, stream id, seq and reference of a pose packet; a packet that is not one
-    of ours (no valid header) is not ours to judge: it ranks as a keyframe, never stale."""
+def classify(
+    packet: bytes, trackers: dict[int, AnchorTracker]
+) -> tuple[Priority, int | None, int | None, int | None]:
+    """Priority, stream id, seq and reference of a pose packet. What must arrive ranks as
+    a keyframe: keyframes, and the anchors of an anchor stream (the next deltas predict
+    from them; :class:`~pipeline.codec.anchors.AnchorTracker`, per stream in
+    ``trackers``). A packet that is not one of ours (no valid header) is not ours to
+    judge: it ranks as a keyframe, never stale."""
     try:
         h = peek_header(packet)
     except ProtocolError:
         return Priority.KEYFRAME, None, None, None
-    return (Priority.KEYFRAME if h.keyframe else Priority.DELTA), h.stream_id, h.seq, h.ref_seq
+    tracker = trackers.setdefault(h.stream_id, AnchorTracker())
+    kind = tracker.classify(h.seq, h.ref_seq, h.keyframe, h.epoch)
+    prio = Priority.KEYFRAME if kind in ("keyframe", "anchor") else Priority.DELTA
+    return prio, h.stream_id, h.seq, h.ref_seq
 
 
 class SendQueue:
@@ -102,6 +112,7 @@ class SendQueue:
         self._last_ts: int | None = None
         self._missing: dict[int | None, set[int]] = {}
         self._want_key: set[int | None] = set()
+        self._trackers: dict[int, AnchorTracker] = {}
         self._sent_seq: dict[int | None, int] = {}
         """The newest sequence number popped, per stream."""
         self.dropped: dict[tuple[Priority, str], int] = {}
@@ -119,7 +130,7 @@ class SendQueue:
         """Queue ``packet`` (its priority from its header); past the capacity the oldest
         packet of the lowest priority is dropped (``full``)."""
         now = time.monotonic() if now is None else now
-        prio, sid, seq, ref = classify(packet)
+        prio, sid, seq, ref = classify(packet, self._trackers)
         if capture_ts_ns is not None and prio != Priority.CONTROL:
             if self._last_ts is not None and 0 < capture_ts_ns - self._last_ts < 1_000_000_000:
                 gap = (capture_ts_ns - self._last_ts) / 1e9
@@ -156,7 +167,7 @@ class SendQueue:
                 newest[i.stream_id] = max(newest.get(i.stream_id, -1), i.seq)
         for item in list(self._items):
             if (
-                item.priority == Priority.DELTA  # a keyframe may restart a stream
+                item.ref_seq is not None  # a keyframe may restart a stream
                 and item.seq is not None
                 and item.seq <= self._sent_seq.get(item.stream_id, -1)
             ):
@@ -183,8 +194,8 @@ class SendQueue:
         self._items.remove(item)
         if item.seq is not None:
             self._sent_seq[item.stream_id] = item.seq
-        if item.priority == Priority.KEYFRAME and item.seq is not None:
-            self._missing.pop(item.stream_id, None)  # a fresh start for its stream
+        if item.ref_seq is None and item.seq is not None:  # a keyframe: a fresh start
+            self._missing.pop(item.stream_id, None)
             self._want_key.discard(item.stream_id)
         return item
 
