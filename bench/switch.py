@@ -33,7 +33,8 @@ Per mode and scenario: ``detection_ms`` (fault to the policy's first switch deci
 from the sender's run report), ``switches`` (decisions in the scenario), ``frames_missing``
 (frames captured during the scenario that never reached the receiver), ``outage_ms`` (the
 longest time the receiver got nothing), ``latency_p95_ms`` (capture to decode at the
-receiver), and for ``server_restart`` ``back_ms`` (kill to the first frame decoded again)
+receiver), and for ``server_restart`` ``back_ms`` (kill to the first frame captured after
+the kill decoded at the receiver)
 and ``server_up_ms`` (kill to the restarted server's listening line: the floor of
 ``back_ms``, the start of a Python process with aiohttp and aiortc on this machine).
 """
@@ -236,7 +237,7 @@ def _timeline(net: Topology, server: Server, jsonl: Path, plan: Plan, work: Path
     w.fault_end = time.time_ns()  # the new server listens
     t_kill = w.t0
     with contextlib.suppress(RuntimeError):
-        _wait(lambda: any(p["decoded_ns"] > t_kill for p in _poses(jsonl)), 20, "frames again")
+        _wait(lambda: any(p["capture_ts_ns"] > t_kill for p in _poses(jsonl)), 20, "frames again")
     hold(plan.restart_wait_s / 2)
     w.t1 = time.time_ns()
     out.append(w)
@@ -282,7 +283,7 @@ def _figures(
         "latency_p95_ms": round(percentile(lat, 95), 1) if lat else None,
     }
     if w.name == "server_restart":
-        back = [p["decoded_ns"] for p in poses if p["decoded_ns"] > w.t0]
+        back = [p["decoded_ns"] for p in poses if p["capture_ts_ns"] > w.t0]  # after the kill
         row["back_ms"] = round((min(back) - w.t0) / 1e6, 1) if back else None
         row["server_up_ms"] = round((w.fault_end - w.t0) / 1e6, 1)
     return row
