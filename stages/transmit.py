@@ -144,6 +144,7 @@ class Transmitter:
         self.queue = SendQueue(
             ctx.config.transmit.send_queue,
             on_broken=lambda: self._feedback(feedback.pack_keyframe_request()),
+            live=ctx.config.transmit.primary != TransportKind.FILE,
         )
         self.rate = Rate()
         self.latency = Window(max_age_s=LATENCY_WINDOW_S)
@@ -238,6 +239,8 @@ class Transmitter:
                     self.rate.tick()
                     if sent.capture_ts_ns is not None:
                         self.latency.add((time.time_ns() - sent.capture_ts_ns) / 1e6)
+            while (left := self.queue.pop(stale=False)) is not None:  # an orderly stop
+                await sender.send(left.packet)  # sends what the queue holds (the ring is empty)
         finally:
             self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()

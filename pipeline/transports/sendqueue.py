@@ -20,8 +20,9 @@ says a packet may go (:func:`send_next`). The queue orders by :class:`Priority`,
 
 Drops, each counted per priority and per reason (:meth:`SendQueue.metrics`):
 
-* ``stale``: a delta that has waited longer than one frame interval (measured from the
-  capture timestamps) while a newer pose packet of its stream waits behind it is dropped
+* ``stale`` (a live link only: a file sink records every packet): a delta that has
+  waited longer than one frame interval (measured from the capture timestamps) while a
+  newer pose packet of its stream waits behind it is dropped
   at the sender rather than sent late: a late pose is worthless. A delta that a waiting
   packet predicts from (``encode.references: previous``) is never stale: dropping it
   would make the waiting one undecodable.
@@ -100,11 +101,15 @@ def classify(
 class SendQueue:
     """A bounded priority queue of packets with stale-delta dropping (module docstring)."""
 
-    def __init__(self, capacity: int, *, on_broken: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, capacity: int, *, on_broken: Callable[[], None] = lambda: None, live: bool = True
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.on_broken = on_broken
+        self.live = live
+        """Drop stale deltas (a live link; not a file sink, which records everything)."""
         self._items: list[Item] = []
         self._order = itertools.count()
         self.interval_s = DEFAULT_INTERVAL_S
@@ -158,8 +163,8 @@ class SendQueue:
             self._want_key.add(item.stream_id)  # the chain is broken: a keyframe mends it
             self.on_broken()
 
-    def _sweep(self, now: float) -> None:
-        """Drop stale and unreferenced deltas (module docstring)."""
+    def _sweep(self, now: float, stale: bool) -> None:
+        """Drop superseded and unreferenced deltas, and stale ones with ``stale``."""
         referenced = {(i.stream_id, i.ref_seq) for i in self._items if i.ref_seq is not None}
         newest: dict[int | None, int] = {}
         for i in self._items:
@@ -178,16 +183,18 @@ class SendQueue:
             if item.ref_seq in self._missing.get(item.stream_id, ()):
                 self._drop(item, "unreferenced")
             elif (
-                now - item.queued_at > self.interval_s
+                stale
+                and now - item.queued_at > self.interval_s
                 and newest.get(item.stream_id, -1) > item.seq
                 and (item.stream_id, item.seq) not in referenced
             ):
                 self._drop(item, "stale")
 
-    def pop(self, now: float | None = None) -> Item | None:
+    def pop(self, now: float | None = None, *, stale: bool = True) -> Item | None:
         """The next packet to send (highest priority, then oldest), after dropping what
-        is stale or undecodable; ``None`` when nothing is left."""
-        self._sweep(time.monotonic() if now is None else now)
+        is undecodable or out of order, and (``stale`` and :attr:`live`) stale; ``None``
+        when nothing is left."""
+        self._sweep(time.monotonic() if now is None else now, stale and self.live)
         if not self._items:
             return None
         item = min(self._items, key=lambda i: (i.priority, i.order))
