@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -312,6 +313,13 @@ def _jsonable(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (bound to 127.0.0.1 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def stop_process(

@@ -93,14 +93,17 @@ def _server_config(path: Path, clients: int) -> None:
 
 
 class ServerProcess:
-    def __init__(self, clients: int) -> None:
+    """``python -m pipeline serve`` on 127.0.0.1 sized for ``clients``; ``extra``: more
+    options (``--redis URL --node-id NAME``: a node of a cluster, bench/cluster.py)."""
+
+    def __init__(self, clients: int, *extra: str) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="posewire-fanout-")
         cfg = Path(self._tmp.name) / "server.yaml"
         _server_config(cfg, clients)
         env = {**os.environ, "POSEWIRE_SECRET": SECRET}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--config", str(cfg), "--log-level", "WARNING"],
+             "--config", str(cfg), "--log-level", "WARNING", *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None

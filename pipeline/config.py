@@ -216,20 +216,46 @@ class TransmitConfig(ConfigModel):
         return self
 
 
-class AudioConfig(ConfigModel):
-    """Audio beside the pose."""
+SPEECH_TEXT = "The quick brown fox jumps over the lazy dog. Raise your left arm slowly, and hold."
 
-    enabled: bool = Field(False, description="Send an audio track.")
-    source: Literal["tone", "file", "microphone"] = Field("tone", description="Audio source.")
-    path: Path | None = Field(None, description="Audio file (source=file).")
+
+class AudioConfig(ConfigModel):
+    """Audio beside the pose (docs/audio.md): Opus, 48 kHz mono, 20 ms frames."""
+
+    enabled: bool = Field(False, description="Run the audio stage (a second head of the topology).")
+    source: Literal["tone", "file", "speech", "microphone", "mic"] = Field(
+        "tone", description="tone (clicks at capture times), file, speech (espeak-ng), mic."
+    )
+    path: Path | None = Field(None, description="Audio file (source=file), anything PyAV reads.")
+    loop: bool = Field(True, description="Start the file again at its end (file, speech).")
+    text: str = Field(SPEECH_TEXT, min_length=1, max_length=2000, description="What speech says.")
+    bitrate_kbps: int = Field(32, ge=16, le=64, description="Opus bitrate, 16-64 kbit/s.")
+    fec: bool = Field(True, description="Opus in-band forward error correction.")
+    dtx: bool = Field(False, description="Opus discontinuous transmission (silence not sent).")
+    frame_ms: Literal[20] = Field(20, description="Frame duration (fixed: 20 ms).")
+    tone_hz: float = Field(440.0, gt=20, lt=20000, description="Tone frequency (source=tone).")
+    click_interval_ms: int = Field(250, ge=40, le=10000, description="Tone clicks this apart.")
 
     @model_validator(mode="after")
-    def _available(self) -> AudioConfig:
-        if self.enabled:
-            raise ValueError(
-                "audio.enabled: audio is not available in this build (the section is reserved)"
-            )
+    def _path_needed(self) -> AudioConfig:
+        if self.enabled and self.source == "file" and self.path is None:
+            raise ValueError("audio.path: source 'file' needs a path")
         return self
+
+
+class RedisConfig(ConfigModel):
+    """Room-server nodes sharing rooms through Redis (``docs/scaling.md``)."""
+
+    url: str = Field(pattern=r"^(redis|unix)://\S+$", description="redis://HOST:PORT/DB")
+    node_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="This node's id, unique in the cluster."
+    )
+    key_prefix: str = Field(
+        "posewire", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every key/channel."
+    )
+    node_ttl_s: float = Field(
+        3.0, ge=0.3, le=600, description="A node silent this long is dead: its members leave."
+    )
 
 
 class ServerConfig(ConfigModel):
@@ -302,6 +328,9 @@ class ServerConfig(ConfigModel):
     webrtc: ServerRtcConfig = Field(
         default_factory=lambda: ServerRtcConfig.model_validate({}),
         description="WebRTC members (data-channel SFU): on/off, limits, heartbeat.",
+    )
+    redis: RedisConfig | None = Field(
+        None, description="Share rooms with other nodes through Redis; none: a single node."
     )
 
 

@@ -4,6 +4,8 @@ Runs :func:`pipeline.server.app.serve` inside a supervised process, on
 ``server.host``/``server.port``. It ticks the supervisor from a periodic task,
 publishes the server's counters as stage metrics, and on an orderly stop
 closes every member (1001, they reconnect elsewhere or later) and returns 0.
+Once listening it prints ``viewer: http://HOST:PORT/room/ROOM`` (the browser viewer of
+the room the transmit stage publishes into) on stdout.
 Kicks, closed rooms and stream/member-id bindings persist in the server's
 store in ``server.data_dir`` (a relative path resolves against the config
 file's directory), so a restart of this stage forgets none of them; a data
@@ -24,6 +26,15 @@ from pipeline.server.app import STATE, create_app, serve
 TICK_S = 0.1
 
 
+def viewer_url(host: str, port: int, room: str) -> str:
+    """The browser viewer's address of ``room`` on a server listening on ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # every address: the local one opens
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/room/{room}"
+
+
 def run(ctx: StageContext) -> int:
     try:
         return asyncio.run(_main(ctx))
@@ -41,6 +52,8 @@ async def _main(ctx: StageContext) -> int:
 
     def ready(host: str, port: int) -> None:
         ctx.metrics["port"] = float(port)
+        # the one line a `make run` user needs: where to watch the room (README)
+        print(f"viewer: {viewer_url(host, port, ctx.config.transmit.room)}", flush=True)
 
     async def ticker() -> None:
         while True:

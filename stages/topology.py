@@ -5,6 +5,7 @@
     capture ──frames (latest-wins)──► detect ──poses (queue)──► encode ──packets (queue)──► transmit
                                                                   ▲                            │
                                                                   └──── feedback (queue) ◄──────┘
+    audio ──audio (queue)──► transmit         (audio.enabled: a second head, same sink)
     server (when server.embedded; beside the data path)
 
 A source of poses (``cfg.source.produces == "poses"``, the trace replay) needs
@@ -23,6 +24,8 @@ FRAME_KINDS = ("captured", "detected", "skipped", "encoded", "sent", "dropped")
 #: feedback ring transmit -> encode (acks, keyframe requests): small messages
 FEEDBACK_SLOT_BYTES = 256
 FEEDBACK_SLOTS = 64
+#: audio ring audio -> transmit: 25 Opus packets, half a second (oldest dropped when full)
+AUDIO_SLOTS = 25
 
 
 def pose_topology(cfg: Config) -> Topology:
@@ -106,11 +109,24 @@ def pose_topology(cfg: Config) -> Topology:
             latency=(Latency("encode", "encode_us", scale_to_ms=0.001),),
         )
     )
+    audio = cfg.audio.enabled
+    if audio:
+        rings.append(RingDecl("audio", "queue", AUDIO_SLOTS, MAX_PACKET_BYTES))
+        stages.append(
+            StageDecl(
+                "audio",
+                "stages.audio",
+                outputs=("audio",),
+                head=True,
+                output_metric="audio_packets_encoded_total",
+                latency=(Latency("audio_encode", "audio_encode_us", scale_to_ms=0.001),),
+            )
+        )
     stages.append(
         StageDecl(
             "transmit",
             "stages.transmit",
-            inputs=("packets",),
+            inputs=("packets", "audio") if audio else ("packets",),
             outputs=("feedback",),
             feedback=("feedback",),
             output_metric="packets_sent_total",

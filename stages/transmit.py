@@ -1,10 +1,8 @@
 """The transmit stage: packets ring -> the active transport.
 
-Moves packets from the ring (a bounded queue that drops the oldest when full) into
-the sender's priority queue (:mod:`pipeline.transports.sendqueue`: keyframes before
-deltas, stale deltas dropped rather than sent late, ``sendqueue_*`` metrics) and sends
-from it, as the throttle allows, with a :class:`~pipeline.transports.sender.Sender` on the
-active transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
+Moves packets from the ring into the priority queue of :mod:`pipeline.transports.sendqueue`
+and sends from it as the throttle allows, with a :class:`~pipeline.transports.sender.Sender`
+on the active transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
 (a local sink), ``websocket`` or ``webrtc`` (a room on the room server; WebRTC
 puts deltas on the lossy pose channel). What comes back from the far side
 (acks, keyframe requests) goes to the encode stage through the ``feedback``
@@ -32,6 +30,11 @@ Commands: ``switch_transport`` (``{"to": KIND}``, make-before-break; with a
 automatic switch) and ``unpin``, and
 ``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
 argument is refused with a :class:`~pipeline.errors.CommandError`.
+
+Audio (``audio.enabled``): the ``audio`` ring's packets go through the same ``Sender``
+(they move with the stream on every switch), sent at once by a reader of their own
+(beside the pose queue, so above every pose; ``sendqueue.Priority.AUDIO`` is its rank
+should it go through the queue): ``audio_latency_ms_p50/p95/p99``.
 
 Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 (send failures and packets refused), ``packets_refused_total``,
@@ -68,7 +71,7 @@ from pipeline.model.stats import Rate, Window
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
 from pipeline.transports.sender import Sender, parse_kind
-from pipeline.transports.sendqueue import SendQueue, send_next
+from pipeline.transports.sendqueue import SendQueue, fill, send_next
 from pipeline.wire.tokens import MAX_TTL_S, mint_token, resolve_secret
 
 TOKEN_ENV = "POSEWIRE_TOKEN"
@@ -90,11 +93,10 @@ def publisher_token(ctx: StageContext) -> str:
     )
 
 
-#: the capture-to-send percentiles cover the packets sent in the last this many seconds
-#: (a degradation step or a lifted cap shows within it, whatever the frame rate)
+#: the capture-to-send percentiles cover the last this many seconds, whatever the rate
 LATENCY_WINDOW_S = 5.0
 #: metrics that go away when they have no value (no stale figure for the policy or ladder)
-_VANISHING = ("transport_refused_", "path_", "latency_ms_", "ack_rtt_ms")
+_VANISHING = ("transport_refused_", "path_", "latency_ms_", "audio_latency_ms_", "ack_rtt_ms")
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
 
@@ -126,28 +128,17 @@ class Transmitter:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.feedback = ctx.ring("feedback")
-        context = TransportContext(
-            token=lambda: publisher_token(ctx),
-            name=ctx.spec.run_id,
-            publish=True,
-            subscribe=False,
-            resolve_path=lambda p: resolve_path(ctx.config, p),
-        )
-        self.sender = Sender(
-            ctx.config.transmit,
-            context,
-            on_feedback=self._feedback,
-            stopping=lambda: ctx.stopping,
-            tick=self._tick,
-            log=ctx.log,
-        )
-        self.queue = SendQueue(
-            ctx.config.transmit.send_queue,
-            on_broken=lambda: self._feedback(feedback.pack_keyframe_request()),
-            live=ctx.config.transmit.primary != TransportKind.FILE,
-        )
+        context = TransportContext(token=lambda: publisher_token(ctx), name=ctx.spec.run_id,
+                                   publish=True, subscribe=False,
+                                   resolve_path=lambda p: resolve_path(ctx.config, p))  # fmt: skip
+        self.sender = Sender(ctx.config.transmit, context, on_feedback=self._feedback, log=ctx.log,
+                             stopping=lambda: ctx.stopping, tick=self._tick)  # fmt: skip
+        self.queue = SendQueue(ctx.config.transmit.send_queue,
+                               on_broken=lambda: self._feedback(feedback.pack_keyframe_request()),
+                               live=ctx.config.transmit.primary != TransportKind.FILE)  # fmt: skip
         self.rate = Rate()
         self.latency = Window(max_age_s=LATENCY_WINDOW_S)
+        self.audio_latency = Window(max_age_s=LATENCY_WINDOW_S)
         self._published = 0.0
         self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
@@ -191,7 +182,8 @@ class Transmitter:
         fresh = self.sender.metrics()
         fresh.update(self.queue.metrics())  # its drops are frames dropped too
         fresh["packets_dropped_total"] += self.queue.dropped_total()
-        fresh.update({"fps": self.rate.per_second(), **self.latency.summary("latency_ms")})
+        fresh.update({"fps": self.rate.per_second(), **self.latency.summary("latency_ms"),
+                      **self.audio_latency.summary("audio_latency_ms")})  # fmt: skip
         for key in [k for k in self.ctx.metrics if k.startswith(_VANISHING)]:
             if key not in fresh:  # a refusal that is over, a figure with no sample left
                 del self.ctx.metrics[key]
@@ -201,12 +193,34 @@ class Transmitter:
         with contextlib.suppress(RingError):
             self.feedback.send(message)
 
+    async def _next(self, ring: Any) -> Any:
+        """The ring's next item (waited for in a thread, at most 0.1 s); None while paused
+        or when nothing came."""
+        if self.ctx.paused:
+            await asyncio.sleep(0.05)
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, ring.recv, 0.1)
+        except WouldBlock:
+            return None
+
+    async def _audio(self) -> None:
+        """The audio ring's reader: each packet at once on the active transport."""
+        ring = self.ctx.ring("audio")
+        while not self.ctx.stopping:
+            item = await self._next(ring)
+            if item is not None and await self.sender.send(bytes(item.data), throttled="send"):
+                self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
+
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender
         loop = asyncio.get_running_loop()
+        audio: asyncio.Task[None] | None = None
         try:
             if not await sender.activate(sender.kind):
                 return 0
+            if ctx.config.audio.enabled:
+                audio = loop.create_task(self._audio())
             packets = ctx.ring("packets")
             while not ctx.stopping:
                 self._tick()
@@ -215,33 +229,21 @@ class Transmitter:
                     (target, reason, auto), self.pending_switch = self.pending_switch, None
                     with contextlib.suppress(CommandError):  # pinned or capped meanwhile
                         await sender.switch(target, reason, auto=auto)
-                if ctx.paused:
-                    await asyncio.sleep(0.05)
+                if not await fill(self.queue, packets):
                     continue
-                while len(self.queue) < self.queue.capacity:  # what waits, without blocking
-                    try:
-                        item = packets.recv(timeout=0)
-                    except WouldBlock:
-                        break
-                    self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
-                if not self.queue:
-                    try:
-                        item = await loop.run_in_executor(None, packets.recv, 0.1)
-                    except WouldBlock:
-                        continue
-                    self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
                 done = await send_next(self.queue, sender.throttle, sender.send)
                 if done is None:  # the throttle says wait: the queue drops what goes stale
                     await asyncio.sleep(min(max(sender.throttle.delay(), 0.001), 0.01))
-                    continue
-                sent, ok = done
-                if ok:
+                elif done[1] and done[0].capture_ts_ns is not None:
                     self.rate.tick()
-                    if sent.capture_ts_ns is not None:
-                        self.latency.add((time.time_ns() - sent.capture_ts_ns) / 1e6)
+                    self.latency.add((time.time_ns() - done[0].capture_ts_ns) / 1e6)
             while (left := self.queue.pop(stale=False)) is not None:  # an orderly stop
                 await sender.send(left.packet)  # sends what the queue holds (the ring is empty)
         finally:
+            if audio is not None:
+                audio.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await audio
             self._publish(force=True)  # the last heartbeat carries the final state
             await sender.close()
         return 0

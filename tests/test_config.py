@@ -36,7 +36,11 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         "server:\n  ice_servers:\n    - urls: [http://x]\n",
         ["server.ice_servers.0.urls (line 3)", "not a stun:"],
     ),
-    ("reserved audio", "audio:\n  enabled: true\n", ["audio (line 1)", "not available"]),
+    (
+        "audio bitrate",
+        "audio:\n  enabled: true\n  bitrate_kbps: 128\n",
+        ["audio.bitrate_kbps (line 3)", "less than or equal to 64"],
+    ),
     (
         "missing file",
         "source:\n  kind: file\n  path: /nonexistent/video.mp4\n",

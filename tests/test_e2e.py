@@ -131,8 +131,10 @@ def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> Non
         assert back_after < 3.0, f"streaming again only after {back_after:.2f} s"
         assert wait_for(lambda: "server" in stage_pids(sender.pid), 5)
     finally:
-        code, _, err = stop(sender)
+        code, out, err = stop(sender)
     assert code == 0, err[-3000:]
+    # the embedded server says where the browser viewer is, after each (re)start
+    assert out.count(f"viewer: http://127.0.0.1:{port}/room/A") == 2, out[-2000:]
     data = json.loads(report.read_text())
     assert data["stages"]["server"]["restarts"] == 1
     print(f"streaming again {back_after:.2f} s after kill -9 of the server")

@@ -273,8 +273,10 @@ def _run_stream(
     rtt: int = 3,
     seed: int = 0,
     mutate_every: int = 0,
+    fed: list[bytes] | None = None,
 ) -> tuple[str, str]:
-    """Encode and decode a stream; return (packets digest, decoded digest)."""
+    """Encode and decode a stream; return (packets digest, decoded digest). ``fed``
+    (when given) collects every packet handed to a decoder, the mutated probes included."""
     enc = Encoder(config, 3, epoch=2)
     dec = Decoder()
     rng = np.random.default_rng(seed)
@@ -311,6 +313,8 @@ def _run_stream(
                 if k >= 2:
                     bad = bytearray(bad[: int(rng.integers(1, len(bad)))] + b"\0\0\0\0")
                 probe = copy.deepcopy(dec)
+                if fed is not None:
+                    fed.append(_fix_crc(bad))
                 try:
                     _h_result(hd, probe.decode(_fix_crc(bad)))
                 except ProtocolError as exc:
@@ -318,6 +322,8 @@ def _run_stream(
         if loss and rng.random() < loss:
             hd.update(b"lost")
             continue
+        if fed is not None:
+            fed.append(pkt)
         res = dec.decode(pkt)
         _h_result(hd, res)
         if feedback:
@@ -393,7 +399,13 @@ def _invalid_inputs_digest() -> str:
     return h.hexdigest()
 
 
-def compute_digests() -> dict[str, str]:
+def compute_digests(fed: dict[str, list[bytes]] | None = None) -> dict[str, str]:
+    """Every golden digest; ``fed`` (when given) collects, per stream tag, the packets
+    handed to the decoder (tests/test_viewer_decoder.py replays them in Chromium)."""
+
+    def into(tag: str) -> list[bytes] | None:
+        return None if fed is None else fed.setdefault(tag, [])
+
     clips = _clips()
     out: dict[str, str] = {}
     for name, img, world in clips:
@@ -401,34 +413,44 @@ def compute_digests() -> dict[str, str]:
             noisy_img = _noisy(img, sigma)
             for use_world in (False, True):
                 cfg = CodecConfig(world=use_world)
-                p, d = _run_stream(_frames(noisy_img, world), cfg)
                 tag = f"{name} sigma={sigma} world={use_world}"
+                p, d = _run_stream(_frames(noisy_img, world), cfg, fed=into(tag))
                 out[f"{tag} packets"] = p
                 out[f"{tag} decoded"] = d
     for k in range(len(clips)):
         a, b = clips[k], clips[(k + 1) % len(clips)]
         frames = _two_pose_frames((_noisy(a[1], 0.002), a[2]), (_noisy(b[1], 0.002, 5), b[2]))
         for use_world in (False, True):
-            p, d = _run_stream(frames, CodecConfig(world=use_world), mutate_every=37)
+            p, d = _run_stream(
+                frames,
+                CodecConfig(world=use_world),
+                mutate_every=37,
+                fed=into(f"two poses {a[0]} world={use_world}"),
+            )
             out[f"two poses {a[0]} world={use_world} packets"] = p
             out[f"two poses {a[0]} world={use_world} decoded"] = d
     for k, (name, img, world) in enumerate(clips):
         frames = _frames(_noisy(img, 0.002, 11), world)
         for mode, loss in (("acks", 0.05), ("acks", 0.2), ("kf", 0.2), ("acks", 0.0)):
             cfg = CodecConfig(world=(k % 2 == 0), keyframe_interval=(30, 0, 7)[k % 3])
-            p, d = _run_stream(frames, cfg, loss=loss, feedback=mode, seed=100 + k, mutate_every=53)
+            p, d = _run_stream(frames, cfg, loss=loss, feedback=mode, seed=100 + k, mutate_every=53,
+                               fed=into(f"feedback {name} {mode} loss={loss}"))  # fmt: skip
             out[f"feedback {name} {mode} loss={loss} packets"] = p
             out[f"feedback {name} {mode} loss={loss} decoded"] = d
     rand = _random_frames(240, seed=3)
     for use_world in (False, True):
         cfg = CodecConfig(world=use_world, max_poses=8)
-        p, d = _run_stream(rand, cfg, mutate_every=11, seed=9)
+        p, d = _run_stream(
+            rand, cfg, mutate_every=11, seed=9, fed=into(f"random world={use_world}")
+        )
         out[f"random world={use_world} packets"] = p
         out[f"random world={use_world} decoded"] = d
     fine = CodecConfig(precision_px=0.1, z_precision=0.001, visibility_levels=256, world=True,
                        world_precision_m=0.0005, keyframe_interval=1)  # fmt: skip
     name, img, world = clips[0]
-    p, d = _run_stream(_frames(_noisy(img, 0.002), world)[:200], fine, mutate_every=13)
+    p, d = _run_stream(
+        _frames(_noisy(img, 0.002), world)[:200], fine, mutate_every=13, fed=into("fine config")
+    )
     out["fine config packets"] = p
     out["fine config decoded"] = d
     out["invalid inputs"] = _invalid_inputs_digest()

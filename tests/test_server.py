@@ -219,7 +219,7 @@ def test_slow_subscriber_drops_oldest_and_only_gets_decodable_chains() -> None:
             await pub.connect()
             n = 9000
             pkts = big_packets(4, n)
-            reading = asyncio.create_task(until(fast, lambda xs: len(packets(xs)) >= n, 30))
+            reading = asyncio.create_task(until(fast, lambda xs: len(packets(xs)) >= n, 120))
             for seq, pkt in enumerate(pkts, 1):
                 await pub.send(pkt)
                 if seq % 20 == 0:

@@ -272,8 +272,10 @@ def test_metrics_show_the_webrtc_series(rig: Rig) -> None:
 
 
 def test_unordered_acceptance_drops_instead_of_refusing() -> None:
-    """StreamState.unordered: late deltas, duplicates and old keyframes are dropped; a
-    keyframe overtaken by newer deltas (other channel) is still taken."""
+    """StreamState.unordered: duplicates, old keyframes and late deltas of an older
+    keyframe interval are dropped; a keyframe overtaken by newer deltas (other channel)
+    is still taken, and so is a late delta of the current interval that the stream lacks
+    (an anchor repaired by NACK, docs/webrtc.md)."""
     stream = StreamState[object](1, history=10)
 
     def take(seq: int, keyframe: bool = False, epoch: int = 0) -> bool:
@@ -284,12 +286,15 @@ def test_unordered_acceptance_drops_instead_of_refusing() -> None:
 
     assert take(1, keyframe=True)
     assert take(3)
-    assert not take(2)  # late
+    assert take(2)  # late, but the stream lacks it: taken (last_seq stays)
+    assert stream.last_seq == 3
+    assert not take(2)  # now a duplicate
     assert not take(3)  # duplicate
     assert take(5)
     assert take(4, keyframe=True)  # a keyframe overtaken by delta 5: still the newest keyframe
     assert stream.keyframe is not None and stream.keyframe.seq == 4
     assert stream.last_seq == 5
+    assert not take(3)  # late, of the interval before the stored keyframe
     assert not take(4, keyframe=True)  # duplicate keyframe
     assert not take(1, keyframe=True)  # older than the stored keyframe
     assert not take(2, epoch=1)  # a new epoch must start with a keyframe: dropped, not refused

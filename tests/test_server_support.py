@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from bench.common import free_port as free_port  # re-exported: the tests import it from here
 from bench.common import stop_process
 from pipeline.codec import CodecConfig, Encoder, peek_header
 from pipeline.config import ServerConfig, traces_dir
@@ -272,13 +273,6 @@ async def raw_join(srv: Server, room: str, role: str = "publisher", **join: Any)
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (bound to 127.0.0.1 and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServeProcess:

@@ -45,14 +45,16 @@ def _hot_sender(
     *,
     transmit: str = "",
     monitor: bool = False,
+    extra: str = "",
 ) -> tuple[subprocess.Popen[str], Path]:
     """A trace-replay sender in host a: primary webrtc, fallback websocket, short timers;
     ``transmit``: more ``transmit.*`` lines; ``monitor``: its control endpoint on (any
     free port in host a, for ``python -m pipeline ctl``)."""
-    extra = f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n"
+    fallback = f"  fallback: websocket\n  recovery_interval_s: {RECOVERY_S}\n  hold_s: {HOLD_S}\n"
     return _sender(
-        net, tmp, server, "webrtc", duration, transmit_extra=extra + transmit, monitor=monitor
-    )
+        net, tmp, server, "webrtc", duration, transmit_extra=fallback + transmit,
+        monitor=monitor, extra=extra,
+    )  # fmt: skip
 
 
 def _missing(poses: list[dict[str, Any]], t0_ns: int, t1_ns: int) -> list[int]:

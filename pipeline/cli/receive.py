@@ -127,6 +127,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="store every packet as it came, with arrival times (docs/recordings.md)",
     )
     parser.add_argument(
+        "--audio",
+        type=Path,
+        metavar="OUT.wav",
+        help="play the audio streams through a jitter buffer (Opus FEC/PLC) and write what a "
+        "listener hears to OUT.wav (48 kHz mono); OUT.frames.json: each frame's capture time",
+    )
+    parser.add_argument(
+        "--no-audio-sync",
+        action="store_true",
+        help="with --audio: the audio delay covers the audio's own jitter only, not the "
+        "poses' transit (a listener that shows no skeleton)",
+    )
+    parser.add_argument(
         "--record-max-mb",
         type=float,
         default=1024.0,
@@ -191,6 +204,15 @@ def _print_summary(rep: dict[str, Any]) -> None:
             f"  refused from the room: {rep['bad_member_records']} bad member records, "
             f"{rep['bad_messages']} bad messages (ignored)"
         )
+    for sid, a in rep["audio"].items():
+        m2e, skew = a["mouth_to_ear_ms"], a["abs_skew_ms"]
+        print(
+            f"  audio {sid}: received {a['frames_received']}, played {a['frames_played']}, "
+            f"FEC {a['frames_fec']}, concealed {a['frames_concealed']} (longest gap "
+            f"{a['longest_gap_ms']:.0f} ms), late {a['late']}; mouth-to-ear p50 "
+            f"{ms(m2e['p50'])} ms, p95 {ms(m2e['p95'])} ms; |pose/audio skew| p50 "
+            f"{ms(skew['p50'])} ms, p95 {ms(skew['p95'])} ms"
+        )
     for sid, s in rep["publishers"].items():
         sl = s["latency_ms"]
         print(
@@ -209,6 +231,8 @@ def main(args: argparse.Namespace) -> int:
         raise TransportError("--duration must be positive")
     ice_settings(args)  # refuse bad ICE options before connecting
     check_server_arguments(args)
+    if args.audio is not None and args.audio.suffix != ".wav":
+        raise TransportError(f"--audio must end in .wav, not {args.audio.name!r}")
     if not args.record_max_mb > 0:
         raise RecordingError("--record-max-mb must be positive")
     return asyncio.run(_main(args))
@@ -252,6 +276,8 @@ async def _main(args: argparse.Namespace) -> int:
         keep_poses=out is not None and out.suffix == ".npz",
         on_pose=on_pose,
         on_state=on_state,
+        audio=args.audio,
+        audio_sync=not args.no_audio_sync,
     )
     if writer is not None:
         t = receiver.transport
@@ -299,6 +325,9 @@ async def _main(args: argparse.Namespace) -> int:
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
+    if args.audio is not None and receiver.audio is not None:
+        frames = receiver.audio.frames()
+        args.audio.with_suffix(".frames.json").write_text(json.dumps(frames), encoding="utf-8")
     if args.report is not None:
         args.report.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
     _print_summary(rep)

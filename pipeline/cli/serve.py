@@ -10,7 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import ServerConfig, TlsConfig, load_config, server_section
+from pydantic import ValidationError
+
+from pipeline.config import RedisConfig, ServerConfig, TlsConfig, load_config, server_section
 from pipeline.errors import ConfigError
 
 HELP = (
@@ -33,6 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--certfile", type=Path, help="serve https/wss: PEM certificate chain (server.tls)"
     )
     parser.add_argument("--keyfile", type=Path, help="with --certfile: its PEM private key")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share rooms with other nodes through Redis, e.g. redis://127.0.0.1:6379/0 "
+        "(config server.redis.url; docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--node-id", metavar="NAME", help="this node's id in the cluster (server.redis.node_id)"
+    )
 
 
 def server_config(path: Path | None, args: argparse.Namespace | None = None) -> ServerConfig:
@@ -45,6 +56,26 @@ def server_config(path: Path | None, args: argparse.Namespace | None = None) -> 
     if cert is not None and key is not None:
         cfg = cfg.model_copy(update={"tls": TlsConfig(certfile=cert, keyfile=key)})
     return cfg
+
+
+def with_redis(cfg: ServerConfig, url: str | None, node_id: str | None) -> ServerConfig:
+    """``cfg`` with ``--redis``/``--node-id`` applied over ``server.redis``; a bad value
+    raises :class:`ConfigError` naming the option."""
+    if url is None and node_id is None:
+        return cfg
+    base = cfg.redis.model_dump() if cfg.redis is not None else {}
+    given = {"url": url, "node_id": node_id}
+    fields = base | {k: v for k, v in given.items() if v is not None}
+    options = {"url": "--redis", "node_id": "--node-id"}
+    try:
+        redis = RedisConfig.model_validate(fields)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "redis"
+            problems.append(f"{options.get(name, 'server.redis.' + name)}: {err['msg']}")
+        raise ConfigError(problems) from None
+    return cfg.model_copy(update={"redis": redis})
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -64,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.model.tls import TLS_FIELDS, server_context
     from pipeline.server.app import scheme, serve
 
-    cfg = server_config(args.config, args)
+    cfg = with_redis(server_config(args.config, args), args.redis, args.node_id)
     if cfg.tls is not None:  # a certificate or key it cannot use: one error, nothing starts
         names = ("--certfile", "--keyfile") if args.certfile else TLS_FIELDS
         server_context(cfg.tls.certfile, cfg.tls.keyfile, fields=names)

@@ -43,9 +43,10 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.codec import Decoded, peek_header, warm_kernels
+from pipeline.codec.audio import is_audio
 from pipeline.codec.holding import HoldingDecoder
 from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import ProtocolError, RefusedError, TransportError
@@ -56,6 +57,9 @@ from pipeline.transports.webrtc import WebRtcTransport
 from pipeline.transports.websocket import WebSocketTransport
 from pipeline.wire import messages
 from pipeline.wire.messages import Backfill
+
+if TYPE_CHECKING:
+    from pipeline.audio.player import AudioPlayer
 
 log = logging.getLogger("posewire.receiver")
 
@@ -303,7 +307,18 @@ class Receiver:
         warm: bool = True,
         on_item: Callable[[Packet | Control | StateChange], None] | None = None,
         keep_events: bool = True,
+        audio: Path | bool | None = None,
+        audio_sync: bool = True,
     ) -> None:
+        self.audio: AudioPlayer | None = None
+        """Plays the audio streams when ``audio`` is given (a path: the first one's WAV)."""
+        if audio:
+            from pipeline.audio.player import AudioPlayer  # libopus: only when asked for
+
+            wav = audio if isinstance(audio, Path) else None
+            self.audio = AudioPlayer(wav, self._now_server_ns, sync=audio_sync)
+        self.audio_ignored = 0
+        """Audio packets received without ``audio`` (skipped)."""
         self.transport_kind = transport_kind
         self.transport = transport or member_transport(
             transport_kind,
@@ -350,7 +365,25 @@ class Receiver:
     async def close(self) -> None:
         if self._ended is None:
             self._ended = time.monotonic()
+        if self.audio is not None:
+            await self.audio.close()
         await self.transport.close()
+
+    def _now_server_ns(self) -> int:
+        return time.time_ns() + (self.transport.clock_offset_ns or 0)
+
+    def _clock(self, stream_id: int) -> tuple[int, int]:
+        """(our clock offset, the stream publisher's) to the server, 0 when unknown."""
+        owner = self.transport.stream_owner(stream_id)
+        pub = clock_offset(owner)[0] if owner is not None else None
+        return self.transport.clock_offset_ns or 0, pub or 0
+
+    def _on_audio(self, data: bytes, received_ns: int) -> None:
+        """An audio packet: to the player (a malformed one counted and skipped)."""
+        if self.audio is None:
+            self.audio_ignored += 1
+        elif not self.audio.on_packet(data, self._clock, received_ns):
+            self._stream(-1).bad_packets += 1
 
     async def __aenter__(self) -> Receiver:
         await self.connect()
@@ -416,6 +449,9 @@ class Receiver:
 
     async def _on_packet(self, item: Packet) -> None:
         data = item.data
+        if is_audio(data):
+            self._on_audio(data, item.received_ns)
+            return
         try:
             h = peek_header(data)
         except ProtocolError:
@@ -487,6 +523,8 @@ class Receiver:
         pose = ReceivedPose(
             stream_id, st.member_id, res.frame, received_ns, t_dec, latency_ms, is_backfill
         )
+        if self.audio is not None and not is_backfill:
+            self.audio.on_pose(stream_id, capture + pub_off, t_dec + my_off)
         if self.keep_poses:
             self.poses.append(pose)
         if self.on_pose is not None:
@@ -543,6 +581,8 @@ class Receiver:
             "publishers": {str(k): s.summary() for k, s in sorted(self.streams.items())},
             "bad_member_records": sum(s.bad_member_records for s in self.streams.values()),
             "bad_messages": stats.bad_messages,
+            "audio": self.audio.report() if self.audio is not None else {},
+            "audio_ignored": self.audio_ignored,
             "transport": {
                 "requested": self.transport_kind,
                 "kind": stats.kind,

@@ -9,7 +9,8 @@ Endpoints
 ``GET /healthz``
     200 ``ok`` while the process runs.
 ``GET /readyz``
-    200 when accepting members, 503 while starting, shutting down or full.
+    200 when accepting members, 503 while starting, shutting down or full, or
+    while ``server.redis`` is configured and Redis is unreachable.
 ``GET /metrics``
     Prometheus text: ``posewire_server_rooms``, ``_members``, ``_connections``,
     ``_pending_connections``, ``_messages_in_total``, ``_messages_out_total``,
@@ -17,6 +18,8 @@ Endpoints
     (:mod:`pipeline.server.metrics`), the WebRTC ones (``_rtc_peers``, ...).
 ``/api/rooms...``, ``POST /api/dev/token``
     The rooms REST API (:mod:`pipeline.server.api`).
+``GET /``, ``GET /room/{name}``, ``GET /static/{file}``
+    The browser viewer (:mod:`pipeline.server.viewer`, pages in ``static/``).
 
 Every connection passes :class:`~pipeline.server.guard.HttpGuard` first: a
 deadline for its request (``server.header_timeout_s``), a cap on connections
@@ -38,7 +41,7 @@ from pipeline.config import ServerConfig
 from pipeline.errors import ConfigError, TransportError
 from pipeline.model.net import is_loopback
 from pipeline.model.tls import server_context
-from pipeline.server import api, guard, members
+from pipeline.server import api, guard, members, viewer
 from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import Member, RoomManager
 from pipeline.server.rtc import RtcHub
@@ -73,9 +76,14 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     async def on_text(member: Member, text: str) -> None:
         await members.handle_text(state, member, text, time.time_ns(), members.WEBRTC)
 
+    store = None
+    if config.redis is not None:  # a cluster node: redis is imported on this path only
+        from pipeline.server.redisstore import RedisStore
+
+        store = RedisStore(config.redis.key_prefix, config.redis.node_id)
     state = ServerState(
         config=config,
-        manager=RoomManager(config, metrics, kicks),
+        manager=RoomManager(config, metrics, kicks, store),
         verifier=TokenVerifier(secret, leeway_s=config.token_leeway_s, kicks=kicks),
         metrics=metrics,
         secret=secret,
@@ -83,6 +91,12 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
         guard=http_guard,
         rtc=RtcHub(config, metrics, on_binary=on_binary, on_text=on_text),
     )
+    if config.redis is not None:
+        from pipeline.server.backplane import Backplane
+        from pipeline.server.redisstore import RedisStore
+
+        assert isinstance(store, RedisStore)
+        state.cluster = Backplane(config.redis, state.manager, store)
     app = web.Application(client_max_size=api.MAX_BODY_BYTES)
     app[STATE] = state
     app.on_response_prepare.append(http_guard.on_response_prepare)
@@ -91,6 +105,7 @@ def create_app(config: ServerConfig, *, host: str, dev: bool | None = None) -> w
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     api.add_routes(app, dev=dev_mode)
+    viewer.add_routes(app)
     app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -105,6 +120,8 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
             state.verifier.kicks.prune(time.time())
 
     task = asyncio.get_running_loop().create_task(loop(), name="posewire-housekeeping")
+    if state.cluster is not None:
+        state.cluster.start()
     state.ready = True
     yield
     state.ready = False
@@ -118,6 +135,8 @@ async def _on_shutdown(app: web.Application) -> None:
     state.ready = False
     await state.rtc.shutdown()
     await state.manager.shutdown()
+    if state.cluster is not None:
+        await state.cluster.stop()
 
 
 async def serve(
@@ -212,6 +231,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
         ready=state.accepting,
         pending=state.guard.pending,
     )
+    if state.cluster is not None:
+        text += state.cluster.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

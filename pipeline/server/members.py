@@ -8,10 +8,11 @@ The messages are those of :mod:`pipeline.wire.messages` (described in
 ``ping``, ``clock``, ``keyframe_request``, ``ack`` (accepted and ignored: the
 server is the acknowledging party), ``broadcast``, ``kick``, ``leave``.
 
-Binary messages are pose packets (:mod:`pipeline.codec`) in both
-directions: the server validates each header with ``peek_header`` and relays
-the bytes unchanged; the stream id in the header identifies the publisher
-(``streams`` in its member record). The relay rules are in
+Binary messages are pose packets (:mod:`pipeline.codec`) and audio packets
+(:mod:`pipeline.codec.audio`, first byte ``0xA1``: relayed lossy, never stored,
+``publish_audio`` needed) in both directions: the server validates each header
+(``peek_header``, ``parse_audio``) and relays the bytes unchanged; the stream id in
+the header identifies the publisher (``streams`` in its member record). The relay rules are in
 :mod:`pipeline.server.rooms`.
 
 Checks, all before anything acts on a message: a text message is at most
@@ -43,11 +44,12 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from pipeline.codec import peek_header
+from pipeline.codec.audio import is_audio, parse_audio
 from pipeline.errors import ProtocolError, RefusedError, TokenError
 from pipeline.server.limits import RateLimiter
 from pipeline.server.rooms import BROADCASTS_PER_S, Member, close_ws
 from pipeline.server.state import STATE, ServerState, bearer
-from pipeline.server.streams import StoredPacket
+from pipeline.server.streams import StoredPacket, StreamState
 from pipeline.wire import messages
 from pipeline.wire.close import (
     MAX_STREAMS_PER_MEMBER,
@@ -56,7 +58,7 @@ from pipeline.wire.close import (
     close_code,
     refusal,
 )
-from pipeline.wire.tokens import MODERATE, PUBLISH_POSE, SUBSCRIBE
+from pipeline.wire.tokens import MODERATE, PUBLISH_AUDIO, PUBLISH_POSE, SUBSCRIBE
 
 log = logging.getLogger("posewire.server")
 
@@ -119,7 +121,7 @@ def repair_keyframe(
     ``backfill``), at most every :data:`REPAIR_INTERVAL_S` per stream; the publisher is
     asked only when nothing is stored (or over the WebSocket)."""
     room = member.room
-    stream = room.streams.get(stream_id)
+    stream = room.streams.get(stream_id) or room.remote.get(stream_id)  # remote: a cluster
     if not member.on_link or stream is None or stream.owner is member or stream.keyframe is None:
         room.request_keyframe(stream_id)
         return
@@ -172,7 +174,7 @@ async def _reject(state: ServerState, ws: web.WebSocketResponse, code: int, mess
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cfg = state.config
-    if not state.ready:
+    if not state.ready or (state.cluster is not None and not state.cluster.loaded):
         return web.json_response(
             {"error": "not_ready", "message": "server is not accepting members"}, status=503
         )
@@ -262,6 +264,8 @@ async def _join(
         except TokenError as exc:
             raise refusal(TOKEN_CLOSE_CODES[exc.reason], str(exc)) from exc
         room = state.manager.room_for_join(room_name)
+        if state.cluster is not None:
+            await state.cluster.synced(room, subscriber=join.subscribe)
     except RefusedError as exc:
         await _reject(state, ws, exc.code or CloseCode.MALFORMED_MESSAGE, str(exc))
         return None
@@ -288,7 +292,7 @@ async def _join(
             "resumed": resumed,
             "role": claims.role,
             "perms": sorted(claims.perms),
-            "members": [m.info() for m in room.members.values()],
+            "members": room.member_infos(),
             "server_time_ns": time.time_ns(),
             "limits": {
                 "max_message_bytes": cfg.max_message_bytes,
@@ -372,16 +376,11 @@ async def handle_text(
     await _on_control(state, member, obj, t_recv)
 
 
-async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered: bool) -> None:
-    t_recv = time.monotonic_ns()
-    try:
-        h = peek_header(data)
-    except ProtocolError as exc:
-        raise refusal(CloseCode.BAD_PACKET, f"not a pose packet: {exc}") from exc
-    if PUBLISH_POSE not in member.claims.perms:
-        raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing needs 'publish_pose'")
+def _own_stream(member: Member, stream_id: int) -> StreamState[Member]:
+    """The stream ``stream_id`` of ``member`` (its own, its hot-standby partner's, or newly
+    claimed); :class:`RefusedError` when it may not publish on it."""
     room = member.room
-    stream = room.streams.get(h.stream_id)
+    stream = room.streams.get(stream_id)
     if stream is not None and stream.owner is not member and room.paired(stream.owner, member):
         stream.shared = True  # the hot-standby partner of its owner: one stream, no takeover
     elif stream is None or stream.owner is not member:
@@ -390,7 +389,44 @@ async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered
                 CloseCode.TOO_MANY_STREAMS, f"at most {MAX_STREAMS_PER_MEMBER} streams per member"
             )
         member.publish = True
-        stream = room.claim(member, h.stream_id)
+        stream = room.claim(member, stream_id)
+    return stream
+
+
+async def _on_audio(state: ServerState, member: Member, data: bytes) -> None:
+    """An audio packet: checked, then relayed like a lossy delta; never stored (a late
+    joiner gets pose history, audio only from now on)."""
+    t_recv = time.monotonic_ns()
+    try:
+        a = parse_audio(data)
+    except ProtocolError as exc:
+        state.metrics.audio_bad_packets += 1
+        raise refusal(CloseCode.BAD_PACKET, f"not an audio packet: {exc}") from exc
+    if PUBLISH_AUDIO not in member.claims.perms:
+        raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing audio needs 'publish_audio'")
+    stream = _own_stream(member, a.stream_id)
+    if a.seq <= stream.audio_last_seq:  # late, or sent again after a switch: dropped
+        state.metrics.audio_late_packets += 1
+        return
+    stream.audio_last_seq = a.seq
+    state.metrics.audio_packets_in += 1
+    pkt = StoredPacket(a.stream_id, a.seq, None, False, data, 0, t_recv, lossy=True, audio=True)
+    await member.room.relay(member, pkt)
+
+
+async def _on_packet(state: ServerState, member: Member, data: bytes, *, ordered: bool) -> None:
+    if is_audio(data):
+        await _on_audio(state, member, data)
+        return
+    t_recv = time.monotonic_ns()
+    try:
+        h = peek_header(data)
+    except ProtocolError as exc:
+        raise refusal(CloseCode.BAD_PACKET, f"not a pose packet: {exc}") from exc
+    if PUBLISH_POSE not in member.claims.perms:
+        raise refusal(CloseCode.TOKEN_MISSING_PERMISSION, "publishing needs 'publish_pose'")
+    room = member.room
+    stream = _own_stream(member, h.stream_id)
     if ordered and not stream.shared:
         why = stream.stale(h.seq, h.epoch, h.keyframe, time.monotonic())
         if why is not None:

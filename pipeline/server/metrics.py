@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
 from pipeline.model.prometheus import Exposition
 from pipeline.model.stats import Window
@@ -61,6 +62,13 @@ class ServerMetrics:
     """Links closed because nothing arrived for ``server.webrtc.dead_after_ms``."""
     rtc_dropped_stale: int = 0
     """Delta packets not sent on a pose channel holding more than the watermark."""
+    audio_packets_in: int = 0
+    """Audio packets accepted (relayed like lossy deltas, never stored)."""
+    audio_packets_out: int = 0
+    audio_bad_packets: int = 0
+    """Malformed audio packets (the sender is closed, like for a malformed pose packet)."""
+    audio_late_packets: int = 0
+    """Audio packets dropped as late or duplicate (not after the stream's last one)."""
     late_packets: int = 0
     """Packets from a data channel dropped as late, duplicate or an old keyframe."""
     keyframe_repairs: int = 0
@@ -139,6 +147,10 @@ class ServerMetrics:
         out.add(f"{PREFIX}rtc_dead_total", self.rtc_dead)
         out.add(f"{PREFIX}rtc_dropped_stale_total", self.rtc_dropped_stale)
         out.add(f"{PREFIX}late_packets_total", self.late_packets)
+        out.add(f"{PREFIX}audio_packets_in_total", self.audio_packets_in)
+        out.add(f"{PREFIX}audio_packets_out_total", self.audio_packets_out)
+        out.add(f"{PREFIX}audio_bad_packets_total", self.audio_bad_packets)
+        out.add(f"{PREFIX}audio_late_packets_total", self.audio_late_packets)
         out.add(f"{PREFIX}keyframe_repairs_total", self.keyframe_repairs)
         out.add(f"{PREFIX}keyframe_repairs_skipped_total", self.keyframe_repairs_skipped)
         out.add(f"{PREFIX}nack_repairs_total", self.nack_repairs)
@@ -212,6 +224,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
             "counter",
             "Data-channel packets dropped as late, duplicate or an old keyframe.",
         ),
+        ("audio_packets_in_total", "counter", "Audio packets accepted."),
+        ("audio_packets_out_total", "counter", "Audio packets relayed."),
+        ("audio_bad_packets_total", "counter", "Malformed audio packets (sender closed)."),
+        ("audio_late_packets_total", "counter", "Audio packets dropped as late or duplicate."),
         ("keyframe_repairs_total", "counter", "Stored keyframes re-sent to WebRTC members."),
         (
             "keyframe_repairs_skipped_total",
@@ -232,6 +248,61 @@ FAMILIES: dict[str, tuple[str, str]] = {
         ),
     )
 }
+
+
+CLUSTER: Final = "posewire_server_cluster_"
+
+#: The cluster families (``server.redis``): name -> (type, help).
+CLUSTER_FAMILIES: dict[str, tuple[str, str]] = {
+    f"{CLUSTER}{name}": (kind, text)
+    for name, kind, text in (
+        ("redis_up", "gauge", "1 while this node is connected to Redis."),
+        ("packets_out_total", "counter", "Packets of this node's publishers sent to Redis."),
+        ("packets_in_total", "counter", "Packets of other nodes received from Redis."),
+        ("packets_dropped_total", "counter", "Packets not sent to Redis (it was away)."),
+        ("resyncs_total", "counter", "Rooms synced again after a lost subscription."),
+        ("reconnects_total", "counter", "Connections to Redis lost and made again."),
+        ("pubsub_cuts_total", "counter", "Subscriptions cut while Redis answered (buffer limit)."),
+        ("dead_nodes_total", "counter", "Nodes found dead (heartbeat expired)."),
+        ("bad_messages_total", "counter", "Malformed messages on a room channel, skipped."),
+        ("queued_writes", "gauge", "Store writes waiting for Redis."),
+        ("send_buffer_bytes", "gauge", "Packet/event bytes waiting for the socket to Redis."),
+        ("redis_rtt_ms", "gauge", "Redis round trip (heartbeat SET), percentiles."),
+    )
+}
+
+
+@dataclass
+class ClusterMetrics:
+    """Counters of one cluster node's Redis backplane (:mod:`pipeline.server.backplane`)."""
+
+    packets_out: int = 0
+    packets_in: int = 0
+    dropped: int = 0
+    resyncs: int = 0
+    reconnects: int = 0
+    pubsub_cuts: int = 0
+    dead_nodes: int = 0
+    bad_messages: int = 0
+    rtt_ms: Window = field(default_factory=lambda: Window(256))
+
+    def render(self, *, node: str, connected: bool, queued: int, buffered: int) -> str:
+        out = Exposition(CLUSTER_FAMILIES)
+        out.add(f"{CLUSTER}redis_up", 1 if connected else 0, node=node)
+        out.add(f"{CLUSTER}packets_out_total", self.packets_out)
+        out.add(f"{CLUSTER}packets_in_total", self.packets_in)
+        out.add(f"{CLUSTER}packets_dropped_total", self.dropped)
+        out.add(f"{CLUSTER}resyncs_total", self.resyncs)
+        out.add(f"{CLUSTER}reconnects_total", self.reconnects)
+        out.add(f"{CLUSTER}pubsub_cuts_total", self.pubsub_cuts)
+        out.add(f"{CLUSTER}dead_nodes_total", self.dead_nodes)
+        out.add(f"{CLUSTER}bad_messages_total", self.bad_messages)
+        out.add(f"{CLUSTER}queued_writes", queued)
+        out.add(f"{CLUSTER}send_buffer_bytes", buffered)
+        summary = self.rtt_ms.summary("p") if len(self.rtt_ms) else {}
+        for q, key in (("0.5", "p_p50"), ("0.99", "p_p99")):
+            out.add(f"{CLUSTER}redis_rtt_ms", summary.get(key), quantile=q)
+        return out.render()
 
 
 def _tasks() -> int:

@@ -100,6 +100,8 @@ class MemberOutput:
 
     def _admit(self, pkt: StoredPacket) -> bool:
         """Whether this member can decode ``pkt``; records it as received if so."""
+        if pkt.audio:
+            return True
         have = self._have.get(pkt.stream_id)
         if pkt.keyframe:
             if have is None:
@@ -206,6 +208,8 @@ class MemberOutput:
                 link.send_control(data)
             elif not link.send_pose(data):
                 self.metrics.rtc_dropped_stale += 1
+                if pkt.audio:
+                    return
                 have = self._have.get(pkt.stream_id)
                 if have is not None:
                     have.discard(pkt.seq)
@@ -221,7 +225,10 @@ class MemberOutput:
 
     def _sent(self, pkt: StoredPacket, transport: str, live: bool) -> None:
         self.sent += 1
-        self.metrics.packets_out += 1
+        if pkt.audio:
+            self.metrics.audio_packets_out += 1
+        else:
+            self.metrics.packets_out += 1
         self.metrics.count_out(transport, len(pkt.data))
         if live and pkt.t_recv_ns:
             self.metrics.latency[transport].add((time.monotonic_ns() - pkt.t_recv_ns) / 1e6)

@@ -41,6 +41,10 @@ Relay rules
   sequence number) followed by exactly that many packets, the keyframe and
   the packets of the history that chain from it, before any live packet. So
   a receiver tells stored history from live packets.
+* A cluster (``server.redis``, :mod:`pipeline.server.backplane`): the manager's
+  :class:`Cluster` hears of every accepted packet, presence event, keyframe
+  request, kick and room; streams of publishers on other nodes are kept in
+  :attr:`Room.remote` and relayed and backfilled like local ones.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -77,6 +81,29 @@ BROADCAST_BURST: Final = 10.0
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+class Cluster(Protocol):
+    """The other nodes of a cluster (:class:`pipeline.server.backplane.Backplane`)."""
+
+    def room_opened(self, room: Room) -> None: ...
+
+    def room_gone(self, room: Room, *, closed: bool) -> None: ...
+
+    def broadcast(self, room: Room, obj: dict[str, Any]) -> None:
+        """A presence event or a moderator broadcast of this node, for the other nodes."""
+
+    def published(self, room: Room, pkt: StoredPacket) -> None:
+        """A packet a member of this node published (once per packet and node)."""
+
+    def keyframe_request(self, room: Room, stream_id: int) -> None: ...
+
+    def kick(self, room: Room, member_id: str, by: str) -> bool:
+        """Kick a member of another node; False: no such member."""
+
+    def remote_members(self, room: Room) -> list[dict[str, Any]]: ...
+
+    def subscribers_changed(self, room: Room) -> None: ...
 
 
 class Member(MemberOutput):
@@ -189,17 +216,26 @@ class Room:
         self.members: dict[str, Member] = {}
         self.streams: dict[int, StreamState[Member]] = {}
         self.subscribers: tuple[Member, ...] = ()
+        self.remote: dict[int, StreamState[Member]] = {}
+        """Streams of publishers on other nodes (owner None), kept by the cluster."""
         self.closed = False
         self._cleanup: asyncio.TimerHandle | None = None
         self._history = manager.config.history_packets
 
+    def member_infos(self) -> list[dict[str, Any]]:
+        """Every member's info: this node's, then the other nodes' (a cluster)."""
+        cluster = self.manager.cluster
+        local = [m.info() for m in self.members.values()]
+        return local + (cluster.remote_members(self) if cluster is not None else [])
+
     def info(self) -> dict[str, Any]:
+        infos = self.member_infos()
         return {
             "name": self.name,
             "created_ns": self.created_ns,
             "created_by": self.created_by,
-            "members": [m.info() for m in self.members.values()],
-            "publishers": sorted(m.id for m in self.members.values() if m.streams),
+            "members": infos,
+            "publishers": sorted(i["id"] for i in infos if i.get("streams")),
             "streams": {
                 str(s.stream_id): {
                     "owner": s.owner.id if s.owner is not None else None,
@@ -212,12 +248,21 @@ class Room:
 
     def _refresh(self) -> None:
         self.subscribers = tuple(m for m in self.members.values() if m.subscribe)
+        if self.manager.cluster is not None:
+            self.manager.cluster.subscribers_changed(self)
 
-    def broadcast(self, obj: dict[str, Any], *, exclude: Member | None = None) -> None:
+    def broadcast(
+        self, obj: dict[str, Any], *, exclude: Member | None = None, remote: bool = False
+    ) -> None:
+        """To every member but ``exclude``, and to the other nodes unless ``remote`` (it
+        came from one)."""
         text = dumps(obj)
         for m in tuple(self.members.values()):
             if m is not exclude:
                 m.post_text(text)
+        cluster = self.manager.cluster
+        if cluster is not None and not remote:
+            cluster.broadcast(self, obj)
 
     def add(self, member: Member) -> None:
         if self._cleanup is not None:
@@ -231,6 +276,9 @@ class Room:
         out: list[StoredPacket] = []
         for stream in self.streams.values():
             if stream.owner is not None and stream.owner is not member:
+                out.extend(stream.snapshot())
+        for sid, stream in self.remote.items():
+            if sid not in self.streams:
                 out.extend(stream.snapshot())
         return out
 
@@ -262,14 +310,22 @@ class Room:
 
     def request_keyframe(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
-        if stream is None or stream.owner is None:
-            return
+        owner = stream.owner if stream is not None else None
+        cluster = self.manager.cluster
+        if owner is None:
+            stream = self.remote.get(stream_id)
+            if stream is None or cluster is None:
+                return
+        assert stream is not None
         t = time.monotonic()
         if t - stream.last_keyframe_request < KEYFRAME_REQUEST_INTERVAL_S:
             return
         stream.last_keyframe_request = t
         self.manager.metrics.keyframe_requests += 1
-        stream.owner.post({"type": "keyframe_request", "stream_id": stream_id})
+        if owner is not None:
+            owner.post({"type": "keyframe_request", "stream_id": stream_id})
+        elif cluster is not None:
+            cluster.keyframe_request(self, stream_id)
 
     def paired(self, a: Member | None, b: Member) -> bool:
         """``a`` and ``b`` are the two live hot-standby connections of one publisher: both
@@ -324,11 +380,17 @@ class Room:
         stream = StreamState[Member](stream_id, self._history)
         stream.owner = member
         self.streams[stream_id] = stream
+        self.remote.pop(stream_id, None)
         member.streams.add(stream_id)
         self.broadcast({"type": "presence", "event": "update", "member": member.info()})
         return stream
 
-    async def relay(self, sender: Member, pkt: StoredPacket) -> None:
+    async def relay(self, sender: Member | None, pkt: StoredPacket) -> None:
+        """To every subscriber but ``sender`` (None: a packet from another node), and,
+        for a packet of this node's, to the other nodes."""
+        cluster = self.manager.cluster
+        if cluster is not None and sender is not None:
+            cluster.published(self, pkt)
         for m in self.subscribers:
             if m is not sender:
                 await m.send_packet(pkt)
@@ -367,6 +429,8 @@ class RoomManager:
         self.connections = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_change: Callable[[], None] | None = None
+        self.cluster: Cluster | None = None
+        """The other nodes (``server.redis``), set by the app before it accepts members."""
 
     @property
     def members(self) -> int:
@@ -392,6 +456,8 @@ class RoomManager:
         room = Room(self, name, created_by=created_by)
         self.rooms[name] = room
         room.schedule_cleanup()
+        if self.cluster is not None:
+            self.cluster.room_opened(room)
         log.info("room %s created", name)
         return room
 
@@ -444,16 +510,22 @@ class RoomManager:
         room = self.rooms.get(name)
         if room is not None and not room.members:
             del self.rooms[name]
+            if self.cluster is not None:
+                self.cluster.room_gone(room, closed=False)
             log.info("room %s removed after %.1fs empty", name, self.config.empty_room_grace_s)
 
-    async def close_room(self, name: str) -> bool:
-        """Close a room: its members are disconnected (``room_closed``) and joins refused."""
+    async def close_room(self, name: str, *, remote: bool = False) -> bool:
+        """Close a room: its members are disconnected (``room_closed``) and joins refused
+        (``remote``: another node closed it, and already recorded it)."""
         room = self.rooms.pop(name, None)
         if room is None:
             return False
         room.closed = True
         room.cancel_cleanup()
-        self.store.close_room(name, now_ns())
+        if not remote:
+            self.store.close_room(name, now_ns())
+        if self.cluster is not None:
+            self.cluster.room_gone(room, closed=not remote)
         members = list(room.members.values())
         for _m in members:
             self.metrics.reject(CloseCode.ROOM_CLOSED.reason)
@@ -466,7 +538,7 @@ class RoomManager:
     def kick(self, room: Room, member_id: str, by: str) -> bool:
         target = room.members.get(member_id)
         if target is None:
-            return False
+            return self.cluster is not None and self.cluster.kick(room, member_id, by)
         self.kicks.kick(target.claims, room.name)
         target.abort(CloseCode.KICKED, f"kicked from room {room.name!r} by {by}")
         log.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,6 +14,9 @@ from pipeline.server.metrics import ServerMetrics
 from pipeline.server.rooms import RoomManager
 from pipeline.server.rtc import RtcHub
 from pipeline.server.tokens import TokenVerifier
+
+if TYPE_CHECKING:  # redis is imported only when server.redis is configured
+    from pipeline.server.backplane import Backplane
 
 
 @dataclass
@@ -27,12 +31,15 @@ class ServerState:
     dev: bool
     guard: HttpGuard
     rtc: RtcHub
+    cluster: Backplane | None = None
+    """The Redis backplane (``server.redis``), or None: a single node."""
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
 
     @property
     def accepting(self) -> bool:
-        return self.ready and self.manager.connections < self.config.max_connections
+        cluster_ok = self.cluster is None or self.cluster.connected
+        return cluster_ok and self.ready and self.manager.connections < self.config.max_connections
 
 
 STATE = web.AppKey("posewire_state", ServerState)

@@ -58,6 +58,9 @@ class StoredPacket:
     """It arrived before its reference (a WebRTC publisher's anchor or keyframe still on
     the reliable channel, or being repaired by NACK): relayed anyway, the subscriber
     holds it until the reference follows."""
+    audio: bool = False
+    """An audio packet (:mod:`pipeline.codec.audio`): relayed lossy, never stored, always
+    decodable (``seq`` is its audio frame counter)."""
 
 
 class Snapshot:
@@ -109,6 +112,8 @@ class StreamState(Generic[OwnerT]):
         self.last_keyframe_request = -1e9
         self.packets = 0
         self.last_seq = -1
+        self.audio_last_seq = -1
+        """The newest audio frame counter relayed (audio seqs are their own sequence)."""
         self.shared = False
         """Published by the two connections of a hot-standby pair (Room.paired): a packet
         not after the last one is a duplicate of the other path, dropped as late, never a

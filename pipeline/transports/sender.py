@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 from pipeline.codec import feedback, peek_header
+from pipeline.codec.audio import is_audio
 from pipeline.config import TransmitConfig, TransportKind
 from pipeline.errors import (
     BrokenResourceError,
@@ -87,18 +88,13 @@ WhenThrottled = Literal["wait", "send", "drop"]
 _NAMES = {TransportKind.WEBSOCKET: "WebSocket", TransportKind.WEBRTC: "WebRTC"}
 
 
-def _is_keyframe(packet: bytes) -> bool:
+def _peek(packet: bytes) -> tuple[bool, int | None]:
+    """(keyframe, seq); unreadable: (True, None): not ours to judge, the far side refuses it."""
     try:
-        return peek_header(packet).keyframe
+        h = peek_header(packet)
     except ProtocolError:
-        return True  # not ours to judge here: the far side refuses it
-
-
-def _seq(packet: bytes) -> int | None:
-    try:
-        return peek_header(packet).seq
-    except ProtocolError:
-        return None
+        return True, None
+    return h.keyframe, h.seq
 
 
 def parse_kind(value: object) -> TransportKind:
@@ -151,9 +147,8 @@ class Sender:
         self.throttle = Throttle(cfg.max_bandwidth_kbps)
         self.switches = 0
         self.acks = 0
-        self.sent = 0
-        self.failed = 0
-        self.bytes_sent = 0
+        self.sent = self.failed = self.bytes_sent = 0
+        self.audio_sent = self.audio_bytes = 0  # audio packets: counted apart from pose
         self.throttled_ms = 0.0
         self.dropped_refused = 0
         """Packets dropped because the far side refused us (counted once each)."""
@@ -502,8 +497,9 @@ class Sender:
             self.failed += 1
             self.health[self.kind].on_send(None, False)
             return False
-        if self._keyframe_wait is not None:
-            if _is_keyframe(packet) or time.monotonic() - self._keyframe_wait > KEYFRAME_WAIT_S:
+        audio = is_audio(packet)  # audio never waits for a pose keyframe
+        if self._keyframe_wait is not None and not audio:
+            if _peek(packet)[0] or time.monotonic() - self._keyframe_wait > KEYFRAME_WAIT_S:
                 self._keyframe_wait = None
             else:
                 self.skipped_for_keyframe += 1
@@ -524,9 +520,11 @@ class Sender:
             if self.failed == 1 or self.failed % 100 == 0:
                 self.log.warning("send failed (%d so far): %s", self.failed, exc)
             return False
-        self.sent += 1
-        self.bytes_sent += len(packet)
-        health.on_send(_seq(packet), True)
+        if audio:
+            self.audio_sent, self.audio_bytes = self.audio_sent + 1, self.audio_bytes + len(packet)
+        else:
+            self.sent, self.bytes_sent = self.sent + 1, self.bytes_sent + len(packet)
+        health.on_send(None if audio else _peek(packet)[1], True)
         if self.hot:
             self.recent.add(packet)
         return True
@@ -545,6 +543,8 @@ class Sender:
             "throttled_ms_total": self.throttled_ms,
             "transport_switches_total": self.switches,
             "packets_skipped_for_keyframe_total": self.skipped_for_keyframe,
+            "audio_packets_sent_total": self.audio_sent,
+            "audio_bytes_sent_total": self.audio_bytes,
         }
         if self.refused is not None:
             out[f"transport_refused_{metric_name(self.refused.reason)}"] = 1.0

@@ -12,10 +12,10 @@ says a packet may go (:func:`send_next`). The queue orders by :class:`Priority`,
 * ``KEYFRAME`` (1): a keyframe is what every later delta of its stream needs; losing one
   costs up to a keyframe interval of undecodable deltas. The anchors of an anchor stream
   (``encode.references: anchor``, the WebRTC default) rank here too, for the same reason.
-* ``AUDIO`` (2, reserved: audio is not in this build): a lost 20 ms audio frame is an
-  audible gap that concealment only hides for a frame or two, while a lost pose delta is
-  covered by the next one 33 ms later (a viewer draws the newest pose); but an audio frame
-  never costs anything *after* it, so it ranks below keyframes.
+* ``AUDIO`` (2; the transmit stage sends audio beside the queue today): a lost 20 ms
+  audio frame is an audible gap that concealment only hides for a frame or two, while a
+  lost pose delta is covered by the next one 33 ms later (a viewer draws the newest
+  pose); but an audio frame never costs anything *after* it, so it ranks below keyframes.
 * ``DELTA`` (3): pose deltas; the newest one makes the older ones worthless.
 
 Drops, each counted per priority and per reason (:meth:`SendQueue.metrics`):
@@ -36,15 +36,17 @@ Drops, each counted per priority and per reason (:meth:`SendQueue.metrics`):
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.codec import peek_header
 from pipeline.codec.anchors import AnchorTracker
-from pipeline.errors import ProtocolError
+from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.transports.throttle import Throttle
 
 #: frame interval assumed until the stream shows its own (30 fps)
@@ -229,6 +231,25 @@ class SendQueue:
             n = sum(v for (_, r), v in self.dropped.items() if r == reason)
             out[f"sendqueue_dropped_{reason}_total"] = float(n)
         return out
+
+
+async def fill(queue: SendQueue, ring: Any) -> bool:
+    """Move what waits in ``ring`` (a bounded-queue ring of the pipeline) into ``queue``
+    without blocking, as far as it has room; with ``queue`` empty, wait for one item in a
+    thread (at most 0.1 s). False when nothing is queued."""
+    while len(queue) < queue.capacity:
+        try:
+            item = ring.recv(timeout=0)
+        except WouldBlock:
+            break
+        queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
+    if not queue:
+        try:
+            item = await asyncio.get_running_loop().run_in_executor(None, ring.recv, 0.1)
+        except WouldBlock:
+            return False
+        queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
+    return True
 
 
 async def send_next(

@@ -49,6 +49,7 @@ from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
 from pipeline.codec.anchors import AnchorTracker
+from pipeline.codec.audio import is_audio
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
 from pipeline.errors import (
     BrokenResourceError,
@@ -111,7 +112,10 @@ def _add(total: LinkStats, more: LinkStats) -> None:
 
 def _must_arrive(packet: bytes, trackers: dict[int, AnchorTracker]) -> bool:
     """Whether ``packet`` goes on the reliable channel: a keyframe, an anchor or a chained
-    delta (something unreadable too: the server judges it)."""
+    delta (something unreadable too: the server judges it); an audio packet does not: it
+    goes on the lossy channel like a free delta (docs/audio.md)."""
+    if is_audio(packet):
+        return False
     try:
         h = peek_header(packet)
     except ProtocolError:
