@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from pipeline.degrade_config import DegradeConfig
+from pipeline.degrade_config import EncodeConfig as EncodeConfig
 from pipeline.errors import ConfigError
 from pipeline.netconfig import IceServer as IceServer
 from pipeline.netconfig import RtcConfig as RtcConfig
@@ -55,28 +56,6 @@ def traces_dir() -> Path:
     """The CMU pose traces vendored in ``data/pose-traces``; ``$POSEWIRE_TRACES`` overrides."""
     env = os.environ.get(TRACES_ENV)
     return Path(env) if env else REPO_ROOT / "data" / "pose-traces"
-
-
-class EncodeConfig(ConfigModel):
-    """The pose codec (the encode stage)."""
-
-    precision_px: float = Field(
-        0.5, gt=0, le=16, description="Maximum x/y error in pixels at reference_width_px."
-    )
-    reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
-    keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
-    world_landmarks: bool = Field(False, description="Send world landmarks too.")
-    references: Literal["auto", "previous", "keyframe", "anchor"] = Field(
-        "auto",
-        description="What a delta packet predicts from: 'previous' (the previous packet, "
-        "smallest, for reliable transports), 'keyframe' (the stream's latest keyframe: every "
-        "delta decodes on its own), 'anchor' (the latest anchor, every third delta, which "
-        "must arrive: for lossy channels, 11 % more bytes than 'previous'); auto: anchor when "
-        "transmit uses webrtc.",
-    )
-    stream_id: int | None = Field(
-        None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
-    )
 
 
 class TransportKind(StrEnum):

@@ -1,16 +1,40 @@
-"""The ``transmit.degrade`` section: the levels of the degradation ladder.
+"""The stream's shape: the ``encode`` section and ``transmit.degrade`` (the levels of the
+degradation ladder, which change the encode stage's rate and precision at run time).
 
-Its own module to keep :mod:`pipeline.config` within the size limit; the ladder that
-uses it is :mod:`pipeline.runtime.ladder` (and docs/switching.md).
+Their own module to keep :mod:`pipeline.config` (which re-exports ``EncodeConfig``)
+within the size limit; the ladder is :mod:`pipeline.runtime.ladder` (docs/switching.md).
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from pipeline.settings import ConfigModel
+
+
+class EncodeConfig(ConfigModel):
+    """The pose codec (the encode stage)."""
+
+    precision_px: float = Field(
+        0.5, gt=0, le=16, description="Maximum x/y error in pixels at reference_width_px."
+    )
+    reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
+    keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
+    world_landmarks: bool = Field(False, description="Send world landmarks too.")
+    references: Literal["auto", "previous", "keyframe", "anchor"] = Field(
+        "auto",
+        description="What a delta packet predicts from: 'previous' (the previous packet, "
+        "smallest, for reliable transports), 'keyframe' (the stream's latest keyframe: every "
+        "delta decodes on its own), 'anchor' (the latest anchor, every third delta, which "
+        "must arrive: for lossy channels, 11 % more bytes than 'previous'); auto: anchor when "
+        "transmit uses webrtc.",
+    )
+    stream_id: int | None = Field(
+        None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
+    )
 
 
 class DegradeConfig(ConfigModel):
