@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--json] [--quick] [OPTIONS]``: the benchmark harness.
 
 Runs the named benchmarks (all of them without a name: ``ring``, ``codec``,
-``pipeline_fps``, ``fanout``, ``transport``, ``viewer``, ``soak``, then any other
+``pipeline_fps``, ``fanout``, ``transport``, ``viewer``, ``switch``, ``soak``, then any other
 ``bench/<name>.py`` with ``main(argv) -> int``), one after the other, each in its own process
 with ``--json``, with progress bars on stderr. Every result object is written
 to ``bench/results/<bench>.json`` (the house JSON shape plus a ``harness``
@@ -72,7 +72,7 @@ from bench.common import (
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-ORDER = ("ring", "codec", "pipeline_fps", "fanout", "transport", "viewer", "soak")
+ORDER = ("ring", "codec", "pipeline_fps", "fanout", "transport", "viewer", "switch", "soak")
 """The benchmarks in the order they run; any other ``bench/<name>.py`` follows."""
 NOT_BENCHMARKS = frozenset({"__init__", "__main__", "common"})
 HARNESS_FLAGS = frozenset({"--json", "--quick", "--no-save", "--list"})

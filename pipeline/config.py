@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.degrade_config import DegradeConfig
+from pipeline.degrade_config import EncodeConfig as EncodeConfig
 from pipeline.errors import ConfigError
 from pipeline.netconfig import IceServer as IceServer
 from pipeline.netconfig import RtcConfig as RtcConfig
@@ -54,28 +56,6 @@ def traces_dir() -> Path:
     """The CMU pose traces vendored in ``data/pose-traces``; ``$POSEWIRE_TRACES`` overrides."""
     env = os.environ.get(TRACES_ENV)
     return Path(env) if env else REPO_ROOT / "data" / "pose-traces"
-
-
-class EncodeConfig(ConfigModel):
-    """The pose codec (the encode stage)."""
-
-    precision_px: float = Field(
-        0.5, gt=0, le=16, description="Maximum x/y error in pixels at reference_width_px."
-    )
-    reference_width_px: int = Field(1920, ge=64, le=16384, description="Width for precision_px.")
-    keyframe_interval: int = Field(30, ge=1, le=3600, description="Frames between keyframes.")
-    world_landmarks: bool = Field(False, description="Send world landmarks too.")
-    references: Literal["auto", "previous", "keyframe", "anchor"] = Field(
-        "auto",
-        description="What a delta packet predicts from: 'previous' (the previous packet, "
-        "smallest, for reliable transports), 'keyframe' (the stream's latest keyframe: every "
-        "delta decodes on its own), 'anchor' (the latest anchor, every third delta, which "
-        "must arrive: for lossy channels, 11 % more bytes than 'previous'); auto: anchor when "
-        "transmit uses webrtc.",
-    )
-    stream_id: int | None = Field(
-        None, ge=0, le=65535, description="Publisher stream id; default derived from the run id."
-    )
 
 
 class TransportKind(StrEnum):
@@ -110,8 +90,8 @@ class TransmitConfig(ConfigModel):
         150.0,
         gt=0,
         le=10000,
-        description="Switch to the fallback when the primary's ack RTT p95 over window_s "
-        "exceeds this.",
+        description="Switch to the fallback when the primary's ack RTT (median of per-0.5 s "
+        "minima) over window_s exceeds this.",
     )
     switch_threshold: float = Field(
         0.2,
@@ -148,7 +128,7 @@ class TransmitConfig(ConfigModel):
         0.05, gt=0, le=60, description="WebSocket: first reconnect delay (doubles per failure)."
     )
     reconnect_max_s: float = Field(
-        1.0, gt=0, le=600, description="WebSocket: cap of the exponential reconnect backoff."
+        0.25, gt=0, le=600, description="WebSocket: cap of the exponential reconnect backoff."
     )
     connect_timeout_s: float = Field(
         5.0, gt=0, le=600, description="WebSocket: give up the first connection after this long."
@@ -169,6 +149,13 @@ class TransmitConfig(ConfigModel):
     webrtc: RtcConfig = Field(
         default_factory=lambda: RtcConfig.model_validate({}),
         description="WebRTC transport: heartbeat, dead-path detection, flow control.",
+    )
+    send_queue: int = Field(
+        16, ge=1, le=4096, description="Packets the sender's priority queue holds (then drops)."
+    )
+    degrade: DegradeConfig = Field(
+        default_factory=lambda: DegradeConfig.model_validate({}),
+        description="Degradation ladder: fewer frames, then coarser precision.",
     )
 
     @field_validator("server_url", "servers")
@@ -472,6 +459,16 @@ class Config(ConfigModel):
             default=DEFAULT_DETECTOR,
             base=DetectorSettings,
         )
+
+    @model_validator(mode="after")
+    def _degrade_coarser(self) -> Config:
+        steps = self.transmit.degrade.precision_px
+        if steps and steps[0] <= self.encode.precision_px:
+            raise ValueError(
+                f"transmit.degrade.precision_px: every level must be coarser than "
+                f"encode.precision_px ({self.encode.precision_px:g}), got {steps}"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------

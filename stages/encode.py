@@ -13,6 +13,12 @@ ranges (:mod:`pipeline.codec.ranges`) and counted
 (``landmarks_clamped_total``) rather than losing the whole frame.
 NaN and infinities are still refused by the codec, and counted.
 
+The ``degrade`` command (the supervisor's degradation ladder, :mod:`pipeline.runtime.ladder`)
+sets a level: frames over the level's rate are skipped before they are encoded
+(``degradation_skipped_total``: no reference is lost), and a coarser ``precision_px``
+rebuilds the encoder, whose next packet is a keyframe carrying the new quantization.
+Metrics ``degradation_level``, ``degradation_steps_{down,up}_total``, ``precision_px``.
+
 The default stream id is derived from the run id and kept below 2**14, so
 that it costs two bytes per packet (a one-byte id, below 128, saves one
 more: set ``encode.stream_id`` when you control the room's publishers).
@@ -28,6 +34,7 @@ start log line and the ``references_keyframe`` / ``references_anchor`` metrics (
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from typing import Literal
@@ -38,6 +45,7 @@ from pipeline.config import Config, TransportKind
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.model.pose import PoseFrame
 from pipeline.model.stats import Rate, Window
+from pipeline.runtime.ladder import Degrader
 from pipeline.runtime.stage import StageContext
 
 RAW_FLOAT32_BYTES = 33 * 4 * 4
@@ -85,6 +93,8 @@ def run(ctx: StageContext) -> int:
         references=references,
     )
     encoder = Encoder(codec, stream_id_for(ctx))
+    ladder = Degrader(ctx.config.transmit)
+    precision = cfg.precision_px
     interval = codec.effective_keyframe_interval()
     ctx.log.info(
         "delta packets predict from the %s (encode.references: %s), keyframe every %d frames%s",
@@ -103,6 +113,8 @@ def run(ctx: StageContext) -> int:
     packets = ctx.ring("packets")
     fb = ctx.ring("feedback")
     ctx.on("keyframe", lambda args: encoder.request_keyframe())
+    ctx.on("degrade", ladder.on_degrade)
+    ctx.metrics.update(ladder.metrics())  # the supervisor's ladder finds its stage by it
     encode_us = Window()
     sizes = Window()
     rate = Rate()
@@ -131,6 +143,14 @@ def run(ctx: StageContext) -> int:
         except WouldBlock:
             continue
         frame = PoseFrame.from_bytes(item.data)
+        if not ladder.keep(frame.capture_ts_ns):
+            ctx.metrics.update(ladder.metrics())
+            continue
+        wanted = ladder.setting.precision_px or cfg.precision_px
+        if wanted != precision:  # a new quantization starts with a keyframe (same epoch)
+            precision = wanted
+            codec = dataclasses.replace(codec, precision_px=precision)
+            encoder = Encoder(codec, encoder.stream_id, epoch=encoder.epoch)
         clamped += clamp_to_codec_range(frame)
         t0 = time.perf_counter_ns()
         try:
@@ -160,6 +180,8 @@ def run(ctx: StageContext) -> int:
                 "references_keyframe": float(references == "keyframe"),
                 "references_anchor": float(references == "anchor"),
                 **encode_us.summary("encode_us"),
+                **ladder.metrics(),
+                "precision_px": precision,
             }
         )
     return 0

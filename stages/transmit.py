@@ -1,8 +1,8 @@
 """The transmit stage: packets ring -> the active transport.
 
-Reads packets in order (a bounded queue that drops the oldest when full) and
-sends them with a :class:`~pipeline.transports.sender.Sender` on the active
-transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
+Moves packets from the ring into the priority queue of :mod:`pipeline.transports.sendqueue`
+and sends from it as the throttle allows, with a :class:`~pipeline.transports.sender.Sender`
+on the active transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
 (a local sink), ``websocket`` or ``webrtc`` (a room on the room server; WebRTC
 puts deltas on the lossy pose channel). What comes back from the far side
 (acks, keyframe requests) goes to the encode stage through the ``feedback``
@@ -33,7 +33,8 @@ argument is refused with a :class:`~pipeline.errors.CommandError`.
 
 Audio (``audio.enabled``): the ``audio`` ring's packets go through the same ``Sender``
 (they move with the stream on every switch), sent at once by a reader of their own
-(rank :data:`AUDIO_PRIORITY` for issue 13's queue): ``audio_latency_ms_p50/p95/p99``.
+(beside the pose queue, so above every pose; ``sendqueue.Priority.AUDIO`` is its rank
+should it go through the queue): ``audio_latency_ms_p50/p95/p99``.
 
 Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 (send failures and packets refused), ``packets_refused_total``,
@@ -54,6 +55,7 @@ import os
 import time
 from typing import Any
 
+from pipeline.codec import feedback
 from pipeline.config import TransportKind, resolve_path
 from pipeline.errors import (
     BrokenResourceError,
@@ -69,6 +71,7 @@ from pipeline.model.stats import Rate, Window
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
 from pipeline.transports.sender import Sender, parse_kind
+from pipeline.transports.sendqueue import SendQueue, fill, send_next
 from pipeline.wire.tokens import MAX_TTL_S, mint_token, resolve_secret
 
 TOKEN_ENV = "POSEWIRE_TOKEN"
@@ -90,11 +93,12 @@ def publisher_token(ctx: StageContext) -> str:
     )
 
 
+#: the capture-to-send percentiles cover the last this many seconds, whatever the rate
+LATENCY_WINDOW_S = 5.0
+#: metrics that go away when they have no value (no stale figure for the policy or ladder)
+_VANISHING = ("transport_refused_", "path_", "latency_ms_", "audio_latency_ms_", "ack_rtt_ms")
 #: seconds between two metric updates of the stage (the heartbeat carries them)
 METRICS_INTERVAL_S = 0.1
-#: audio's rank for the priority send queue of issue 13 (lower is sent first; a pose
-#: keyframe 0, audio 1, pose deltas 2): the hook the ladder plugs into
-AUDIO_PRIORITY = 1
 
 
 def run(ctx: StageContext) -> int:
@@ -124,24 +128,17 @@ class Transmitter:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.feedback = ctx.ring("feedback")
-        context = TransportContext(
-            token=lambda: publisher_token(ctx),
-            name=ctx.spec.run_id,
-            publish=True,
-            subscribe=False,
-            resolve_path=lambda p: resolve_path(ctx.config, p),
-        )
-        self.sender = Sender(
-            ctx.config.transmit,
-            context,
-            on_feedback=self._feedback,
-            stopping=lambda: ctx.stopping,
-            tick=self._tick,
-            log=ctx.log,
-        )
+        context = TransportContext(token=lambda: publisher_token(ctx), name=ctx.spec.run_id,
+                                   publish=True, subscribe=False,
+                                   resolve_path=lambda p: resolve_path(ctx.config, p))  # fmt: skip
+        self.sender = Sender(ctx.config.transmit, context, on_feedback=self._feedback, log=ctx.log,
+                             stopping=lambda: ctx.stopping, tick=self._tick)  # fmt: skip
+        self.queue = SendQueue(ctx.config.transmit.send_queue,
+                               on_broken=lambda: self._feedback(feedback.pack_keyframe_request()),
+                               live=ctx.config.transmit.primary != TransportKind.FILE)  # fmt: skip
         self.rate = Rate()
-        self.latency = Window()
-        self.audio_latency = Window()
+        self.latency = Window(max_age_s=LATENCY_WINDOW_S)
+        self.audio_latency = Window(max_age_s=LATENCY_WINDOW_S)
         self._published = 0.0
         self.pending_switch: tuple[TransportKind, str, bool] | None = None
         ctx.on("set", self.sender.throttle.on_set)
@@ -183,17 +180,14 @@ class Transmitter:
             return
         self._published = now
         fresh = self.sender.metrics()
-        for key in [k for k in self.ctx.metrics if k.startswith(("transport_refused_", "path_"))]:
-            if key not in fresh:  # a refusal that is over, a figure with no sample in the window
+        fresh.update(self.queue.metrics())  # its drops are frames dropped too
+        fresh["packets_dropped_total"] += self.queue.dropped_total()
+        fresh.update({"fps": self.rate.per_second(), **self.latency.summary("latency_ms"),
+                      **self.audio_latency.summary("audio_latency_ms")})  # fmt: skip
+        for key in [k for k in self.ctx.metrics if k.startswith(_VANISHING)]:
+            if key not in fresh:  # a refusal that is over, a figure with no sample left
                 del self.ctx.metrics[key]
-        self.ctx.metrics.update(
-            {
-                **fresh,
-                "fps": self.rate.per_second(),
-                **self.latency.summary("latency_ms"),
-                **self.audio_latency.summary("audio_latency_ms"),
-            }
-        )
+        self.ctx.metrics.update(fresh)
 
     def _feedback(self, message: bytes) -> None:
         with contextlib.suppress(RingError):
@@ -235,11 +229,16 @@ class Transmitter:
                     (target, reason, auto), self.pending_switch = self.pending_switch, None
                     with contextlib.suppress(CommandError):  # pinned or capped meanwhile
                         await sender.switch(target, reason, auto=auto)
-                item = await self._next(packets)
-                if item is None or not await sender.send(bytes(item.data)):
+                if not await fill(self.queue, packets):
                     continue
-                self.rate.tick()
-                self.latency.add((time.time_ns() - item.ts_ns) / 1e6)
+                done = await send_next(self.queue, sender.throttle, sender.send)
+                if done is None:  # the throttle says wait: the queue drops what goes stale
+                    await asyncio.sleep(min(max(sender.throttle.delay(), 0.001), 0.01))
+                elif done[1] and done[0].capture_ts_ns is not None:
+                    self.rate.tick()
+                    self.latency.add((time.time_ns() - done[0].capture_ts_ns) / 1e6)
+            while (left := self.queue.pop(stale=False)) is not None:  # an orderly stop
+                await sender.send(left.packet)  # sends what the queue holds (the ring is empty)
         finally:
             if audio is not None:
                 audio.cancel()

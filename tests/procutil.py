@@ -64,13 +64,15 @@ def sender_config(
     loop: bool = True,
     transmit_extra: str = "",
     monitor: bool = False,
+    monitor_extra: str = "",
     extra: str = "",
 ) -> Path:
     """A trace-replay pipeline publishing into room ``room`` of the server at
     ``host:port`` (its embedded server there, or an external one); ``transmit_extra``:
     more lines of the ``transmit`` section (indented two spaces); ``monitor``: its
-    monitor and control endpoint on (any free port, for ``python -m pipeline ctl``);
-    ``extra``: more top-level sections (e.g. ``audio``)."""
+    monitor and control endpoint on (any free port, for ``python -m pipeline ctl``),
+    with ``monitor_extra`` lines more in its section; ``extra``: more top-level sections
+    (e.g. ``audio``)."""
     server = f"server:\n  embedded: true\n  port: {port}\n" if embedded else ""
     return write_config(
         tmp_path,
@@ -85,6 +87,7 @@ def sender_config(
   heartbeat_timeout_ms: 1500
 monitor:
   {"port: 0" if monitor else "enabled: false"}
+{monitor_extra if monitor else ""}
 {extra}""",
     )
 

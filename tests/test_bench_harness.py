@@ -109,13 +109,13 @@ def test_parse_args_splits_names_harness_flags_and_passthrough() -> None:
 
 def test_discover_lists_the_benchmarks_in_order_and_which_take_quick() -> None:
     names = discover()
-    for name in ("ring", "codec", "fanout", "transport", "soak"):
+    for name in ("ring", "codec", "fanout", "transport", "switch", "soak"):
         assert name in names
     assert "common" not in names and "__main__" not in names
-    order = ("ring", "codec", "pipeline_fps", "fanout", "transport", "viewer", "soak")
+    order = ("ring", "codec", "pipeline_fps", "fanout", "transport", "viewer", "switch", "soak")
     known = [n for n in order if n in names]
     assert names[: len(known)] == known
-    assert takes_quick("ring") and takes_quick("soak")
+    assert takes_quick("ring") and takes_quick("soak") and takes_quick("switch")
     assert not takes_quick("codec")
     assert not takes_quick("no_such_bench")
 

@@ -28,28 +28,45 @@ def percentiles(values: Iterable[float] | npt.NDArray[Any], qs: Sequence[float])
 
 
 class Window:
-    """The last ``size`` samples, with percentiles."""
+    """The last ``size`` samples (with ``max_age_s``: of the last ``max_age_s`` seconds
+    only), with percentiles."""
 
-    def __init__(self, size: int = 512) -> None:
+    def __init__(self, size: int = 512, max_age_s: float | None = None) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        self._times: deque[float] = deque(maxlen=size)
+        self.max_age_s = max_age_s
 
     def add(self, value: float) -> None:
         self._values.append(value)
+        if self.max_age_s is not None:
+            self._times.append(time.monotonic())
+
+    def _trim(self) -> None:
+        if self.max_age_s is None:
+            return
+        edge = time.monotonic() - self.max_age_s
+        while self._times and self._times[0] < edge:
+            self._times.popleft()
+            self._values.popleft()
 
     def __len__(self) -> int:
+        self._trim()
         return len(self._values)
 
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100) of the window; 0.0 when empty."""
+        self._trim()
         if not self._values:
             return 0.0
         return percentiles(self._values, (q,))[0]
 
     def mean(self) -> float:
+        self._trim()
         return float(np.mean(np.fromiter(self._values, float))) if self._values else 0.0
 
     def summary(self, prefix: str) -> dict[str, float]:
         """``{prefix_p50: .., prefix_p95: .., prefix_p99: ..}`` for a metrics dict."""
+        self._trim()
         if not self._values:
             return {}
         p50, p95, p99 = percentiles(self._values, (50, 95, 99))

@@ -121,6 +121,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "gauge",
         "Transport switches / packets sent, over the alert window.",
     ),
+    "posewire_degradation_level": ("gauge", "Degradation ladder level (0: the full stream)."),
+    "posewire_degradation_steps_total": (
+        "counter",
+        "Degradation ladder steps applied; label direction (down, up).",
+    ),
     "posewire_alert_active": ("gauge", "1 while the alert is raised; label alert."),
     "posewire_alert_value": ("gauge", "The alert's current value; label alert."),
     "posewire_alert_threshold": ("gauge", "The alert's threshold; label alert."),
@@ -575,6 +580,15 @@ def render_exposition(
     if not reasons:
         ex.add("posewire_transport_switches_total", c["transport"]["switches"])
     ex.add("posewire_transport_switch_rate", c["transport"]["switch_rate"])
+    for m in metrics.values():  # the stage that applies the ladder (encode)
+        if "degradation_level" in m:
+            ex.add("posewire_degradation_level", m["degradation_level"])
+            for d in ("down", "up"):
+                ex.add(
+                    "posewire_degradation_steps_total",
+                    m.get(f"degradation_steps_{d}_total"),
+                    direction=d,
+                )
     for n, a in alerts.alerts.items():
         ex.add("posewire_alert_active", 1 if a.active else 0, alert=n)
         ex.add("posewire_alert_value", a.value, alert=n)

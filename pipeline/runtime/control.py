@@ -22,9 +22,11 @@ from pipeline.errors import ControlError
 
 CONTROL_VERSION = 1
 
-CommandName = Literal["set", "pause", "resume", "stop", "switch_transport", "keyframe"]
+CommandName = Literal[
+    "set", "pause", "resume", "stop", "switch_transport", "keyframe", "pin", "unpin", "degrade"
+]
 COMMANDS: frozenset[str] = frozenset(
-    {"set", "pause", "resume", "stop", "switch_transport", "keyframe", "pin", "unpin"}
+    {"set", "pause", "resume", "stop", "switch_transport", "keyframe", "pin", "unpin", "degrade"}
 )
 STATES: frozenset[str] = frozenset({"starting", "running", "paused", "stopping"})
 

@@ -75,10 +75,18 @@ class TransportPolicy:
             self._times.popleft()
         return len(self._times) < self.cfg.max_switches_per_min
 
-    def _record(self, now: float, to: str, reason: str, figures: dict[str, Any], by: str) -> None:
+    def _record(
+        self,
+        now: float,
+        to: str,
+        reason: str,
+        figures: dict[str, Any],
+        by: str,
+        t_wall: float | None = None,
+    ) -> None:
         self._times.append(now)
-        entry = {"t_wall": time.time(), "from": self._other(to), "to": to, "reason": reason,
-                 "by": by, "figures": figures}  # fmt: skip
+        entry = {"t_wall": t_wall or time.time(), "from": self._other(to), "to": to,
+                 "reason": reason, "by": by, "figures": figures}  # fmt: skip
         self.decisions.append(entry)
         log.warning(
             "transport switch %s -> %s (%s, by %s): %s",
@@ -101,7 +109,10 @@ class TransportPolicy:
         if dead > self._dead_seen:  # the stage failed over by itself: record it
             self._dead_seen = dead
             self._left_primary, self._healthy_since = now, None
-            self._record(now, self.fallback, "dead", self._figures(m, self.primary), stage)
+            at_ns = m.get("transport_last_switch_dead_ns")  # when the stage switched
+            to = self.primary if m.get(f"transport_active_{self.primary}") else self.fallback
+            self._record(now, to, "dead", self._figures(m, self._other(to)), stage,
+                         at_ns / 1e9 if at_ns else None)  # fmt: skip
         active = self.primary if m.get(f"transport_active_{self.primary}") else self.fallback
         pinned = any(m.get(f"transport_pinned_{k}") for k in (self.primary, self.fallback))
         if pinned or now < self._pending_until:

@@ -53,6 +53,7 @@ import zmq
 from pipeline.config import Config
 from pipeline.errors import ControlError, PosewireError, RingError, SupervisorError
 from pipeline.runtime import control
+from pipeline.runtime.ladder import DegradationLadder
 from pipeline.runtime.observer import Observer, ObserverFactory, StageState, merge_report
 from pipeline.runtime.policy import TransportPolicy
 from pipeline.runtime.rundir import RunDir, default_run_base
@@ -108,6 +109,10 @@ class Supervisor:
         self._hold_until = 0.0
         self.policy = TransportPolicy(cfg.transmit, self.command) if cfg.transmit.fallback else None
         """The transport policy (pipeline/runtime/policy.py) with a ``transmit.fallback``."""
+        self.ladder = (
+            DegradationLadder(cfg.transmit, self.command) if cfg.transmit.degrade.enabled else None
+        )
+        """The degradation ladder (pipeline/runtime/ladder.py)."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -223,6 +228,8 @@ class Supervisor:
                 if self.policy is not None:
                     for name, st in self.stages.items():
                         self.policy.step(name, st.metrics)
+                if self.ladder is not None:
+                    self.ladder.step({name: st.metrics for name, st in self.stages.items()})
             self._check_exits()
             if self.exit_code is not None:
                 break
@@ -543,6 +550,8 @@ class Supervisor:
         }
         if self.policy is not None:
             out["transport_policy"] = self.policy.report()
+        if self.ladder is not None:
+            out["degradation"] = self.ladder.report()
         if self.monitor is not None:  # figures, alerts, time series
             merge_report(out, self.monitor.report_section(self.stages, out["frames"], out["rings"]))
         return out

@@ -429,8 +429,9 @@ class Sender:
                     self.on_feedback(feedback.pack_keyframe_request())
             elif isinstance(item, StateChange):
                 health.dead = None if item.connected else (item.reason or "down")
-                if not item.connected and transport is self.transport:
-                    await self._failover(item.reason or "down")
+                standby_back = transport is self.standby and self.health[self.kind].dead is not None
+                if standby_back or (not item.connected and transport is self.transport):
+                    await self._failover("dead" if standby_back else item.reason or "down")
             if transport is not self.transport:
                 continue  # the standby: figures only
             if isinstance(item, StateChange) and item.connected:

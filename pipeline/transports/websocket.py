@@ -92,7 +92,7 @@ class WebSocketTransport(Transport):
         name: str | None = None,
         pair: bool = False,
         reconnect_initial_s: float = 0.05,
-        reconnect_max_s: float = 1.0,
+        reconnect_max_s: float = 0.25,
         connect_timeout_s: float = 5.0,
         recv_queue: int = 4096,
         clock_samples: int = 8,
