@@ -5,46 +5,37 @@ and sends from it as the throttle allows, with a :class:`~pipeline.transports.se
 on the active transport, found by kind in :data:`pipeline.transports.TRANSPORTS`: ``file``
 (a local sink), ``websocket`` or ``webrtc`` (a room on the room server; WebRTC
 puts deltas on the lossy pose channel). What comes back from the far side
-(acks, keyframe requests) goes to the encode stage through the ``feedback``
-ring, and so does a keyframe request whenever the transport comes up again
-(a reconnect, a reopened WebRTC link), so that a keyframe follows at once.
+(acks, keyframe requests) goes to the encode stage through the ``feedback`` ring, and so
+does a keyframe request whenever the transport comes up again (a reconnect, a reopened
+WebRTC link). Where WebRTC cannot work at all (a server on loopback: aioice offers no
+loopback candidates) the stage says why once and uses the WebSocket
+(``transport_active_websocket`` 1, ``transport_unavailable_webrtc`` 1).
 
-Where WebRTC cannot work at all (a server on loopback: aioice offers no
-loopback candidates) the stage says why in one log line and uses the
-WebSocket (``transport_active_websocket`` 1, ``transport_unavailable_webrtc`` 1).
-
-Connecting is retried with capped backoff while the ring absorbs (and, when
-full, drops and counts) what arrives meanwhile. A refusal by the server is a
-visible state (``transport_refused`` 1, ``transport_refused_<reason>`` 1,
-``transport_connected`` 0, every packet meanwhile counted in
-``packets_dropped_total`` and ``packets_refused_total``, one log line, the
-monitor's ``transport_refused`` alert): a closed or missing room is retried
-with capped backoff until it is (re)opened; a refusal no retry can fix (a
-refused, expired or revoked token, a kick, a stream id owned by another
-publisher, a protocol violation) is a user error: the stage stops with
-``ctx.refuse`` and the run with exit 2 and the message.
+Connecting is retried with capped backoff while the ring absorbs (full: drops and
+counts) what arrives. A refusal by the server is a visible state (``transport_refused``
+1, ``transport_refused_<reason>`` 1, packets meanwhile counted in ``packets_dropped_total``
+and ``packets_refused_total``, one log line, an alert): a closed or missing room is
+retried until (re)opened; one no retry can fix (a bad or revoked token, a kick, a stream
+id of another publisher, a protocol violation) stops the stage with ``ctx.refuse`` and
+the run with exit 2 and the message.
 
 Commands: ``switch_transport`` (``{"to": KIND}``, make-before-break; with a
-``transmit.fallback`` onto the connected hot standby; the supervisor's policy adds
-``reason`` and ``auto``), ``pin`` (``{"to": KIND}``: move there and stay, no
-automatic switch) and ``unpin``, and
-``set`` (``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad
-argument is refused with a :class:`~pipeline.errors.CommandError`.
+``transmit.fallback`` onto the connected hot standby; the policy adds ``reason`` and
+``auto``), ``pin`` (``{"to": KIND}``: move there, no automatic switch), ``unpin``, ``set``
+(``{"max_bandwidth_kbps": 8}``; ``0`` or ``null`` lifts the cap); a bad argument is
+refused with a :class:`~pipeline.errors.CommandError`.
 
 Audio (``audio.enabled``): the ``audio`` ring's packets go through the same ``Sender``
-(they move with the stream on every switch), sent at once by a reader of their own
-(beside the pose queue, so above every pose; ``sendqueue.Priority.AUDIO`` is its rank
-should it go through the queue): ``audio_latency_ms_p50/p95/p99``.
+(with the stream on every switch): at once while the pose queue is empty and the throttle
+lets them, else queued at ``Priority.AUDIO`` (after keyframes and anchors, before pose
+deltas): ``audio_latency_ms_p50/p95/p99``.
 
-Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
-(send failures and packets refused), ``packets_refused_total``,
-``transport_refusals_total``, ``transport_refused``, ``acks_total``, ``fps``,
-capture-to-send latency ``latency_ms_p50/p95/p99`` (wall clock; the capture
-timestamp travels with each packet), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none),
-``throttled_ms_total``, ``transport_active_<kind>`` (1 for the one in use),
-``transport_switches_total``, ``transport_connected``, ``transport_unavailable_<kind>``;
-over WebRTC the link's counters ``rtc_*`` (``rtc_dead_detections``, ``rtc_pose_dropped_stale``,
-``rtc_opens``...).
+Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total`` (send
+failures, refused), ``packets_refused_total``, ``transport_refusals_total``,
+``transport_refused``, ``acks_total``, ``fps``, capture-to-send ``latency_ms_p50/p95/p99``
+(wall clock), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none), ``throttled_ms_total``,
+``transport_active_<kind>``, ``transport_switches_total``, ``transport_connected``,
+``transport_unavailable_<kind>``, the send queue's ``sendqueue_*``; over WebRTC ``rtc_*``.
 """
 
 from __future__ import annotations
@@ -71,7 +62,7 @@ from pipeline.model.stats import Rate, Window
 from pipeline.runtime.stage import StageContext
 from pipeline.transports.base import TransportContext
 from pipeline.transports.sender import Sender, parse_kind
-from pipeline.transports.sendqueue import SendQueue, fill, send_next
+from pipeline.transports.sendqueue import Priority, SendQueue, fill, send_next
 from pipeline.wire.tokens import MAX_TTL_S, mint_token, resolve_secret
 
 TOKEN_ENV = "POSEWIRE_TOKEN"
@@ -205,11 +196,16 @@ class Transmitter:
             return None
 
     async def _audio(self) -> None:
-        """The audio ring's reader: each packet at once on the active transport."""
+        """The audio ring's reader: a packet goes at once when nothing waits and the
+        throttle lets it, else into the priority queue (module docstring)."""
         ring = self.ctx.ring("audio")
         while not self.ctx.stopping:
             item = await self._next(ring)
-            if item is not None and await self.sender.send(bytes(item.data), throttled="send"):
+            if item is None:
+                continue
+            if self.queue or self.sender.throttle.delay() > 0:
+                self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
+            elif await self.sender.send(bytes(item.data), throttled="send"):
                 self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
 
     async def main(self) -> int:
@@ -235,8 +231,12 @@ class Transmitter:
                 if done is None:  # the throttle says wait: the queue drops what goes stale
                     await asyncio.sleep(min(max(sender.throttle.delay(), 0.001), 0.01))
                 elif done[1] and done[0].capture_ts_ns is not None:
-                    self.rate.tick()
-                    self.latency.add((time.time_ns() - done[0].capture_ts_ns) / 1e6)
+                    age_ms = (time.time_ns() - done[0].capture_ts_ns) / 1e6
+                    if done[0].priority == Priority.AUDIO:
+                        self.audio_latency.add(age_ms)
+                    else:
+                        self.rate.tick()
+                        self.latency.add(age_ms)
             while (left := self.queue.pop(stale=False)) is not None:  # an orderly stop
                 await sender.send(left.packet)  # sends what the queue holds (the ring is empty)
         finally:

@@ -125,6 +125,18 @@ def test_the_ladder_steps_once_per_window_and_back_only_where_the_cap_leaves_roo
         t += 0.1
     assert [a["level"] for a in sent] == [1, 2, 1, 0]
     assert [s["reason"] for s in ladder.steps][2:] == ["recovered", "recovered"]
+    # with an audio stage (32 kbit/s configured): down to the floor at the first step,
+    # back to its configured bitrate at level 0
+    cmds: list[tuple[str, str, dict[str, object]]] = []
+    ladder3 = DegradationLadder(
+        _tx(window_s=1.0, hold_s=2.0), lambda s, c, a: cmds.append((s, c, a)) or 1
+    )
+    for i in range(300):
+        t = i * 0.1
+        m = _metrics(t, rates[ladder3.level], 6.0 if t < 10.0 else None)
+        ladder3.step({**m, "audio": {"audio_bitrate_kbps": 32.0}}, now=t)
+    audio_sets = [a["bitrate_kbps"] for s, c, a in cmds if s == "audio" and c == "set"]
+    assert audio_sets[0] == 16 and audio_sets[-1] == 32 and ladder3.level == 0, cmds
     # latency alone steps down only while packets wait in the send queue (the link's fault)
     ladder2 = DegradationLadder(_tx(window_s=1.0), lambda s, c, a: 1)
     for i in range(30):

@@ -12,6 +12,7 @@ import asyncio
 import time
 
 from pipeline.codec import Decoder, NeedKeyframe, peek_header
+from pipeline.codec.audio import pack_audio
 from pipeline.codec.header import ANCHOR_INTERVAL
 from pipeline.transports.base import Packet
 from pipeline.transports.sendqueue import Priority, SendQueue, send_next
@@ -191,3 +192,26 @@ def test_the_anchors_of_an_anchor_stream_rank_with_keyframes() -> None:
         rest.append(item)
     assert [i.seq for i in rest] == [2 + 2 * ANCHOR_INTERVAL]  # the newest delta only
     assert q.metrics()["sendqueue_dropped_keyframe_total"] == 0
+
+
+def test_audio_ranks_after_keyframes_and_before_pose_deltas() -> None:
+    """One queue for pose and audio (issue 13/14): a keyframe goes first, then audio, then
+    the pose deltas; a full queue drops deltas before audio, and audio is never stale."""
+    src = PoseSource(11, keyframe_interval=60)
+    q = SendQueue(5)
+    t0 = time.time_ns()
+    frames = list(_frames(src, 3, t0))
+    audio = [pack_audio(11, 100 + k, t0 + k * 20_000_000, 960, b"\x08" * 40) for k in range(3)]
+    q.put(frames[1][0], capture_ts_ns=frames[1][1], now=0.0)  # a delta first
+    q.put(audio[0], capture_ts_ns=t0, now=0.0)
+    q.put(frames[0][0], capture_ts_ns=frames[0][1], now=0.0)  # the keyframe last
+    q.put(audio[1], capture_ts_ns=t0, now=0.0)
+    q.put(frames[2][0], capture_ts_ns=frames[2][1], now=0.0)
+    q.put(audio[2], capture_ts_ns=t0, now=0.0)  # six in a queue of five: a delta goes
+    assert q.metrics()["sendqueue_dropped_delta_total"] == 1
+    assert q.metrics()["sendqueue_dropped_audio_total"] == 0
+    order = []
+    while (item := q.pop(now=5.0)) is not None:  # long after: stale deltas go, audio stays
+        order.append(item.priority)
+    assert order[:4] == [Priority.KEYFRAME, Priority.AUDIO, Priority.AUDIO, Priority.AUDIO]
+    assert set(order[4:]) <= {Priority.DELTA}

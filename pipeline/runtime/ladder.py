@@ -28,6 +28,12 @@ quantization is chosen). :class:`DegradationLadder` judges them at every heartbe
   ``window_s`` after the last step), and only when the cap (if any) leaves room for the
   rate measured at the level above (with 10 % headroom), so that it does not flap.
 
+Audio (``audio.enabled``: a stage exporting ``audio_bitrate_kbps``) is part of the
+ladder: at every level below 0 the audio stage is sent ``set {"bitrate_kbps":
+AUDIO_FLOOR_KBPS}`` (16 kbit/s, Opus' speech floor: PESQ 3.2 clean, docs/audio.md), and
+its configured bitrate again back at level 0. Audio is the last thing to thin out frame
+by frame (a 20 ms gap is audible): it shrinks in bits instead.
+
 Every step is sent as a ``degrade`` command (``{"level": n, "reason": ...}``) to the stage
 that exports ``degradation_level`` (the encode stage), logged once with its reason and
 figures, and kept in :attr:`DegradationLadder.steps` (the run report's ``degradation``).
@@ -57,6 +63,8 @@ PENDING_S = 1.0
 HEADROOM = 1.1
 #: at least this share of ``window_s`` of samples before the offered rate is judged
 MIN_SPAN_SHARE = 0.5
+#: the audio bitrate at every degraded level (kbit/s; Opus' floor in audio.bitrate_kbps)
+AUDIO_FLOOR_KBPS = 16
 
 Command = Callable[[str, str, dict[str, Any]], int]
 
@@ -100,6 +108,9 @@ class DegradationLadder:
         self._offered: deque[tuple[float, float]] = deque()
         self._rate_at: dict[int, float] = {}
         """Offered kbit/s measured at a level before stepping down from it."""
+        self._audio: str | None = None
+        self._audio_full: float | None = None
+        """The audio stage and its configured bitrate (seen at level 0)."""
 
     def _offered_kbps(self, now: float) -> float | None:
         if len(self._offered) < 2:
@@ -129,6 +140,9 @@ class DegradationLadder:
         tx = next((m for m in metrics.values() if "sendqueue_queued_bytes_total" in m), None)
         if target is None or tx is None or len(self.levels) < 2:
             return
+        for name, m in metrics.items():
+            if "audio_bitrate_kbps" in m and self._audio_full is None and self.level == 0:
+                self._audio, self._audio_full = name, m["audio_bitrate_kbps"]
         self._offered.append((now, tx["sendqueue_queued_bytes_total"]))
         while len(self._offered) > 2 and now - self._offered[1][0] >= self.cfg.window_s:
             self._offered.popleft()
@@ -188,6 +202,10 @@ class DegradationLadder:
             ", ".join(f"{k}={v:.4g}" for k, v in shown.items()),
         )
         self.command(stage, "degrade", {"level": level, "reason": reason})
+        if self._audio is not None and self._audio_full is not None:
+            full = int(self._audio_full)
+            kbps = full if level == 0 else min(full, AUDIO_FLOOR_KBPS)
+            self.command(self._audio, "set", {"bitrate_kbps": kbps})
 
     def report(self) -> dict[str, Any]:
         return {

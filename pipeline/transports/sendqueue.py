@@ -12,7 +12,9 @@ says a packet may go (:func:`send_next`). The queue orders by :class:`Priority`,
 * ``KEYFRAME`` (1): a keyframe is what every later delta of its stream needs; losing one
   costs up to a keyframe interval of undecodable deltas. The anchors of an anchor stream
   (``encode.references: anchor``, the WebRTC default) rank here too, for the same reason.
-* ``AUDIO`` (2; the transmit stage sends audio beside the queue today): a lost 20 ms
+* ``AUDIO`` (2; an audio packet goes straight to the transport while the queue is empty
+  and the throttle lets it, else it waits here, behind keyframes and anchors, before
+  every pose delta): a lost 20 ms
   audio frame is an audible gap that concealment only hides for a frame or two, while a
   lost pose delta is covered by the next one 33 ms later (a viewer draws the newest
   pose); but an audio frame never costs anything *after* it, so it ranks below keyframes.
@@ -46,6 +48,7 @@ from typing import Any
 
 from pipeline.codec import peek_header
 from pipeline.codec.anchors import AnchorTracker
+from pipeline.codec.audio import is_audio
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.transports.throttle import Throttle
 
@@ -90,6 +93,8 @@ def classify(
     from them; :class:`~pipeline.codec.anchors.AnchorTracker`, per stream in
     ``trackers``). A packet that is not one of ours (no valid header) is not ours to
     judge: it ranks as a keyframe, never stale."""
+    if is_audio(packet):
+        return Priority.AUDIO, None, None, None
     try:
         h = peek_header(packet)
     except ProtocolError:
