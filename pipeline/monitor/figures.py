@@ -1,15 +1,14 @@
 """The performance monitor: the pipeline's figures, sampled about once a second.
 
-The supervisor is the one process that sees the whole pipeline: every stage's
-heartbeat carries its metrics, the rings' counters live in shared memory the
-supervisor owns, and psutil sees every stage process. About once a second
-(``monitor.sample_interval_s``) the supervisor's loop hands the
-:class:`Monitor` what it knows (:meth:`Monitor.observe`), and the monitor
+The supervisor sees the whole pipeline (every stage's heartbeat carries its metrics,
+the rings' counters live in its shared memory, psutil sees every process). About once a
+second (``monitor.sample_interval_s``) it hands the :class:`Monitor` what it knows
+(:meth:`Monitor.observe`), and the monitor
 
 * derives the pipeline's figures: fps per stage, latency per hop (p50/p95/p99),
   skip and drop rates, ring occupancy, bytes per frame and compression ratio
-  against raw float32 landmarks (:data:`RAW_FLOAT32_BYTES`), bandwidth,
-  transport switch rate, CPU % and RSS per process;
+  against raw float32 landmarks (:data:`RAW_FLOAT32_BYTES`), bandwidth (pose and
+  audio), transport switch rate, CPU % and RSS per process;
 * evaluates the alerts (:mod:`pipeline.monitor.alerts`);
 * renders the Prometheus text exposition that the HTTP thread serves on
   ``/metrics`` (:mod:`pipeline.monitor.http`, every family listed in
@@ -17,8 +16,7 @@ supervisor owns, and psutil sees every stage process. About once a second
 * appends one point to the time series the report renderer plots
   (``python -m pipeline report``), thinned by halving past
   ``monitor.series_max_points``;
-* redraws the live status table (:mod:`pipeline.monitor.live`) when stdout is
-  a terminal.
+* redraws the live status table (:mod:`pipeline.monitor.live`) on a terminal.
 
 What it reads is declared by the :class:`~pipeline.runtime.topology.Topology`,
 never by stage name: the frame figures come from the topology's counts (the
