@@ -19,10 +19,7 @@ import pytest
 from pipeline.server.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for, wait_stages
 
-pytestmark = [
-    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
-    pytest.mark.timing,
-]
+pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
 SECRET = "e2e-test-secret-" + "x" * 32
 
@@ -94,6 +91,7 @@ def test_sender_pipeline_to_receivers_rooms_and_late_joiner(tmp_path: Path) -> N
     assert late_stream["decoded"] > 30
 
 
+@pytest.mark.timing  # asserts a time or a latency: runs alone (Makefile)
 def test_kill9_of_embedded_server_streams_again_within_3s(tmp_path: Path) -> None:
     from pipeline.cli.receive import Receiver
     from tests.procutil import stage_pids

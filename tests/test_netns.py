@@ -31,8 +31,6 @@ from bench.netns import (
     unavailable_reason,
 )
 
-pytestmark = pytest.mark.timing  # asserts times or rates: runs alone (Makefile)
-
 PEER = "tests.netns_peer"
 COUNT, HZ = 300, 30.0
 TEST_NET = ipaddress.ip_network("10.77.0.0/16")

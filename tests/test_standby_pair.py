@@ -19,8 +19,6 @@ from pipeline.errors import ConfigError
 from tests.security.test_rooms import join_as, rejections, wait_type
 from tests.test_server_support import PoseSource, running_server
 
-pytestmark = pytest.mark.timing  # asserts times or rates: runs alone (Makefile)
-
 
 def test_a_pair_shares_one_stream_and_duplicates_are_late(tmp_path: Path) -> None:
     async def main() -> None:

@@ -22,8 +22,6 @@ import pytest
 from bench.netns import Peer, Topology, signal_peers, topology, unavailable_reason
 from bench.turn import TURNSERVER, TurnServer
 
-pytestmark = pytest.mark.timing  # asserts times or rates: runs alone (Makefile)
-
 PEER = "tests.netns_peer"
 COUNT, HZ = 60, 30.0
 USER, PASSWORD = "posewire", "turn-secret-1"

@@ -27,10 +27,7 @@ from pipeline.wire.tokens import mint_token
 from tests.procutil import ROOT, TRACE, sender_config, start, stop, wait_for
 from tests.test_server_support import SECRET, ServeProcess, free_port
 
-pytestmark = [
-    pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}"),
-    pytest.mark.timing,
-]
+pytestmark = pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 
 Record = Callable[[str, object], None]
 #: acceptance: a dead path is reported within this long (issue 12)
@@ -203,6 +200,7 @@ def _wait(proc: subprocess.Popen[str], timeout: float) -> bool:
     return True
 
 
+@pytest.mark.timing  # asserts a time or a latency: runs alone (Makefile)
 def test_udp_blackout_is_detected_within_300ms_and_the_link_comes_back(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
@@ -252,6 +250,7 @@ def test_udp_blackout_is_detected_within_300ms_and_the_link_comes_back(
     assert stream["decoded"] > 60, stream
 
 
+@pytest.mark.timing  # asserts a time or a latency: runs alone (Makefile)
 def test_publisher_link_dies_and_reopens_keyframe_first(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
@@ -347,6 +346,7 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
 
 
+@pytest.mark.timing  # asserts a time or a latency: runs alone (Makefile)
 def test_loss_costs_webrtc_its_lost_frames_and_stalls_the_websocket(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
