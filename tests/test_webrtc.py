@@ -101,8 +101,9 @@ class Receive:
         return report
 
     def poses(self) -> list[dict[str, Any]]:
+        """The poses written so far: whole lines only (the receiver may be writing one)."""
         path = self.out_path.with_suffix(".jsonl")
-        return [json.loads(x) for x in path.read_text().splitlines()]
+        return [json.loads(x) for x in path.read_text().split("\n")[:-1] if x]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
