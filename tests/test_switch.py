@@ -10,11 +10,14 @@ Figures are printed (``pytest -s``) and recorded as junit properties.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,35 @@ def _hot_sender(
     )  # fmt: skip
 
 
+@dataclass
+class _Rig:
+    server: ServeProcess
+    rx: Receive
+    sender: subprocess.Popen[str]
+    report: Path
+
+
+@contextlib.contextmanager
+def _streaming(net: Topology, tmp: Path, duration: float, **hot: Any) -> Iterator[_Rig]:
+    """The room server in host b, a WebSocket receiver and a hot-standby sender
+    (:func:`_hot_sender` with ``hot``) in host a, streaming (45 poses received); every
+    process stopped afterwards (``rig.server`` may be replaced meanwhile)."""
+    server = _server(net)
+    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp)
+    rig: _Rig | None = None
+    try:
+        rx.line("joined room A", 20)
+        sender, report = _hot_sender(net, tmp, server, duration, **hot)
+        rig = _Rig(server, rx, sender, report)
+        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+        yield rig
+    finally:
+        rx.kill()
+        if rig is not None and rig.sender.poll() is None:
+            stop(rig.sender, timeout=20)
+        (rig.server if rig is not None else server).stop()
+
+
 def _missing(poses: list[dict[str, Any]], t0_ns: int, t1_ns: int) -> list[int]:
     """Sequence numbers captured in [t0, t1] that never reached the receiver."""
     seqs = sorted({p["seq"] for p in poses})
@@ -71,13 +103,8 @@ def _missing(poses: list[dict[str, Any]], t0_ns: int, t1_ns: int) -> list[int]:
 def test_blackout_fails_over_to_the_websocket_and_the_policy_brings_webrtc_back(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    server = _server(net)
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
-    sender = None
-    try:
-        rx.line("joined room A", 20)
-        sender, report = _hot_sender(net, tmp_path, server, 12.0)
-        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+    with _streaming(net, tmp_path, 12.0) as rig:
+        rx, sender, report = rig.rx, rig.sender, rig.report
         time.sleep(0.5)  # the standby is connected by now (joins in ~10 ms)
         t_blackout = time.time_ns()
         net.blackout_udp()
@@ -90,11 +117,6 @@ def test_blackout_fails_over_to_the_websocket_and_the_policy_brings_webrtc_back(
         time.sleep(0.5)
         rep = rx.finish()
         poses = rx.poses()
-    finally:
-        rx.kill()
-        if sender is not None and sender.poll() is None:
-            stop(sender, timeout=20)
-        server.stop()
     run = json.loads(report.read_text())
     metrics = run["stages"]["transmit"]["metrics"]
     decisions = run["transport_policy"]["decisions"]
@@ -146,16 +168,13 @@ MAX_LATENCY_MS = 100.0
 def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    server = _server(net)
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
-    sender = None
-    try:
-        rx.line("joined room A", 20)
-        sender, report = _hot_sender(
-            net, tmp_path, server, DELAY_FOR_S + 10.0,
-            transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n  window_s: 1.0\n",
-        )  # fmt: skip
-        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+    with _streaming(
+        net,
+        tmp_path,
+        DELAY_FOR_S + 10.0,
+        transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n  window_s: 1.0\n",
+    ) as rig:
+        rx, sender, report = rig.rx, rig.sender, rig.report
         time.sleep(0.5)
         with net.delay(DELAY_MS, "udp", log_dir=tmp_path) as fault:
             t_delay = time.time_ns()
@@ -166,11 +185,6 @@ def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
         time.sleep(0.5)
         rx.finish()
         poses = rx.poses()
-    finally:
-        rx.kill()
-        if sender is not None and sender.poll() is None:
-            stop(sender, timeout=20)
-        server.stop()
     figure(record_property, "latency_udp_packets_delayed", held["queued"])
     assert held["queued"] > 0, held
     assert reasons == [("websocket", "latency"), ("webrtc", "recovered")], (reasons, err[-3000:])
@@ -202,16 +216,13 @@ LOSS_WINDOW_S = float(os.environ.get("POSEWIRE_LOSS_WINDOW_S", "15"))
 def test_ten_percent_udp_loss_does_not_switch(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    server = _server(net)
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
-    sender = None
-    try:
-        rx.line("joined room A", 20)
-        sender, report = _hot_sender(
-            net, tmp_path, server, LOSS_WINDOW_S + 6.0,
-            transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n",
-        )  # fmt: skip
-        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+    with _streaming(
+        net,
+        tmp_path,
+        LOSS_WINDOW_S + 6.0,
+        transmit=f"  max_latency_ms: {MAX_LATENCY_MS}\n",
+    ) as rig:
+        rx, sender, report = rig.rx, rig.sender, rig.report
         n0 = len(rx.poses())
         net.drop_udp(LOSS_PERCENT)
         t0 = time.time_ns()
@@ -224,11 +235,6 @@ def test_ten_percent_udp_loss_does_not_switch(
         time.sleep(0.5)
         rx.finish()
         poses = rx.poses()
-    finally:
-        rx.kill()
-        if sender is not None and sender.poll() is None:
-            stop(sender, timeout=20)
-        server.stop()
     missing = _missing(poses, t0, t1)
     inside = [p for p in poses if t0 <= p["capture_ts_ns"] <= t1]
     figure(record_property, "loss_window_s", LOSS_WINDOW_S)
@@ -259,13 +265,8 @@ def _ctl(net: Topology, tmp: Path, cmd: str, args: str = "{}") -> dict[str, Any]
 def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
-    server = _server(net)
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
-    sender = None
-    try:
-        rx.line("joined room A", 20)
-        sender, report = _hot_sender(net, tmp_path, server, 14.0, monitor=True)
-        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+    with _streaming(net, tmp_path, 14.0, monitor=True) as rig:
+        rx, sender, report = rig.rx, rig.sender, rig.report
         time.sleep(0.5)
         t_pin = time.time_ns()  # before the command: ctl's own start-up is in the figure
         pinned = _ctl(net, tmp_path, "pin", '{"to": "websocket"}')
@@ -280,11 +281,6 @@ def test_pin_websocket_holds_across_a_blackout_and_unpin_lets_the_policy_return(
         time.sleep(0.5)
         rx.finish()
         poses = rx.poses()
-    finally:
-        rx.kill()
-        if sender is not None and sender.poll() is None:
-            stop(sender, timeout=20)
-        server.stop()
     print("pin answer:", pinned, "unpin answer:", unpinned)
     t_moved = int(metrics["transport_last_switch_pin_ns"])
     figure(record_property, "pin_moved_after_ms", (t_moved - t_pin) / 1e6)
@@ -320,17 +316,12 @@ def test_kill9_of_the_server_while_on_webrtc_members_come_back_at_once(
     Python process importing aiohttp and aiortc) took 0.5-1.8 s on the loaded 2-core
     machine, and the bound would be the machine's, not the members'."""
     b = net.host("b")
-    server = _server(net)
-    port = server.port
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path)
-    sender = None
-    try:
-        rx.line("joined room A", 20)
-        sender, _ = _hot_sender(net, tmp_path, server, 30.0)
-        assert wait_for(lambda: len(rx.poses()) > 45, 25), rx.tail()
+    with _streaming(net, tmp_path, 30.0) as rig:
+        server, rx = rig.server, rig.rx
+        port = server.port
         t_kill = time.time_ns()
         server.kill9()
-        server = ServeProcess(port, host=b.address, prefix=b.exec_argv([]))
+        rig.server = ServeProcess(port, host=b.address, prefix=b.exec_argv([]))
         t_up = time.time_ns()
 
         def back() -> list[int]:
@@ -338,11 +329,6 @@ def test_kill9_of_the_server_while_on_webrtc_members_come_back_at_once(
 
         assert wait_for(lambda: bool(back()), 20), rx.tail()
         back_ms = (min(back()) - t_kill) / 1e6
-    finally:
-        rx.kill()
-        if sender is not None and sender.poll() is None:
-            stop(sender, timeout=20)
-        server.stop()
     server_ms = (t_up - t_kill) / 1e6
     figure(record_property, "server_restart_ms", server_ms)
     figure(record_property, "members_back_after_kill_ms", back_ms)
