@@ -131,6 +131,17 @@ def test_blackout_fails_over_to_the_websocket_and_the_policy_brings_webrtc_back(
     figure(record_property, "back_on_webrtc_after_clear_s", back_s)
     figure(record_property, "packets_replayed", metrics["packets_replayed_total"])
     assert switched_ms < SWITCHED_WITHIN_MS, metrics
+    # the run report's latency plot marks both switches at their time points
+    from pipeline.cli.report import _plot_latency
+
+    fig = _plot_latency(run, run["series"], "latency")
+    marks = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("switch to")]
+    assert [m.get_label() for m in marks] == [
+        "switch to websocket (dead)",
+        "switch to webrtc (recovered)",
+    ]
+    t_switch = float(marks[0].get_xdata()[0])  # type: ignore[index]
+    assert abs(t_switch - (t_blackout / 1e9 - run["started_at"])) < 1.0, t_switch
     # back only after the recovery interval (counted from the switch) plus the hold
     assert back_s >= RECOVERY_S + HOLD_S - 1.5 - 0.1, back_s
     assert back_s < RECOVERY_S + HOLD_S + 3.0, back_s

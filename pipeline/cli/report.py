@@ -165,6 +165,30 @@ def _alert_spans(ax: Any, report: Mapping[str, Any], end: float) -> None:
         ax.axvspan(a["entered_after_s"], stop, color=colors[name], alpha=0.12, label=label)
 
 
+def _decision_lines(ax: Any, report: Mapping[str, Any]) -> None:
+    """A vertical line at each transport switch and each degradation step, at its time
+    point (seconds since the run started, as the series)."""
+    t0 = report.get("started_at")
+    if not isinstance(t0, int | float):
+        return
+    events = [
+        (d.get("t_wall"), f"switch to {d.get('to')} ({d.get('reason')})", "tab:green")
+        for d in _dict(report.get("transport_policy")).get("decisions") or []
+        if isinstance(d, dict)
+    ] + [
+        (
+            d.get("t_wall"),
+            f"ladder {d.get('from')} -> {d.get('to')} ({d.get('reason')})",
+            "tab:brown",
+        )
+        for d in _dict(report.get("degradation")).get("steps") or []
+        if isinstance(d, dict)
+    ]
+    for t_wall, text, color in events:
+        if isinstance(t_wall, int | float):
+            ax.axvline(t_wall - t0, color=color, ls="-.", lw=1, label=text)
+
+
 def _plot_latency(report: Mapping[str, Any], series: Mapping[str, Any], title: str) -> Any:
     fig, (ax,) = _figure(title)
     t = series.get("t_s") or []
@@ -183,6 +207,7 @@ def _plot_latency(report: Mapping[str, Any], series: Mapping[str, Any], title: s
         pct = _dict(report.get("monitor")).get("latency_percentile", "p95")
         ax.axhline(threshold, color="tab:red", lw=1, label=f"alert threshold ({pct})")
     _alert_spans(ax, report, float(t[-1]) if t else 0.0)
+    _decision_lines(ax, report)
     ax.set_ylim(bottom=0)
     _finish(fig, ax, "latency (ms)")
     return fig
