@@ -22,6 +22,7 @@ from bench.viewer import Publisher, chromium_unavailable, load_trace
 from pipeline.audio.opus import FRAME_SAMPLES, OpusEncoder
 from pipeline.codec.audio import SAMPLE_RATE, pack_audio, parse_audio
 from pipeline.errors import ProtocolError
+from tests import test_viewer
 from tests.test_server_support import ServeProcess, token
 from tests.test_viewer import browser_pages, drawn, stats
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 AUTOPLAY = ("--autoplay-policy=no-user-gesture-required",)
+dev_server = test_viewer.dev_server  # the same module fixture: one dev server here
 FRAME_NS = FRAME_SAMPLES * 1_000_000_000 // SAMPLE_RATE
 POSES = 120  # 4 s at 30 fps
 AUDIO_FRAMES = 200  # 4 s of 20-ms frames
@@ -133,15 +135,6 @@ def test_page_parses_audio_packets_as_python_does(dev_server: ServeProcess) -> N
             assert shown[0] == 1 and "bad audio packet (5 bytes)" in shown[1], shown
 
     asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("viewer-audio-state")))
-        srv = ServeProcess(0, "--dev")
-    yield srv
-    srv.stop()
 
 
 @pytest.mark.timing
