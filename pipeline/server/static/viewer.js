@@ -410,10 +410,17 @@ export class Viewer {
    * when the timer fires: the audio's target delay may have moved meanwhile). */
   present(v, res, via, waited = false) {
     if (this.streams.get(v.streamId) !== v) return; // the stream went
-    const at = this.audio.presentAt(v.streamId, res.header.captureTsNs);
+    const h = res.header;
+    const at = this.audio.presentAt(v.streamId, h.captureTsNs);
     const wait = at === null ? 0 : at - wallMs();
-    if (wait > 1) setTimeout(() => this.present(v, res, via, true), wait);
-    else this.show(v, res, via, false, at !== null || waited);
+    if (wait > 1) {
+      setTimeout(() => this.present(v, res, via, true), wait);
+    } else if (waited && v.shown && h.epoch === v.shown[1] && h.seq < v.shown[0]) {
+      v.stale++; // a newer pose came due first (the target delay moved): not drawn back
+    } else {
+      v.shown = [h.seq, h.epoch];
+      this.show(v, res, via, false, at !== null || waited);
+    }
   }
 
   show(v, res, via, backfill, synced) {
