@@ -53,16 +53,16 @@ WIDTH, HEIGHT = 960, 540
 
 @asynccontextmanager
 async def browser_pages(
-    allow: str | None = None,
+    allow: str | None = None, extra: tuple[str, ...] = ()
 ) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """``open(url)`` -> a page of one headless Chromium; at the end, every page must have
     been free of console errors and uncaught exceptions (but console lines containing
-    ``allow``, when given)."""
+    ``allow``, when given). ``extra``: more Chromium flags."""
     from playwright.async_api import async_playwright
 
     problems: list[str] = []
     async with async_playwright() as pw:
-        browser = await launch(pw)
+        browser = await launch(pw, extra=extra)
         try:
 
             async def open_page(url: str, wait: str | None = JOINED) -> Any:

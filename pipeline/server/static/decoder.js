@@ -57,7 +57,7 @@ export function crc32c(bytes, start = 0, end = bytes.length) {
 }
 
 /** A canonical LEB128 varint of at most 10 bytes at pos: [BigInt value, next pos]. */
-function varint(buf, pos, end, what) {
+export function varint(buf, pos, end, what) {
   if (pos < end && buf[pos] < 0x80) return [BigInt(buf[pos]), pos + 1];
   let value = 0n;
   let shift = 0n;

@@ -4,7 +4,7 @@
 
 import { Decoder, ProtocolError } from "./decoder.js";
 import { Member } from "./transport.js";
-import { AudioSlot } from "./audio.js";
+import { AudioPlayer, isAudio } from "./audio.js";
 
 // MediaPipe Pose's 33-landmark connections (POSE_CONNECTIONS)
 export const CONNECTIONS = [
@@ -207,7 +207,13 @@ export class Viewer {
     this.latencyLog = [];
     this.errors = [];
     this.work = { packets: 0, decode_ms: 0, draw_ms: 0 }; // main-thread time of the frames
-    this.audio = new AudioSlot();
+    this.audio = new AudioPlayer({
+      mineNs: () => this.member.clockOffsetNs,
+      theirsNs: (sid) => {
+        const m = this.owner(sid);
+        return m && Number.isSafeInteger(m.clock_offset_ns) ? m.clock_offset_ns : 0;
+      },
+    }, (text) => this.showError(text));
     this.member = new Member({
       url, room, token, rtc, rtcConfig, name: "viewer",
       on: {
@@ -273,6 +279,7 @@ export class Viewer {
     view.canvas.remove();
     this.streams.delete(sid);
     this.decoder.forget(sid);
+    this.audio.forget(sid);
   }
 
   view(streamId) {
@@ -297,6 +304,11 @@ export class Viewer {
   }
 
   onPacket(bytes, via) {
+    if (isAudio(bytes)) {
+      const sid = this.audio.packet(bytes);
+      if (sid !== null) this.view(sid);
+      return;
+    }
     const t0 = performance.now();
     let res;
     try {
@@ -388,10 +400,37 @@ export class Viewer {
     }
     v.lastDrawn = seq;
     v.lastEpoch = h.epoch;
+    if (!backfill) this.audio.poseArrived(h.streamId, h.captureTsNs);
+    // with audio, the pose waits for the sound captured with it (docs/viewer.md, "Audio")
+    if (backfill) this.show(v, res, via, backfill, false);
+    else this.present(v, res, via);
+  }
+
+  /** Draw a live pose now, or when the audio of its capture time is heard (asked again
+   * when the timer fires: the audio's target delay may have moved meanwhile). */
+  present(v, res, via, waited = false) {
+    if (this.streams.get(v.streamId) !== v) return; // the stream went
+    const h = res.header;
+    const at = this.audio.presentAt(v.streamId, h.captureTsNs);
+    const wait = at === null ? 0 : at - wallMs();
+    if (wait > 1) {
+      setTimeout(() => this.present(v, res, via, true), wait);
+    } else if (waited && v.shown && h.epoch === v.shown[1] && h.seq < v.shown[0]) {
+      v.stale++; // a newer pose came due first (the target delay moved): not drawn back
+    } else {
+      v.shown = [h.seq, h.epoch];
+      this.show(v, res, via, false, at !== null || waited);
+    }
+  }
+
+  show(v, res, via, backfill, synced) {
+    const h = res.header;
+    const seq = Number(h.seq);
     v.via = via;
     const t1 = performance.now();
     v.draw(res.image, h.numPoses);
     const rendered = wallMs();
+    if (synced) this.audio.posePresented(h.streamId, h.captureTsNs, rendered);
     this.work.packets++;
     this.work.draw_ms += performance.now() - t1;
     v.rendered++;
@@ -448,7 +487,8 @@ export class Viewer {
     const now = wallMs();
     return {
       connection: { ...this.member.snap, clockOffsetNs: String(this.member.snap.clockOffsetNs) },
-      streams: [...this.streams.values()].map((v) => v.figures(now)),
+      streams: [...this.streams.values()].map((v) => ({
+        ...v.figures(now), audio: this.audio.figures(v.streamId) })),
       errors: this.errors.slice(-20),
       work: { ...this.work },
     };
@@ -460,7 +500,11 @@ export class Viewer {
         ? "-"
         : `${s.latency_p50_ms.toFixed(1)} / ${s.latency_p95_ms.toFixed(1)}`;
       const tr = document.createElement("tr");
-      for (const text of [s.name, `${s.fps}`, lat, s.transport, `${s.lost}`]) {
+      const a = s.audio;
+      const audio = a === null ? "-" : `${a.played} played, ${a.late} late, target `
+        + `${a.target_ms.toFixed(0)} ms, skew p95 `
+        + `${a.skew_p95_ms === null ? "-" : a.skew_p95_ms.toFixed(1)} ms`;
+      for (const text of [s.name, `${s.fps}`, lat, s.transport, `${s.lost}`, audio]) {
         const td = document.createElement("td");
         td.textContent = text;
         tr.appendChild(td);
