@@ -12,7 +12,7 @@ configuration; the encoder starts the coarser stream with a keyframe).
 The decision lives in the supervisor, beside the transport policy
 (:mod:`pipeline.runtime.policy`), for the same reason: the figures come from one stage
 (the transmit stage's ``latency_ms_p95``, ``bandwidth_limit_kbps``, the bytes offered to
-its send queue ``sendqueue_queued_bytes_total``, the paths' ``ack_rtt_ms`` /
+its send queue ``sendqueue_queued_bytes_total``, the paths'
 ``path_<kind>_rtt_ms``) and the action is taken by another (the encode stage, the
 only place where a frame can be left out before it costs a reference, and where the
 quantization is chosen). :class:`DegradationLadder` judges them at every heartbeat:
@@ -129,9 +129,13 @@ class DegradationLadder:
             and k.endswith("_rtt_ms")
             and m.get(k.removesuffix("rtt_ms") + "connected")
         ]
-        if rtts:
-            return min(rtts)
-        return m.get("ack_rtt_ms")
+        # only the paths' robust figure (the median of per-0.5 s minima): the raw ack RTT
+        # of a single transport rides the reliable channel, where random loss holds acks
+        # behind retransmissions; stepping down on it cost a lossy WebRTC stream a third
+        # of its frames (tests/test_webrtc.py loss test: 20 % two-leg loss decoded
+        # 0.25-0.49 with it, 0.71-0.80 without); a slow single link still shows as
+        # latency with packets waiting in the send queue
+        return min(rtts) if rtts else None
 
     def step(self, metrics: Mapping[str, Mapping[str, float]], now: float | None = None) -> None:
         """Judge the stages' last metrics; send a ``degrade`` command when a step is due."""
