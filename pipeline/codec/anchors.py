@@ -27,6 +27,8 @@ from typing import Final, Literal
 
 from pipeline.codec.header import ANCHOR_INTERVAL
 
+#: streams one sender follows at most (:func:`tracker_for`: past it they start afresh)
+MAX_TRACKED_STREAMS: Final = 64
 #: packets remembered to tell "predicts from a packet seen" from "from one not here yet"
 SEEN: Final = 64
 
@@ -91,3 +93,14 @@ class AnchorTracker:
             self._seen.discard(self._seen_order.popleft())
         self._seen_order.append(seq)
         self._seen.add(seq)
+
+
+def tracker_for(trackers: dict[int, AnchorTracker], stream_id: int) -> AnchorTracker:
+    """The tracker of ``stream_id`` in ``trackers`` (made on first use; at most
+    :data:`MAX_TRACKED_STREAMS`, all forgotten past it)."""
+    tracker = trackers.get(stream_id)
+    if tracker is None:
+        if len(trackers) >= MAX_TRACKED_STREAMS:
+            trackers.clear()
+        tracker = trackers[stream_id] = AnchorTracker()
+    return tracker

@@ -128,11 +128,8 @@ def repair_keyframe(
     now = time.monotonic()
     if ref_seq is not None and (pkt := stream.stored(ref_seq)) is not None:
         key = (stream_id, ref_seq)
-        if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+        if not _nack_due(member, key, now):
             return
-        member.nacked[key] = now
-        while len(member.nacked) > MAX_NACKS_KEPT:
-            del member.nacked[next(iter(member.nacked))]
         if member.repair(pkt):
             state.metrics.nack_repairs += 1
             return
@@ -147,18 +144,25 @@ def repair_keyframe(
     member.post_snapshot(stream.snapshot())
 
 
+def _nack_due(member: Member, key: tuple[int, int], now: float) -> bool:
+    """Whether packet ``key`` (stream, seq) may be asked for or repaired again for
+    ``member`` (at most every :data:`NACK_INTERVAL_S`); records it when so."""
+    if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+        return False
+    member.nacked[key] = now
+    while len(member.nacked) > MAX_NACKS_KEPT:
+        del member.nacked[next(iter(member.nacked))]
+    return True
+
+
 def _nack_publisher(state: ServerState, member: Member, stream_id: int, seq: int | None) -> None:
     """Ask a WebRTC publisher for packet ``seq`` again (a delta that predicts from it came
     first), at most every :data:`NACK_INTERVAL_S` per packet."""
     if seq is None:
         return
     now = time.monotonic()
-    key = (stream_id, seq)
-    if now - member.nacked.get(key, -1e9) < NACK_INTERVAL_S:
+    if not _nack_due(member, (stream_id, seq), now):
         return
-    member.nacked[key] = now
-    while len(member.nacked) > MAX_NACKS_KEPT:
-        del member.nacked[next(iter(member.nacked))]
     state.metrics.nacks_sent += 1
     member.post_text(messages.nack(stream_id, seq))
 

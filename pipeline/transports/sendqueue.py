@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.codec import peek_header
-from pipeline.codec.anchors import AnchorTracker
+from pipeline.codec.anchors import AnchorTracker, tracker_for
 from pipeline.codec.audio import is_audio
 from pipeline.errors import ProtocolError, WouldBlock
 from pipeline.transports.throttle import Throttle
@@ -99,7 +99,7 @@ def classify(
         h = peek_header(packet)
     except ProtocolError:
         return Priority.KEYFRAME, None, None, None
-    tracker = trackers.setdefault(h.stream_id, AnchorTracker())
+    tracker = tracker_for(trackers, h.stream_id)
     kind = tracker.classify(h.seq, h.ref_seq, h.keyframe, h.epoch)
     prio = Priority.KEYFRAME if kind in ("keyframe", "anchor") else Priority.DELTA
     return prio, h.stream_id, h.seq, h.ref_seq

@@ -48,7 +48,7 @@ import aiohttp
 from aioice.ice import get_host_addresses
 
 from pipeline.codec import peek_header
-from pipeline.codec.anchors import AnchorTracker
+from pipeline.codec.anchors import AnchorTracker, tracker_for
 from pipeline.codec.audio import is_audio
 from pipeline.config import IceServer, RtcConfig, TransmitConfig
 from pipeline.errors import (
@@ -78,8 +78,6 @@ CONFIRM_S: Final = 0.005
 FLUSH_S: Final = 0.5
 #: clock pings over the control channel right after it opens
 CHANNEL_CLOCK_SAMPLES: Final = 4
-#: publisher streams whose reference mode the transport follows (AnchorTracker each)
-MAX_TRACKED_STREAMS: Final = 64
 #: reliable packets kept for the server's NACKs (anchors come every third packet)
 KEPT_FOR_NACKS: Final = 32
 #: server ``error`` reasons that answer an offer: no retry can help / a retry may
@@ -120,11 +118,7 @@ def _must_arrive(packet: bytes, trackers: dict[int, AnchorTracker]) -> bool:
         h = peek_header(packet)
     except ProtocolError:
         return True
-    tracker = trackers.get(h.stream_id)
-    if tracker is None:
-        if len(trackers) >= MAX_TRACKED_STREAMS:
-            trackers.clear()
-        tracker = trackers[h.stream_id] = AnchorTracker()
+    tracker = tracker_for(trackers, h.stream_id)
     return tracker.classify(h.seq, h.ref_seq, h.keyframe, h.epoch) != "free"
 
 
