@@ -150,6 +150,7 @@ def _sender(
     return proc, report
 
 
+@pytest.mark.timing  # no false dead path: a 250 ms silence bound, runs alone (Makefile)
 def test_webrtc_sender_to_webrtc_and_websocket_receivers(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
@@ -438,6 +439,7 @@ def test_loss_costs_webrtc_its_lost_frames_and_stalls_the_websocket(
 TURN_USER, TURN_PASSWORD = "posewire", "turn-secret-2"
 
 
+@pytest.mark.timing  # no false dead path: a 250 ms silence bound, runs alone (Makefile)
 def test_turn_relay_carries_webrtc_when_direct_udp_is_dropped(
     net: Topology, tmp_path: Path, record_property: Record
 ) -> None:
