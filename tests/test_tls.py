@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pipeline.cli import main as cli_main
-from pipeline.client.api import Client, PoseEvent
+from pipeline.client import Client, PoseEvent
 from pipeline.config import parse_config, server_section
 from pipeline.errors import CertificateError, ConfigError, TransportError
 from pipeline.model.tls import client_context

@@ -2,8 +2,7 @@
 
 Public API (docs/client-api.md): :class:`~pipeline.client.api.Client` (async: join a
 room, publish poses, iterate over events, metrics), its events
-(:class:`~pipeline.client.api.PoseEvent`, :class:`~pipeline.client.api.PresenceEvent`,
-:class:`~pipeline.client.api.ConnectionEvent`) and the blocking
+(:mod:`pipeline.client.events`) and the blocking
 :class:`~pipeline.client.sync.SyncClient` with the original design's method names.
 
 :mod:`~pipeline.client.receiver` (:class:`~pipeline.client.receiver.Receiver`:
@@ -11,7 +10,8 @@ join, decode every publisher, report live latency and backfill apart) is the
 receiving half the ``receive`` command and the client share.
 """
 
-from pipeline.client.api import Client, ConnectionEvent, Event, PoseEvent, PresenceEvent, Priority
+from pipeline.client.api import Client, Priority
+from pipeline.client.events import ConnectionEvent, Event, PoseEvent, PresenceEvent
 from pipeline.client.sync import SyncClient
 from pipeline.model.pose import PoseFrame
 

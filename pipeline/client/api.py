@@ -19,8 +19,18 @@ It is built from the same parts as the pipeline, not copies of them:
   :class:`~pipeline.client.receiver.Receiver` (the ``receive`` command's):
   decoding per stream, keyframe requests, loss and latency accounting.
 
-Priority (:data:`Priority`) of a published pose, until the transport policy
-(issue 13) brings a real priority queue:
+Switching (``transport="auto"`` on a publishing client): the client keeps a **hot
+standby** like the transmit stage (the WebSocket connected beside WebRTC, a pair on
+the server) and runs the supervisor's :class:`~pipeline.runtime.policy.TransportPolicy`
+in its own event loop every :data:`POLICY_STEP_S`: a dead path fails over at once, a
+latency over ``max_latency_ms`` or a failure rate over ``switch_threshold`` moves the
+stream to the WebSocket, and it returns once WebRTC stayed healthy (``policy``: the
+``transmit`` switching fields). Each switch is a :class:`ConnectionEvent` with
+``switched`` set, and :meth:`Client.metrics` lists the decisions. A subscribe-only
+client has no standby: its member's own WebSocket carries the room's packets while
+its WebRTC path is dead (``docs/webrtc.md``), and it reopens the peer connection.
+
+Priority (:data:`Priority`) of a published pose:
 
 * ``"normal"``: encoded as the stream goes (a delta between keyframes); waits for
   the bandwidth cap (``max_bandwidth_kbps``) when there is one;
@@ -52,13 +62,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import psutil
-from pydantic import ValidationError
 
+from pipeline.client.events import ConnectionEvent, Event, PoseEvent, PresenceEvent
+from pipeline.client.options import transmit_config
 from pipeline.client.receiver import (
     TRANSPORT_CHOICES,
     ReceivedPose,
@@ -68,17 +78,18 @@ from pipeline.client.receiver import (
 )
 from pipeline.codec import CodecConfig, Encoder, feedback
 from pipeline.codec.ranges import clamp_image
-from pipeline.config import IceServer, RtcConfig, TransmitConfig, TransportKind
+from pipeline.config import IceServer, RtcConfig, TransportKind
 from pipeline.errors import (
     ClosedResourceError,
+    CommandError,
     ConfigError,
     ProtocolError,
     TransportError,
 )
 from pipeline.model.landmarks import frame_from_result
 from pipeline.model.pose import PoseFrame
+from pipeline.runtime.policy import TransportPolicy
 from pipeline.transports.base import Control, Received, StateChange, TransportContext
-from pipeline.transports.endpoints import server_urls
 from pipeline.transports.sender import FALLBACK_OF, Sender, WhenThrottled
 from pipeline.transports.websocket import WebSocketTransport
 
@@ -90,82 +101,8 @@ _THROTTLED: dict[str, WhenThrottled] = {"low": "drop", "normal": "wait", "high":
 PUBLISH_LATENCY_SAMPLES = 10_000
 #: how often :meth:`Client.events` looks at the refusal state while nothing arrives
 STATE_POLL_S = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class PoseEvent:
-    """A decoded pose of one publisher stream."""
-
-    member_id: str | None
-    """The publishing member (None until its member record is known)."""
-    stream_id: int
-    frame: PoseFrame
-    """As the decoder output it (within the codec's precision of what was published)."""
-    latency_ms: float
-    """Capture to decode, both on the server's clock (see ``docs/room-protocol.md``)."""
-    backfill: bool = False
-    """A stored packet the server sent on joining (history), not a live one."""
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceEvent:
-    """Another member joined, left, or changed its record."""
-
-    kind: Literal["join", "leave", "update"]
-    member_id: str
-    member: Mapping[str, Any]
-    """The member record (``id``, ``name``, ``role``, ``subject``...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEvent:
-    """The connection went down or up, or the server refused us."""
-
-    connected: bool
-    transport: str
-    """The transport kind in use (``websocket`` or ``webrtc``)."""
-    reason: str = ""
-    code: int | None = None
-    refused: bool = False
-    """The server refused this member (``reason`` says why)."""
-    final: bool = False
-    """A refusal no retry can fix (kicked, token refused): the events end."""
-
-
-Event = PoseEvent | PresenceEvent | ConnectionEvent
-
-
-def _transmit_config(
-    kind: TransportKind,
-    server_url: str | Sequence[str],
-    room: str,
-    *,
-    ice_servers: Sequence[IceServer | Mapping[str, Any]],
-    rtc: RtcConfig | None,
-    connect_timeout_s: float,
-    max_bandwidth_kbps: float | None,
-    ca_file: str | Path | None,
-) -> TransmitConfig:
-    urls = server_urls(server_url)  # a TransportError naming a bad URL, before anything else
-    data: dict[str, Any] = {
-        "primary": kind,
-        "servers": urls,
-        "ca_file": ca_file,
-        "room": room,
-        "connect_timeout_s": connect_timeout_s,
-        "max_bandwidth_kbps": max_bandwidth_kbps,
-        "ice_servers": [
-            s.model_dump() if isinstance(s, IceServer) else dict(s) for s in ice_servers
-        ],
-    }
-    if rtc is not None:
-        data["webrtc"] = rtc
-    try:
-        return TransmitConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(
-            [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        ) from None
+#: how often a client with a hot standby judges its paths (the supervisor: per heartbeat)
+POLICY_STEP_S = 0.25
 
 
 class Client:
@@ -193,6 +130,7 @@ class Client:
         connect_timeout_s: float = 5.0,
         max_events: int = 4096,
         ca_file: str | Path | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> None:
         if transport not in TRANSPORT_CHOICES:
             raise ConfigError([f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, "
@@ -209,7 +147,7 @@ class Client:
         """The stream id of this client's poses (random by default, below 2**14)."""
         self.codec = codec or CodecConfig(world=True)
         self.max_events = max_events
-        self._cfg = _transmit_config(
+        self._cfg = transmit_config(
             kind,
             server_url,
             room,
@@ -218,6 +156,8 @@ class Client:
             connect_timeout_s=connect_timeout_s,
             max_bandwidth_kbps=max_bandwidth_kbps,
             ca_file=ca_file,
+            fallback=TransportKind.WEBSOCKET if transport == "auto" and publish else None,
+            policy=policy,
         )
         context = TransportContext(
             token=lambda: token, name=self.name, publish=publish, subscribe=subscribe
@@ -244,6 +184,10 @@ class Client:
         """Events dropped because nobody read :meth:`events` fast enough (oldest first)."""
         self.connected_at: float | None = None
         self.closed = False
+        self.policy: TransportPolicy | None = None
+        """The switching policy of a publishing ``auto`` client (module docstring)."""
+        self._policy_task: asyncio.Task[None] | None = None
+        self._switch_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -276,12 +220,22 @@ class Client:
         self._encoder = Encoder(dataclasses.replace(self.codec, references=refs), self.stream_id)
         self._rx().started()
         log.info("joined room %s over %s as %s", self.room, kind.value, self.member_id)
+        if self._cfg.fallback is not None:
+            self.policy = TransportPolicy(self._cfg, self._command)
+            self._policy_task = asyncio.get_running_loop().create_task(
+                self._judge_paths(kind), name="posewire-client-policy"
+            )
 
     async def close(self) -> None:
         """Leave the room (idempotent)."""
         if self.closed:
             return
         self.closed = True
+        for task in (self._policy_task, *self._switch_tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._sender.close()
         if self._receiver is not None:
             await self._receiver.close()  # only stops its clock: the transport is closed
@@ -293,6 +247,42 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # ------------------------------------------------------------------ switching
+
+    async def _judge_paths(self, kind: TransportKind) -> None:
+        """The policy over the sender's path figures, as the supervisor does for the
+        transmit stage; a switch (the policy's, or the sender's own failover on a dead
+        path) becomes a :class:`ConnectionEvent`."""
+        assert self.policy is not None
+        while not self.closed:
+            await asyncio.sleep(POLICY_STEP_S)
+            self.policy.step(self.name, self._sender.metrics())
+            if self._sender.kind != kind:
+                old, kind = kind, self._sender.kind
+                reason = self._last_switch_reason()
+                log.info("switched %s -> %s (%s)", old.value, kind.value, reason)
+                self._push(ConnectionEvent(True, kind.value, reason, switched=True))
+
+    def _last_switch_reason(self) -> str:
+        at = self._sender.switched_at
+        return max(at, key=lambda r: at[r]) if at else "switched"
+
+    def _command(self, stage: str, command: str, args: dict[str, Any]) -> int:
+        """The policy's ``switch_transport``, carried out in this loop."""
+        assert command == "switch_transport", command
+        task = asyncio.get_running_loop().create_task(
+            self._switch(TransportKind(args["to"]), str(args["reason"]))
+        )
+        self._switch_tasks.add(task)
+        task.add_done_callback(self._switch_tasks.discard)
+        return 1
+
+    async def _switch(self, kind: TransportKind, reason: str) -> None:
+        try:
+            await self._sender.switch(kind, reason, auto=True)
+        except (CommandError, TransportError) as exc:
+            log.warning("no switch to %s (%s): %s", kind.value, reason, exc)
 
     # ------------------------------------------------------------------ state
 
@@ -534,6 +524,11 @@ class Client:
             "clock_offset_ns": None if stats is None else stats.clock_offset_ns,
             "reconnects": 0 if stats is None else stats.reconnects,
             "ack_rtt_ms": None if stats is None else stats.ack_rtt_ms,
+            "standby": None
+            if s.standby is None or s.standby_kind is None or not s.standby.connected
+            else s.standby_kind.value,
+            "switches": s.switches,
+            "switch_decisions": [] if self.policy is None else list(self.policy.decisions),
         }
 
 

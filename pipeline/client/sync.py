@@ -22,7 +22,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from pipeline.client.api import Client, Event, PoseEvent, Priority
+from pipeline.client.api import Client, Priority
+from pipeline.client.events import Event, PoseEvent
 from pipeline.errors import BrokenResourceError, ClosedResourceError, TokenError, TransportError
 
 T = TypeVar("T")
