@@ -373,18 +373,20 @@ class Topology:
             _delete_namespace(name)
         self._made.clear()
 
-    def stop_peers(self) -> None:
-        """Ask every peer to quit (all at once), wait for each, kill it after 2 s.
+    def stop_peers(self, only: Sequence[Peer] | None = None) -> None:
+        """Ask every peer (or those of `only`) to quit (all at once), wait for each, kill
+        it after 2 s.
 
         Call it inside a `turn()` block when the peers use the relay: an aiortc peer
         that closes deletes its TURN allocation, which waits while coturn is gone.
         """
-        for peer in self.peers:
+        peers = list(self.peers if only is None else only)
+        for peer in peers:
             peer.ask_to_quit()
-        for peer in self.peers:
+        for peer in peers:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 peer.close()
-        self.peers.clear()
+        self.peers[:] = [p for p in self.peers if p not in peers]
 
     # -- processes ---------------------------------------------------------------
 
