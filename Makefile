@@ -49,10 +49,12 @@ COVERAGE_REPORT = $(PY) -m coverage combine --quiet; \
 
 # Two pytest passes (docs/testing.md): the tests that assert no time run on
 # $(WORKERS) xdist workers, one test module per worker at a time; those marked
-# `timing` (latency, detection-time or rate bounds) then run alone, so that no other
-# test's load decides them. With PYTEST_ARGS one plain pass runs what they select.
-WORKERS ?= 2
-PARALLEL := -n $(WORKERS) --dist loadfile -m "not timing"
+# `timing` (latency, detection-time or rate bounds) or `serial` (they watch something
+# machine-wide, e.g. the sweep of stale shared memory) then run alone, so that no other
+# test decides them. With PYTEST_ARGS one plain pass runs what they select.
+WORKERS ?= 3
+PARALLEL := -n $(WORKERS) --dist loadfile -m "not timing and not serial"
+ALONE := -m "timing or serial"
 unit: install
 	rm -f .coverage .coverage.*
 	status=0; \
@@ -60,7 +62,7 @@ unit: install
 	  $(PY) -m coverage run -m pytest -q --durations=15 $(PYTEST_ARGS) || status=$$?; \
 	else \
 	  $(PY) -m coverage run -m pytest -q --durations=15 $(PARALLEL) || status=$$?; \
-	  $(PY) -m coverage run -m pytest -q --durations=15 -m timing || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
+	  $(PY) -m coverage run -m pytest -q --durations=15 $(ALONE) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
 	  NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -p no:cacheprovider \
 	    $(KERNEL_TESTS) || { s=$$?; [ $$status != 0 ] || status=$$s; }; \
 	fi; \
