@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import wave
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.codec import peek_header
 from pipeline.codec.audio import AudioPacket, is_audio, pack_audio, parse_audio
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError, ProtocolError
+from pipeline.model.prometheus import samples_as_written
 from pipeline.transports.base import Packet
 from tests.procutil import TRACE
 from tests.test_server_support import PoseSource, member, running_server, until
@@ -257,7 +259,9 @@ def test_tone_through_the_pipeline_in_sync_and_across_transport_switches(
 
     server = _server(net)
     wav = tmp_path / "rx.wav"
-    rx = Receive(net.host("a"), server.url, "rx", "websocket", tmp_path, ("--audio", str(wav)))
+    a = net.host("a")
+    metrics_args = ("--metrics-port", "0", "--metrics-host", a.address)
+    rx = Receive(a, server.url, "rx", "websocket", tmp_path, ("--audio", str(wav), *metrics_args))
     sender = None
     try:
         rx.line("joined room A", 20)
@@ -268,6 +272,12 @@ def test_tone_through_the_pipeline_in_sync_and_across_transport_switches(
             seen = len(rx.poses())
             _ctl(net, tmp_path, "switch_transport", json.dumps({"to": to}))
             assert wait_for(lambda n=seen: len(rx.poses()) > n + 45, 20), rx.tail()  # type: ignore[misc]
+        # the receiving side's audio figures in its /metrics (read inside host a)
+        url = rx.line("metrics: ", 5).split()[1]
+        fetch = (
+            "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
+        )
+        scraped = a.run([sys.executable, "-c", fetch, url]).stdout
         rep = rx.finish()
     finally:
         rx.kill()
@@ -299,3 +309,14 @@ def test_tone_through_the_pipeline_in_sync_and_across_transport_switches(
     assert run["audio"]["packets_sent"] >= got["frames_played"] * 0.9, run["audio"]
     audio_kbps = [v for v in run["series"]["audio_kbps"] if v]
     assert audio_kbps and 20.0 < float(np.median(audio_kbps)) < 80.0, audio_kbps
+    # the receiving side: /metrics during the run, the report's series (its plots)
+    seen = samples_as_written(scraped)
+    sid = str(pose["stream_id"])
+    assert seen[f'posewire_receive_audio_frames_total{{stream="{sid}",kind="played"}}'] > 50, (
+        scraped
+    )
+    assert 0 < seen['posewire_receive_audio_mouth_to_ear_ms{quantile="0.95"}'] < 1000, scraped
+    assert 'posewire_receive_audio_abs_skew_ms{quantile="0.95"}' in seen, scraped
+    series = rep["series"]
+    for key in ("audio_delay_ms", "audio_mouth_to_ear_p95_ms", "audio_abs_skew_p95_ms"):
+        assert any(v is not None for v in series[key]), (key, series[key])

@@ -133,6 +133,7 @@ def test_mutated_packets_only_protocol_error(packet: bytes) -> None:
     one_input(b"\x00" + packet)
 
 
+@pytest.mark.slow
 def test_fuzz_harness_runs_briefly(tmp_path: Path) -> None:
     """The atheris harness for ~10 s on a copy of the seed corpus (the hypothesis
     fallback when atheris is not installed), with the codec kernels compiled with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -334,3 +335,66 @@ def test_late_joiner_reports_live_latency_apart_from_backfill(
     assert rep["frames_lost"] == 0 and s["lost"] == 0
     assert rep["latency_ms"]["p95"] < 60.0, rep["latency_ms"]
     assert "backfill" in stdout
+
+
+def test_receive_serves_metrics_and_its_report_renders(
+    server: ServeProcess, tmp_path: Path
+) -> None:
+    """``receive --metrics-port 0``: /metrics (posewire_receive_*) and /status while it
+    receives; the report's once-a-second series; ``pipeline report`` draws it."""
+    from pipeline.model.prometheus import samples_as_written
+
+    report = tmp_path / "rx.json"
+
+    async def go() -> tuple[str, dict[str, Any], int, str]:
+        rx = await _ReceiveProc.start(
+            "--server", server.url, "--room", "A", "--token",
+            token("A", "subscriber", subject="watch"), "--metrics-port", "0",
+            "--report", str(report),
+        )  # fmt: skip
+        assert rx.proc.stdout is not None
+        line = (await asyncio.wait_for(rx.proc.stdout.readline(), 30)).decode()
+        assert line.startswith("metrics: http://127.0.0.1:"), line
+        url = line.split()[1]
+        await _until_members(server.url, "A", 1)
+        pub = await _publisher(server.url)
+        await _send(pub, PoseSource(42), frames=90)
+        async with aiohttp.ClientSession() as http:
+            text = await (await http.get(url)).text()
+            status = await (await http.get(url.replace("/metrics", "/status"))).json()
+        await pub.close()
+        code, _, err = await rx.finish(terminate=True)
+        return text, status, code, err
+
+    text, status, code, err = asyncio.run(go())
+    assert code == 0, err[-2000:]
+    got = samples_as_written(text)
+    assert got['posewire_receive_frames_total{kind="decoded"}'] >= 60, text
+    assert got['posewire_receive_transport_info{kind="websocket"}'] == 1, text
+    assert 0 < got['posewire_receive_latency_ms{quantile="0.95"}'] < 1000, text
+    assert max(v for v in status["series"]["fps"] if v is not None) > 20, status["series"]
+    rep = json.loads(report.read_text())
+    assert len(rep["series"]["t_s"]) >= 2 and any(rep["series"]["latency_p95_ms"]), rep["series"]
+    out = tmp_path / "plots"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(report), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"latency.png", "audio.png", "index.html"}
+    assert "posewire receiver in room A" in (out / "index.html").read_text()
+
+
+def test_receive_metrics_port_taken_starts_nothing(server: ServeProcess) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = asyncio.run(
+            _receive("--server", server.url, "--room", "A", "--token",
+                     token("A", "subscriber", subject="w"), "--metrics-port", str(port))
+        )  # fmt: skip
+    assert code == 2, err
+    assert f"--metrics-port {port}" in err and "Traceback" not in err, err

@@ -26,9 +26,13 @@ from pipeline.client.vmc import VmcSender, parse_target
 from pipeline.config import IceServer, RtcConfig
 from pipeline.errors import BrokenResourceError, ConfigError, RecordingError, TransportError
 from pipeline.model.pose import NUM_LANDMARKS
+from pipeline.monitor.receive import ReceiveSeries, serve_metrics
 from pipeline.transports.base import StateChange
 
 __all__ = ["Receiver", "add_arguments", "main", "pose_json", "write_npz"]
+
+#: seconds between two samples of the receive series
+SAMPLE_S = 1.0
 
 HELP = (
     "Join a room and decode every publisher's pose stream; report live latency (capture -> "
@@ -140,6 +144,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "poses' transit (a listener that shows no skeleton)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus text: posewire_receive_*) and /status (the report "
+        "as JSON) on this port while receiving (0: any free port; the URL is printed)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of --metrics-port (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
         "--record-max-mb",
         type=float,
         default=1024.0,
@@ -223,6 +239,13 @@ def _print_summary(rep: dict[str, Any]) -> None:
         )
 
 
+async def _sample(series: ReceiveSeries) -> None:
+    """One sample of the receive series a second (the report's ``series``)."""
+    while True:
+        await asyncio.sleep(SAMPLE_S)
+        series.sample()
+
+
 def main(args: argparse.Namespace) -> int:
     out: Path | None = args.out
     if out is not None and out.suffix not in (".jsonl", ".npz"):
@@ -235,6 +258,8 @@ def main(args: argparse.Namespace) -> int:
         raise TransportError(f"--audio must end in .wav, not {args.audio.name!r}")
     if not args.record_max_mb > 0:
         raise RecordingError("--record-max-mb must be positive")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError([f"--metrics-port: {args.metrics_port} is not a port (0..65535)"])
     return asyncio.run(_main(args))
 
 
@@ -287,12 +312,25 @@ async def _main(args: argparse.Namespace) -> int:
             clock_offset=lambda: t.clock_offset_ns,
         )
     failure: BrokenResourceError | None = None
+    series = ReceiveSeries(receiver)
+    runner = None
     try:
+        if args.metrics_port is not None:  # before joining: a taken port starts nothing
+            try:
+                runner, url = await serve_metrics(
+                    receiver, series, args.metrics_host, args.metrics_port
+                )
+            except OSError as exc:
+                raise ConfigError([f"--metrics-port {args.metrics_port}: {exc.strerror}"]) from None
+            print(f"metrics: {url}/metrics", flush=True)
         await receiver.connect()
     except BaseException:
         if writer is not None:
             writer.close()
+        if runner is not None:
+            await runner.cleanup()
         raise
+    series.t0 = time.monotonic()  # the series counts from the join
     if writer is not None:
         t = receiver.transport
         writer.event(
@@ -304,6 +342,7 @@ async def _main(args: argparse.Namespace) -> int:
         f"joined room {args.room} as member {receiver.transport.member_id} over {stats.kind}",
         flush=True,
     )
+    sampling = loop.create_task(_sample(series), name="posewire-receive-series")
     try:
         if out is not None and out.suffix == ".jsonl":
             jsonl = out.open("w", encoding="utf-8")
@@ -315,6 +354,9 @@ async def _main(args: argparse.Namespace) -> int:
         except BrokenResourceError as exc:
             failure = exc
     finally:
+        sampling.cancel()
+        if runner is not None:
+            await runner.cleanup()
         await receiver.close()
         if jsonl is not None:
             jsonl.close()
@@ -325,6 +367,7 @@ async def _main(args: argparse.Namespace) -> int:
     if out is not None and out.suffix == ".npz":
         write_npz(out, receiver.poses)
     rep = receiver.report()
+    rep["series"] = series.report()
     if args.audio is not None and receiver.audio is not None:
         frames = receiver.audio.frames()
         args.audio.with_suffix(".frames.json").write_text(json.dumps(frames), encoding="utf-8")

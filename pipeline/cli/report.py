@@ -13,8 +13,12 @@ matplotlib's Agg backend (no display needed):
 * ``resources.png``: CPU % and RSS per process over time;
 
 and ``index.html`` with a summary (frames, stages, latency, transport,
-alerts) that embeds them. A report without time series (a run that failed
-at start) still renders: each plot then says it has no data.
+alerts) that embeds them. A ``receive`` report (``python -m pipeline receive
+--report``) renders as ``latency.png`` (capture-to-decode p50/p95 and poses
+decoded per second), ``audio.png`` (the jitter buffer's playout delay,
+mouth-to-ear p95 and |pose/audio skew| p95 per second) and its own ``index.html``.
+A report without time series (a run that failed at start) still renders: each plot
+then says it has no data.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ PLOTS = (
     ("bytes_per_frame.png", "Bytes per frame and bandwidth"),
     ("resources.png", "CPU and memory per process"),
 )
+
+
+RECEIVE_PLOTS = (
+    ("latency.png", "Capture-to-decode latency and poses decoded per second"),
+    ("audio.png", "Audio: playout delay, mouth-to-ear p95, |pose/audio skew| p95"),
+)
+
+
+def is_receive_report(report: Mapping[str, Any]) -> bool:
+    """A report of ``python -m pipeline receive`` (not of a pipeline run)."""
+    return "publishers" in report and "stages" not in report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +97,10 @@ def render(report: Mapping[str, Any], out: Path) -> list[Path]:
     except OSError as exc:
         raise PosewireError(f"cannot create output directory {out}: {exc}") from exc
     series = _dict(report.get("series"))
+    receive = is_receive_report(report)
     written: list[Path] = []
-    for name, title in PLOTS:
-        fig = _FIGURES[name](report, series, title)
+    for name, title in RECEIVE_PLOTS if receive else PLOTS:
+        fig = (_RECEIVE_FIGURES if receive else _FIGURES)[name](report, series, title)
         path = out / name
         try:
             fig.savefig(path, dpi=100)
@@ -97,7 +113,9 @@ def render(report: Mapping[str, Any], out: Path) -> list[Path]:
         written.append(path)
     index = out / "index.html"
     try:
-        index.write_text(render_html(report), encoding="utf-8")
+        index.write_text(
+            render_receive_html(report) if receive else render_html(report), encoding="utf-8"
+        )
     except OSError as exc:
         raise PosewireError(f"cannot write {index}: {exc}") from exc
     written.append(index)
@@ -330,6 +348,15 @@ _FIGURES = {
 # --------------------------------------------------------------------------- HTML
 
 
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:.5em 0}"
+    "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%}figure{margin:1em 0}"
+)
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -458,16 +485,101 @@ def render_html(report: Mapping[str, Any]) -> str:
             f'<figure><img src="{name}" alt="{html.escape(title)}">'
             f"<figcaption>{html.escape(title)}</figcaption></figure>"
         )
-    style = (
-        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:.5em 0}"
-        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}figure{margin:1em 0}"
-    )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>posewire run {run_id}</title><style>{style}</style></head><body>\n"
+        f"<title>posewire run {run_id}</title><style>{_STYLE}</style></head><body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------- receive reports
+
+
+def _lines(ax: Any, series: Mapping[str, Any], keys: Sequence[tuple[str, str, str]]) -> bool:
+    """Plot ``(key, label, style)`` of ``series`` against its ``t_s``; False: nothing."""
+    t = series.get("t_s") or []
+    drawn = False
+    for key, label, style in keys:
+        xs, ys = _xy(t, series.get(key))
+        if xs:
+            ax.plot(xs, ys, style, label=label)
+            drawn = True
+    return drawn
+
+
+def _plot_receive_latency(report: Mapping[str, Any], series: Mapping[str, Any], title: str) -> Any:
+    fig, (ax,) = _figure(title)
+    keys = [("latency_p50_ms", "capture->decode p50", "-"),
+            ("latency_p95_ms", "capture->decode p95", "--")]  # fmt: skip
+    if not _lines(ax, series, keys):
+        _no_data(ax, "capture-to-decode latency")
+        return fig
+    ax.set_ylim(bottom=0)
+    fps = ax.twinx()
+    _lines(fps, series, [("fps", "poses decoded / s", ":")])
+    fps.set_ylabel("poses decoded per second")
+    fps.set_ylim(bottom=0)
+    _finish(fig, ax, "latency (ms)")
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = fps.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, fontsize="small")  # both axes' lines
+    return fig
+
+
+def _plot_receive_audio(report: Mapping[str, Any], series: Mapping[str, Any], title: str) -> Any:
+    fig, (ax,) = _figure(title)
+    keys = [("audio_delay_ms", "playout delay (jitter buffer)", "-"),
+            ("audio_mouth_to_ear_p95_ms", "mouth-to-ear p95", "--"),
+            ("audio_abs_skew_p95_ms", "|pose/audio skew| p95", ":")]  # fmt: skip
+    if not _lines(ax, series, keys):
+        _no_data(ax, "audio")
+        return fig
+    ax.set_ylim(bottom=0)
+    _finish(fig, ax, "ms")
+    return fig
+
+
+_RECEIVE_FIGURES = {"latency.png": _plot_receive_latency, "audio.png": _plot_receive_audio}
+
+
+def render_receive_html(report: Mapping[str, Any]) -> str:
+    """``index.html`` of a receive report: the summary and the plots."""
+    lat = _dict(report.get("latency_ms"))
+    tr = _dict(report.get("transport"))
+    room = html.escape(str(report.get("room", "?")))
+    parts = [f"<h1>posewire receiver in room {room}</h1>"]
+    parts.append(_table(["", ""], [
+        ("member", report.get("member_id")),
+        ("transport", tr.get("kind")),
+        ("duration (s)", report.get("duration_s")),
+        ("poses received / decoded / lost", f"{report.get('frames_received')} / "
+         f"{report.get('frames_decoded')} / {report.get('frames_lost')}"),
+        ("capture->decode p50 / p95 / p99 (ms)",
+         " / ".join(_fmt(lat.get(q), 2) for q in ("p50", "p95", "p99"))),
+        ("reconnects", report.get("reconnects")),
+    ]))  # fmt: skip
+    audio = _dict(report.get("audio"))
+    if audio:
+        parts.append("<h2>Audio</h2>")
+        rows = []
+        for sid, a in audio.items():
+            a = _dict(a)
+            rows.append([sid, a.get("frames_received"), a.get("frames_played"),
+                         a.get("frames_fec"), a.get("frames_concealed"), a.get("late"),
+                         _dict(a.get("mouth_to_ear_ms")).get("p95"),
+                         _dict(a.get("abs_skew_ms")).get("p95")])  # fmt: skip
+        parts.append(_table(["stream", "received", "played", "FEC", "concealed", "late",
+                             "mouth-to-ear p95 ms", "|skew| p95 ms"], rows))  # fmt: skip
+    parts.append("<h2>Plots</h2>")
+    for name, title in RECEIVE_PLOTS:
+        parts.append(
+            f'<figure><img src="{name}" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>posewire receiver {room}</title><style>{_STYLE}</style></head><body>\n"
         + "\n".join(parts)
         + "\n</body></html>\n"
     )

@@ -654,6 +654,7 @@ async def _legitimate_pair(srv: LiveServer) -> tuple[int, int, int]:
     return 30, len(got), acked
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_fuzz_member_protocol_against_a_live_server(
     live_server_factory: Callable[..., LiveServer],
