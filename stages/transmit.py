@@ -205,8 +205,10 @@ class Transmitter:
                 continue
             if self.queue or self.sender.throttle.delay() > 0:
                 self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
-            elif await self.sender.send(bytes(item.data), throttled="send"):
-                self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
+            else:
+                self.queue.offered_beside(len(item.data))  # the ladder's offered rate
+                if await self.sender.send(bytes(item.data), throttled="send"):
+                    self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
 
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender

@@ -206,3 +206,71 @@ def test_a_bandwidth_cap_engages_the_ladder_and_lifting_it_releases_it(tmp_path:
     assert all(a["cleared_at"] is not None for a in latency_alerts), latency_alerts
     tx = data["stages"]["transmit"]["metrics"]
     assert tx["sendqueue_dropped_keyframe_total"] == 0
+
+
+@pytest.mark.timing
+@pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
+def test_audio_in_a_capped_run_steps_to_16_kbit_and_keeps_flowing(tmp_path: Path) -> None:
+    """Issue 14's bandwidth item end to end: a real pipeline with the tone (Opus 32 kbit/s,
+    ~38 kbit/s on the wire) beside the trace (~13 kbit/s), then a 45 kbit/s cap set while
+    both stream (the audio alone fits, not both): the ladder steps down and sets the audio stage to
+    16 kbit/s; audio keeps going out at its 50 packets a second and the queue never drops
+    it (pose deltas give way); the cap lifted, the ladder returns to level 0 and the audio
+    to 32 kbit/s."""
+    run_id = f"ladaud{int(time.time() * 1000) % 10**8}"
+    report = tmp_path / "report.json"
+    cfg = sender_config(
+        tmp_path,
+        free_port(),
+        transmit_extra="  window_s: 1\n  hold_s: 1\n",
+        monitor=True,
+        monitor_extra="  sample_interval_s: 0.2\n  alert_hold_s: 1",
+        extra="audio:\n  enabled: true\n  source: tone\n  bitrate_kbps: 32\n",
+    )
+    proc = start(cfg, "--run-id", run_id, "--report", str(report))
+    try:
+        url_file = tmp_path / "run" / run_id / "monitor.url"
+        assert wait_for(url_file.exists, 30), "monitor did not start"
+        base = url_file.read_text().strip()
+        secret = (url_file.parent / "control.token").read_text().strip()
+
+        def stage(stage: str, metric: str) -> float:
+            got = _sample(_get(f"{base}/metrics"), "posewire_stage_metric", stage=stage,
+                          metric=metric)  # fmt: skip
+            return got if got is not None else -1.0
+
+        def level() -> float:
+            return _sample(_get(f"{base}/metrics"), "posewire_degradation_level") or 0.0
+
+        assert wait_for(lambda: stage("transmit", "audio_packets_sent_total") > 100, 40, 0.2)
+        status, _ = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": 45}, secret)
+        assert status == 202
+        assert wait_for(lambda: level() >= 1, 40, 0.2), "the ladder never engaged"
+        assert wait_for(lambda: stage("audio", "audio_bitrate_kbps") == 16, 10, 0.2), (
+            "the audio stage was not set to 16 kbit/s"
+        )
+        a0, t0 = stage("transmit", "audio_packets_sent_total"), time.monotonic()
+        time.sleep(3.0)
+        a1, t1 = stage("transmit", "audio_packets_sent_total"), time.monotonic()
+        audio_rate = (a1 - a0) / (t1 - t0)
+        degraded_level = level()
+        status, _ = _post(f"{base}/control/transmit/set", {"max_bandwidth_kbps": None}, secret)
+        assert status == 202
+        assert wait_for(lambda: level() == 0, 30, 0.2), "the ladder did not release"
+        assert wait_for(lambda: stage("audio", "audio_bitrate_kbps") == 32, 10, 0.2), (
+            "the audio bitrate did not come back"
+        )
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err[-3000:]
+    tx = json.loads(report.read_text())["stages"]["transmit"]["metrics"]
+    drops = {k: v for k, v in tx.items() if k.startswith("sendqueue_dropped")}
+    print(f"capped at 45 kbit/s: ladder level {degraded_level:.0f}, audio at 16 kbit/s, "
+          f"{audio_rate:.1f} audio packets/s sent; queue drops {drops}")  # fmt: skip
+    assert audio_rate >= 45, audio_rate  # 50 a second: none held back or dropped
+    assert tx.get("sendqueue_dropped_audio_total", 0) == 0, drops
+    # no flapping under the cap: the audio sent beside the queue counts in the offered
+    # rate, so the ladder never stepped up while capped (the ups come after the lift)
+    steps = json.loads(report.read_text())["degradation"]["steps"]
+    first_up = next((i for i, st in enumerate(steps) if st["to"] < st["from"]), len(steps))
+    assert all(st["to"] < st["from"] for st in steps[first_up:]), steps

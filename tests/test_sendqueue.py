@@ -215,3 +215,13 @@ def test_audio_ranks_after_keyframes_and_before_pose_deltas() -> None:
         order.append(item.priority)
     assert order[:4] == [Priority.KEYFRAME, Priority.AUDIO, Priority.AUDIO, Priority.AUDIO]
     assert set(order[4:]) <= {Priority.DELTA}
+
+
+def test_packets_sent_beside_the_queue_count_in_the_offered_rate() -> None:
+    q = SendQueue(4)
+    q.put(PoseSource(5).next())
+    before = q.queued_bytes
+    q.offered_beside(123)  # an audio packet that went at once
+    assert q.queued_bytes == before + 123
+    assert q.metrics()["sendqueue_queued_bytes_total"] == before + 123
+    assert len(q) == 1  # nothing queued by it

@@ -157,6 +157,12 @@ class SendQueue:
             self._drop(victim, "full")
         self.peak = max(self.peak, len(self._items))
 
+    def offered_beside(self, nbytes: int) -> None:
+        """A packet sent beside the queue (audio while nothing waits): it is part of the
+        rate offered to the link (``queued_bytes``, which the degradation ladder reads)
+        all the same."""
+        self.queued_bytes += nbytes
+
     def _drop(self, item: Item, reason: str) -> None:
         self._items.remove(item)
         key = (item.priority, reason)
