@@ -399,31 +399,28 @@ def bench_kind(kind: str, plan: Plan, done: list[float], total: float) -> list[d
     rows: list[dict[str, Any]] = []
     proto = "tcp" if kind == "websocket" else "udp"
     with lab(kind) as run:
-        for loss in LOSSES:
-            progress(done[0], total, f"{kind} {loss}% loss")
+
+        def loss_case(loss: int, rtt_ms: float | None = None) -> None:
+            name = f"{kind} {loss}% loss" + (f", {rtt_ms:.0f} ms RTT" if rtt_ms else "")
+            progress(done[0], total, name)
             run.net.clear_faults()
             if loss:
                 run.net.add_drop(proto, loss, host="c", direction="to", name="loss")
             figures = run.measure(1, plan.packets)
             figures["dropped_by_router"] = run.net.drop_counters().get("loss", 0)
-            rows.append({"name": f"{kind} {loss}% loss", "transport": kind, "loss_pct": loss,
+            extra = {"rtt_ms": rtt_ms} if rtt_ms else {}
+            rows.append({"name": name, "transport": kind, "loss_pct": loss, **extra,
                          **figures})  # fmt: skip
             done[0] += plan.packets / HZ
+
+        for loss in LOSSES:
+            loss_case(loss)
         run.net.clear_faults()
         # the same 0 / 5 % cases on a path with a wide-area round trip: the router holds
         # the transport's packets both ways on host c's link (RTT + 2 x RTT_LEG_MS)
         with run.net.delay(RTT_LEG_MS, proto, host="c", direction="both", log_dir=run.work):
             for loss in RTT_LOSSES:
-                progress(done[0], total, f"{kind} {loss}% loss, {2 * RTT_LEG_MS:.0f} ms RTT")
-                run.net.clear_faults()
-                if loss:
-                    run.net.add_drop(proto, loss, host="c", direction="to", name="loss")
-                figures = run.measure(1, plan.packets)
-                figures["dropped_by_router"] = run.net.drop_counters().get("loss", 0)
-                rows.append({"name": f"{kind} {loss}% loss, {2 * RTT_LEG_MS:.0f} ms RTT",
-                             "transport": kind, "loss_pct": loss, "rtt_ms": 2 * RTT_LEG_MS,
-                             **figures})  # fmt: skip
-                done[0] += plan.packets / HZ
+                loss_case(loss, 2 * RTT_LEG_MS)
         run.net.clear_faults()
         for n in plan.ramp:
             progress(done[0], total, f"{kind} ramp {n} subscribers")

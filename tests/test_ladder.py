@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -147,27 +148,36 @@ def test_the_ladder_steps_once_per_window_and_back_only_where_the_cap_leaves_roo
     assert ladder2.level >= 1 and ladder2.steps[0]["reason"] == "latency"
 
 
+def _monitored(
+    tmp_path: Path, transmit: str = "", extra: str = ""
+) -> tuple[subprocess.Popen[str], Path, str, str]:
+    """A trace pipeline (``window_s`` and ``hold_s`` 1 s, ``transmit`` lines more) with its
+    monitor on: the process, its report path, the monitor's URL and control secret."""
+    run_id = f"ladder{int(time.time() * 1000) % 10**8}"
+    report = tmp_path / "report.json"
+    cfg = sender_config(
+        tmp_path,
+        free_port(),
+        transmit_extra=transmit + "  window_s: 1\n  hold_s: 1\n",
+        monitor=True,
+        monitor_extra="  sample_interval_s: 0.2\n  alert_hold_s: 1",
+        extra=extra,
+    )
+    proc = start(cfg, "--run-id", run_id, "--report", str(report))
+    url_file = tmp_path / "run" / run_id / "monitor.url"
+    assert wait_for(url_file.exists, 30), "monitor did not start"
+    secret = (url_file.parent / "control.token").read_text().strip()
+    return proc, report, url_file.read_text().strip(), secret
+
+
 @pytest.mark.timing
 @pytest.mark.skipif(not TRACE.exists(), reason=f"pose trace missing: {TRACE}")
 def test_a_bandwidth_cap_engages_the_ladder_and_lifting_it_releases_it(tmp_path: Path) -> None:
     """A real pipeline (trace, 30 fps, ~13 kbit/s, WebSocket to its embedded server) with
     ``max_bandwidth_kbps: 6``: the ladder steps down (level > 0 in /metrics), the latency
     alert clears while still capped; the cap lifted with a ``set`` command: level 0."""
-    run_id = f"ladder{int(time.time() * 1000) % 10**8}"
-    report = tmp_path / "report.json"
-    cfg = sender_config(
-        tmp_path,
-        free_port(),
-        transmit_extra="  max_bandwidth_kbps: 6\n  window_s: 1\n  hold_s: 1\n",
-        monitor=True,
-        monitor_extra="  sample_interval_s: 0.2\n  alert_hold_s: 1",
-    )
-    proc = start(cfg, "--run-id", run_id, "--report", str(report))
+    proc, report, base, secret = _monitored(tmp_path, "  max_bandwidth_kbps: 6\n")
     try:
-        url_file = tmp_path / "run" / run_id / "monitor.url"
-        assert wait_for(url_file.exists, 30), "monitor did not start"
-        base = url_file.read_text().strip()
-        secret = (url_file.parent / "control.token").read_text().strip()
 
         def sample(name: str, **labels: str) -> float:
             return _sample(_get(f"{base}/metrics"), name, **labels) or 0.0
@@ -217,22 +227,9 @@ def test_audio_in_a_capped_run_steps_to_16_kbit_and_keeps_flowing(tmp_path: Path
     16 kbit/s; audio keeps going out at its 50 packets a second and the queue never drops
     it (pose deltas give way); the cap lifted, the ladder returns to level 0 and the audio
     to 32 kbit/s."""
-    run_id = f"ladaud{int(time.time() * 1000) % 10**8}"
-    report = tmp_path / "report.json"
-    cfg = sender_config(
-        tmp_path,
-        free_port(),
-        transmit_extra="  window_s: 1\n  hold_s: 1\n",
-        monitor=True,
-        monitor_extra="  sample_interval_s: 0.2\n  alert_hold_s: 1",
-        extra="audio:\n  enabled: true\n  source: tone\n  bitrate_kbps: 32\n",
-    )
-    proc = start(cfg, "--run-id", run_id, "--report", str(report))
+    audio = "audio:\n  enabled: true\n  source: tone\n  bitrate_kbps: 32\n"
+    proc, report, base, secret = _monitored(tmp_path, extra=audio)
     try:
-        url_file = tmp_path / "run" / run_id / "monitor.url"
-        assert wait_for(url_file.exists, 30), "monitor did not start"
-        base = url_file.read_text().strip()
-        secret = (url_file.parent / "control.token").read_text().strip()
 
         def stage(stage: str, metric: str) -> float:
             got = _sample(_get(f"{base}/metrics"), "posewire_stage_metric", stage=stage,
