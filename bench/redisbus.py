@@ -347,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxlen", type=int, default=1000, help="XADD MAXLEN ~ (1000)")
     parser.add_argument("--history", type=int, default=64,
                         help="the baseline's history_packets (64)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="2.5 s per case")
+    parser.add_argument("--quick", action="store_true", help="2 s per case")
     add_json_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds = 2.5
+        args.seconds = 2.0
     for opt in ("rate", "publishers", "rooms", "seconds", "maxlen", "history"):
         if getattr(args, opt) <= 0:
             parser.error(f"--{opt} must be > 0")
