@@ -115,7 +115,9 @@ def test_discover_lists_the_benchmarks_in_order_and_which_take_quick() -> None:
     order = ("ring", "codec", "pipeline_fps", "fanout", "transport", "viewer", "switch", "soak")
     known = [n for n in order if n in names]
     assert names[: len(known)] == known
+    assert "redisbus" in names  # not in ORDER: found by its main()
     assert takes_quick("ring") and takes_quick("soak") and takes_quick("switch")
+    assert takes_quick("redisbus")
     assert not takes_quick("codec")
     assert not takes_quick("no_such_bench")
 

@@ -316,12 +316,7 @@ class Backplane:
         if n is None:
             cmds.append(("HSET", self._key("streams", room.name), pkt.stream_id, self.node))
             n = 0
-        if pkt.keyframe:
-            cmds += [("DEL", hist), ("RPUSH", hist, msg), ("PEXPIRE", hist, HISTORY_TTL_MS)]
-        else:
-            cmds.append(("RPUSH", hist, msg))
-            if n % TRIM_EVERY == 0:
-                cmds.append(("LTRIM", hist, -self.history, -1))
+        cmds += history_cmds(hist, msg, n, keyframe=pkt.keyframe, keep=self.history)
         sync.announced[pkt.stream_id] = n + 1
         if self._send(*cmds):
             self.metrics.packets_out += 1
@@ -572,6 +567,17 @@ class Backplane:
             queued=len(self._durable),
             buffered=buffered,
         )
+
+
+def history_cmds(hist: str, msg: bytes, n: int, *, keyframe: bool, keep: int) -> list[Command]:
+    """The history list's commands for the ``n``-th message (from 0) of a stream: a
+    keyframe starts the list again (and its expiry), every :data:`TRIM_EVERY`-th delta
+    trims it to ``keep`` (``bench redisbus`` sends the same)."""
+    if keyframe:
+        return [("DEL", hist), ("RPUSH", hist, msg), ("PEXPIRE", hist, HISTORY_TTL_MS)]
+    if n % TRIM_EVERY == 0:
+        return [("RPUSH", hist, msg), ("LTRIM", hist, -keep, -1)]
+    return [("RPUSH", hist, msg)]
 
 
 def _text(value: bytes | str) -> str:

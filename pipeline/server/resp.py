@@ -170,3 +170,35 @@ def _array(buf: bytes, pos: int) -> tuple[Push, int] | None:
         else:
             raise ConnectionError(f"unexpected RESP from redis: {buf[pos : pos + 32]!r}")
     return items, pos
+
+
+def reply(buf: bytes, pos: int = 0) -> tuple[Any, int] | None:
+    """Any one RESP2 reply at ``pos`` (nested arrays: ``XREAD``'s), and the position after
+    it, or None (incomplete). Bulk strings are bytes, a null bulk string or array None,
+    simple strings str; an error reply raises :class:`ConnectionError`."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind, head, pos = buf[pos : pos + 1], buf[pos + 1 : end], end + 2
+    if kind == b"$":
+        size = int(head)
+        if size < 0:
+            return None, pos
+        return (buf[pos : pos + size], pos + size + 2) if len(buf) >= pos + size + 2 else None
+    if kind == b"*":
+        n = int(head)
+        if n < 0:
+            return None, pos
+        items: list[Any] = []
+        for _ in range(n):
+            got = reply(buf, pos)
+            if got is None:
+                return None
+            item, pos = got
+            items.append(item)
+        return items, pos
+    if kind == b":":
+        return int(head), pos
+    if kind == b"+":
+        return head.decode(), pos
+    raise ConnectionError(f"redis replied {kind.decode(errors='replace')}{head!r}")
