@@ -34,8 +34,7 @@ Metrics: ``packets_sent_total``, ``bytes_sent_total``, ``packets_dropped_total``
 failures, refused), ``packets_refused_total``, ``transport_refusals_total``,
 ``transport_refused``, ``acks_total``, ``fps``, capture-to-send ``latency_ms_p50/p95/p99``
 (wall clock), ``ack_rtt_ms``, ``bandwidth_limit_kbps`` (0: none), ``throttled_ms_total``,
-``transport_active_<kind>``, ``transport_switches_total``, ``transport_connected``,
-``transport_unavailable_<kind>``, the send queue's ``sendqueue_*``; over WebRTC ``rtc_*``.
+``transport_*`` (active, switches, connected, unavailable), ``sendqueue_*``, ``rtc_*``.
 """
 
 from __future__ import annotations
@@ -205,10 +204,10 @@ class Transmitter:
                 continue
             if self.queue or self.sender.throttle.delay() > 0:
                 self.queue.put(bytes(item.data), capture_ts_ns=item.ts_ns)
-            else:
-                self.queue.offered_beside(len(item.data))  # the ladder's offered rate
-                if await self.sender.send(bytes(item.data), throttled="send"):
-                    self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
+                continue
+            self.queue.offered_beside(len(item.data))  # the ladder's offered rate
+            if await self.sender.send(bytes(item.data), throttled="send"):
+                self.audio_latency.add((time.time_ns() - item.ts_ns) / 1e6)
 
     async def main(self) -> int:
         ctx, sender = self.ctx, self.sender
