@@ -221,7 +221,7 @@ def test_latency_over_the_threshold_moves_the_stream_and_it_comes_back(
 #: UDP loss that must not move the stream (latency stays under the threshold); the CI
 #: window is LOSS_WINDOW_S, the acceptance's 60 s is run by hand (POSEWIRE_LOSS_WINDOW_S=60)
 LOSS_PERCENT = 10
-LOSS_WINDOW_S = float(os.environ.get("POSEWIRE_LOSS_WINDOW_S", "15"))
+LOSS_WINDOW_S = float(os.environ.get("POSEWIRE_LOSS_WINDOW_S", "10"))
 
 
 def test_ten_percent_udp_loss_does_not_switch(
