@@ -8,8 +8,8 @@ test (run in a namespace host: WebRTC needs a non-loopback path).
 the switching policy, fast settings below); ``viewer`` subscribes over the WebSocket.
 JSON lines on stdout: ``{"ev": "joined", "transport": K}``, ``{"ev": "standby"}`` once
 both of the camera's paths are connected, ``{"ev": "switch", "to", "reason", "seq"}``
-per switch event of the camera, and at the end (a line ``stop`` on stdin, or
-``--max-seconds``) ``{"ev": "done", "sent", "received", "decisions"}``.
+per switch event of the camera, and at the end (any line on stdin, e.g.
+``{"cmd": "stop"}``, or ``--max-seconds``) ``{"ev": "done", "sent", "received", "decisions"}``.
 """
 
 from __future__ import annotations
@@ -60,10 +60,8 @@ async def main(args: argparse.Namespace) -> None:
                 emit(ev="switch", to=event.transport, reason=event.reason, seq=sent)
 
     async def commands() -> None:
-        loop = asyncio.get_running_loop()
-        while (await loop.run_in_executor(None, sys.stdin.readline)).strip() not in ("stop", ""):
-            pass
-        stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stop.set()  # any command line ({"cmd": "stop"}, bench.netns.Peer's quit) or EOF
 
     tasks = [asyncio.create_task(t()) for t in (watch, switches, commands)]
     sent, standby, t_end = 0, False, time.monotonic() + args.max_seconds

@@ -295,80 +295,38 @@ def test_errors_are_precise(server: ServeProcess) -> None:
 # --------------------------------------------------------------------------- switching
 
 
-class _Lines:
-    """JSON lines of a process's stdout, read in a thread (never blocks the test)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        import queue
-        import threading
-
-        self.proc = proc
-        self.q: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("{"):
-                    self.q.put(json.loads(line))
-
-        threading.Thread(target=read, daemon=True).start()
-
-    def expect(self, ev: str, timeout: float) -> dict[str, Any]:
-        import queue
-
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                got = self.q.get(timeout=max(left, 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {ev!r} within {timeout} s; seen {self.seen}") from None
-            self.seen.append(got)
-            if got["ev"] == ev:
-                return got
-
-
 @pytest.mark.timing  # asserts a failover time: runs alone (Makefile)
 def test_auto_client_fails_over_and_returns_under_the_policy(net: Topology, tmp_path: Path) -> None:
     """A publishing client with transport="auto" (hot standby, the supervisor's policy in
     its own loop): a UDP blackout moves its stream onto the WebSocket at once (reason
     dead), the end of it brings it back to WebRTC (reason recovered), and a viewer
     decodes the stream throughout, the frames sent into the dead path included."""
-    a, b = net.host("a"), net.host("b")
+    b = net.host("b")
     srv = ServeProcess(0, host=b.address, prefix=b.exec_argv([]))
     room = "switching"
-    argv = [sys.executable, "-m", "tests.client_switch_peer", "--server", srv.url,
-            "--room", room, "--publisher-token", tok(room, "publisher", "camera"),
+    args = ["--server", srv.url, "--room", room,
+            "--publisher-token", tok(room, "publisher", "camera"),
             "--viewer-token", tok(room, "subscriber", "viewer"), "--max-seconds", "40"]  # fmt: skip
-    proc = subprocess.Popen(
-        a.exec_argv(argv), cwd=ROOT, env=python_env(), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "peer.err").open("w"),
-    )  # fmt: skip
+    peer = net.start_python("a", "tests.client_switch_peer", args, tmp_path)
     try:
-        out = _Lines(proc)
-        assert out.expect("joined", 30)["transport"] == "webrtc", out.seen
-        out.expect("standby", 15)
+        assert peer.expect("joined", 30)["transport"] == "webrtc", peer.tail()
+        peer.expect("standby", 15)
         time.sleep(1.0)
         t0, t_blackout = time.monotonic(), time.time()
         net.blackout_udp()
-        away = out.expect("switch", 5)
+        away = peer.expect("switch", 5)
         failover_s = time.monotonic() - t0
         assert (away["to"], away["reason"]) == ("websocket", "dead"), away
         time.sleep(1.0)  # poses flow over the WebSocket meanwhile
         net.clear_faults()
-        back = out.expect("switch", 20)
+        back = peer.expect("switch", 20)
         assert (back["to"], back["reason"]) == ("webrtc", "recovered"), back
         time.sleep(1.0)
-        assert proc.stdin is not None
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
-        done = out.expect("done", 20)
+        peer.send({"cmd": "stop"})
+        done = peer.expect("done", 20)
     finally:
         net.clear_faults()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        net.stop_peers([peer])
         srv.stop()
     sent, received = done["sent"], set(done["received"])
     missing = sorted(set(range(sent)) - received)

@@ -330,7 +330,7 @@ async def _main(args: argparse.Namespace) -> int:
         if runner is not None:
             await runner.cleanup()
         raise
-    series.t0 = time.monotonic()  # the series counts from the join
+    series.started()
     if writer is not None:
         t = receiver.transport
         writer.event(

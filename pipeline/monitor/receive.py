@@ -103,6 +103,11 @@ class ReceiveSeries:
         self.window: dict[str, list[float]] = {"latency": [], "mouth_to_ear": [], "abs_skew": []}
         """The raw values of the latest sample's second (``/metrics`` reads them)."""
 
+    def started(self) -> None:
+        """The series counts from now (the join): its time axis and the first sample's
+        rates."""
+        self.t0 = self._t_last = time.monotonic()
+
     def sample(self) -> dict[str, float | None]:
         """Take one sample (call it about once a second)."""
         now = time.monotonic()
